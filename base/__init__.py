@@ -1,0 +1,1 @@
+"""The Qwen base model: presets, megatron-core builder, tokenizer, checkpoint conversion."""

@@ -1,0 +1,1 @@
+"""Code specialization (Code-Qwen): corpus, code SFT data and code tasks."""

@@ -1,0 +1,1 @@
+"""Math specialization (Math-Qwen-Chat): math SFT data and math tasks."""

@@ -1,0 +1,1 @@
+"""The engine: config, distributed set-up, data, training, checkpoints, CLI."""
