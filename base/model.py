@@ -1,0 +1,168 @@
+"""Build a Qwen base model as a megatron-core ``GPTModel``.
+
+Architecture (paper §2.2): pre-norm RMSNorm (eps 1e-6), SwiGLU MLP, RoPE (base 10000, FP32
+inverse frequencies), bias on the Q/K/V projection only, untied input embedding and output layer.
+The layer spec is the only thing that differs between a CPU run (``local``: plain PyTorch) and a
+GPU run (``te``: Transformer Engine fused kernels, needed for FP8).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from base.presets import QwenPreset
+
+
+class PrecisionError(RuntimeError):
+    """A precision the machine cannot run (e.g. FP8 without CUDA and Transformer Engine)."""
+
+
+def transformer_engine_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_spec(spec: str) -> str:
+    """``auto`` → ``te`` where CUDA and Transformer Engine are present, else ``local``."""
+    if spec == "auto":
+        return "te" if transformer_engine_available() else "local"
+    if spec == "te" and not transformer_engine_available():
+        raise PrecisionError(
+            "model.spec=te needs CUDA and transformer_engine (pip install -e '.[gpu]'); "
+            "use model.spec=local or auto on this machine"
+        )
+    if spec not in ("te", "local"):
+        raise ValueError(f"model.spec={spec!r}: must be te, local or auto")
+    return spec
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """What the builder needs besides the preset; filled from the run config by the engine."""
+
+    spec: str = "local"
+    """Resolved layer spec: ``te`` or ``local``."""
+    dtype: str = "fp32"
+    """fp32 | bf16 | fp8."""
+    fp8_format: str = "hybrid"
+    fp8_recipe: str = "delayed"
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    recompute: str = "none"
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline: int | None = None
+    sequence_parallel: bool = False
+    init_method_std: float = 0.02
+
+
+def transformer_config(preset: QwenPreset, opts: ModelOptions) -> TransformerConfig:
+    """Map a preset and run options onto megatron-core's ``TransformerConfig``."""
+    if opts.spec not in ("te", "local"):
+        raise ValueError(f"spec must be resolved to te or local, got {opts.spec!r}")
+    if opts.dtype == "fp8" and opts.spec != "te":
+        raise PrecisionError(
+            "precision.dtype=fp8 needs the Transformer Engine layer spec on CUDA "
+            "(model.spec=te, pip install -e '.[gpu]'); this machine has "
+            + ("CUDA but no transformer_engine" if torch.cuda.is_available() else "no CUDA")
+        )
+    on_gpu = opts.spec == "te"
+    low_precision = opts.dtype in ("bf16", "fp8")
+    params_dtype = torch.bfloat16 if low_precision else torch.float32
+    recompute = {
+        "none": {},
+        "selective": {"recompute_granularity": "selective"},
+        "full": {
+            "recompute_granularity": "full",
+            "recompute_method": "uniform",
+            "recompute_num_layers": 1,
+        },
+    }[opts.recompute]
+    fp8 = {}
+    if opts.dtype == "fp8":
+        fp8 = {
+            "fp8": opts.fp8_format,
+            "fp8_recipe": opts.fp8_recipe,
+            "fp8_amax_history_len": opts.fp8_amax_history_len,
+            "fp8_amax_compute_algo": opts.fp8_amax_compute_algo,
+        }
+    return TransformerConfig(
+        num_layers=preset.num_layers,
+        hidden_size=preset.hidden_size,
+        num_attention_heads=preset.num_attention_heads,
+        num_query_groups=preset.query_groups,
+        ffn_hidden_size=preset.ffn_hidden_size,
+        kv_channels=preset.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=preset.norm_epsilon,
+        gated_linear_unit=True,  # SwiGLU: linear_fc1 = [gate; up]
+        activation_func=F.silu,
+        add_bias_linear=False,  # no biases except Q/K/V
+        add_qkv_bias=True,
+        hidden_dropout=opts.hidden_dropout,
+        attention_dropout=opts.attention_dropout,
+        init_method_std=opts.init_method_std,
+        attention_softmax_in_fp32=True,
+        tensor_model_parallel_size=opts.tensor_parallel,
+        pipeline_model_parallel_size=opts.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=opts.virtual_pipeline,
+        sequence_parallel=opts.sequence_parallel,
+        params_dtype=params_dtype,
+        bf16=low_precision,
+        pipeline_dtype=params_dtype,
+        # Fused kernels exist only on the GPU path; the local spec uses the plain PyTorch versions.
+        use_cpu_initialization=not on_gpu,
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        apply_rope_fusion=on_gpu,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=on_gpu,
+        deallocate_pipeline_outputs=on_gpu,
+        **recompute,
+        **fp8,
+    )
+
+
+def layer_spec(spec: str) -> ModuleSpec:
+    if spec == "te":
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_model(
+    preset: QwenPreset,
+    opts: ModelOptions,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+) -> GPTModel:
+    """One model chunk for this rank's pipeline stage (call after parallel state is initialized)."""
+    config = transformer_config(preset, opts)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(opts.spec),
+        vocab_size=preset.padded_vocab_size,
+        max_sequence_length=preset.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=False,  # Qwen unties input and output embeddings
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=int(preset.rotary_base),
+        vp_stage=vp_stage,
+    )

@@ -1,0 +1,177 @@
+"""What happens around a training step: console progress, TensorBoard, checkpoints.
+
+A callback sees the trainer and the step's numbers; it never changes how a step is computed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from specialize.engine import StepResult
+
+if TYPE_CHECKING:
+    from specialize.trainer import Trainer
+
+log = logging.getLogger("specialize")
+
+# Dense BF16 peak TFLOP/s per device, for MFU (vendor datasheets, SXM parts).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
+
+
+class Callback:
+    def on_train_start(self, trainer: Trainer) -> None: ...
+
+    def on_step_end(self, trainer: Trainer, step: int, result: StepResult) -> None: ...
+
+    def on_validation(self, trainer: Trainer, step: int, loss: float) -> None: ...
+
+    def on_train_end(self, trainer: Trainer, step: int) -> None: ...
+
+
+def flops_per_token(trainer: Trainer) -> float:
+    """Training FLOPs per token: 6 x parameters (fwd + bwd) plus causal attention scores."""
+    p, seq = trainer.engine.preset, trainer.cfg.data.seq_length
+    attention = 6 * p.num_layers * p.hidden_size * seq  # 12·L·h·s halved for the causal mask
+    return 6 * p.num_params() + attention
+
+
+def device_peak_tflops(configured: float | None) -> float | None:
+    if configured is not None:
+        return configured
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+class ConsoleLogger(Callback):
+    """Rank 0: a progress bar with ETA and a line of numbers every ``logging.interval`` steps."""
+
+    def __init__(self) -> None:
+        self._progress = None
+        self._task = None
+        self._last_time = 0.0
+        self._tokens = 0
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self._last_time = time.perf_counter()
+        self._peak = device_peak_tflops(trainer.cfg.logging.device_peak_tflops)
+        self._flops_per_token = flops_per_token(trainer)
+        if trainer.is_rank0 and trainer.cfg.logging.progress:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"),
+                transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(
+                trainer.cfg.name, total=trainer.derived.steps, completed=trainer.start_step, status=""
+            )
+
+    def on_step_end(self, trainer: Trainer, step: int, result: StepResult) -> None:
+        self._tokens += result.num_tokens
+        if step % trainer.cfg.logging.interval and step != trainer.derived.steps:
+            if self._progress:
+                self._progress.update(self._task, completed=step)
+            return
+        now = time.perf_counter()
+        tokens_per_s = self._tokens / max(now - self._last_time, 1e-9)
+        self._last_time, self._tokens = now, 0
+        trainer.metrics.update(tokens_per_s=tokens_per_s)
+        line = (
+            f"step {step}/{trainer.derived.steps} | loss {result.loss:.4f} | lr {result.lr:.3e} | "
+            f"grad norm {result.grad_norm:.3f} | {tokens_per_s:,.0f} tok/s"
+        )
+        if self._peak:
+            per_device = tokens_per_s / trainer.topo.world_size
+            mfu = per_device * self._flops_per_token / (self._peak * 1e12)
+            trainer.metrics.update(mfu=mfu)
+            line += f" | MFU {100 * mfu:.1f}%"
+        if trainer.is_rank0:
+            if self._progress:
+                self._progress.update(self._task, completed=step, status=f"loss {result.loss:.4f}")
+                self._progress.console.print(line)
+            else:
+                log.info(line)
+
+    def on_validation(self, trainer: Trainer, step: int, loss: float) -> None:
+        if trainer.is_rank0:
+            text = f"step {step} | validation loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}"
+            (self._progress.console.print if self._progress else log.info)(text)
+
+    def on_train_end(self, trainer: Trainer, step: int) -> None:
+        if self._progress:
+            self._progress.stop()
+
+
+class TensorBoardLogger(Callback):
+    """Rank 0 writes loss, LR, grad norm, throughput and validation loss."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.writer = None
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if trainer.is_rank0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.log_dir))
+
+    def on_step_end(self, trainer: Trainer, step: int, result: StepResult) -> None:
+        if self.writer is None:
+            return
+        self.writer.add_scalar("train/loss", result.loss, step)
+        self.writer.add_scalar("train/lr", result.lr, step)
+        self.writer.add_scalar("train/grad_norm", result.grad_norm, step)
+        for key in ("tokens_per_s", "mfu"):
+            if key in trainer.metrics:
+                self.writer.add_scalar(f"throughput/{key}", trainer.metrics[key], step)
+
+    def on_validation(self, trainer: Trainer, step: int, loss: float) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar("validation/loss", loss, step)
+
+    def on_train_end(self, trainer: Trainer, step: int) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Checkpointer(Callback):
+    """Saves every ``checkpoint.interval`` steps and at the end of the run."""
+
+    def __init__(self) -> None:
+        self.last_saved: int | None = None
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self.last_saved = trainer.start_step if trainer.resumed_from else None
+
+    def on_step_end(self, trainer: Trainer, step: int, result: StepResult) -> None:
+        interval = trainer.cfg.checkpoint.interval
+        if interval and step % interval == 0:
+            self._save(trainer, step)
+
+    def on_train_end(self, trainer: Trainer, step: int) -> None:
+        if self.last_saved != step:
+            self._save(trainer, step)
+
+    def _save(self, trainer: Trainer, step: int) -> None:
+        from specialize import checkpoint
+
+        path = checkpoint.save(trainer.engine, step, trainer.consumed_samples, parent=trainer.parent)
+        self.last_saved = step
+        trainer.last_checkpoint = path
+        if trainer.is_rank0:
+            log.info("saved checkpoint %s", path)

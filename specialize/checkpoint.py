@@ -1,0 +1,289 @@
+"""Checkpoints with megatron-core ``dist_checkpointing``: atomic, resumable, reshardable.
+
+Layout of a run directory::
+
+    <dir>/checkpoints/iter_0000020/   megatron torch_dist shards + common.pt
+                      .../config.yaml  the resolved config of the run that wrote it
+                      .../lineage.json parent checkpoint, data manifests, git commit, layout
+    <dir>/checkpoints/latest           name of the newest complete checkpoint
+
+A checkpoint is written to ``.iter_NNNNNNN.partial`` and renamed when every rank has finished, so
+an interrupted save never looks complete. Model and optimizer tensors are saved as sharded tensors
+(any TP/PP/DP can load them); RNG states are per (PP, TP) rank and restored when the layout matches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from specialize import config as config_mod
+from specialize.engine import Engine
+
+log = logging.getLogger(__name__)
+
+# megatron-core's default 'fully_sharded_model_space' optimizer format fails to save in 0.16.1 and
+# the non-mem-efficient reshardable path calls .cuda(); this one saves, loads and reshards.
+OPTIMIZER_METADATA = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "distrib_optim_fully_reshardable_mem_efficient": True,
+}
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or incompatible."""
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def iteration_dir(run_dir: str | Path, iteration: int) -> Path:
+    return checkpoint_root(run_dir) / f"iter_{iteration:07d}"
+
+
+def find_latest(run_dir: str | Path) -> Path | None:
+    root = checkpoint_root(run_dir)
+    marker = root / LATEST
+    if not marker.is_file():
+        return None
+    path = root / marker.read_text().strip()
+    if not (path / "metadata.json").is_file():
+        raise CheckpointError(f"{marker} names {path}, which is not a complete checkpoint")
+    return path
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (its newest checkpoint)."""
+    path = Path(path)
+    if (path / "metadata.json").is_file():
+        return path
+    latest = find_latest(path) if path.is_dir() else None
+    if latest is None:
+        raise CheckpointError(
+            f"{path}: not a checkpoint (no metadata.json) and no {checkpoint_root(path) / LATEST}"
+        )
+    return latest
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def _rng_state() -> dict:
+    return {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout() -> dict:
+    return {
+        "tensor": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
+        "data": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def _rng_sharded_object() -> ShardedObject:
+    return ShardedObject(
+        "rng_state",
+        _rng_state(),
+        (parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_world_size()),
+        (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
+        replica_id=parallel_state.get_data_parallel_rank(),
+    )
+
+
+def _model_state(engine: Engine) -> dict:
+    if len(engine.model) == 1:
+        return {"model": engine.model[0].module.sharded_state_dict()}
+    return {f"model{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(engine.model)}
+
+
+def _prepare_optimizer_for_load(engine: Engine) -> None:
+    """Give every parameter optimizer state (with its own ``step``) before loading into it.
+
+    megatron-core 0.16.1 on the torch-optimizer path: loading into a never-stepped optimizer fails
+    (no ``step`` in the state), so states are created here as a zero step would."""
+    for opt in _torch_optimizers(engine):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                state = opt.state[p]
+                if "step" not in state:
+                    state["exp_avg"] = torch.zeros_like(p.data)
+                    state["exp_avg_sq"] = torch.zeros_like(p.data)
+                    state["step"] = torch.tensor(0.0)
+
+
+def _untie_optimizer_steps(engine: Engine) -> None:
+    """After loading, each parameter must own its ``step`` tensor.
+
+    megatron-core 0.16.1's DistributedOptimizer loads one shared ``step`` tensor into every
+    parameter; torch's Adam increments it in place once per parameter, so bias correction goes
+    silently wrong after a resume. Cloning restores one counter per parameter."""
+    for opt in _torch_optimizers(engine):
+        for state in opt.state.values():
+            if "step" in state and torch.is_tensor(state["step"]):
+                state["step"] = state["step"].detach().clone()
+
+
+def _torch_optimizers(engine: Engine) -> list[torch.optim.Optimizer]:
+    chained = getattr(engine.optimizer, "chained_optimizers", [engine.optimizer])
+    return [o.optimizer for o in chained if getattr(o, "optimizer", None) is not None]
+
+
+def _sharded_state(engine: Engine, iteration: int, consumed_samples: int, is_loading: bool) -> dict:
+    state: dict[str, Any] = _model_state(engine)
+    if is_loading:
+        _prepare_optimizer_for_load(engine)
+    state["optimizer"] = engine.optimizer.sharded_state_dict(
+        state, is_loading=is_loading, metadata=OPTIMIZER_METADATA
+    )
+    state["scheduler"] = engine.scheduler.state_dict()
+    state["rng_state"] = _rng_sharded_object()
+    state["progress"] = {"iteration": iteration, "consumed_samples": consumed_samples}
+    state["layout"] = _layout()
+    return state
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def lineage_record(engine: Engine, iteration: int, consumed_samples: int, parent: str | None) -> dict:
+    manifests = {}
+    for prefix in engine.cfg.data.paths:
+        manifest = Path(f"{prefix}.manifest.json")
+        manifests[prefix] = json.loads(manifest.read_text()) if manifest.is_file() else None
+    return {
+        "name": engine.cfg.name,
+        "iteration": iteration,
+        "consumed_samples": consumed_samples,
+        "parent": parent,
+        "init": engine.cfg.init.checkpoint,
+        "data_manifests": {
+            k: (None if v is None else {key: v.get(key) for key in ("inputs", "tokens", "documents", "tokenizer_sha256")})
+            for k, v in manifests.items()
+        },
+        "git_commit": git_commit(),
+        "layout": _layout(),
+        "preset": engine.cfg.model.preset,
+    }
+
+
+def save(engine: Engine, iteration: int, consumed_samples: int, parent: str | None = None) -> Path:
+    """Write a complete checkpoint of ``engine`` at ``iteration``; returns its directory."""
+    run_dir = engine.cfg.checkpoint.dir
+    final = iteration_dir(run_dir, iteration)
+    partial = final.parent / f".{final.name}.partial"
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(
+        _sharded_state(engine, iteration, consumed_samples, is_loading=False), str(partial)
+    )
+    dist.barrier()
+    if rank0:
+        (partial / "config.yaml").write_text(config_mod.to_yaml(engine.cfg))
+        record = lineage_record(engine, iteration, consumed_samples, parent)
+        (partial / "lineage.json").write_text(json.dumps(record, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _write_atomic(final.parent / LATEST, final.name + "\n")
+        _prune(final.parent, engine.cfg.checkpoint.keep_last)
+    dist.barrier()
+    return final
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    done = sorted(p for p in root.glob("iter_*") if (p / "metadata.json").is_file())
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def load_for_resume(engine: Engine, path: Path) -> tuple[int, int]:
+    """Restore model, optimizer, scheduler, RNG; returns (iteration, consumed_samples)."""
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    same_layout = common.get("layout") == _layout()
+    state = _sharded_state(engine, 0, 0, is_loading=True)
+    if not same_layout:
+        # RNG streams are per (PP, TP) rank and cannot be remapped; weights and optimizer can.
+        state.pop("rng_state")
+        log.warning("resuming %s at another layout %s -> %s: RNG states start fresh", path, common.get("layout"), _layout())
+    loaded = dist_checkpointing.load(state, str(path), strict="raise_all")
+    _load_model(engine, loaded)
+    engine.optimizer.load_state_dict(loaded["optimizer"])
+    _untie_optimizer_steps(engine)
+    engine.scheduler.load_state_dict(loaded["scheduler"])
+    if same_layout:
+        _set_rng_state(loaded["rng_state"])
+    progress = loaded["progress"]
+    return int(progress["iteration"]), int(progress["consumed_samples"])
+
+
+def load_weights(engine: Engine, path: Path) -> None:
+    """Load only the model weights of a checkpoint (``init``): optimizer and schedule start fresh."""
+    state = _model_state(engine)
+    loaded = dist_checkpointing.load(state, str(path), strict="assume_ok_unexpected")
+    _load_model(engine, loaded)
+
+
+def _load_model(engine: Engine, loaded: dict) -> None:
+    if len(engine.model) == 1:
+        engine.model[0].module.load_state_dict(loaded["model"], strict=True)
+    else:
+        for i, chunk in enumerate(engine.model):
+            chunk.module.load_state_dict(loaded[f"model{i}"], strict=True)

@@ -1,0 +1,42 @@
+"""Full-vocabulary logits of a (tensor- and pipeline-) parallel model, on every rank.
+
+Used by parity checks (same weights at another layout, or against transformers). It runs the
+pipeline stages one after another with point-to-point sends, not megatron's training schedules,
+because it needs the logits themselves rather than a loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+@torch.no_grad()
+def full_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits ``[batch, seq, padded_vocab]`` (fp32) for ``tokens`` ``[batch, seq]``, on every rank."""
+    model = _unwrap(model)
+    model.eval()
+    batch, seq = tokens.shape
+    positions = torch.arange(seq, device=tokens.device).unsqueeze(0).expand(batch, seq)
+    hidden_shape = (seq, batch, model.config.hidden_size)
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+    last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    if not first:
+        received = torch.empty(hidden_shape, dtype=model.config.params_dtype, device=tokens.device)
+        dist.recv(received, src=parallel_state.get_pipeline_model_parallel_prev_rank(), group=pp_group)
+        model.set_input_tensor(received)
+    output = model(tokens if first else None, positions if first else None, None)
+    if not last:
+        dist.send(output.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank(), group=pp_group)
+        logits = torch.empty(batch, seq, model.vocab_size, dtype=torch.float32, device=tokens.device)
+    else:
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(output).float().contiguous()
+    last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
+    dist.broadcast(logits, src=last_rank, group=pp_group)
+    return logits

@@ -1,0 +1,102 @@
+"""The training loop: resume or init, then step, validate and call back until the step budget."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch.distributed as dist
+
+from specialize import checkpoint
+from specialize.callbacks import Callback, Checkpointer, ConsoleLogger, TensorBoardLogger
+from specialize.config import Derived, RecipeConfig
+from specialize.distributed import Topology
+from specialize.engine import Engine
+
+log = logging.getLogger("specialize")
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: RecipeConfig,
+        topo: Topology,
+        derived: Derived,
+        engine: Engine,
+        data,
+        callbacks: list[Callback] | None = None,
+    ) -> None:
+        self.cfg, self.topo, self.derived, self.engine, self.data = cfg, topo, derived, engine, data
+        self.callbacks = callbacks if callbacks is not None else default_callbacks(cfg)
+        self.start_step = 0
+        self.consumed_samples = 0
+        self.resumed_from: Path | None = None
+        self.parent: str | None = cfg.init.checkpoint
+        self.last_checkpoint: Path | None = None
+        self.metrics: dict[str, float] = {}
+        self.history: list[float] = []
+        self.validation: list[tuple[int, float]] = []
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.topo.rank == 0
+
+    def restore(self) -> None:
+        """Resume from the run's newest checkpoint, else load ``init`` weights, else start fresh."""
+        latest = checkpoint.find_latest(self.cfg.checkpoint.dir) if self.cfg.checkpoint.resume else None
+        if latest is not None:
+            self.start_step, self.consumed_samples = checkpoint.load_for_resume(self.engine, latest)
+            self.resumed_from = latest
+            self.parent = str(latest)
+            if self.is_rank0:
+                log.info("resumed from %s at step %d", latest, self.start_step)
+        elif self.cfg.init.checkpoint is not None:
+            path = checkpoint.resolve_checkpoint(self.cfg.init.checkpoint)
+            checkpoint.load_weights(self.engine, path)
+            self.parent = str(path)
+            if self.is_rank0:
+                log.info("initialized weights from %s", path)
+        elif self.is_rank0:
+            log.info("no init checkpoint: training %s from random initialization", self.cfg.model.preset)
+
+    def fit(self) -> list[float]:
+        self.restore()
+        train_iterators = self.data.train_iterators(self.consumed_samples)
+        step = self.start_step
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        stop_at = self.derived.steps
+        if self.cfg.train.exit_after_steps is not None:
+            stop_at = min(stop_at, self.cfg.train.exit_after_steps)
+        while step < stop_at:
+            result = self.engine.train_step(train_iterators, step + 1)
+            step += 1
+            self.consumed_samples += self.cfg.train.global_batch_size
+            self.history.append(result.loss)
+            for cb in self.callbacks:
+                cb.on_step_end(self, step, result)
+            interval = self.cfg.train.eval_interval
+            if interval and (step % interval == 0 or step == stop_at):
+                self.validate(step)
+        for cb in self.callbacks:
+            cb.on_train_end(self, step)
+        dist.barrier()
+        return self.history
+
+    def validate(self, step: int) -> float | None:
+        iterators = self.data.validation_iterators()
+        if iterators is None:
+            return None
+        loss = self.engine.evaluate(iterators, self.cfg.train.eval_steps)
+        self.validation.append((step, loss))
+        for cb in self.callbacks:
+            cb.on_validation(self, step, loss)
+        return loss
+
+
+def default_callbacks(cfg: RecipeConfig) -> list[Callback]:
+    callbacks: list[Callback] = [ConsoleLogger()]
+    if cfg.logging.tensorboard:
+        callbacks.append(TensorBoardLogger(Path(cfg.checkpoint.dir) / "tensorboard"))
+    callbacks.append(Checkpointer())
+    return callbacks

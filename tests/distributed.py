@@ -1,0 +1,83 @@
+"""Run a test body in N gloo processes (spawned, so each has a clean interpreter).
+
+The body is a module-level function ``fn(rank, world_size, *args)``; what rank 0 returns comes back
+to the test. A failure on any rank fails the test with that rank's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args: tuple) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        result = fn(rank, world_size, *args)
+        outcome = ("ok", result)
+    except BaseException:  # report to the parent instead of hanging the other rank
+        outcome = ("error", traceback.format_exc())
+    Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(outcome))
+    if outcome[0] == "error":
+        os._exit(1)
+    from specialize.distributed import shutdown
+
+    shutdown()
+
+
+def run_distributed(fn, *args, world_size: int = 2):
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return rank 0's result."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.start_processes(
+            _entry,
+            args=(world_size, _free_port(), out_dir, fn, args),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
+        try:
+            while not ctx.join(timeout=600):
+                pass
+        except mp.ProcessRaisedException:
+            pass
+        except mp.ProcessExitedException:
+            pass
+        errors = []
+        results = {}
+        for rank in range(world_size):
+            path = Path(out_dir, f"rank{rank}.pkl")
+            if not path.exists():
+                errors.append(f"rank {rank}: exited without a result")
+                continue
+            status, value = pickle.loads(path.read_bytes())
+            if status == "error":
+                errors.append(f"rank {rank}:\n{value}")
+            results[rank] = value
+        if errors:
+            raise AssertionError("distributed test failed\n" + "\n".join(errors))
+        return results[0]

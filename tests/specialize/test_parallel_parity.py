@@ -1,0 +1,51 @@
+"""Same weights, different layouts: TP=1, TP=2 and PP=2 give the same logits (fp32)."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.distributed import run_distributed
+
+LAYOUTS = {"tp1": [], "tp2": ["parallel.tensor=2"], "pp2": ["parallel.pipeline=2"]}
+
+
+def _build(run_dir: str, overrides: list[str]):
+    from specialize.config import derive, load_config
+    from specialize.distributed import init_distributed, seed_all
+    from specialize.engine import Engine
+
+    cfg = load_config(
+        "configs/base/qwen-nano.yaml",
+        ["train.steps=1", "schedule.warmup_steps=0", "train.global_batch_size=8", f"checkpoint.dir={run_dir}", *overrides],
+    )
+    topo = init_distributed(cfg.parallel)
+    seed_all(cfg.train.seed)
+    return Engine.build(cfg, topo, derive(cfg, topo.world_size))
+
+
+def _logits_per_layout(rank: int, world_size: int, run_dir: str) -> dict[str, torch.Tensor]:
+    from specialize import checkpoint
+    from specialize.logits import full_logits
+
+    tokens = torch.randint(0, 151643, (2, 24), generator=torch.Generator().manual_seed(0))
+    engine = _build(run_dir, LAYOUTS["tp1"])
+    saved = checkpoint.save(engine, iteration=0, consumed_samples=0)
+    results = {"tp1": full_logits(engine.model[0], tokens)}
+    for name in ("tp2", "pp2"):
+        # Another seed: only loading the checkpoint can make these weights equal.
+        engine = _build(run_dir + "-" + name, [*LAYOUTS[name], "train.seed=999"])
+        results[f"{name}-before-load"] = full_logits(engine.model[0], tokens)
+        checkpoint.load_weights(engine, saved)
+        results[name] = full_logits(engine.model[0], tokens)
+    return results
+
+
+def test_same_logits_at_tp1_tp2_pp2(tmp_path):
+    results = run_distributed(_logits_per_layout, str(tmp_path / "run"))
+    reference = results["tp1"]
+    assert reference.shape == (2, 24, 151936)
+    assert reference.abs().max() > 0
+    for name in ("tp2", "pp2"):
+        assert (results[f"{name}-before-load"] - reference).abs().max() > 1e-2
+        diff = (results[name] - reference).abs().max().item()
+        assert diff <= 1e-5, f"{name}: max |Δlogit| {diff}"
