@@ -64,7 +64,14 @@ class ConsoleLogger(Callback):
         self._peak = device_peak_tflops(trainer.cfg.logging.device_peak_tflops)
         self._flops_per_token = flops_per_token(trainer)
         if trainer.is_rank0 and trainer.cfg.logging.progress:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
@@ -78,7 +85,10 @@ class ConsoleLogger(Callback):
             )
             self._progress.start()
             self._task = self._progress.add_task(
-                trainer.cfg.name, total=trainer.derived.steps, completed=trainer.start_step, status=""
+                trainer.cfg.name,
+                total=trainer.derived.steps,
+                completed=trainer.start_step,
+                status="",
             )
 
     def on_step_end(self, trainer: Trainer, step: int, result: StepResult) -> None:
@@ -170,7 +180,9 @@ class Checkpointer(Callback):
     def _save(self, trainer: Trainer, step: int) -> None:
         from specialize import checkpoint
 
-        path = checkpoint.save(trainer.engine, step, trainer.consumed_samples, parent=trainer.parent)
+        path = checkpoint.save(
+            trainer.engine, step, trainer.consumed_samples, parent=trainer.parent
+        )
         self.last_saved = step
         trainer.last_checkpoint = path
         if trainer.is_rank0:

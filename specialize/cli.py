@@ -59,10 +59,24 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
     tokenizer = QwenTokenizer.load(args.tokenizer)
     extensions = tuple(e if e.startswith(".") else f".{e}" for e in args.extensions.split(","))
-    manifest = prepare_directory(
-        [Path(s) for s in args.sources], Path(args.output), tokenizer, extensions=extensions, num_threads=args.workers
+    exclude = (
+        {}
+        if args.exclude is None
+        else {"exclude_dirs": tuple(d for d in args.exclude.split(",") if d)}
     )
-    print(json.dumps({k: manifest[k] for k in ("documents", "tokens", "skipped") if k in manifest}, indent=2))
+    manifest = prepare_directory(
+        [Path(s) for s in args.sources],
+        Path(args.output),
+        tokenizer,
+        extensions=extensions,
+        num_threads=args.workers,
+        **exclude,
+    )
+    print(
+        json.dumps(
+            {k: manifest[k] for k in ("documents", "tokens", "skipped") if k in manifest}, indent=2
+        )
+    )
     return 0
 
 
@@ -81,20 +95,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specialize", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a recipe (run under torchrun for several processes)")
+    train = sub.add_parser(
+        "train", help="train a recipe (run under torchrun for several processes)"
+    )
     train.add_argument("recipe", help="YAML recipe")
-    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10 init=ckpt/base")
-    train.add_argument("--dry-run", action="store_true", help="print the resolved config and derived numbers, then exit")
-    train.add_argument("--world-size", type=int, default=None, help="process count assumed by --dry-run")
+    train.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. train.steps=10 init=ckpt/base"
+    )
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config and derived numbers, then exit",
+    )
+    train.add_argument(
+        "--world-size", type=int, default=None, help="process count assumed by --dry-run"
+    )
     train.set_defaults(func=cmd_train)
 
-    data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="data_command", required=True)
-    prepare = data.add_parser("prepare", help="tokenize directories of text/code files into Megatron .bin/.idx")
+    data = sub.add_parser("data", help="prepare training data").add_subparsers(
+        dest="data_command", required=True
+    )
+    prepare = data.add_parser(
+        "prepare", help="tokenize directories of text/code files into Megatron .bin/.idx"
+    )
     prepare.add_argument("sources", nargs="+", help="directories to read")
-    prepare.add_argument("-o", "--output", required=True, help="output prefix (writes PREFIX.bin/.idx/.manifest.json)")
+    prepare.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output prefix (writes PREFIX.bin/.idx/.manifest.json)",
+    )
     prepare.add_argument("--extensions", default=".py", help="comma-separated file extensions")
+    prepare.add_argument(
+        "--exclude",
+        default=None,
+        help="comma-separated directory names to skip (default: site-packages, dist-packages, __pycache__, .git)",
+    )
     prepare.add_argument("--workers", type=int, default=2, help="tokenizer threads")
-    prepare.add_argument("--tokenizer", default=None, help="qwen.tiktoken path (default: the packaged one)")
+    prepare.add_argument(
+        "--tokenizer", default=None, help="qwen.tiktoken path (default: the packaged one)"
+    )
     prepare.set_defaults(func=cmd_data_prepare)
 
     config = sub.add_parser("config", help="show every config field, or a recipe resolved")

@@ -52,7 +52,12 @@ class _CudaToCpuMode(TorchFunctionMode):
             kwargs.pop("pin_memory", None)
         elif func is torch.Tensor.to and args[1:2] and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs and getattr(_spoof, "on", False):
+        if (
+            func is torch.Tensor.type
+            and len(args) == 1
+            and not kwargs
+            and getattr(_spoof, "on", False)
+        ):
             name = func(*args)
             return name.replace("torch.", "torch.cuda.", 1) if "cuda" not in name else name
         return func(*args, **kwargs)
@@ -130,7 +135,10 @@ def install() -> bool:
     clip = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
     clip_grads.clip_grad_by_total_norm_fp32 = clip
     optimizer.clip_grad_by_total_norm_fp32 = clip
-    for cls in (distrib_optimizer.DistributedOptimizer, optimizer.Float16OptimizerWithFloat16Params):
+    for cls in (
+        distrib_optimizer.DistributedOptimizer,
+        optimizer.Float16OptimizerWithFloat16Params,
+    ):
         cls.__init__ = _with_cuda_type_names(cls.__init__)
     _installed = True
     return True

@@ -23,6 +23,7 @@ from megatron.core.transformer import TransformerConfig
 
 from base.model import ModelOptions, build_model, resolve_spec
 from base.presets import QwenPreset, get_preset
+from specialize import megatron_fixes
 from specialize.config import Derived, RecipeConfig
 from specialize.distributed import Topology
 from specialize.step import NonFiniteLossError, make_forward_step, reduce_loss
@@ -59,8 +60,12 @@ def build_model_chunks(cfg: RecipeConfig, device: torch.device) -> list[torch.nn
         chunk = build_model(
             preset,
             opts,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            pre_process=parallel_state.is_pipeline_first_stage(
+                ignore_virtual=False, vp_stage=vp_stage
+            ),
+            post_process=parallel_state.is_pipeline_last_stage(
+                ignore_virtual=False, vp_stage=vp_stage
+            ),
             vp_stage=vp_stage,
         )
         chunks.append(chunk.to(device))
@@ -110,7 +115,9 @@ def build_optimizer(cfg: RecipeConfig, chunks: list[torch.nn.Module]) -> Megatro
     return get_megatron_optimizer(config, chunks)
 
 
-def build_scheduler(cfg: RecipeConfig, optimizer: MegatronOptimizer, derived: Derived) -> OptimizerParamScheduler:
+def build_scheduler(
+    cfg: RecipeConfig, optimizer: MegatronOptimizer, derived: Derived
+) -> OptimizerParamScheduler:
     """Warmup then constant/cosine/linear, counted in optimizer steps."""
     o = cfg.optimizer
     return OptimizerParamScheduler(
@@ -154,6 +161,7 @@ class Engine:
 
     @classmethod
     def build(cls, cfg: RecipeConfig, topo: Topology, derived: Derived) -> Engine:
+        megatron_fixes.install()
         chunks = wrap_ddp(build_model_chunks(cfg, topo.device), cfg)
         optimizer = build_optimizer(cfg, chunks)
         scheduler = build_scheduler(cfg, optimizer, derived)
@@ -185,10 +193,14 @@ class Engine:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        reports = self._forward_backward(data_iterators, self.derived.micro_batches, forward_only=False)
+        reports = self._forward_backward(
+            data_iterators, self.derived.micro_batches, forward_only=False
+        )
         loss = reduce_loss(reports)
         if not math.isfinite(loss):
-            raise NonFiniteLossError(f"step {step}: loss is {loss}; stopping (see the lr, data and precision)")
+            raise NonFiniteLossError(
+                f"step {step}: loss is {loss}; stopping (see the lr, data and precision)"
+            )
         _, grad_norm, _ = self.optimizer.step()
         if grad_norm is not None and not math.isfinite(grad_norm):
             raise NonFiniteLossError(f"step {step}: gradient norm is {grad_norm}; stopping")
@@ -206,5 +218,7 @@ class Engine:
             chunk.eval()
         reports = []
         for _ in range(num_batches):
-            reports += self._forward_backward(data_iterators, self.derived.micro_batches, forward_only=True)
+            reports += self._forward_backward(
+                data_iterators, self.derived.micro_batches, forward_only=True
+            )
         return reduce_loss(reports)

@@ -29,14 +29,24 @@ def full_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     if not first:
         received = torch.empty(hidden_shape, dtype=model.config.params_dtype, device=tokens.device)
-        dist.recv(received, src=parallel_state.get_pipeline_model_parallel_prev_rank(), group=pp_group)
+        dist.recv(
+            received, src=parallel_state.get_pipeline_model_parallel_prev_rank(), group=pp_group
+        )
         model.set_input_tensor(received)
     output = model(tokens if first else None, positions if first else None, None)
     if not last:
-        dist.send(output.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank(), group=pp_group)
-        logits = torch.empty(batch, seq, model.vocab_size, dtype=torch.float32, device=tokens.device)
+        dist.send(
+            output.contiguous(),
+            dst=parallel_state.get_pipeline_model_parallel_next_rank(),
+            group=pp_group,
+        )
+        logits = torch.empty(
+            batch, seq, model.vocab_size, dtype=torch.float32, device=tokens.device
+        )
     else:
-        logits = tensor_parallel.gather_from_tensor_model_parallel_region(output).float().contiguous()
+        logits = (
+            tensor_parallel.gather_from_tensor_model_parallel_region(output).float().contiguous()
+        )
     last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
     dist.broadcast(logits, src=last_rank, group=pp_group)
     return logits

@@ -23,7 +23,9 @@ class PretrainData:
     Every pipeline stage and model chunk reads the same micro-batches (the first stage needs the
     tokens, the last the labels, and all the attention mask), so each gets its own iterator."""
 
-    def __init__(self, cfg: RecipeConfig, topo: Topology, derived: Derived, tokenizer: QwenTokenizer) -> None:
+    def __init__(
+        self, cfg: RecipeConfig, topo: Topology, derived: Derived, tokenizer: QwenTokenizer
+    ) -> None:
         self.cfg, self.topo = cfg, topo
         self.chunks = cfg.parallel.virtual_pipeline or 1
         global_batch = cfg.train.global_batch_size
@@ -33,7 +35,11 @@ class PretrainData:
         for turn in (True, False):
             if (topo.rank == 0) == turn:
                 self.train, self.valid, _ = build_pretrain_datasets(
-                    cfg.data, tokenizer, cfg.train.seed, (derived.steps * global_batch, eval_samples, 0), cache_dir
+                    cfg.data,
+                    tokenizer,
+                    cfg.train.seed,
+                    (derived.steps * global_batch, eval_samples, 0),
+                    cache_dir,
                 )
             dist.barrier()
 
@@ -67,8 +73,14 @@ def train(cfg: RecipeConfig) -> Trainer:
         (Path(cfg.checkpoint.dir) / "config.yaml").write_text(to_yaml(cfg))
         log.info(
             "%s: %s on %d process(es) (TP=%d PP=%d DP=%d), %d steps of %d tokens",
-            cfg.name, cfg.model.preset, topo.world_size, cfg.parallel.tensor, cfg.parallel.pipeline,
-            derived.data_parallel, derived.steps, derived.tokens_per_step,
+            cfg.name,
+            cfg.model.preset,
+            topo.world_size,
+            cfg.parallel.tensor,
+            cfg.parallel.pipeline,
+            derived.data_parallel,
+            derived.steps,
+            derived.tokens_per_step,
         )
     engine = Engine.build(cfg, topo, derived)
     data = PretrainData(cfg, topo, derived, tokenizer)

@@ -22,7 +22,9 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _batch_to(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    return {
+        k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()
+    }
 
 
 def next_batch(data_iterator: Iterator | None, device: torch.device) -> dict | None:

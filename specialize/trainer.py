@@ -43,7 +43,9 @@ class Trainer:
 
     def restore(self) -> None:
         """Resume from the run's newest checkpoint, else load ``init`` weights, else start fresh."""
-        latest = checkpoint.find_latest(self.cfg.checkpoint.dir) if self.cfg.checkpoint.resume else None
+        latest = (
+            checkpoint.find_latest(self.cfg.checkpoint.dir) if self.cfg.checkpoint.resume else None
+        )
         if latest is not None:
             self.start_step, self.consumed_samples = checkpoint.load_for_resume(self.engine, latest)
             self.resumed_from = latest
@@ -57,7 +59,9 @@ class Trainer:
             if self.is_rank0:
                 log.info("initialized weights from %s", path)
         elif self.is_rank0:
-            log.info("no init checkpoint: training %s from random initialization", self.cfg.model.preset)
+            log.info(
+                "no init checkpoint: training %s from random initialization", self.cfg.model.preset
+            )
 
     def fit(self) -> list[float]:
         self.restore()

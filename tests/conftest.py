@@ -4,7 +4,9 @@ from pathlib import Path
 import pytest
 
 # megatron-core announces each optional kernel it falls back from; on CPU that is expected.
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed")
+warnings.filterwarnings(
+    "ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed"
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -18,3 +20,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+STDLIB_PACKAGES = ("json", "email", "http", "urllib", "logging", "xml", "asyncio")
+
+
+@pytest.fixture(scope="session")
+def stdlib_shard(tmp_path_factory) -> str:
+    """A few standard-library packages tokenized into a Megatron shard; returns the prefix."""
+    import sysconfig
+
+    from base.tokenizer import QwenTokenizer
+    from specialize.data.prepare import prepare_directory
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    prefix = tmp_path_factory.mktemp("stdlib") / "stdlib"
+    prepare_directory([stdlib / p for p in STDLIB_PACKAGES], prefix, QwenTokenizer.load())
+    return str(prefix)

@@ -32,11 +32,10 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args: tuple)
         WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
     )
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         result = fn(rank, world_size, *args)
         outcome = ("ok", result)

@@ -16,7 +16,13 @@ def _build(run_dir: str, overrides: list[str]):
 
     cfg = load_config(
         "configs/base/qwen-nano.yaml",
-        ["train.steps=1", "schedule.warmup_steps=0", "train.global_batch_size=8", f"checkpoint.dir={run_dir}", *overrides],
+        [
+            "train.steps=1",
+            "schedule.warmup_steps=0",
+            "train.global_batch_size=8",
+            f"checkpoint.dir={run_dir}",
+            *overrides,
+        ],
     )
     topo = init_distributed(cfg.parallel)
     seed_all(cfg.train.seed)
