@@ -70,6 +70,12 @@ class ModelOptions:
 
 def transformer_config(preset: QwenPreset, opts: ModelOptions) -> TransformerConfig:
     """Map a preset and run options onto megatron-core's ``TransformerConfig``."""
+    return TransformerConfig(**transformer_config_kwargs(preset, opts))
+
+
+def transformer_config_kwargs(preset: QwenPreset, opts: ModelOptions) -> dict:
+    """The ``TransformerConfig`` arguments, as data (megatron validates TE-only flags on construction,
+    so the GPU mapping is checkable on machines without Transformer Engine this way)."""
     if opts.spec not in ("te", "local"):
         raise ValueError(f"spec must be resolved to te or local, got {opts.spec!r}")
     if opts.dtype == "fp8" and opts.spec != "te":
@@ -98,7 +104,7 @@ def transformer_config(preset: QwenPreset, opts: ModelOptions) -> TransformerCon
             "fp8_amax_history_len": opts.fp8_amax_history_len,
             "fp8_amax_compute_algo": opts.fp8_amax_compute_algo,
         }
-    return TransformerConfig(
+    return dict(
         num_layers=preset.num_layers,
         hidden_size=preset.hidden_size,
         num_attention_heads=preset.num_attention_heads,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.distributed import run_distributed
@@ -43,11 +44,22 @@ def _logits_per_layout(rank: int, world_size: int, run_dir: str) -> dict[str, to
         results[f"{name}-before-load"] = full_logits(engine.model[0], tokens)
         checkpoint.load_weights(engine, saved)
         results[name] = full_logits(engine.model[0], tokens)
+    # The other direction: weights saved at TP=2 load at TP=1.
+    engine = _build(run_dir + "-tp2-own", [*LAYOUTS["tp2"], "train.seed=777"])
+    results["tp2-own"] = full_logits(engine.model[0], tokens)
+    saved_tp2 = checkpoint.save(engine, iteration=0, consumed_samples=0)
+    engine = _build(run_dir + "-tp1-from-tp2", [*LAYOUTS["tp1"], "train.seed=555"])
+    checkpoint.load_weights(engine, saved_tp2)
+    results["tp1-from-tp2"] = full_logits(engine.model[0], tokens)
     return results
 
 
-def test_same_logits_at_tp1_tp2_pp2(tmp_path):
-    results = run_distributed(_logits_per_layout, str(tmp_path / "run"))
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[str, torch.Tensor]:
+    return run_distributed(_logits_per_layout, str(tmp_path_factory.mktemp("parity") / "run"))
+
+
+def test_same_logits_at_tp1_tp2_pp2(results):
     reference = results["tp1"]
     assert reference.shape == (2, 24, 151936)
     assert reference.abs().max() > 0
@@ -55,3 +67,9 @@ def test_same_logits_at_tp1_tp2_pp2(tmp_path):
         assert (results[f"{name}-before-load"] - reference).abs().max() > 1e-2
         diff = (results[name] - reference).abs().max().item()
         assert diff <= 1e-5, f"{name}: max |Δlogit| {diff}"
+
+
+def test_checkpoint_saved_at_tp2_loads_at_tp1(results):
+    assert (results["tp2-own"] - results["tp1"]).abs().max() > 1e-2  # really other weights
+    diff = (results["tp1-from-tp2"] - results["tp2-own"]).abs().max().item()
+    assert diff <= 1e-5, f"max |Δlogit| {diff}"
