@@ -165,24 +165,21 @@ def lineage_record(
 ) -> dict:
     manifests = {}
     for prefix in engine.cfg.data.paths:
-        manifest = Path(f"{prefix}.manifest.json")
-        manifests[prefix] = json.loads(manifest.read_text()) if manifest.is_file() else None
+        path = Path(f"{prefix}.manifest.json")
+        manifest = json.loads(path.read_text()) if path.is_file() else None
+        manifests[prefix] = manifest and {
+            "inputs_sha256": manifest["inputs"]["sha256"],
+            "documents": manifest["documents"],
+            "tokens": manifest["tokens"],
+            "tokenizer_sha256": manifest["tokenizer"]["sha256"],
+        }
     return {
         "name": engine.cfg.name,
         "iteration": iteration,
         "consumed_samples": consumed_samples,
         "parent": parent,
         "init": engine.cfg.init.checkpoint,
-        "data_manifests": {
-            k: (
-                None
-                if v is None
-                else {
-                    key: v.get(key) for key in ("inputs", "tokens", "documents", "tokenizer_sha256")
-                }
-            )
-            for k, v in manifests.items()
-        },
+        "data_manifests": manifests,
         "git_commit": git_commit(),
         "layout": _layout(),
         "preset": engine.cfg.model.preset,

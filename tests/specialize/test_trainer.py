@@ -128,3 +128,52 @@ def _nan_run(rank: int, world_size: int, tmp: str, shard: str) -> str:
 def test_non_finite_loss_stops_the_run(tmp_path, stdlib_shard):
     message = run_distributed(_nan_run, str(tmp_path), stdlib_shard, world_size=1)
     assert message.startswith("step ") and ("nan" in message or "inf" in message), message
+
+
+def _init_runs(rank: int, world_size: int, tmp: str, shard: str) -> dict:
+    from specialize.config import load_config
+    from specialize.run import train
+
+    common = _overrides("", shard)[1:] + [
+        "data.seq_length=64",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=2",
+        "schedule.warmup_steps=0",
+    ]
+    parent = train(
+        load_config(
+            "configs/base/qwen-nano.yaml",
+            [*common, "train.steps=15", f"checkpoint.dir={tmp}/parent"],
+        )
+    )
+    child = train(
+        load_config(
+            "configs/base/qwen-nano.yaml",
+            [*common, "train.steps=1", f"checkpoint.dir={tmp}/child", f"init={tmp}/parent"],
+        )
+    )
+    return {
+        "parent": parent.history,
+        "child": child.history,
+        "parent_ckpt": str(parent.last_checkpoint),
+        "child_ckpt": str(child.last_checkpoint),
+    }
+
+
+def test_init_loads_weights_and_records_lineage(tmp_path, stdlib_shard):
+    import json
+    from pathlib import Path
+
+    out = run_distributed(_init_runs, str(tmp_path), stdlib_shard, world_size=1)
+    # The child's first batch is the parent's first batch: trained weights score it far better.
+    assert out["child"][0] < out["parent"][0] - 0.3
+    lineage = json.loads((Path(out["child_ckpt"]) / "lineage.json").read_text())
+    assert lineage["parent"] == out["parent_ckpt"] and lineage["init"] == f"{tmp_path}/parent"
+    from base.tokenizer import QwenTokenizer
+
+    manifest = lineage["data_manifests"][stdlib_shard]
+    assert manifest["tokenizer_sha256"] == QwenTokenizer.load().sha256 and manifest["tokens"] > 0
+    assert len(lineage["git_commit"]) in (7, 40) or lineage["git_commit"] == "unknown"
+    assert (Path(out["child_ckpt"]) / "config.yaml").is_file()
+    latest = (Path(out["child_ckpt"]).parent / "latest").read_text().strip()
+    assert latest == Path(out["child_ckpt"]).name

@@ -1,0 +1,497 @@
+"""Training-step throughput on CPU: this project's engine vs. transformers' Qwen2 of the same shape.
+
+One step = forward + backward + AdamW step with grad-norm clipping at 1.0, fp32, on the same random
+token batches (same micro-batch size, sequence length and micro-batches per step) and the same
+``torch.set_num_threads``. Ours runs through ``Engine.build`` / ``Engine.train_step`` (megatron-core
+DDP, ``get_megatron_optimizer``, ``OptimizerParamScheduler``, the schedule's forward/backward, the
+local layer spec, a world of one); no trainer, so no checkpoint is written. Theirs is
+``transformers.Qwen2ForCausalLM`` with ``torch.optim.AdamW`` and ``clip_grad_norm_``, with attention
+``sdpa`` and ``eager``.
+
+``init_distributed`` installs the CPU bridge, a TorchFunctionMode that stays active for the rest of
+the process and would tax every op of a later transformers step. So transformers is measured first,
+in this process, before the bridge exists (or in a child process with ``--hf-subprocess``). The
+bridge cannot be popped for one of our steps (megatron's schedule allocates on ``device="cuda"``),
+so its cost is measured two ways: intercepted calls per step x the mode's per-call overhead, and
+our step with ``--bridge-stack`` extra copies of the mode pushed (interleaved with plain steps).
+
+    .venv/bin/python bench/train_throughput.py [--preset qwen-nano] [--threads 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # runnable as a plain script from any directory
+    sys.path.insert(0, str(ROOT))
+
+# megatron-core announces each optional kernel it falls back from; on CPU that is expected.
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed")
+
+from base.presets import QwenPreset, get_preset  # noqa: E402
+
+REAL_TOKENS = 151643  # ids below this are real tokens; the rest of the 151936 rows are padding
+
+
+def batches(seq: int, mb: int, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless random micro-batches; the same seed gives both implementations the same tokens."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        rows = torch.randint(0, REAL_TOKENS, (mb, seq + 1), generator=g)
+        yield {
+            "tokens": rows[:, :-1],
+            "labels": rows[:, 1:],
+            "loss_mask": torch.ones(mb, seq),
+            "position_ids": torch.arange(seq).expand(mb, seq),
+        }
+
+
+class Phases:
+    """Wall time per named phase of the current step (forward, optimizer, ...)."""
+
+    def __init__(self) -> None:
+        self.now: dict[str, float] = defaultdict(float)
+
+    def wrap(self, name: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.now[name] += time.perf_counter() - start
+
+        return timed
+
+    def take(self) -> dict[str, float]:
+        out, self.now = dict(self.now), defaultdict(float)
+        return out
+
+
+def timed_step(step: Callable[[], object], phases: Phases) -> dict:
+    """One step's wall time, its phases, and what the kernel did for it (page faults, sys time)."""
+    phases.take()
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "seconds": seconds,
+        "phases": phases.take(),
+        "sys_seconds": after.ru_stime - before.ru_stime,
+        "minor_faults": after.ru_minflt - before.ru_minflt,
+    }
+
+
+def run_steps(step: Callable[[], object], phases: Phases, warmup: int, steps: int) -> dict:
+    for _ in range(warmup):
+        step()
+    records = [timed_step(step, phases) for _ in range(steps)]
+    names = sorted({k for r in records for k in r["phases"]})
+    return {
+        "times": [r["seconds"] for r in records],
+        "median": statistics.median(r["seconds"] for r in records),
+        "phases": {n: statistics.median(r["phases"].get(n, 0.0) for r in records) for n in names},
+        "sys_seconds": statistics.median(r["sys_seconds"] for r in records),
+        "minor_faults": statistics.median(r["minor_faults"] for r in records),
+    }
+
+
+def top_ops(step: Callable[[], object], n: int) -> list[dict]:
+    """Self CPU time per op over one profiled step (after warmup)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [
+        {
+            "op": e.key,
+            "calls": e.count,
+            "self_ms": e.self_cpu_time_total / 1e3,
+            "share": e.self_cpu_time_total / total,
+        }
+        for e in events[:n]
+    ]
+
+
+# ----------------------------------------------------------------------------- transformers
+
+
+def hf_step_fn(
+    preset: QwenPreset, attn: str, args: argparse.Namespace, phases: Phases
+) -> Callable[[], float]:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=preset.padded_vocab_size,
+        hidden_size=preset.hidden_size,
+        intermediate_size=preset.ffn_hidden_size,
+        num_hidden_layers=preset.num_layers,
+        num_attention_heads=preset.num_attention_heads,
+        num_key_value_heads=preset.query_groups,
+        max_position_embeddings=preset.max_position_embeddings,
+        rms_norm_eps=preset.norm_epsilon,
+        rope_theta=preset.rotary_base,
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+        use_cache=False,
+        attn_implementation=attn,
+    )
+    torch.manual_seed(args.seed)
+    model = Qwen2ForCausalLM(config).float().train()
+    # megatron-core's AdamW groups: biases and norms are not decayed.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=3e-4,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
+    data = batches(args.seq, args.micro_batch)
+    tokens_per_step = args.seq * args.micro_batch * args.micro_batches
+    forward = phases.wrap("forward+loss", model.__call__)
+
+    def backward(loss: torch.Tensor) -> None:
+        loss.backward()
+
+    backward = phases.wrap("backward", backward)
+    clip = phases.wrap("optimizer", torch.nn.utils.clip_grad_norm_)
+    opt_step = phases.wrap("optimizer", optimizer.step)
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(args.micro_batches):
+            b = next(data)
+            labels = b["labels"].contiguous()  # as transformers' own label shift leaves them
+            # shift_labels: the labels are already shifted, exactly as ours receive them.
+            # num_items_in_batch: sum over the step's tokens, megatron's per-token loss.
+            out = forward(
+                input_ids=b["tokens"],
+                position_ids=b["position_ids"],
+                labels=labels,
+                shift_labels=labels,
+                num_items_in_batch=tokens_per_step,
+            )
+            backward(out.loss)
+            total += out.loss.item()
+        clip(model.parameters(), 1.0)
+        opt_step()
+        return total
+
+    return step
+
+
+def measure_hf(preset: QwenPreset, args: argparse.Namespace) -> dict:
+    out = {}
+    for attn in ("sdpa", "eager"):
+        phases = Phases()
+        step = hf_step_fn(preset, attn, args, phases)
+        out[attn] = run_steps(step, phases, args.warmup, args.steps)
+        if args.profile:
+            out[attn]["profile"] = top_ops(step, args.profile)
+        del step
+    return out
+
+
+def measure_hf_subprocess(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "hf.json")
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--only-hf", str(path)]
+        subprocess.run(cmd, check=True)
+        return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------- ours
+
+
+class _CountCalls(TorchFunctionMode):
+    """Counts the torch-function calls that reach the mode below it (the bridge)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def build_engine(preset_name: str, args: argparse.Namespace):
+    from specialize.config import derive, load_config
+    from specialize.distributed import init_distributed, seed_all
+    from specialize.engine import Engine
+
+    cfg = load_config(
+        None,
+        [
+            f"model.preset={preset_name}",
+            "model.spec=local",
+            "precision.dtype=fp32",
+            f"data.seq_length={args.seq}",
+            f"train.micro_batch_size={args.micro_batch}",
+            f"train.global_batch_size={args.micro_batch * args.micro_batches}",
+            f"train.steps={args.warmup + 3 * args.steps + 10}",
+            f"train.seed={args.seed}",
+            "schedule.warmup_steps=0",  # lr is not zero from the first step, as for transformers
+            "optimizer.lr=3e-4",
+            "optimizer.weight_decay=0.1",
+            "optimizer.adam_beta1=0.9",
+            "optimizer.adam_beta2=0.95",
+            "optimizer.adam_eps=1e-8",
+            "optimizer.clip_grad=1.0",
+            "checkpoint.interval=0",
+            "logging.tensorboard=false",
+            "logging.progress=false",
+        ],
+    )
+    topo = init_distributed(cfg.parallel)
+    seed_all(cfg.train.seed)
+    return Engine.build(cfg, topo, derive(cfg, topo.world_size))
+
+
+def bridge_overhead_per_call_us(n: int = 5000) -> float:
+    """Extra µs per torch call for one more copy of the bridge's mode, over a mix of call kinds."""
+    from specialize import cpu_bridge
+
+    x = torch.ones(4, 4)
+    calls = (
+        lambda: torch.add(x, x),
+        lambda: x.view(-1),
+        lambda: x.size(),
+        lambda: torch.zeros(4, device="cpu"),
+        lambda: x.float(),
+    )
+
+    def loop() -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            for call in calls:
+                call()
+        return time.perf_counter() - start
+
+    once = min(loop() for _ in range(3))
+    with cpu_bridge._CudaToCpuMode():
+        twice = min(loop() for _ in range(3))
+    return (twice - once) / (n * len(calls)) * 1e6
+
+
+def measure_ours(preset_name: str, args: argparse.Namespace) -> dict:
+    from specialize import cpu_bridge
+
+    engine = build_engine(preset_name, args)
+    torch.set_num_threads(args.threads)  # in case anything on the way changed it
+    phases = Phases()
+    ddp = engine.model[0]
+    # Instance attributes shadow the methods train_step calls; the engine itself is unchanged.
+    ddp.forward = phases.wrap("forward+loss", ddp.forward)
+    engine._forward_backward = phases.wrap("forward+backward", engine._forward_backward)
+    engine.optimizer.step = phases.wrap("optimizer", engine.optimizer.step)
+    iterators = [batches(args.seq, args.micro_batch)]
+    counter = [0]
+
+    def step() -> float:
+        counter[0] += 1
+        return engine.train_step(iterators, counter[0]).loss
+
+    out = run_steps(step, phases, args.warmup, args.steps)
+    fb = out["phases"].pop("forward+backward")
+    out["phases"]["backward"] = fb - out["phases"]["forward+loss"]
+    out["num_params"] = sum(p.numel() for p in ddp.parameters())
+    if args.profile:
+        out["profile"] = top_ops(step, args.profile)
+
+    with _CountCalls() as counting:
+        step()
+    out["bridge_calls_per_step"] = counting.calls
+    out["bridge_us_per_call"] = bridge_overhead_per_call_us()
+    out["bridge_seconds_by_count"] = counting.calls * out["bridge_us_per_call"] / 1e6
+
+    # Plain and stacked steps alternate so that drift in machine load hits both alike.
+    k = args.bridge_stack
+    plain, stacked = [], []
+    for _ in range(args.steps if k else 0):
+        plain.append(timed_step(step, phases)["seconds"])
+        with ExitStack() as stack:
+            for _ in range(k):
+                stack.enter_context(cpu_bridge._CudaToCpuMode())
+            stacked.append(timed_step(step, phases)["seconds"])
+    if k:
+        diff = statistics.median(s - p for p, s in zip(plain, stacked))
+        out["bridge_seconds_by_stacking"] = diff / k
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def machine() -> dict:
+    from importlib.metadata import version
+
+    return {
+        "torch": torch.__version__,
+        "megatron-core": version("megatron-core"),
+        "transformers": version("transformers"),
+        "python": platform.python_version(),
+        "cpu_cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "load_average_1min": os.getloadavg()[0],
+    }
+
+
+def print_profile(title: str, rows: list[dict]) -> None:
+    print(f"\n{title}: top ops by self CPU time in one profiled step")
+    for r in rows:
+        print(f"  {r['self_ms']:9.1f} ms {r['share']:6.1%} {r['calls']:6d}x  {r['op']}")
+
+
+def report(
+    args: argparse.Namespace, preset: QwenPreset, ours: dict, hf: dict, hf_where: str
+) -> dict:
+    tokens = args.seq * args.micro_batch * args.micro_batches
+    runs = {"ours": ours, "transformers_sdpa": hf["sdpa"], "transformers_eager": hf["eager"]}
+    tps = {name: tokens / r["median"] for name, r in runs.items()}
+    print(
+        f"\n{preset.name}: {ours['num_params'] / 1e6:.2f}M params, seq {args.seq}, micro-batch "
+        f"{args.micro_batch} x {args.micro_batches} = {tokens} tokens/step, fp32, "
+        f"{args.threads} threads; median of {args.steps} steps after {args.warmup} warmup"
+    )
+    print(f"transformers measured {hf_where}\n")
+    labels = {
+        "ours": "ours (megatron-core engine)",
+        "transformers_sdpa": "transformers Qwen2, sdpa",
+        "transformers_eager": "transformers Qwen2, eager",
+    }
+    print(
+        f"{'implementation':<29}{'step ms':>9}{'tokens/s':>10}{'ours/it':>9}"
+        f"{'fwd+loss':>10}{'bwd':>8}{'optim':>8}{'sys ms':>8}{'faults':>9}"
+    )
+    for name, r in runs.items():
+        ph = r["phases"]
+        print(
+            f"{labels[name]:<29}{r['median'] * 1e3:>9.0f}{tps[name]:>10.0f}"
+            f"{tps['ours'] / tps[name]:>8.2f}x"
+            f"{ph['forward+loss'] * 1e3:>10.0f}{ph['backward'] * 1e3:>8.0f}"
+            f"{ph['optimizer'] * 1e3:>8.0f}{r['sys_seconds'] * 1e3:>8.0f}{r['minor_faults']:>9.0f}"
+        )
+    print(
+        "(phase columns: median ms; sys ms and faults: kernel time and minor page faults per step)"
+    )
+    stacking = ours.get("bridge_seconds_by_stacking")
+    print(
+        f"\nCPU bridge (TorchFunctionMode): {ours['bridge_calls_per_step']} intercepted calls/step"
+        f" x {ours['bridge_us_per_call']:.1f} us = {ours['bridge_seconds_by_count'] * 1e3:.1f} ms"
+        f" ({ours['bridge_seconds_by_count'] / ours['median']:.2%} of our step)"
+        + (
+            f"; with {args.bridge_stack} extra copies stacked: {stacking * 1e3:+.1f} ms per copy"
+            if stacking is not None
+            else ""
+        )
+    )
+    load = os.getloadavg()[0]
+    if load > args.threads + 0.5:
+        print(
+            f"warning: 1-minute load average {load:.1f} > {args.threads} threads; numbers are noisy"
+        )
+    if args.profile:
+        print_profile("ours", ours["profile"])
+        print_profile("transformers sdpa", hf["sdpa"]["profile"])
+        print_profile("transformers eager", hf["eager"]["profile"])
+    return {
+        "preset": preset.name,
+        "num_params": ours["num_params"],
+        "seq_length": args.seq,
+        "micro_batch_size": args.micro_batch,
+        "micro_batches": args.micro_batches,
+        "tokens_per_step": tokens,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "transformers_measured": hf_where,
+        "tokens_per_second": tps,
+        "ratio_ours_over": {
+            "transformers_sdpa": tps["ours"] / tps["transformers_sdpa"],
+            "transformers_eager": tps["ours"] / tps["transformers_eager"],
+        },
+        "runs": {
+            name: {k: v for k, v in r.items() if not k.startswith("bridge")}
+            for name, r in runs.items()
+        },
+        "bridge": {
+            "calls_per_step": ours["bridge_calls_per_step"],
+            "us_per_call": ours["bridge_us_per_call"],
+            "seconds_by_count": ours["bridge_seconds_by_count"],
+            "seconds_per_copy_by_stacking": stacking,
+            "stacked_copies": args.bridge_stack,
+        },
+        "machine": machine(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="qwen-nano")
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--micro-batches", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="also print the top N ops")
+    p.add_argument(
+        "--bridge-stack",
+        type=int,
+        default=10,
+        metavar="K",
+        help="extra bridge modes stacked to time the bridge on our step (0: skip)",
+    )
+    p.add_argument(
+        "--hf-subprocess",
+        action="store_true",
+        help="measure transformers in a child process instead of before the bridge is installed",
+    )
+    p.add_argument("--json", type=Path, help="write the numbers here")
+    p.add_argument("--only-hf", type=Path, help=argparse.SUPPRESS)  # the child's entry point
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    preset = get_preset(args.preset)
+    if args.only_hf:
+        args.only_hf.write_text(json.dumps(measure_hf(preset, args)))
+        return
+    if args.hf_subprocess:
+        hf, where = measure_hf_subprocess(args), "in a child process (no CPU bridge)"
+    else:
+        hf, where = measure_hf(preset, args), "first, in this process, before the CPU bridge"
+    ours = measure_ours(preset.name, args)
+    result = report(args, preset, ours, hf, where)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
