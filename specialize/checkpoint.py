@@ -193,8 +193,9 @@ def save(engine: Engine, iteration: int, consumed_samples: int, parent: str | No
     partial = final.parent / f".{final.name}.partial"
     rank0 = dist.get_rank() == 0
     if rank0:
-        if partial.exists():
-            shutil.rmtree(partial)
+        # Saves are sequential: any partial directory here is from an interrupted run.
+        for stale in final.parent.glob(".iter_*.partial"):
+            shutil.rmtree(stale)
         partial.mkdir(parents=True)
     dist.barrier()
     dist_checkpointing.save(

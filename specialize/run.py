@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from base.presets import get_preset
 from base.tokenizer import QwenTokenizer
-from specialize.config import Derived, RecipeConfig, derive, to_yaml
+from specialize.config import ConfigError, Derived, RecipeConfig, derive, to_yaml
 from specialize.data.pretrain import build_dataloader, build_pretrain_datasets
 from specialize.distributed import Topology, init_distributed, seed_all
 from specialize.engine import Engine
@@ -62,12 +63,26 @@ class PretrainData:
         return [iter(self._loader(self.valid, 0)) for _ in range(self.chunks)]
 
 
+def check_data_and_vocab(cfg: RecipeConfig, tokenizer: QwenTokenizer) -> None:
+    if not cfg.data.paths:
+        raise ConfigError(
+            "data.paths: no training data; tokenize some with `specialize data prepare DIR -o PREFIX`"
+        )
+    padded = get_preset(cfg.model.preset).padded_vocab_size
+    if tokenizer.vocab_size > padded:
+        raise ConfigError(
+            f"model.tokenizer: {tokenizer.vocab_file} has {tokenizer.vocab_size} tokens, more than the "
+            f"{padded}-entry embedding of {cfg.model.preset}"
+        )
+
+
 def train(cfg: RecipeConfig) -> Trainer:
     """Run a whole training job in this process (one rank of a torchrun world)."""
+    tokenizer = QwenTokenizer.load(cfg.model.tokenizer)
+    check_data_and_vocab(cfg, tokenizer)
     topo = init_distributed(cfg.parallel)
     derived = derive(cfg, topo.world_size)
     seed_all(cfg.train.seed)
-    tokenizer = QwenTokenizer.load(cfg.model.tokenizer)
     if topo.rank == 0:
         Path(cfg.checkpoint.dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.checkpoint.dir) / "config.yaml").write_text(to_yaml(cfg))

@@ -150,3 +150,14 @@ def test_cli_dry_run_prints_derived_numbers():
         check=True,
     )
     assert "tokens_per_step: 4194304" in out.stdout and "warmup_steps: 2000" in out.stdout
+
+
+def test_training_without_data_is_a_clear_error():
+    out = subprocess.run(
+        [sys.executable, "-m", "specialize", "train", "configs/base/qwen-nano.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert "data.paths: no training data" in out.stderr

@@ -89,8 +89,8 @@ def _resume_runs(rank: int, world_size: int, tmp: str, shard: str, layout: list[
 
 @pytest.mark.parametrize(
     "layout",
-    [["parallel.tensor=2"], ["parallel.distributed_optimizer=true"]],
-    ids=["tp2", "dp2-distributed-optimizer"],
+    [["parallel.tensor=2"], ["parallel.pipeline=2"], ["parallel.distributed_optimizer=true"]],
+    ids=["tp2", "pp2", "dp2-distributed-optimizer"],
 )
 def test_resume_is_bitwise_exact(tmp_path, stdlib_shard, layout):
     result = run_distributed(_resume_runs, str(tmp_path), stdlib_shard, layout)

@@ -1,0 +1,1 @@
+"""Pretraining data: preparation of indexed shards and the datasets that read them."""
