@@ -1,0 +1,85 @@
+"""Tensor-name and layout mapping between transformers' Qwen2 and megatron-core's GPTModel.
+
+A Qwen v1 model is a Qwen2 model with ``num_key_value_heads == num_attention_heads``. megatron-core
+fuses Q, K and V into ``linear_qkv`` with rows grouped per query group — [the group's query heads;
+its key head; its value head] — and the SwiGLU input projections into ``linear_fc1`` as [gate; up].
+These functions work on whole (unsharded) tensors, one at a time, so a converter can stream them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from base.presets import QwenPreset
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: QwenPreset) -> torch.Tensor:
+    """Q ``[heads*d, ...]``, K and V ``[groups*d, ...]`` → megatron ``linear_qkv`` rows."""
+    groups, d = arch.query_groups, arch.kv_channels
+    per_group = arch.num_attention_heads // groups
+    tail = q.shape[1:]
+    q = q.reshape(groups, per_group * d, *tail)
+    k = k.reshape(groups, d, *tail)
+    v = v.reshape(groups, d, *tail)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *tail)
+
+
+def split_qkv(
+    qkv: torch.Tensor, arch: QwenPreset
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of ``fuse_qkv``."""
+    groups, d = arch.query_groups, arch.kv_channels
+    per_group = arch.num_attention_heads // groups
+    tail = qkv.shape[1:]
+    grouped = qkv.reshape(groups, (per_group + 2) * d, *tail)
+    q, k, v = torch.split(grouped, [per_group * d, d, d], dim=1)
+    return q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)
+
+
+def _layer_names(i: int) -> dict[str, str]:
+    hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
+    return {
+        f"{hf}input_layernorm.weight": f"{mg}input_layernorm.weight",
+        f"{hf}self_attn.o_proj.weight": f"{mg}self_attention.linear_proj.weight",
+        f"{hf}post_attention_layernorm.weight": f"{mg}pre_mlp_layernorm.weight",
+        f"{hf}mlp.down_proj.weight": f"{mg}mlp.linear_fc2.weight",
+    }
+
+
+def hf_to_megatron(
+    hf: Mapping[str, torch.Tensor], arch: QwenPreset
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(megatron name, tensor) for every parameter of the GPTModel, from Qwen2 tensors."""
+    yield "embedding.word_embeddings.weight", hf["model.embed_tokens.weight"]
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        for hf_name, mg_name in _layer_names(i).items():
+            yield mg_name, hf[hf_name]
+        for kind in ("weight", "bias"):
+            q, k, v = (hf[f"{p}self_attn.{x}_proj.{kind}"] for x in "qkv")
+            yield f"decoder.layers.{i}.self_attention.linear_qkv.{kind}", fuse_qkv(q, k, v, arch)
+        gate, up = hf[f"{p}mlp.gate_proj.weight"], hf[f"{p}mlp.up_proj.weight"]
+        yield f"decoder.layers.{i}.mlp.linear_fc1.weight", torch.cat([gate, up], dim=0)
+    yield "decoder.final_layernorm.weight", hf["model.norm.weight"]
+    yield "output_layer.weight", hf["lm_head.weight"]
+
+
+def megatron_to_hf(
+    mg: Mapping[str, torch.Tensor], arch: QwenPreset
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Qwen2 name, tensor) for every tensor of a Qwen2ForCausalLM state dict."""
+    yield "model.embed_tokens.weight", mg["embedding.word_embeddings.weight"]
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        for hf_name, mg_name in _layer_names(i).items():
+            yield hf_name, mg[mg_name]
+        for kind in ("weight", "bias"):
+            q, k, v = split_qkv(mg[f"decoder.layers.{i}.self_attention.linear_qkv.{kind}"], arch)
+            yield from ((f"{p}self_attn.{x}_proj.{kind}", t) for x, t in zip("qkv", (q, k, v)))
+        gate, up = torch.chunk(mg[f"decoder.layers.{i}.mlp.linear_fc1.weight"], 2, dim=0)
+        yield f"{p}mlp.gate_proj.weight", gate
+        yield f"{p}mlp.up_proj.weight", up
+    yield "model.norm.weight", mg["decoder.final_layernorm.weight"]
+    yield "lm_head.weight", mg["output_layer.weight"]
