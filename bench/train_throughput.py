@@ -101,10 +101,7 @@ def timed_step(step: Callable[[], object], phases: Phases) -> dict:
     }
 
 
-def run_steps(step: Callable[[], object], phases: Phases, warmup: int, steps: int) -> dict:
-    for _ in range(warmup):
-        step()
-    records = [timed_step(step, phases) for _ in range(steps)]
+def summarize(records: list[dict]) -> dict:
     names = sorted({k for r in records for k in r["phases"]})
     return {
         "times": [r["seconds"] for r in records],
@@ -115,23 +112,90 @@ def run_steps(step: Callable[[], object], phases: Phases, warmup: int, steps: in
     }
 
 
-def top_ops(step: Callable[[], object], n: int) -> list[dict]:
-    """Self CPU time per op over one profiled step (after warmup)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+def run_steps(step: Callable[[], object], phases: Phases, warmup: int, steps: int) -> dict:
+    for _ in range(warmup):
         step()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events) or 1.0
-    return [
-        {
-            "op": e.key,
-            "calls": e.count,
-            "self_ms": e.self_cpu_time_total / 1e3,
-            "share": e.self_cpu_time_total / total,
-        }
-        for e in events[:n]
+    return summarize([timed_step(step, phases) for _ in range(steps)])
+
+
+def profile_step(step: Callable[[], object], n: int, vocab: int, faults: float) -> dict:
+    """``_profile_once``, retried while the profiled step page-faults far more than the timed
+    steps did (``faults``): the profiler's small allocations can split the heap's free blocks so
+    that the next logits buffer needs fresh pages, which no timed step paid for."""
+    for _ in range(3):
+        prof = _profile_once(step, n, vocab)
+        if prof["minor_faults"] <= 2 * faults + 1000:
+            break
+    return prof
+
+
+def _profile_once(step: Callable[[], object], n: int, vocab: int) -> dict:
+    """One profiled step (after warmup): the top ``n`` ops by self CPU time, and the step's wall
+    time split into ops on vocabulary-sized tensors (output layer, loss, embedding tables and
+    their optimizer updates), all other ops, and time outside any op (Python, framework)."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    # The first step under the profiler is not recorded: it pays for the profiler's set-up.
+    plan = schedule(wait=0, warmup=1, active=1, repeat=1)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, schedule=plan) as prof:
+        step()
+        prof.step()
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        start = time.perf_counter()
+        step()
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        prof.step()
+    # The schedule's "ProfilerStep#N" range holds, as its self time, what no op accounts for.
+    by_shape = [
+        e
+        for e in prof.key_averages(group_by_input_shape=True)
+        if not e.key.startswith("ProfilerStep")
     ]
+    vocab_us = sum(
+        e.self_cpu_time_total
+        for e in by_shape
+        if any(isinstance(s, list) and vocab in s for s in e.input_shapes or ())
+    )
+    ops_us = sum(e.self_cpu_time_total for e in by_shape)
+    events = sorted(
+        (e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")),
+        key=lambda e: e.self_cpu_time_total,
+        reverse=True,
+    )
+    return {
+        "wall_ms": wall * 1e3,
+        "vocab_ops_ms": vocab_us / 1e3,
+        "other_ops_ms": (ops_us - vocab_us) / 1e3,
+        "outside_ops_ms": max(wall * 1e3 - ops_us / 1e3, 0.0),
+        "minor_faults": after.ru_minflt - before.ru_minflt,
+        "top": [
+            {
+                "op": e.key,
+                "calls": e.count,
+                "self_ms": e.self_cpu_time_total / 1e3,
+                "share_of_wall": e.self_cpu_time_total / 1e3 / (wall * 1e3),
+            }
+            for e in events[:n]
+        ],
+    }
+
+
+def keep_freed_memory() -> bool:
+    """glibc: serve large blocks from the heap and keep freed memory for reuse.
+
+    By default glibc maps every block over 32 MB (logits, their gradients: 600 MB each here)
+    freshly from the kernel and unmaps it on free, so each step page-faults and zeroes them anew.
+    Applied to the whole process, i.e. to both implementations. Returns whether it took effect."""
+    import ctypes
+    import ctypes.util
+
+    if platform.system() != "Linux":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    # A trim threshold of -1 never hands the heap's top back (mallopt(3)).
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, -1))
 
 
 # ----------------------------------------------------------------------------- transformers
@@ -139,7 +203,8 @@ def top_ops(step: Callable[[], object], n: int) -> list[dict]:
 
 def hf_step_fn(
     preset: QwenPreset, attn: str, args: argparse.Namespace, phases: Phases
-) -> Callable[[], float]:
+) -> tuple[Callable[[], float], int]:
+    """A transformers training step and the model's parameter count."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
@@ -200,25 +265,35 @@ def hf_step_fn(
         opt_step()
         return total
 
-    return step
+    return step, sum(p.numel() for p in model.parameters())
 
 
 def measure_hf(preset: QwenPreset, args: argparse.Namespace) -> dict:
-    out = {}
-    for attn in ("sdpa", "eager"):
-        phases = Phases()
-        step = hf_step_fn(preset, attn, args, phases)
-        out[attn] = run_steps(step, phases, args.warmup, args.steps)
-        if args.profile:
-            out[attn]["profile"] = top_ops(step, args.profile)
-        del step
+    attns = ("sdpa", "eager")
+    phases = {a: Phases() for a in attns}
+    built = {a: hf_step_fn(preset, a, args, phases[a]) for a in attns}
+    steps = {a: step for a, (step, _) in built.items()}
+    for a in attns:
+        for _ in range(args.warmup):
+            steps[a]()
+    # Alternating steps: drift in machine load hits both attention implementations alike.
+    records: dict[str, list[dict]] = {a: [] for a in attns}
+    for _ in range(args.steps):
+        for a in attns:
+            records[a].append(timed_step(steps[a], phases[a]))
+    out = {a: {**summarize(records[a]), "num_params": built[a][1]} for a in attns}
+    if args.profile:
+        for a in attns:
+            out[a]["profile"] = profile_step(
+                steps[a], args.profile, preset.padded_vocab_size, out[a]["minor_faults"]
+            )
     return out
 
 
-def measure_hf_subprocess(args: argparse.Namespace) -> dict:
+def measure_hf_subprocess(argv: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, "hf.json")
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--only-hf", str(path)]
+        cmd = [sys.executable, __file__, *argv, "--only-hf", str(path)]
         subprocess.run(cmd, check=True)
         return json.loads(path.read_text())
 
@@ -291,10 +366,13 @@ def bridge_overhead_per_call_us(n: int = 5000) -> float:
                 call()
         return time.perf_counter() - start
 
-    once = min(loop() for _ in range(3))
-    with cpu_bridge._CudaToCpuMode():
-        twice = min(loop() for _ in range(3))
-    return (twice - once) / (n * len(calls)) * 1e6
+    # Alternating repeats, best of each: a busy moment in either loop cannot decide the result.
+    once, twice = [], []
+    for _ in range(7):
+        once.append(loop())
+        with cpu_bridge._CudaToCpuMode():
+            twice.append(loop())
+    return max(min(twice) - min(once), 0.0) / (n * len(calls)) * 1e6
 
 
 def measure_ours(preset_name: str, args: argparse.Namespace) -> dict:
@@ -320,7 +398,9 @@ def measure_ours(preset_name: str, args: argparse.Namespace) -> dict:
     out["phases"]["backward"] = fb - out["phases"]["forward+loss"]
     out["num_params"] = sum(p.numel() for p in ddp.parameters())
     if args.profile:
-        out["profile"] = top_ops(step, args.profile)
+        out["profile"] = profile_step(
+            step, args.profile, engine.preset.padded_vocab_size, out["minor_faults"]
+        )
 
     with _CountCalls() as counting:
         step()
@@ -357,28 +437,43 @@ def machine() -> dict:
         "cpu_cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
-        "load_average_1min": os.getloadavg()[0],
     }
 
 
-def print_profile(title: str, rows: list[dict]) -> None:
-    print(f"\n{title}: top ops by self CPU time in one profiled step")
-    for r in rows:
-        print(f"  {r['self_ms']:9.1f} ms {r['share']:6.1%} {r['calls']:6d}x  {r['op']}")
+def print_profile(title: str, prof: dict) -> None:
+    print(
+        f"\n{title}: profiled step {prof['wall_ms']:.0f} ms = ops on vocab-sized tensors "
+        f"{prof['vocab_ops_ms']:.0f} ms"
+        f" + other ops {prof['other_ops_ms']:.0f} ms + outside ops {prof['outside_ops_ms']:.0f} ms"
+        f" ({prof['minor_faults']} page faults)"
+    )
+    for r in prof["top"]:
+        print(f"  {r['self_ms']:9.1f} ms {r['share_of_wall']:6.1%} {r['calls']:6d}x  {r['op']}")
 
 
 def report(
-    args: argparse.Namespace, preset: QwenPreset, ours: dict, hf: dict, hf_where: str
+    args: argparse.Namespace,
+    preset: QwenPreset,
+    ours: dict,
+    hf: dict,
+    hf_where: str,
+    load_before: float,
 ) -> dict:
     tokens = args.seq * args.micro_batch * args.micro_batches
     runs = {"ours": ours, "transformers_sdpa": hf["sdpa"], "transformers_eager": hf["eager"]}
     tps = {name: tokens / r["median"] for name, r in runs.items()}
+    same = hf["sdpa"]["num_params"] == ours["num_params"]
     print(
-        f"\n{preset.name}: {ours['num_params'] / 1e6:.2f}M params, seq {args.seq}, micro-batch "
+        f"\n{preset.name}: {ours['num_params'] / 1e6:.2f}M params"
+        + ("" if same else f" (transformers: {hf['sdpa']['num_params'] / 1e6:.2f}M)")
+        + f", seq {args.seq}, micro-batch "
         f"{args.micro_batch} x {args.micro_batches} = {tokens} tokens/step, fp32, "
         f"{args.threads} threads; median of {args.steps} steps after {args.warmup} warmup"
     )
-    print(f"transformers measured {hf_where}\n")
+    allocator = (
+        "glibc, freed memory kept (--malloc-reuse)" if args.malloc_reuse else "glibc default"
+    )
+    print(f"transformers measured {hf_where}; allocator: {allocator}\n")
     labels = {
         "ours": "ours (megatron-core engine)",
         "transformers_sdpa": "transformers Qwen2, sdpa",
@@ -410,11 +505,11 @@ def report(
             else ""
         )
     )
-    load = os.getloadavg()[0]
-    if load > args.threads + 0.5:
-        print(
-            f"warning: 1-minute load average {load:.1f} > {args.threads} threads; numbers are noisy"
-        )
+    load_after = os.getloadavg()[0]
+    # This run itself adds at most `threads` to the load; more than that means other work competed.
+    print(f"1-minute load average: {load_before:.1f} before, {load_after:.1f} after")
+    if load_after > args.threads + 1.0:
+        print("warning: other processes were competing for the cores; numbers are noisy")
     if args.profile:
         print_profile("ours", ours["profile"])
         print_profile("transformers sdpa", hf["sdpa"]["profile"])
@@ -422,6 +517,7 @@ def report(
     return {
         "preset": preset.name,
         "num_params": ours["num_params"],
+        "transformers_num_params": hf["sdpa"]["num_params"],
         "seq_length": args.seq,
         "micro_batch_size": args.micro_batch,
         "micro_batches": args.micro_batches,
@@ -429,6 +525,7 @@ def report(
         "warmup": args.warmup,
         "steps": args.steps,
         "transformers_measured": hf_where,
+        "malloc_reuse": args.malloc_reuse,
         "tokens_per_second": tps,
         "ratio_ours_over": {
             "transformers_sdpa": tps["ours"] / tps["transformers_sdpa"],
@@ -445,7 +542,7 @@ def report(
             "seconds_per_copy_by_stacking": stacking,
             "stacked_copies": args.bridge_stack,
         },
-        "machine": machine(),
+        "machine": {**machine(), "load_average_1min": [load_before, load_after]},
     }
 
 
@@ -463,9 +560,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--bridge-stack",
         type=int,
-        default=10,
+        default=50,
         metavar="K",
         help="extra bridge modes stacked to time the bridge on our step (0: skip)",
+    )
+    p.add_argument(
+        "--malloc-reuse",
+        action="store_true",
+        help="glibc keeps freed memory instead of unmapping it (both implementations; see README)",
     )
     p.add_argument(
         "--hf-subprocess",
@@ -474,19 +576,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--json", type=Path, help="write the numbers here")
     p.add_argument("--only-hf", type=Path, help=argparse.SUPPRESS)  # the child's entry point
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
+    load_before = os.getloadavg()[0]
 
     torch.set_num_threads(args.threads)
+    if args.malloc_reuse and not keep_freed_memory():
+        raise SystemExit("--malloc-reuse: needs glibc on Linux")
     preset = get_preset(args.preset)
     if args.only_hf:
         args.only_hf.write_text(json.dumps(measure_hf(preset, args)))
         return
     if args.hf_subprocess:
-        hf, where = measure_hf_subprocess(args), "in a child process (no CPU bridge)"
+        hf, where = measure_hf_subprocess(argv), "in a child process (no CPU bridge)"
     else:
         hf, where = measure_hf(preset, args), "first, in this process, before the CPU bridge"
     ours = measure_ours(preset.name, args)
-    result = report(args, preset, ours, hf, where)
+    result = report(args, preset, ours, hf, where, load_before)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

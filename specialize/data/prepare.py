@@ -71,7 +71,10 @@ class _Skips:
 
 
 def _walk(
-    sources: list[Path], extensions: tuple[str, ...], skips: _Skips, exclude_dirs: tuple[str, ...] = ()
+    sources: list[Path],
+    extensions: tuple[str, ...],
+    skips: _Skips,
+    exclude_dirs: tuple[str, ...] = (),
 ) -> Iterator[tuple[Path, str]]:
     """(file, name) in a fixed order; a name is ``<source index>/<path relative to the source>``."""
     for i, source in enumerate(sources):

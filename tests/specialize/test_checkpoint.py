@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from specialize.checkpoint import CheckpointError, _prune, find_latest, iteration_dir, resolve_checkpoint
+from specialize.checkpoint import (
+    CheckpointError,
+    _prune,
+    find_latest,
+    iteration_dir,
+    resolve_checkpoint,
+)
 
 
 def _fake_checkpoint(run: Path, iteration: int) -> Path:
