@@ -38,6 +38,22 @@ def split_qkv(
     return q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)
 
 
+def qwen2_config(arch: QwenPreset) -> dict:
+    """The transformers ``Qwen2Config`` fields of an architecture (also its ``config.json`` core)."""
+    return {
+        "vocab_size": arch.padded_vocab_size,
+        "hidden_size": arch.hidden_size,
+        "intermediate_size": arch.ffn_hidden_size,
+        "num_hidden_layers": arch.num_layers,
+        "num_attention_heads": arch.num_attention_heads,
+        "num_key_value_heads": arch.query_groups,
+        "max_position_embeddings": arch.max_position_embeddings,
+        "rms_norm_eps": arch.norm_epsilon,
+        "rope_theta": arch.rotary_base,
+        "tie_word_embeddings": False,
+    }
+
+
 def _layer_names(i: int) -> dict[str, str]:
     hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
     return {

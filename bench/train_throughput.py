@@ -207,17 +207,10 @@ def hf_step_fn(
     """A transformers training step and the model's parameter count."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from base.hf_mapping import qwen2_config
+
     config = Qwen2Config(
-        vocab_size=preset.padded_vocab_size,
-        hidden_size=preset.hidden_size,
-        intermediate_size=preset.ffn_hidden_size,
-        num_hidden_layers=preset.num_layers,
-        num_attention_heads=preset.num_attention_heads,
-        num_key_value_heads=preset.query_groups,
-        max_position_embeddings=preset.max_position_embeddings,
-        rms_norm_eps=preset.norm_epsilon,
-        rope_theta=preset.rotary_base,
-        tie_word_embeddings=False,
+        **qwen2_config(preset),
         attention_dropout=0.0,
         use_cache=False,
         attn_implementation=attn,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from base.hf_mapping import fuse_qkv, hf_to_megatron, megatron_to_hf, split_qkv
+from base.hf_mapping import fuse_qkv, hf_to_megatron, megatron_to_hf, qwen2_config, split_qkv
 from base.presets import QwenPreset, get_preset
 from tests.distributed import run_distributed
 
@@ -16,16 +16,7 @@ def hf_model(arch: QwenPreset, seed: int = 0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
-        vocab_size=arch.padded_vocab_size,
-        hidden_size=arch.hidden_size,
-        intermediate_size=arch.ffn_hidden_size,
-        num_hidden_layers=arch.num_layers,
-        num_attention_heads=arch.num_attention_heads,
-        num_key_value_heads=arch.query_groups,
-        max_position_embeddings=arch.max_position_embeddings,
-        rms_norm_eps=arch.norm_epsilon,
-        rope_theta=arch.rotary_base,
-        tie_word_embeddings=False,
+        **qwen2_config(arch),
         attn_implementation="eager",
         initializer_range=0.25,  # large enough that attention is far from uniform
     )
