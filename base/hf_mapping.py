@@ -8,7 +8,7 @@ These functions work on whole (unsharded) tensors, one at a time, so a converter
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -64,22 +64,43 @@ def _layer_names(i: int) -> dict[str, str]:
     }
 
 
+def megatron_sources(
+    arch: QwenPreset,
+) -> dict[str, tuple[tuple[str, ...], Callable[..., torch.Tensor]]]:
+    """For each megatron parameter: the Qwen2 tensors it is made of and how they combine."""
+
+    def same(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return fuse_qkv(q, k, v, arch)
+
+    def gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return torch.cat([gate, up], dim=0)
+
+    sources = {"embedding.word_embeddings.weight": (("model.embed_tokens.weight",), same)}
+    for i in range(arch.num_layers):
+        p, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
+        for hf_name, mg_name in _layer_names(i).items():
+            sources[mg_name] = ((hf_name,), same)
+        for kind in ("weight", "bias"):
+            names = tuple(f"{p}self_attn.{x}_proj.{kind}" for x in "qkv")
+            sources[f"{mg}self_attention.linear_qkv.{kind}"] = (names, qkv)
+        sources[f"{mg}mlp.linear_fc1.weight"] = (
+            (f"{p}mlp.gate_proj.weight", f"{p}mlp.up_proj.weight"),
+            gate_up,
+        )
+    sources["decoder.final_layernorm.weight"] = (("model.norm.weight",), same)
+    sources["output_layer.weight"] = (("lm_head.weight",), same)
+    return sources
+
+
 def hf_to_megatron(
     hf: Mapping[str, torch.Tensor], arch: QwenPreset
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(megatron name, tensor) for every parameter of the GPTModel, from Qwen2 tensors."""
-    yield "embedding.word_embeddings.weight", hf["model.embed_tokens.weight"]
-    for i in range(arch.num_layers):
-        p = f"model.layers.{i}."
-        for hf_name, mg_name in _layer_names(i).items():
-            yield mg_name, hf[hf_name]
-        for kind in ("weight", "bias"):
-            q, k, v = (hf[f"{p}self_attn.{x}_proj.{kind}"] for x in "qkv")
-            yield f"decoder.layers.{i}.self_attention.linear_qkv.{kind}", fuse_qkv(q, k, v, arch)
-        gate, up = hf[f"{p}mlp.gate_proj.weight"], hf[f"{p}mlp.up_proj.weight"]
-        yield f"decoder.layers.{i}.mlp.linear_fc1.weight", torch.cat([gate, up], dim=0)
-    yield "decoder.final_layernorm.weight", hf["model.norm.weight"]
-    yield "output_layer.weight", hf["lm_head.weight"]
+    for mg_name, (names, combine) in megatron_sources(arch).items():
+        yield mg_name, combine(*(hf[n] for n in names))
 
 
 def megatron_to_hf(

@@ -66,6 +66,8 @@ class ModelOptions:
     virtual_pipeline: int | None = None
     sequence_parallel: bool = False
     init_method_std: float = 0.02
+    initialize: bool = True
+    """Randomly initialize weights; off when a checkpoint will overwrite them anyway."""
 
 
 def transformer_config(preset: QwenPreset, opts: ModelOptions) -> TransformerConfig:
@@ -130,6 +132,7 @@ def transformer_config_kwargs(preset: QwenPreset, opts: ModelOptions) -> dict:
         pipeline_dtype=params_dtype,
         # Fused kernels exist only on the GPU path; the local spec uses the plain PyTorch versions.
         use_cpu_initialization=not on_gpu,
+        perform_initialization=opts.initialize,
         bias_activation_fusion=on_gpu,
         masked_softmax_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,

@@ -14,6 +14,7 @@ an interrupted save never looks complete. Model and optimizer tensors are saved 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from base.presets import QwenPreset
 from specialize import config as config_mod
 from specialize.engine import Engine
 
@@ -41,6 +43,18 @@ OPTIMIZER_METADATA = {
     "distrib_optim_fully_reshardable_mem_efficient": True,
 }
 LATEST = "latest"
+ARCH_FILE = "arch.json"
+# Fields that must agree between a checkpoint and the model loading it (the context length may not).
+_ARCH_MUST_MATCH = (
+    "hidden_size",
+    "num_attention_heads",
+    "num_layers",
+    "ffn_hidden_size",
+    "padded_vocab_size",
+    "query_groups",
+    "rotary_base",
+    "norm_epsilon",
+)
 
 
 class CheckpointError(RuntimeError):
@@ -204,6 +218,7 @@ def save(engine: Engine, iteration: int, consumed_samples: int, parent: str | No
     dist.barrier()
     if rank0:
         (partial / "config.yaml").write_text(config_mod.to_yaml(engine.cfg))
+        write_architecture(partial, engine.preset)
         record = lineage_record(engine, iteration, consumed_samples, parent)
         (partial / "lineage.json").write_text(json.dumps(record, indent=2) + "\n")
         if final.exists():
@@ -213,6 +228,29 @@ def save(engine: Engine, iteration: int, consumed_samples: int, parent: str | No
         _prune(final.parent, engine.cfg.checkpoint.keep_last)
     dist.barrier()
     return final
+
+
+def save_weights(
+    model: torch.nn.Module, out: Path, arch: QwenPreset, report: dict, extra_files: list[Path]
+) -> Path:
+    """A weights-only checkpoint of a single-process model (conversion), written atomically."""
+    out = Path(out)
+    partial = out.parent / f".{out.name}.partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    module = getattr(model, "module", model)
+    dist_checkpointing.save({"model": module.sharded_state_dict()}, str(partial))
+    write_architecture(partial, arch)
+    (partial / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
+    lineage = {"parent": report.get("source"), "git_commit": git_commit(), "conversion": report}
+    (partial / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
+    for file in extra_files:
+        shutil.copyfile(file, partial / Path(file).name)
+    if out.exists():
+        out.rmdir()  # empty (checked by the caller)
+    os.replace(partial, out)
+    return out
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -232,8 +270,33 @@ def _prune(root: Path, keep_last: int) -> None:
 # ----------------------------------------------------------------------------- load
 
 
+def write_architecture(path: Path, arch: QwenPreset) -> None:
+    record = {**dataclasses.asdict(arch), "query_groups": arch.query_groups}
+    (path / ARCH_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def check_architecture(path: Path, arch: QwenPreset) -> None:
+    """Refuse a checkpoint of another shape with a message saying what differs."""
+    record_file = path / ARCH_FILE
+    if not record_file.is_file():
+        return  # written elsewhere: dist_checkpointing's own shape checks still apply
+    saved = json.loads(record_file.read_text())
+    ours = {**dataclasses.asdict(arch), "query_groups": arch.query_groups}
+    diffs = [
+        f"{k}: {saved.get(k)} in the checkpoint, {ours[k]} here"
+        for k in _ARCH_MUST_MATCH
+        if saved.get(k) != ours[k]
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"{path} holds a {saved.get('name')} model but this run builds {arch.name} ({'; '.join(diffs)}). "
+            "Set model.preset (or the model.* overrides) to the checkpoint's architecture."
+        )
+
+
 def load_for_resume(engine: Engine, path: Path) -> tuple[int, int]:
     """Restore model, optimizer, scheduler, RNG; returns (iteration, consumed_samples)."""
+    check_architecture(path, engine.preset)
     common = dist_checkpointing.load_common_state_dict(str(path))
     same_layout = common.get("layout") == _layout()
     state = _sharded_state(engine, 0, 0, is_loading=True)
@@ -258,6 +321,7 @@ def load_for_resume(engine: Engine, path: Path) -> tuple[int, int]:
 
 def load_weights(engine: Engine, path: Path) -> None:
     """Load only the model weights of a checkpoint (``init``): optimizer and schedule start fresh."""
+    check_architecture(path, engine.preset)
     state = _model_state(engine)
     loaded = dist_checkpointing.load(state, str(path), strict="assume_ok_unexpected")
     _load_model(engine, loaded)

@@ -80,6 +80,25 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_import(args: argparse.Namespace) -> int:
+    import json
+
+    from base.hf_checkpoint import HFCheckpointError
+    from specialize.convert import import_hf
+    from specialize.distributed import shutdown
+
+    try:
+        report = import_hf(args.hf, args.output, tp=args.tp, pp=args.pp, dtype=args.dtype)
+    except HFCheckpointError as e:
+        print(f"conversion error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    print(json.dumps(report, indent=2))
+    print(f"checkpoint: {args.output} (train with init={args.output})")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.recipe:
         from specialize.config import to_yaml
@@ -136,6 +155,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer", default=None, help="qwen.tiktoken path (default: the packaged one)"
     )
     prepare.set_defaults(func=cmd_data_prepare)
+
+    convert = sub.add_parser("convert", help="convert checkpoints").add_subparsers(
+        dest="convert_command", required=True
+    )
+    imp = convert.add_parser(
+        "import", help="Hugging Face Qwen (v1 or Qwen2 layout) -> megatron-core checkpoint"
+    )
+    imp.add_argument(
+        "--hf", required=True, help="Hugging Face checkpoint directory (config.json + weights)"
+    )
+    imp.add_argument("-o", "--output", required=True, help="checkpoint directory to write")
+    imp.add_argument(
+        "--tp", type=int, default=1, help="tensor-parallel size it is meant for (checked)"
+    )
+    imp.add_argument(
+        "--pp", type=int, default=1, help="pipeline-parallel size it is meant for (checked)"
+    )
+    imp.add_argument(
+        "--dtype",
+        choices=("bf16", "fp32"),
+        default=None,
+        help="cast (default: keep the stored dtype)",
+    )
+    imp.set_defaults(func=cmd_convert_import)
 
     config = sub.add_parser("config", help="show every config field, or a recipe resolved")
     config.add_argument("recipe", nargs="?")

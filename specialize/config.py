@@ -8,6 +8,7 @@ name a parent with ``base: other.yaml`` (relative to itself) and override fields
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import math
 import os
@@ -17,6 +18,20 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from base.presets import QwenPreset, get_preset
+
+ARCHITECTURE_FIELDS = (
+    "hidden_size",
+    "num_layers",
+    "num_attention_heads",
+    "num_query_groups",
+    "ffn_hidden_size",
+    "padded_vocab_size",
+    "max_position_embeddings",
+    "rotary_base",
+    "norm_epsilon",
+)
 
 
 class ConfigError(ValueError):
@@ -37,6 +52,35 @@ class ModelConfig:
     """Dropout on attention probabilities."""
     recompute: str = "none"
     """Activation recomputation: ``none``, ``selective`` (core attention) or ``full`` (every layer)."""
+    hidden_size: Optional[int] = None
+    """Override of the preset's hidden size (imported checkpoints of other shapes set these)."""
+    num_layers: Optional[int] = None
+    """Override of the preset's number of transformer layers."""
+    num_attention_heads: Optional[int] = None
+    """Override of the preset's number of attention heads."""
+    num_query_groups: Optional[int] = None
+    """Override of the number of key/value heads (GQA, Qwen1.5+); Qwen v1 uses one per query head."""
+    ffn_hidden_size: Optional[int] = None
+    """Override of the preset's SwiGLU FFN width."""
+    padded_vocab_size: Optional[int] = None
+    """Override of the preset's embedding rows (the vocabulary padded for efficient GEMMs)."""
+    max_position_embeddings: Optional[int] = None
+    """Override of the longest sequence the RoPE tables are built for."""
+    rotary_base: Optional[float] = None
+    """Override of the RoPE base (paper: 10000; Qwen2 uses 1e6)."""
+    norm_epsilon: Optional[float] = None
+    """Override of the RMSNorm epsilon (paper: 1e-6)."""
+
+    def architecture(self) -> QwenPreset:
+        """The preset with this config's overrides applied."""
+        preset = get_preset(self.preset)
+        overrides = {
+            k: getattr(self, k) for k in ARCHITECTURE_FIELDS if getattr(self, k) is not None
+        }
+        changed = {k: v for k, v in overrides.items() if getattr(preset, k) != v}
+        if not changed:
+            return preset
+        return dataclasses.replace(preset, name=f"{preset.name}+custom", **changed)
 
 
 @dataclass
@@ -283,16 +327,18 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
     """Checks that span fields. ``world_size`` adds the checks that need the process count."""
-    from base.presets import get_preset
-
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r}: must be one of {', '.join(allowed)}")
     try:
-        preset = get_preset(cfg.model.preset)
+        preset = cfg.model.architecture()
     except KeyError as e:
         raise ConfigError(f"model.preset: {e.args[0]}") from None
+    if preset.num_attention_heads % preset.query_groups:
+        raise ConfigError(
+            f"model.num_query_groups={preset.query_groups}: must divide the {preset.num_attention_heads} attention heads"
+        )
     par = cfg.parallel
     for key in ("tensor", "pipeline"):
         if getattr(par, key) < 1:
@@ -301,6 +347,10 @@ def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
         raise ConfigError(
             f"parallel.tensor={par.tensor}: must divide the {preset.num_attention_heads} attention "
             f"heads of {preset.name}"
+        )
+    if preset.query_groups % par.tensor:
+        raise ConfigError(
+            f"parallel.tensor={par.tensor}: must divide the {preset.query_groups} key/value heads of {preset.name}"
         )
     if preset.ffn_hidden_size % par.tensor:
         raise ConfigError(

@@ -22,7 +22,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 
 from base.model import ModelOptions, build_model, resolve_spec
-from base.presets import QwenPreset, get_preset
+from base.presets import QwenPreset
 from specialize import megatron_fixes
 from specialize.config import Derived, RecipeConfig
 from specialize.distributed import Topology
@@ -51,7 +51,7 @@ def model_options(cfg: RecipeConfig) -> ModelOptions:
 
 def build_model_chunks(cfg: RecipeConfig, device: torch.device) -> list[torch.nn.Module]:
     """This rank's model chunks: one, or ``virtual_pipeline`` for the interleaved schedule."""
-    preset = get_preset(cfg.model.preset)
+    preset = cfg.model.architecture()
     opts = model_options(cfg)
     chunks = []
     vp = cfg.parallel.virtual_pipeline
@@ -170,7 +170,7 @@ class Engine:
         config.finalize_model_grads_func = finalize_model_grads
         no_sync = [c.no_sync for c in chunks]
         config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-        return cls(cfg, topo, derived, get_preset(cfg.model.preset), chunks, optimizer, scheduler)
+        return cls(cfg, topo, derived, cfg.model.architecture(), chunks, optimizer, scheduler)
 
     @property
     def transformer_config(self) -> TransformerConfig:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from base.presets import get_preset
 from base.tokenizer import QwenTokenizer
 from specialize.config import ConfigError, Derived, RecipeConfig, derive, to_yaml
 from specialize.data.pretrain import build_dataloader, build_pretrain_datasets
@@ -68,7 +67,7 @@ def check_data_and_vocab(cfg: RecipeConfig, tokenizer: QwenTokenizer) -> None:
         raise ConfigError(
             "data.paths: no training data; tokenize some with `specialize data prepare DIR -o PREFIX`"
         )
-    padded = get_preset(cfg.model.preset).padded_vocab_size
+    padded = cfg.model.architecture().padded_vocab_size
     if tokenizer.vocab_size > padded:
         raise ConfigError(
             f"model.tokenizer: {tokenizer.vocab_file} has {tokenizer.vocab_size} tokens, more than the "

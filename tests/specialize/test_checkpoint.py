@@ -48,3 +48,16 @@ def test_keep_last(tmp_path: Path):
     assert sorted(p.name for p in root.iterdir()) == ["iter_0000015", "iter_0000020"]
     _prune(root, keep_last=0)  # 0 keeps everything
     assert len(list(root.iterdir())) == 2
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(tmp_path: Path):
+    from base.presets import get_preset
+    from specialize.checkpoint import check_architecture, write_architecture
+
+    write_architecture(tmp_path, get_preset("qwen-nano"))
+    check_architecture(tmp_path, get_preset("qwen-nano"))
+    with pytest.raises(CheckpointError) as e:
+        check_architecture(tmp_path, get_preset("qwen-tiny"))
+    message = str(e.value)
+    assert "holds a qwen-nano model but this run builds qwen-tiny" in message
+    assert "hidden_size: 32 in the checkpoint, 128 here" in message and "model.preset" in message

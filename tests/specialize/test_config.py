@@ -161,3 +161,36 @@ def test_training_without_data_is_a_clear_error():
     )
     assert out.returncode == 2
     assert "data.paths: no training data" in out.stderr
+
+
+def test_architecture_overrides():
+    cfg = load_config(
+        None,
+        [
+            "train.steps=1",
+            "model.preset=qwen-7b",
+            "model.num_query_groups=4",
+            "model.rotary_base=1000000",
+        ],
+    )
+    arch = cfg.model.architecture()
+    assert arch.name == "qwen-7b+custom" and arch.query_groups == 4 and arch.rotary_base == 1e6
+    assert arch.hidden_size == 4096
+    assert (
+        load_config(None, ["train.steps=1", "model.hidden_size=128"]).model.architecture().name
+        == "qwen-tiny"
+    )
+    with pytest.raises(
+        ConfigError, match="model.num_query_groups=3: must divide the 32 attention heads"
+    ):
+        load_config(None, ["train.steps=1", "model.preset=qwen-7b", "model.num_query_groups=3"])
+    with pytest.raises(ConfigError, match="must divide the 2 key/value heads"):
+        load_config(
+            None,
+            [
+                "train.steps=1",
+                "model.preset=qwen-7b",
+                "model.num_query_groups=2",
+                "parallel.tensor=4",
+            ],
+        )

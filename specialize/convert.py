@@ -1,0 +1,175 @@
+"""``specialize convert import``: a Hugging Face Qwen checkpoint → a megatron-core dist checkpoint.
+
+The model is built once in the target dtype without random initialization; HF tensors stream in one
+at a time (q/k/v and gate/up wait for their partners), are checked against the expected shape and
+copied into the parameters. The result is saved with ``dist_checkpointing``, whose sharded tensors
+carry global shapes: any TP/PP loads it. Nothing is written unless every tensor arrived.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from base.hf_checkpoint import HFCheckpointError, qwen2_tensors, read_config
+from base.hf_mapping import megatron_sources
+from base.model import ModelOptions, build_model
+from base.presets import QwenPreset
+from base.tokenizer import QwenTokenizer
+from specialize.config import ConfigError, ParallelConfig, load_config
+
+log = logging.getLogger("specialize")
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def qwen2_shapes(arch: QwenPreset) -> dict[str, tuple[int, ...]]:
+    """The shape every Qwen2-named tensor of this architecture must have."""
+    h, f, v, d = arch.hidden_size, arch.ffn_hidden_size, arch.padded_vocab_size, arch.kv_channels
+    q, kv = arch.num_attention_heads * d, arch.query_groups * d
+    shapes = {
+        "model.embed_tokens.weight": (v, h),
+        "model.norm.weight": (h,),
+        "lm_head.weight": (v, h),
+    }
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update(
+            {
+                f"{p}input_layernorm.weight": (h,),
+                f"{p}post_attention_layernorm.weight": (h,),
+                f"{p}self_attn.q_proj.weight": (q, h),
+                f"{p}self_attn.k_proj.weight": (kv, h),
+                f"{p}self_attn.v_proj.weight": (kv, h),
+                f"{p}self_attn.q_proj.bias": (q,),
+                f"{p}self_attn.k_proj.bias": (kv,),
+                f"{p}self_attn.v_proj.bias": (kv,),
+                f"{p}self_attn.o_proj.weight": (h, q),
+                f"{p}mlp.gate_proj.weight": (f, h),
+                f"{p}mlp.up_proj.weight": (f, h),
+                f"{p}mlp.down_proj.weight": (h, f),
+            }
+        )
+    return shapes
+
+
+def _target_dtype(source: torch.dtype, requested: str | None) -> tuple[str, str]:
+    """(dtype name to build, what the report says about it)."""
+    source_name = DTYPE_NAMES[source]
+    if requested is None:
+        if source_name == "fp16":
+            raise HFCheckpointError(
+                "the checkpoint is fp16; choose --dtype bf16 or --dtype fp32 (training uses those)"
+            )
+        return source_name, f"kept {source_name} as stored"
+    if requested not in ("bf16", "fp32"):
+        raise HFCheckpointError(f"--dtype {requested}: must be bf16 or fp32")
+    note = (
+        f"kept {requested} as stored"
+        if requested == source_name
+        else f"cast {source_name} -> {requested} (--dtype)"
+    )
+    return requested, note
+
+
+def import_hf(
+    hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype: str | None = None
+) -> dict:
+    """Convert; returns the report (also written to ``OUT/conversion.json``)."""
+    from specialize import checkpoint
+    from specialize.distributed import init_distributed, seed_all
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    model_info = read_config(hf_dir)
+    arch = model_info.arch
+    built_dtype, dtype_note = _target_dtype(model_info.dtype, dtype)
+    overrides = {
+        k: getattr(arch, k)
+        for k in (
+            "hidden_size",
+            "num_layers",
+            "num_attention_heads",
+            "ffn_hidden_size",
+            "padded_vocab_size",
+            "max_position_embeddings",
+            "rotary_base",
+            "norm_epsilon",
+        )
+    }
+    overrides["num_query_groups"] = arch.query_groups
+    try:  # the layout this checkpoint is meant for must divide the model
+        recipe = load_config(
+            None,
+            [
+                "train.steps=1",
+                f"parallel.tensor={tp}",
+                f"parallel.pipeline={pp}",
+                *(f"model.{k}={v}" for k, v in overrides.items()),
+            ],
+        )
+    except ConfigError as e:
+        raise HFCheckpointError(f"--tp {tp} --pp {pp} do not fit {hf_dir}: {e}") from None
+    if out.exists() and any(out.iterdir()):
+        raise HFCheckpointError(f"{out}: exists and is not empty")
+
+    init_distributed(ParallelConfig())  # one process: the checkpoint's tensors are global anyway
+    seed_all(0)
+    model = build_model(arch, ModelOptions(spec="local", dtype=built_dtype, initialize=False))
+    params = dict(model.named_parameters())
+    _fill(model_info, arch, params)
+
+    tokenizer_file = hf_dir / QwenTokenizer.VOCAB_FILE
+    tokenizer = QwenTokenizer.load(tokenizer_file if tokenizer_file.is_file() else None)
+    report = {
+        "source": str(hf_dir.resolve()),
+        "layout": model_info.layout,
+        "architecture": arch.name,
+        "parameters": sum(p.numel() for p in params.values()),
+        "dtype": dtype_note,
+        "suggested_layout": {"tensor": tp, "pipeline": pp},
+        "tokenizer": {"file": str(tokenizer.vocab_file), "sha256": tokenizer.sha256},
+        "recipe_model": {"preset": recipe.model.preset, **overrides}
+        if arch.name == "custom"
+        else {"preset": arch.name},
+    }
+    checkpoint.save_weights(model, out, arch, report, extra_files=[tokenizer.vocab_file])
+    return report
+
+
+def _fill(model_info, arch: QwenPreset, params: dict[str, torch.nn.Parameter]) -> None:
+    """Stream HF tensors into the parameters; every shape and every tensor accounted for."""
+    sources = megatron_sources(arch)
+    needed_by = {hf: mg for mg, (names, _) in sources.items() for hf in names}
+    shapes = qwen2_shapes(arch)
+    pending: dict[str, torch.Tensor] = {}
+    filled: set[str] = set()
+    for name, tensor in qwen2_tensors(model_info):
+        if name not in needed_by:
+            raise HFCheckpointError(
+                f"{name}: unexpected tensor (shape {tuple(tensor.shape)}) for a {arch.name} model"
+            )
+        if tuple(tensor.shape) != shapes[name]:
+            raise HFCheckpointError(
+                f"{name}: expected shape {shapes[name]}, got {tuple(tensor.shape)}"
+            )
+        pending[name] = tensor
+        target = needed_by[name]
+        names, combine = sources[target]
+        if all(n in pending for n in names):
+            value = combine(*(pending.pop(n) for n in names))
+            params[target].data.copy_(value)
+            filled.add(target)
+    missing = sorted(
+        n
+        for mg, (names, _) in sources.items()
+        if mg not in filled
+        for n in names
+        if n not in pending
+    )
+    if missing:
+        shown = ", ".join(missing[:8]) + (
+            f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        )
+        raise HFCheckpointError(f"{model_info.path}: missing tensors: {shown}")

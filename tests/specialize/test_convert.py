@@ -1,0 +1,181 @@
+"""Import of Hugging Face Qwen checkpoints (Qwen2 and Qwen v1 layouts), checked against transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from base.presets import QwenPreset, get_preset
+from tests.base.test_hf_mapping import GQA, hf_model
+from tests.distributed import run_distributed
+
+TOKENS = torch.randint(0, 151643, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+def write_qwen_v1(model, arch: QwenPreset, path: Path) -> None:
+    """The same weights in Qwen v1 names (QWenLMHeadModel), as pytorch_model.bin."""
+    sd = model.state_dict()
+    v1 = {
+        "transformer.wte.weight": sd["model.embed_tokens.weight"],
+        "transformer.ln_f.weight": sd["model.norm.weight"],
+        "lm_head.weight": sd["lm_head.weight"],
+    }
+    for i in range(arch.num_layers):
+        p, q = f"model.layers.{i}.", f"transformer.h.{i}."
+        for kind in ("weight", "bias"):
+            v1[f"{q}attn.c_attn.{kind}"] = torch.cat(
+                [sd[f"{p}self_attn.{x}_proj.{kind}"] for x in "qkv"]
+            )
+        v1[f"{q}ln_1.weight"] = sd[f"{p}input_layernorm.weight"]
+        v1[f"{q}ln_2.weight"] = sd[f"{p}post_attention_layernorm.weight"]
+        v1[f"{q}attn.c_proj.weight"] = sd[f"{p}self_attn.o_proj.weight"]
+        v1[f"{q}mlp.w2.weight"] = sd[f"{p}mlp.gate_proj.weight"]
+        v1[f"{q}mlp.w1.weight"] = sd[f"{p}mlp.up_proj.weight"]
+        v1[f"{q}mlp.c_proj.weight"] = sd[f"{p}mlp.down_proj.weight"]
+    path.mkdir(parents=True)
+    torch.save({k: v.clone() for k, v in v1.items()}, path / "pytorch_model.bin")
+    config = {
+        "architectures": ["QWenLMHeadModel"],
+        "model_type": "qwen",
+        "hidden_size": arch.hidden_size,
+        "num_attention_heads": arch.num_attention_heads,
+        "num_hidden_layers": arch.num_layers,
+        "intermediate_size": 2 * arch.ffn_hidden_size,
+        "kv_channels": arch.kv_channels,
+        "layer_norm_epsilon": arch.norm_epsilon,
+        "rotary_emb_base": arch.rotary_base,
+        "rotary_pct": 1.0,
+        "seq_length": arch.max_position_embeddings,
+        "vocab_size": arch.padded_vocab_size,
+        "fp32": True,
+    }
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def _import(rank: int, world_size: int, hf_dir: str, out: str) -> dict:
+    from specialize.convert import import_hf
+
+    return import_hf(hf_dir, out)
+
+
+def _logits(rank: int, world_size: int, ckpt: str, overrides: list[str]) -> torch.Tensor:
+    from specialize import checkpoint
+    from specialize.config import derive, load_config
+    from specialize.distributed import init_distributed, seed_all
+    from specialize.engine import Engine
+    from specialize.logits import full_logits
+
+    results = {}
+    for layout in (["parallel.tensor=1"], ["parallel.tensor=2"], ["parallel.pipeline=2"]):
+        cfg = load_config(
+            "configs/base/qwen-nano.yaml",
+            [
+                "train.steps=1",
+                "schedule.warmup_steps=0",
+                "train.global_batch_size=8",
+                *overrides,
+                *layout,
+            ],
+        )
+        topo = init_distributed(cfg.parallel)
+        seed_all(7)
+        engine = Engine.build(cfg, topo, derive(cfg, topo.world_size))
+        checkpoint.load_weights(engine, checkpoint.resolve_checkpoint(ckpt))
+        results[layout[0]] = full_logits(engine.model[0], TOKENS)
+    return results
+
+
+@pytest.mark.parametrize(
+    "layout,arch,overrides",
+    [
+        ("qwen2", get_preset("qwen-nano"), []),
+        ("qwen", get_preset("qwen-nano"), []),
+        ("qwen2", GQA, ["model.num_query_groups=2"]),
+    ],
+    ids=["qwen2-mha", "qwen-v1", "qwen2-gqa"],
+)
+def test_import_matches_transformers_at_tp1_tp2_pp2(tmp_path, layout, arch, overrides):
+    reference = hf_model(arch)
+    hf_dir = tmp_path / "hf"
+    if layout == "qwen2":
+        reference.save_pretrained(hf_dir)
+    else:
+        write_qwen_v1(reference, arch, hf_dir)
+    report = run_distributed(_import, str(hf_dir), str(tmp_path / "ckpt"), world_size=1)
+    assert report["layout"] == layout and report["dtype"] == "kept fp32 as stored"
+    assert report["architecture"] == ("qwen-nano" if arch.name == "qwen-nano" else "custom")
+    assert (tmp_path / "ckpt" / "qwen.tiktoken").is_file() and (
+        tmp_path / "ckpt" / "arch.json"
+    ).is_file()
+    with torch.no_grad():
+        expected = reference(TOKENS).logits
+    results = run_distributed(_logits, str(tmp_path / "ckpt"), overrides)
+    for name, logits in results.items():
+        diff = (logits[..., : expected.shape[-1]] - expected).abs().max().item()
+        assert diff <= 1e-4, f"{layout} {name}: max |Δlogit| {diff}"
+
+
+def _import_errors(rank: int, world_size: int, cases: dict[str, tuple[str, str]]) -> dict[str, str]:
+    from base.hf_checkpoint import HFCheckpointError
+    from specialize.convert import import_hf
+
+    messages = {}
+    for name, (hf_dir, out) in cases.items():
+        try:
+            import_hf(hf_dir, out)
+            messages[name] = "no error"
+        except HFCheckpointError as e:
+            messages[name] = str(e)
+    return messages
+
+
+def test_bad_checkpoints_are_refused_and_nothing_is_written(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    arch = get_preset("qwen-nano")
+    good = tmp_path / "good"
+    hf_model(arch).save_pretrained(good)
+    weights = load_file(good / "model.safetensors")
+    config = json.loads((good / "config.json").read_text())
+
+    def variant(name: str, edit_weights=None, edit_config=None) -> tuple[str, str]:
+        path = tmp_path / name
+        path.mkdir()
+        w = dict(weights)
+        if edit_weights:
+            edit_weights(w)
+        save_file(w, path / "model.safetensors")
+        c = dict(config)
+        if edit_config:
+            edit_config(c)
+        (path / "config.json").write_text(json.dumps(c))
+        return str(path), str(tmp_path / f"out-{name}")
+
+    k = "model.layers.1.self_attn.k_proj.weight"
+    cases = {
+        "missing": variant("missing", lambda w: w.pop(k)),
+        "misshaped": variant("misshaped", lambda w: w.__setitem__(k, torch.zeros(16, 32))),
+        "unexpected": variant(
+            "unexpected", lambda w: w.__setitem__("model.layers.0.extra.weight", torch.zeros(2))
+        ),
+        "heads": variant("heads", edit_config=lambda c: c.update(num_key_value_heads=3)),
+        "architecture": variant(
+            "architecture",
+            edit_config=lambda c: c.update(model_type="llama", architectures=["LlamaForCausalLM"]),
+        ),
+    }
+    messages = run_distributed(_import_errors, cases, world_size=1)
+    assert "missing tensors: model.layers.1.self_attn.k_proj.weight" in messages["missing"]
+    assert f"{k}: expected shape (32, 32), got (16, 32)" in messages["misshaped"]
+    assert "model.layers.0.extra.weight: unexpected tensor" in messages["unexpected"]
+    assert (
+        "do not fit" in messages["heads"]
+        and "must divide the 4 attention heads" in messages["heads"]
+    )
+    assert "unsupported architecture ['LlamaForCausalLM']" in messages["architecture"]
+    for name in cases:
+        assert not (tmp_path / f"out-{name}").exists(), name
+        assert not (tmp_path / f".out-{name}.partial").exists(), name
