@@ -195,3 +195,10 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:  # errors with a message meant for the user, not a traceback
+        from specialize.checkpoint import CheckpointError
+
+        if not isinstance(e, CheckpointError):
+            raise
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        sys.exit(2)
