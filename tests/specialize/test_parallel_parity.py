@@ -66,6 +66,7 @@ def test_same_logits_at_tp1_tp2_pp2(results):
     for name in ("tp2", "pp2"):
         assert (results[f"{name}-before-load"] - reference).abs().max() > 1e-2
         diff = (results[name] - reference).abs().max().item()
+        print(f"{name} vs tp1: max |Δlogit| {diff:.2e}")
         assert diff <= 1e-5, f"{name}: max |Δlogit| {diff}"
 
 
