@@ -312,10 +312,6 @@ def to_yaml(cfg: RecipeConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def to_dict(cfg: RecipeConfig) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg))
-
-
 # ----------------------------------------------------------------------------- validation
 
 

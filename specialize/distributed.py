@@ -28,18 +28,6 @@ class Topology:
     data_parallel: int
     device: torch.device
 
-    @property
-    def is_first_stage(self) -> bool:
-        return parallel_state.is_pipeline_first_stage(ignore_virtual=True)
-
-    @property
-    def is_last_stage(self) -> bool:
-        return parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-
-
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
 
 def backend_for(requested: str) -> str:
     if requested == "auto":
