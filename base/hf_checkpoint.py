@@ -209,3 +209,40 @@ def qwen2_tensors(model: HFModel) -> Iterator[tuple[str, torch.Tensor]]:
     if model.layout == "qwen":
         return qwen_v1_to_qwen2_names(tensors, model.arch)
     return ((n, t) for n, t in tensors if not n.endswith("rotary_emb.inv_freq"))
+
+
+def qwen2_to_qwen_v1_names(
+    tensors: Iterator[tuple[str, torch.Tensor]], arch: QwenPreset
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Inverse of ``qwen_v1_to_qwen2_names`` for a stream in ``megatron_to_hf`` order (q, k, v adjacent)."""
+    held: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors:
+        if name == "model.embed_tokens.weight":
+            yield "transformer.wte.weight", tensor
+        elif name == "model.norm.weight":
+            yield "transformer.ln_f.weight", tensor
+        elif name == "lm_head.weight":
+            yield name, tensor
+        else:
+            layer, rest = name[len("model.layers.") :].split(".", 1)
+            p = f"transformer.h.{layer}."
+            if rest.startswith("self_attn.") and rest.split(".")[1] in (
+                "q_proj",
+                "k_proj",
+                "v_proj",
+            ):
+                held[name] = tensor
+                kind = rest.rsplit(".", 1)[1]
+                parts = [f"model.layers.{layer}.self_attn.{x}_proj.{kind}" for x in "qkv"]
+                if all(n in held for n in parts):
+                    yield f"{p}attn.c_attn.{kind}", torch.cat([held.pop(n) for n in parts])
+                continue
+            renamed = {
+                "input_layernorm.weight": "ln_1.weight",
+                "post_attention_layernorm.weight": "ln_2.weight",
+                "self_attn.o_proj.weight": "attn.c_proj.weight",
+                "mlp.gate_proj.weight": "mlp.w2.weight",
+                "mlp.up_proj.weight": "mlp.w1.weight",
+                "mlp.down_proj.weight": "mlp.c_proj.weight",
+            }[rest]
+            yield p + renamed, tensor

@@ -327,6 +327,16 @@ def load_weights(engine: Engine, path: Path) -> None:
     _load_model(engine, loaded)
 
 
+def load_model_weights(model: torch.nn.Module, path: Path, arch: QwenPreset) -> None:
+    """Load a checkpoint's weights into one single-process model (conversion, export)."""
+    check_architecture(path, arch)
+    module = getattr(model, "module", model)
+    loaded = dist_checkpointing.load(
+        {"model": module.sharded_state_dict()}, str(path), strict="assume_ok_unexpected"
+    )
+    module.load_state_dict(loaded["model"], strict=True)
+
+
 def _load_model(engine: Engine, loaded: dict) -> None:
     if len(engine.model) == 1:
         engine.model[0].module.load_state_dict(loaded["model"], strict=True)

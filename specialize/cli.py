@@ -99,6 +99,24 @@ def cmd_convert_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_export(args: argparse.Namespace) -> int:
+    import json
+
+    from base.hf_checkpoint import HFCheckpointError
+    from specialize.convert import export_hf
+    from specialize.distributed import shutdown
+
+    try:
+        report = export_hf(args.checkpoint, args.output, fmt=args.format)
+    except HFCheckpointError as e:
+        print(f"conversion error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.recipe:
         from specialize.config import to_yaml
@@ -179,6 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="cast (default: keep the stored dtype)",
     )
     imp.set_defaults(func=cmd_convert_import)
+    exp = convert.add_parser("export", help="megatron-core checkpoint -> Hugging Face directory")
+    exp.add_argument(
+        "checkpoint", help="checkpoint directory or run directory (its newest checkpoint)"
+    )
+    exp.add_argument("-o", "--output", required=True, help="directory to write")
+    exp.add_argument(
+        "--format",
+        choices=("qwen2", "qwen"),
+        default="qwen2",
+        help="qwen2: Qwen2ForCausalLM names (loads in transformers without remote code); qwen: Qwen v1 names",
+    )
+    exp.set_defaults(func=cmd_convert_export)
 
     config = sub.add_parser("config", help="show every config field, or a recipe resolved")
     config.add_argument("recipe", nargs="?")

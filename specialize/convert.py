@@ -173,3 +173,146 @@ def _fill(model_info, arch: QwenPreset, params: dict[str, torch.nn.Parameter]) -
             f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         )
         raise HFCheckpointError(f"{model_info.path}: missing tensors: {shown}")
+
+
+# ----------------------------------------------------------------------------- export
+
+EOD, IM_END = 151643, 151645  # generation must stop on both (REFERENCE §2)
+TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _hf_config(arch: QwenPreset, fmt: str, dtype: torch.dtype) -> dict:
+    from base.hf_mapping import qwen2_config
+
+    if fmt == "qwen2":
+        return {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            **qwen2_config(arch),
+            "hidden_act": "silu",
+            "attention_dropout": 0.0,
+            "bos_token_id": EOD,
+            "eos_token_id": EOD,
+            "use_sliding_window": False,
+            "use_cache": True,
+            "torch_dtype": TORCH_DTYPE_NAMES[dtype],
+        }
+    return {
+        "architectures": ["QWenLMHeadModel"],
+        "model_type": "qwen",
+        "hidden_size": arch.hidden_size,
+        "num_attention_heads": arch.num_attention_heads,
+        "num_hidden_layers": arch.num_layers,
+        "intermediate_size": 2 * arch.ffn_hidden_size,  # v1 stores twice the FFN width
+        "kv_channels": arch.kv_channels,
+        "layer_norm_epsilon": arch.norm_epsilon,
+        "rotary_emb_base": arch.rotary_base,
+        "rotary_pct": 1.0,
+        "seq_length": arch.max_position_embeddings,
+        "vocab_size": arch.padded_vocab_size,
+        "bf16": dtype == torch.bfloat16,
+        "fp16": dtype == torch.float16,
+        "fp32": dtype == torch.float32,
+        "torch_dtype": TORCH_DTYPE_NAMES[dtype],
+    }
+
+
+def _stored_dtype(ckpt: Path) -> torch.dtype:
+    from megatron.core import dist_checkpointing
+
+    metadata = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    dtypes = {
+        t.dtype
+        for key, t in metadata.items()
+        if key.startswith("decoder.layers") and hasattr(t, "dtype")
+    }
+    if len(dtypes) != 1:
+        raise HFCheckpointError(
+            f"{ckpt}: expected one parameter dtype, found {sorted(map(str, dtypes))}"
+        )
+    return dtypes.pop()
+
+
+def export_hf(
+    ckpt: str | Path, out: str | Path, fmt: str = "qwen2", max_shard_bytes: int = 5 * 2**30
+) -> dict:
+    """Write a Hugging Face directory: safetensors shards (+ index), config, generation config, tokenizer."""
+    import json
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from base.hf_checkpoint import qwen2_to_qwen_v1_names
+    from base.hf_mapping import megatron_to_hf
+    from specialize import checkpoint
+    from specialize.distributed import init_distributed, seed_all
+
+    if fmt not in ("qwen2", "qwen"):
+        raise HFCheckpointError(f"--format {fmt}: must be qwen2 or qwen")
+    ckpt, out = checkpoint.resolve_checkpoint(ckpt), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise HFCheckpointError(f"{out}: exists and is not empty")
+    arch_file = ckpt / checkpoint.ARCH_FILE
+    if not arch_file.is_file():
+        raise HFCheckpointError(f"{ckpt}: no {checkpoint.ARCH_FILE}; cannot tell the architecture")
+    record = json.loads(arch_file.read_text())
+    record.pop("query_groups", None)
+    arch = QwenPreset(**record)
+    dtype = _stored_dtype(ckpt)
+
+    init_distributed(ParallelConfig())
+    seed_all(0)
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    model = build_model(arch, ModelOptions(spec="local", dtype=name, initialize=False))
+    checkpoint.load_model_weights(model, ckpt, arch)
+    weights = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    tensors = megatron_to_hf(weights, arch)
+    if fmt == "qwen":
+        tensors = qwen2_to_qwen_v1_names(tensors, arch)
+
+    partial = out.parent / f".{out.name}.partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for tensor_name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][tensor_name] = tensor.contiguous().clone()
+        size += nbytes
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        file = (
+            "model.safetensors"
+            if len(shards) == 1
+            else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        )
+        save_file(shard, str(partial / file), metadata={"format": "pt"})
+        for tensor_name, tensor in shard.items():
+            weight_map[tensor_name] = file
+            total += tensor.numel() * tensor.element_size()
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (partial / "config.json").write_text(json.dumps(_hf_config(arch, fmt, dtype), indent=2) + "\n")
+    generation = {"bos_token_id": EOD, "eos_token_id": [EOD, IM_END], "pad_token_id": EOD}
+    (partial / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    vocab = ckpt / QwenTokenizer.VOCAB_FILE
+    shutil.copyfile(
+        vocab if vocab.is_file() else QwenTokenizer.load().vocab_file,
+        partial / QwenTokenizer.VOCAB_FILE,
+    )
+    if out.exists():
+        out.rmdir()  # empty (checked above)
+    os.replace(partial, out)
+    return {
+        "checkpoint": str(ckpt),
+        "format": fmt,
+        "dtype": TORCH_DTYPE_NAMES[dtype],
+        "shards": len(shards),
+        "tensors": len(weight_map),
+    }

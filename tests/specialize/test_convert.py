@@ -61,6 +61,14 @@ def _import(rank: int, world_size: int, hf_dir: str, out: str) -> dict:
     return import_hf(hf_dir, out)
 
 
+def _export(rank: int, world_size: int, ckpt: str, out: str, fmt: str) -> dict:
+    from specialize.convert import export_hf
+
+    return export_hf(
+        ckpt, out, fmt=fmt, max_shard_bytes=8 * 2**20
+    )  # small shards: exercise the index
+
+
 def _logits(rank: int, world_size: int, ckpt: str, overrides: list[str]) -> torch.Tensor:
     from specialize import checkpoint
     from specialize.config import derive, load_config
@@ -116,6 +124,36 @@ def test_import_matches_transformers_at_tp1_tp2_pp2(tmp_path, layout, arch, over
     for name, logits in results.items():
         diff = (logits[..., : expected.shape[-1]] - expected).abs().max().item()
         assert diff <= 1e-4, f"{layout} {name}: max |Δlogit| {diff}"
+
+    # Back to Hugging Face: every tensor bit-exact, and transformers loads it without remote code.
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    exported = tmp_path / "hf-out"
+    report = run_distributed(_export, str(tmp_path / "ckpt"), str(exported), "qwen2", world_size=1)
+    assert report["shards"] > 1 and (exported / "model.safetensors.index.json").is_file()
+    tensors = {}
+    for file in sorted(exported.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    original = reference.state_dict()
+    assert tensors.keys() == original.keys()
+    for name, tensor in original.items():
+        assert torch.equal(tensors[name], tensor), name
+    generation = json.loads((exported / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [151643, 151645]
+    reloaded = AutoModelForCausalLM.from_pretrained(exported, attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(TOKENS).logits, expected)
+    if layout == "qwen":  # the original v1 names come back too
+        v1 = tmp_path / "hf-v1-out"
+        run_distributed(_export, str(tmp_path / "ckpt"), str(v1), "qwen", world_size=1)
+        written = {}
+        for file in sorted(v1.glob("*.safetensors")):
+            written.update(load_file(file))
+        source = torch.load(hf_dir / "pytorch_model.bin")
+        assert written.keys() == source.keys()
+        for name, tensor in source.items():
+            assert torch.equal(written[name], tensor), name
 
 
 def _import_errors(rank: int, world_size: int, cases: dict[str, tuple[str, str]]) -> dict[str, str]:
