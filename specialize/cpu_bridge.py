@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -125,6 +126,8 @@ def install() -> bool:
     from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
     from megatron.core.tensor_parallel import random as mp_random
 
+    # A CUDA tuning hint megatron-core prints for TP layers; it means nothing without CUDA.
+    warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS")
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda device=None: None
     _CudaToCpuMode().__enter__()  # stays active for the life of the process
