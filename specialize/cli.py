@@ -117,6 +117,24 @@ def cmd_convert_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_verify(args: argparse.Namespace) -> int:
+    from specialize.convert import verify
+    from specialize.distributed import shutdown
+    from specialize.verify import ParityError
+
+    try:
+        lines = verify(args.hf, args.ckpt, tp=args.tp, pp=args.pp, tolerance=args.tolerance)
+    except ParityError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"parity check FAILED: {e}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("\n".join(lines) + "\nparity check passed")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.recipe:
         from specialize.config import to_yaml
@@ -209,6 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="qwen2: Qwen2ForCausalLM names (loads in transformers without remote code); qwen: Qwen v1 names",
     )
     exp.set_defaults(func=cmd_convert_export)
+    ver = convert.add_parser(
+        "verify", help="per-layer parity of a checkpoint against transformers (torchrun for TP/PP)"
+    )
+    ver.add_argument(
+        "--hf", required=True, help="Hugging Face checkpoint directory (the reference)"
+    )
+    ver.add_argument("--ckpt", required=True, help="megatron-core checkpoint (or run directory)")
+    ver.add_argument("--tp", type=int, default=1)
+    ver.add_argument("--pp", type=int, default=1)
+    ver.add_argument(
+        "--tolerance", type=float, default=1e-4, help="max |Δ| per layer and on the logits (fp32)"
+    )
+    ver.set_defaults(func=cmd_convert_verify)
 
     config = sub.add_parser("config", help="show every config field, or a recipe resolved")
     config.add_argument("recipe", nargs="?")

@@ -187,6 +187,10 @@ class TrainConfig:
 class InitConfig:
     checkpoint: Optional[str] = None
     """Checkpoint whose weights start this run (``init=PATH`` is shorthand). Must exist; never a silent random init."""
+    verify_against: Optional[str] = None
+    """Hugging Face directory the loaded weights must reproduce (per-layer parity gate before step 1)."""
+    verify_tolerance: Optional[float] = None
+    """Max |Δ| per layer and on the logits for the gate (default by precision: fp32 1e-4, bf16 0.5)."""
 
 
 @dataclass
@@ -389,6 +393,15 @@ def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
             f"init.checkpoint={cfg.init.checkpoint!r}: no such checkpoint. Refusing to start from "
             "random weights; fix the path or remove init to train from scratch on purpose."
         )
+    if cfg.init.verify_against is not None:
+        if cfg.init.checkpoint is None:
+            raise ConfigError("init.verify_against: needs init.checkpoint (the weights to verify)")
+        if not (Path(cfg.init.verify_against) / "config.json").is_file():
+            raise ConfigError(
+                f"init.verify_against={cfg.init.verify_against!r}: no config.json there"
+            )
+        if par.virtual_pipeline is not None:
+            raise ConfigError("init.verify_against: not available with parallel.virtual_pipeline")
     if world_size is not None:
         model_parallel = par.tensor * par.pipeline
         if world_size % model_parallel:

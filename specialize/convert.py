@@ -316,3 +316,50 @@ def export_hf(
         "shards": len(shards),
         "tensors": len(weight_map),
     }
+
+
+# ----------------------------------------------------------------------------- verify
+
+
+def verify(
+    hf_dir: str | Path, ckpt: str | Path, tp: int = 1, pp: int = 1, tolerance: float = 1e-4
+) -> list[str]:
+    """Load ``ckpt`` at TP/PP (this process is one rank of a TP x PP world) and compare with ``hf_dir``."""
+    import json
+
+    from specialize import checkpoint
+    from specialize.distributed import init_distributed, seed_all
+    from specialize.engine import build_model_chunks
+    from specialize.verify import compare
+
+    ckpt = checkpoint.resolve_checkpoint(ckpt)
+    record = json.loads((ckpt / checkpoint.ARCH_FILE).read_text())
+    fields = (
+        "hidden_size",
+        "num_layers",
+        "num_attention_heads",
+        "ffn_hidden_size",
+        "padded_vocab_size",
+        "max_position_embeddings",
+        "rotary_base",
+        "norm_epsilon",
+    )
+    cfg = load_config(
+        None,
+        [
+            "train.steps=1",
+            f"parallel.tensor={tp}",
+            f"parallel.pipeline={pp}",
+            f"model.num_query_groups={record['query_groups']}",
+            *(f"model.{k}={record[k]}" for k in fields),
+        ],
+    )
+    topo = init_distributed(cfg.parallel)
+    if topo.world_size != tp * pp:
+        raise HFCheckpointError(
+            f"run verify on tp x pp = {tp * pp} processes (torchrun), not {topo.world_size}"
+        )
+    seed_all(0)
+    model = build_model_chunks(cfg, topo.device)[0]
+    checkpoint.load_model_weights(model, ckpt, cfg.model.architecture())
+    return compare(model, str(hf_dir), tolerance)

@@ -58,10 +58,20 @@ class Trainer:
             self.parent = str(path)
             if self.is_rank0:
                 log.info("initialized weights from %s", path)
+            if self.cfg.init.verify_against is not None:
+                self._verify(self.cfg.init.verify_against)
         elif self.is_rank0:
             log.info(
                 "no init checkpoint: training %s from random initialization", self.cfg.model.preset
             )
+
+    def _verify(self, hf_dir: str) -> None:
+        from specialize.verify import DEFAULT_TOLERANCE, compare
+
+        tolerance = self.cfg.init.verify_tolerance or DEFAULT_TOLERANCE[self.cfg.precision.dtype]
+        lines = compare(self.engine.model[0], hf_dir, tolerance)
+        if self.is_rank0:
+            log.info("parity with %s holds:\n%s", hf_dir, "\n".join(lines))
 
     def fit(self) -> list[float]:
         self.restore()

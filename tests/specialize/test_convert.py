@@ -217,3 +217,73 @@ def test_bad_checkpoints_are_refused_and_nothing_is_written(tmp_path):
     for name in cases:
         assert not (tmp_path / f"out-{name}").exists(), name
         assert not (tmp_path / f".out-{name}.partial").exists(), name
+
+
+def _verify_runs(rank: int, world_size: int, good: str, bad: str, ckpt: str) -> dict:
+    from specialize.convert import verify
+    from specialize.verify import ParityError
+
+    passed = verify(good, ckpt, tp=2)
+    try:
+        verify(bad, ckpt, tp=2)
+        failure = "no error"
+    except ParityError as e:
+        failure = str(e)
+    return {"passed": passed, "failure": failure}
+
+
+def _gated_training(
+    rank: int, world_size: int, ckpt: str, reference: str, shard: str, run_dir: str
+) -> str:
+    from specialize.config import load_config
+    from specialize.run import train
+    from specialize.verify import ParityError
+
+    overrides = [
+        f"init={ckpt}",
+        f"init.verify_against={reference}",
+        f"data.paths=[{shard}]",
+        "data.split=95,5,0",
+        "train.steps=1",
+        "schedule.warmup_steps=0",
+        "data.seq_length=32",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=2",
+        f"checkpoint.dir={run_dir}",
+        "logging.progress=false",
+        "logging.tensorboard=false",
+    ]
+    try:
+        train(load_config("configs/base/qwen-nano.yaml", overrides))
+    except ParityError as e:
+        return str(e)
+    return "trained"
+
+
+def test_parity_gate_reports_the_first_diverging_layer(tmp_path, stdlib_shard):
+    from safetensors.torch import load_file, save_file
+
+    arch = get_preset("qwen-nano")
+    good = tmp_path / "good"
+    hf_model(arch).save_pretrained(good)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    weights = load_file(good / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"] = (
+        weights["model.layers.1.mlp.down_proj.weight"] + 0.05
+    )
+    save_file(weights, bad / "model.safetensors")
+    (bad / "config.json").write_text((good / "config.json").read_text())
+    run_distributed(_import, str(good), str(tmp_path / "ckpt"), world_size=1)
+
+    out = run_distributed(_verify_runs, str(good), str(bad), str(tmp_path / "ckpt"))
+    assert len(out["passed"]) == arch.num_layers + 1 and out["passed"][-1].startswith("logits")
+    assert (
+        "first diverging layer 1" in out["failure"] and "layer   0: max |Δhidden|" in out["failure"]
+    )
+    assert "layer   1" in out["failure"] and "<-- over tolerance" in out["failure"]
+
+    args = (str(tmp_path / "ckpt"), str(bad), stdlib_shard, str(tmp_path / "run-bad"))
+    assert "first diverging layer 1" in run_distributed(_gated_training, *args, world_size=1)
+    args = (str(tmp_path / "ckpt"), str(good), stdlib_shard, str(tmp_path / "run-good"))
+    assert run_distributed(_gated_training, *args, world_size=1) == "trained"
