@@ -275,27 +275,37 @@ def export_hf(
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    # Each shard is written as soon as it is full and then dropped: peak memory is the model plus
+    # one shard. Files are renamed once the shard count (part of the name) is known.
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        file = partial / f"shard-{len(written):05d}.tmp"
+        save_file(shard, str(file), metadata={"format": "pt"})
+        written.append((file, list(shard)))
+        shard.clear()
+
     for tensor_name, tensor in tensors:
         nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
             size = 0
-        shards[-1][tensor_name] = tensor.contiguous().clone()
+        # Views (q/k/v splits, gate/up halves) share storage, which safetensors refuses: copy them.
+        shard[tensor_name] = tensor.clone() if tensor._base is not None else tensor
         size += nbytes
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
+        total += nbytes
+    flush()
+    shards = len(written)
+    weight_map = {}
+    for i, (tmp, names) in enumerate(written):
         file = (
-            "model.safetensors"
-            if len(shards) == 1
-            else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            "model.safetensors" if shards == 1 else f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
         )
-        save_file(shard, str(partial / file), metadata={"format": "pt"})
-        for tensor_name, tensor in shard.items():
-            weight_map[tensor_name] = file
-            total += tensor.numel() * tensor.element_size()
-    if len(shards) > 1:
+        tmp.rename(partial / file)
+        weight_map.update(dict.fromkeys(names, file))
+    if shards > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (partial / "config.json").write_text(json.dumps(_hf_config(arch, fmt, dtype), indent=2) + "\n")
@@ -313,7 +323,7 @@ def export_hf(
         "checkpoint": str(ckpt),
         "format": fmt,
         "dtype": TORCH_DTYPE_NAMES[dtype],
-        "shards": len(shards),
+        "shards": shards,
         "tensors": len(weight_map),
     }
 
