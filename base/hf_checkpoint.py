@@ -147,15 +147,59 @@ def _shard_files(path: Path) -> list[Path]:
     return files
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of a safetensors file, each read into its own buffer.
+
+    The ``safetensors`` library memory-maps the whole file, so every tensor read stays resident
+    until the file is closed: converting a shard costs its size twice. Reading each tensor with
+    plain file I/O keeps one tensor at a time (the format is an 8-byte header length, a JSON header
+    of dtype/shape/offsets, then the data)."""
+    with open(file, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as e:
+            raise HFCheckpointError(f"{file}: not a safetensors file ({e})") from None
+        start = 8 + header_len
+        for name, info in sorted(
+            header.items(),
+            key=lambda kv: kv[1]["data_offsets"][0] if kv[0] != "__metadata__" else -1,
+        ):
+            if name == "__metadata__":
+                continue
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise HFCheckpointError(f"{file}: {name} has unsupported dtype {info['dtype']}")
+            begin, end = info["data_offsets"]
+            tensor = torch.empty(info["shape"], dtype=dtype)
+            if tensor.numel() * tensor.element_size() != end - begin:
+                raise HFCheckpointError(
+                    f"{file}: {name} declares shape {info['shape']} but holds {end - begin} bytes"
+                )
+            f.seek(start + begin)
+            f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+            yield name, tensor
+
+
 def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) over every shard, one tensor in memory at a time for safetensors."""
     for file in _shard_files(Path(path)):
         if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
+            yield from read_safetensors(file)
         else:
             state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
             yield from state.items()
