@@ -218,19 +218,12 @@ def _hf_config(arch: QwenPreset, fmt: str, dtype: torch.dtype) -> dict:
 
 
 def _stored_dtype(ckpt: Path) -> torch.dtype:
+    """The model's dtype: that of its embedding (megatron's plain-PyTorch RMSNorm keeps its weight
+    in fp32 whatever the model dtype, so the norms do not say)."""
     from megatron.core import dist_checkpointing
 
     metadata = dist_checkpointing.load_tensors_metadata(str(ckpt))
-    dtypes = {
-        t.dtype
-        for key, t in metadata.items()
-        if key.startswith("decoder.layers") and hasattr(t, "dtype")
-    }
-    if len(dtypes) != 1:
-        raise HFCheckpointError(
-            f"{ckpt}: expected one parameter dtype, found {sorted(map(str, dtypes))}"
-        )
-    return dtypes.pop()
+    return metadata["embedding.word_embeddings.weight"].dtype
 
 
 def export_hf(
@@ -292,6 +285,8 @@ def export_hf(
         if shard and size + nbytes > max_shard_bytes:
             flush()
             size = 0
+        if tensor.dtype != dtype:  # fp32 norm weights of a bf16 model are written in the model dtype
+            tensor = tensor.to(dtype)
         # Views (q/k/v splits, gate/up halves) share storage, which safetensors refuses: copy them.
         shard[tensor_name] = tensor.clone() if tensor._base is not None else tensor
         size += nbytes

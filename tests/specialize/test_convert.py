@@ -287,3 +287,19 @@ def test_parity_gate_reports_the_first_diverging_layer(tmp_path, stdlib_shard):
     assert "first diverging layer 1" in run_distributed(_gated_training, *args, world_size=1)
     args = (str(tmp_path / "ckpt"), str(good), stdlib_shard, str(tmp_path / "run-good"))
     assert run_distributed(_gated_training, *args, world_size=1) == "trained"
+
+
+def test_bf16_round_trip_keeps_dtype_and_bits(tmp_path):
+    from safetensors.torch import load_file
+
+    reference = hf_model(get_preset("qwen-nano")).to(torch.bfloat16)
+    reference.save_pretrained(tmp_path / "hf")
+    report = run_distributed(_import, str(tmp_path / "hf"), str(tmp_path / "ckpt"), world_size=1)
+    assert report["dtype"] == "kept bf16 as stored"
+    run_distributed(_export, str(tmp_path / "ckpt"), str(tmp_path / "out"), "qwen2", world_size=1)
+    written = {}
+    for file in (tmp_path / "out").glob("*.safetensors"):
+        written.update(load_file(file))
+    for name, tensor in reference.state_dict().items():
+        assert written[name].dtype == torch.bfloat16 and torch.equal(written[name], tensor), name
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
