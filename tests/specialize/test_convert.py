@@ -200,6 +200,7 @@ def test_bad_checkpoints_are_refused_and_nothing_is_written(tmp_path):
             "unexpected", lambda w: w.__setitem__("model.layers.0.extra.weight", torch.zeros(2))
         ),
         "heads": variant("heads", edit_config=lambda c: c.update(num_key_value_heads=3)),
+        "vocab": variant("vocab", edit_config=lambda c: c.update(vocab_size=152064)),
         "architecture": variant(
             "architecture",
             edit_config=lambda c: c.update(model_type="llama", architectures=["LlamaForCausalLM"]),
