@@ -285,7 +285,9 @@ def export_hf(
         if shard and size + nbytes > max_shard_bytes:
             flush()
             size = 0
-        if tensor.dtype != dtype:  # fp32 norm weights of a bf16 model are written in the model dtype
+        if (
+            tensor.dtype != dtype
+        ):  # fp32 norm weights of a bf16 model are written in the model dtype
             tensor = tensor.to(dtype)
         # Views (q/k/v splits, gate/up halves) share storage, which safetensors refuses: copy them.
         shard[tensor_name] = tensor.clone() if tensor._base is not None else tensor
