@@ -34,6 +34,14 @@ ARCHITECTURE_FIELDS = (
 )
 
 
+def architecture_overrides(arch: QwenPreset) -> dict[str, object]:
+    """``model.*`` values that make a recipe build exactly ``arch``."""
+    return {
+        k: arch.query_groups if k == "num_query_groups" else getattr(arch, k)
+        for k in ARCHITECTURE_FIELDS
+    }
+
+
 class ConfigError(ValueError):
     """A recipe or override that cannot describe a valid run. The message names the field."""
 

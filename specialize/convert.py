@@ -18,7 +18,13 @@ from base.hf_mapping import megatron_sources
 from base.model import ModelOptions, build_model
 from base.presets import QwenPreset
 from base.tokenizer import QwenTokenizer
-from specialize.config import ConfigError, ParallelConfig, load_config
+from specialize.config import (
+    ConfigError,
+    ParallelConfig,
+    RecipeConfig,
+    architecture_overrides,
+    load_config,
+)
 
 log = logging.getLogger("specialize")
 
@@ -55,6 +61,14 @@ def qwen2_shapes(arch: QwenPreset) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def layout_config(arch: QwenPreset, tp: int, pp: int) -> RecipeConfig:
+    """A validated config that builds ``arch`` at TP x PP (raises ConfigError when it does not fit)."""
+    overrides = (f"model.{k}={v}" for k, v in architecture_overrides(arch).items())
+    return load_config(
+        None, ["train.steps=1", f"parallel.tensor={tp}", f"parallel.pipeline={pp}", *overrides]
+    )
+
+
 def _target_dtype(source: torch.dtype, requested: str | None) -> tuple[str, str]:
     """(dtype name to build, what the report says about it)."""
     source_name = DTYPE_NAMES[source]
@@ -85,30 +99,9 @@ def import_hf(
     model_info = read_config(hf_dir)
     arch = model_info.arch
     built_dtype, dtype_note = _target_dtype(model_info.dtype, dtype)
-    overrides = {
-        k: getattr(arch, k)
-        for k in (
-            "hidden_size",
-            "num_layers",
-            "num_attention_heads",
-            "ffn_hidden_size",
-            "padded_vocab_size",
-            "max_position_embeddings",
-            "rotary_base",
-            "norm_epsilon",
-        )
-    }
-    overrides["num_query_groups"] = arch.query_groups
+    overrides = architecture_overrides(arch)
     try:  # the layout this checkpoint is meant for must divide the model
-        recipe = load_config(
-            None,
-            [
-                "train.steps=1",
-                f"parallel.tensor={tp}",
-                f"parallel.pipeline={pp}",
-                *(f"model.{k}={v}" for k, v in overrides.items()),
-            ],
-        )
+        recipe = layout_config(arch, tp, pp)
     except ConfigError as e:
         raise HFCheckpointError(f"--tp {tp} --pp {pp} do not fit {hf_dir}: {e}") from None
     if out.exists() and any(out.iterdir()):
@@ -341,26 +334,9 @@ def verify(
 
     ckpt = checkpoint.resolve_checkpoint(ckpt)
     record = json.loads((ckpt / checkpoint.ARCH_FILE).read_text())
-    fields = (
-        "hidden_size",
-        "num_layers",
-        "num_attention_heads",
-        "ffn_hidden_size",
-        "padded_vocab_size",
-        "max_position_embeddings",
-        "rotary_base",
-        "norm_epsilon",
-    )
-    cfg = load_config(
-        None,
-        [
-            "train.steps=1",
-            f"parallel.tensor={tp}",
-            f"parallel.pipeline={pp}",
-            f"model.num_query_groups={record['query_groups']}",
-            *(f"model.{k}={record[k]}" for k in fields),
-        ],
-    )
+    record.pop("query_groups", None)
+    arch = QwenPreset(**record)
+    cfg = layout_config(arch, tp, pp)
     topo = init_distributed(cfg.parallel)
     if topo.world_size != tp * pp:
         raise HFCheckpointError(
