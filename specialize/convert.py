@@ -231,6 +231,7 @@ def export_hf(
 
     from base.hf_checkpoint import qwen2_to_qwen_v1_names
     from base.hf_mapping import megatron_to_hf
+    from base.hf_tokenizer import write_hf_tokenizer
     from specialize import checkpoint
     from specialize.distributed import init_distributed, seed_all
 
@@ -302,10 +303,9 @@ def export_hf(
     generation = {"bos_token_id": EOD, "eos_token_id": [EOD, IM_END], "pad_token_id": EOD}
     (partial / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     vocab = ckpt / QwenTokenizer.VOCAB_FILE
-    shutil.copyfile(
-        vocab if vocab.is_file() else QwenTokenizer.load().vocab_file,
-        partial / QwenTokenizer.VOCAB_FILE,
-    )
+    tokenizer = QwenTokenizer.load(vocab if vocab.is_file() else None)
+    shutil.copyfile(tokenizer.vocab_file, partial / QwenTokenizer.VOCAB_FILE)
+    write_hf_tokenizer(tokenizer, partial, arch.max_position_embeddings)  # vocab.json + merges.txt
     if out.exists():
         out.rmdir()  # empty (checked above)
     os.replace(partial, out)

@@ -144,6 +144,21 @@ def test_import_matches_transformers_at_tp1_tp2_pp2(tmp_path, layout, arch, over
     reloaded = AutoModelForCausalLM.from_pretrained(exported, attn_implementation="eager").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(TOKENS).logits, expected)
+    if layout == "qwen2" and arch.name == "qwen-nano":  # the tokenizer files, once
+        import sysconfig
+
+        from transformers import AutoTokenizer
+
+        from base.tokenizer import QwenTokenizer
+
+        ours, theirs = QwenTokenizer.load(), AutoTokenizer.from_pretrained(exported)
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        texts = [p.read_text(encoding="utf-8") for p in sorted((stdlib / "json").glob("*.py"))]
+        texts += ["def hello():", "12345 + 678", "Grüße, 世界! 🚀\n\n\tx"]
+        for text in texts:
+            assert theirs.encode(text, add_special_tokens=False) == ours.encode(text)
+        chat = "<|im_start|>user\nhi<|im_end|>\n"
+        assert theirs.encode(chat, add_special_tokens=False)[0] == 151644
     if layout == "qwen":  # the original v1 names come back too
         v1 = tmp_path / "hf-v1-out"
         run_distributed(_export, str(tmp_path / "ckpt"), str(v1), "qwen", world_size=1)
