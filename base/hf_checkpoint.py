@@ -206,6 +206,18 @@ def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
             del state
 
 
+# Per-layer tensors renamed one to one (c_attn, split into q/k/v, is handled apart).
+V1_TO_QWEN2_LAYER_NAMES = {
+    "ln_1.weight": "input_layernorm.weight",
+    "ln_2.weight": "post_attention_layernorm.weight",
+    "attn.c_proj.weight": "self_attn.o_proj.weight",
+    "mlp.w2.weight": "mlp.gate_proj.weight",  # v1: c_proj(w1(x) * silu(w2(x)))
+    "mlp.w1.weight": "mlp.up_proj.weight",
+    "mlp.c_proj.weight": "mlp.down_proj.weight",
+}
+QWEN2_TO_V1_LAYER_NAMES = {v: k for k, v in V1_TO_QWEN2_LAYER_NAMES.items()}
+
+
 def qwen_v1_to_qwen2_names(
     tensors: Iterator[tuple[str, torch.Tensor]], arch: QwenPreset
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -230,14 +242,7 @@ def qwen_v1_to_qwen2_names(
                 for x, block in zip("qkv", torch.split(tensor, hidden, dim=0)):
                     yield f"{p}self_attn.{x}_proj.{kind}", block
             else:
-                renamed = {
-                    "ln_1.weight": "input_layernorm.weight",
-                    "ln_2.weight": "post_attention_layernorm.weight",
-                    "attn.c_proj.weight": "self_attn.o_proj.weight",
-                    "mlp.w2.weight": "mlp.gate_proj.weight",  # v1: c_proj(w1(x) * silu(w2(x)))
-                    "mlp.w1.weight": "mlp.up_proj.weight",
-                    "mlp.c_proj.weight": "mlp.down_proj.weight",
-                }.get(rest)
+                renamed = V1_TO_QWEN2_LAYER_NAMES.get(rest)
                 if renamed is None:
                     raise HFCheckpointError(f"{name}: unexpected tensor in a Qwen v1 checkpoint")
                 yield p + renamed, tensor
@@ -281,12 +286,5 @@ def qwen2_to_qwen_v1_names(
                 if all(n in held for n in parts):
                     yield f"{p}attn.c_attn.{kind}", torch.cat([held.pop(n) for n in parts])
                 continue
-            renamed = {
-                "input_layernorm.weight": "ln_1.weight",
-                "post_attention_layernorm.weight": "ln_2.weight",
-                "self_attn.o_proj.weight": "attn.c_proj.weight",
-                "mlp.gate_proj.weight": "mlp.w2.weight",
-                "mlp.up_proj.weight": "mlp.w1.weight",
-                "mlp.down_proj.weight": "mlp.c_proj.weight",
-            }[rest]
+            renamed = QWEN2_TO_V1_LAYER_NAMES[rest]
             yield p + renamed, tensor

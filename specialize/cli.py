@@ -80,20 +80,28 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_convert_import(args: argparse.Namespace) -> int:
-    import json
-
+def _convert(run, *args, **kwargs) -> dict | None:
+    """Run a conversion; a bad checkpoint is a message and exit code 2, not a traceback."""
     from base.hf_checkpoint import HFCheckpointError
-    from specialize.convert import import_hf
     from specialize.distributed import shutdown
 
     try:
-        report = import_hf(args.hf, args.output, tp=args.tp, pp=args.pp, dtype=args.dtype)
+        return run(*args, **kwargs)
     except HFCheckpointError as e:
         print(f"conversion error: {e}", file=sys.stderr)
-        return 2
+        return None
     finally:
         shutdown()
+
+
+def cmd_convert_import(args: argparse.Namespace) -> int:
+    import json
+
+    from specialize.convert import import_hf
+
+    report = _convert(import_hf, args.hf, args.output, tp=args.tp, pp=args.pp, dtype=args.dtype)
+    if report is None:
+        return 2
     print(json.dumps(report, indent=2))
     print(f"checkpoint: {args.output} (train with init={args.output})")
     return 0
@@ -102,17 +110,11 @@ def cmd_convert_import(args: argparse.Namespace) -> int:
 def cmd_convert_export(args: argparse.Namespace) -> int:
     import json
 
-    from base.hf_checkpoint import HFCheckpointError
     from specialize.convert import export_hf
-    from specialize.distributed import shutdown
 
-    try:
-        report = export_hf(args.checkpoint, args.output, fmt=args.format)
-    except HFCheckpointError as e:
-        print(f"conversion error: {e}", file=sys.stderr)
+    report = _convert(export_hf, args.checkpoint, args.output, fmt=args.format)
+    if report is None:
         return 2
-    finally:
-        shutdown()
     print(json.dumps(report, indent=2))
     return 0
 
