@@ -178,10 +178,11 @@ def lineage_record(
     engine: Engine, iteration: int, consumed_samples: int, parent: str | None
 ) -> dict:
     manifests = {}
-    for prefix in engine.cfg.data.paths:
-        path = Path(f"{prefix}.manifest.json")
+    for data_path in engine.cfg.data.paths:
+        path = Path(data_path) / "manifest.json"  # a `data prepare` directory; else None
         manifest = json.loads(path.read_text()) if path.is_file() else None
-        manifests[prefix] = manifest and {
+        manifests[data_path] = manifest and {
+            "fingerprint": manifest["fingerprint"],
             "inputs_sha256": manifest["inputs"]["sha256"],
             "documents": manifest["documents"],
             "tokens": manifest["tokens"],

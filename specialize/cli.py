@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 import warnings
-from pathlib import Path
 
 from specialize.config import ConfigError, derive, describe, load_config, summary
 
@@ -52,32 +51,70 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    import json
-
     from base.tokenizer import QwenTokenizer
-    from specialize.data.prepare import prepare_directory
+    from specialize.data.filters import FilterSettings, resolve_filter_names
+    from specialize.data.prepare import PrepareOptions, prepare
+    from specialize.data.sources import SourceError, SourceOptions, parse_source
+    from specialize.plugins import load_plugins
+    from specialize.tasks import TaskError
 
-    tokenizer = QwenTokenizer.load(args.tokenizer)
-    extensions = tuple(e if e.startswith(".") else f".{e}" for e in args.extensions.split(","))
-    exclude = (
-        {}
-        if args.exclude is None
-        else {"exclude_dirs": tuple(d for d in args.exclude.split(",") if d)}
-    )
-    manifest = prepare_directory(
-        [Path(s) for s in args.sources],
-        Path(args.output),
-        tokenizer,
-        extensions=extensions,
-        num_threads=args.workers,
-        **exclude,
-    )
-    print(
-        json.dumps(
-            {k: manifest[k] for k in ("documents", "tokens", "skipped") if k in manifest}, indent=2
+    load_plugins()  # languages, corpus filters and evaluation tasks of the domain packages
+
+    def names(value: str | None) -> tuple[str, ...] | None:
+        return None if value is None else tuple(p.strip() for p in value.split(",") if p.strip())
+
+    try:
+        task_data = tuple(_key_value(item, "--task-data") for item in args.task_data)
+        extensions = names(args.extensions)
+        options = PrepareOptions(
+            sources=SourceOptions(
+                extensions=extensions
+                and tuple(e if e.startswith(".") else f".{e}" for e in extensions),
+                text_field=args.text_field,
+                language_field=args.language_field,
+                **({} if args.exclude is None else {"exclude_dirs": names(args.exclude)}),
+            ),
+            filters=tuple(resolve_filter_names(args.filters)),
+            settings=FilterSettings(
+                max_bytes=args.max_bytes,
+                max_line_length=args.max_line_length,
+                max_mean_line_length=args.max_mean_line_length,
+                min_alphanumeric_fraction=args.min_alphanumeric_fraction,
+            ),
+            near_dedup_threshold=args.near_dedup_threshold,
+            decontaminate=names(args.decontaminate) or (),
+            task_data=task_data,
+            decontamination_ngram=args.decontamination_ngram,
+            shard_documents=args.shard_documents,
+            workers=args.workers,
         )
+        manifest = prepare(
+            [parse_source(s) for s in args.sources],
+            args.output,
+            QwenTokenizer.load(args.tokenizer),
+            options,
+            progress=sys.stderr.isatty(),
+        )
+    except (SourceError, TaskError, ValueError, FileNotFoundError) as e:
+        print(f"data prepare: {e}", file=sys.stderr)
+        return 2
+    removed = {reason: n for reason, n in manifest["removed"].items() if n}
+    print(
+        f"{args.output}: {manifest['documents']:,} of {manifest['input_documents']:,} documents, "
+        f"{manifest['tokens']:,} tokens in {len(manifest['shards'])} shards"
     )
+    for reason, n in removed.items():
+        print(f"  removed {n:,} {reason}")
+    for language, counts in manifest["languages"].items():
+        print(f"  {language}: {counts['documents']:,} documents, {counts['tokens']:,} tokens")
     return 0
+
+
+def _key_value(item: str, flag: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key or not value:
+        raise ValueError(f"{flag} {item!r}: expected NAME=VALUE")
+    return key, value
 
 
 def _convert(run, *args, **kwargs) -> dict | None:
@@ -173,22 +210,69 @@ def build_parser() -> argparse.ArgumentParser:
         dest="data_command", required=True
     )
     prepare = data.add_parser(
-        "prepare", help="tokenize directories of text/code files into Megatron .bin/.idx"
+        "prepare",
+        help="filter, deduplicate, decontaminate and tokenize a corpus into Megatron shards",
+        description="Sources: directories of source files (language by extension), single "
+        "files, .jsonl/.jsonl.gz and .parquet files with a text field, or hf:NAME[:CONFIG][@SPLIT] "
+        "datasets. Re-running skips finished shards; an interrupted run resumes.",
     )
-    prepare.add_argument("sources", nargs="+", help="directories to read")
+    prepare.add_argument("sources", nargs="+", help="directories, files or hf:NAME datasets")
     prepare.add_argument(
-        "-o",
-        "--output",
-        required=True,
-        help="output prefix (writes PREFIX.bin/.idx/.manifest.json)",
+        "-o", "--output", required=True, help="output directory (shards + manifest.json)"
     )
-    prepare.add_argument("--extensions", default=".py", help="comma-separated file extensions")
+    prepare.add_argument("--workers", type=int, default=2, help="worker processes (0: inline)")
+    prepare.add_argument(
+        "--filters",
+        default="default",
+        help="comma-separated filters, or default (all but near-dedup), all, none "
+        "(none: the corpus was cleaned elsewhere)",
+    )
+    prepare.add_argument(
+        "--extensions",
+        default=None,
+        help="comma-separated file extensions to take from directories (default: every known "
+        "language)",
+    )
     prepare.add_argument(
         "--exclude",
         default=None,
-        help="comma-separated directory names to skip (default: site-packages, dist-packages, __pycache__, .git)",
+        help="comma-separated directory names to skip (default: site-packages, dist-packages, "
+        "__pycache__, .git)",
     )
-    prepare.add_argument("--workers", type=int, default=2, help="tokenizer threads")
+    prepare.add_argument("--text-field", default="text", help="text field of JSONL/Parquet rows")
+    prepare.add_argument(
+        "--language-field", default=None, help="language field of JSONL/Parquet rows"
+    )
+    prepare.add_argument(
+        "--decontaminate",
+        default="humaneval",
+        help="evaluation tasks whose prompts/solutions are removed from the corpus "
+        "(comma-separated registry names; tasks without packaged data need --task-data)",
+    )
+    prepare.add_argument(
+        "--task-data",
+        action="append",
+        default=[],
+        metavar="TASK=PATH",
+        help="local data file of an evaluation task (repeatable)",
+    )
+    prepare.add_argument(
+        "--decontamination-ngram", type=int, default=13, help="n-gram length for decontamination"
+    )
+    prepare.add_argument(
+        "--near-dedup-threshold", type=float, default=0.85, help="MinHash Jaccard threshold"
+    )
+    prepare.add_argument("--max-bytes", type=int, default=1_000_000, help="size filter cap")
+    prepare.add_argument("--max-line-length", type=int, default=1000, help="long-lines cap")
+    prepare.add_argument(
+        "--max-mean-line-length", type=float, default=100.0, help="minified: mean line cap"
+    )
+    prepare.add_argument(
+        "--min-alphanumeric-fraction", type=float, default=0.25, help="alphanumeric: floor"
+    )
+    prepare.add_argument(
+        "--shard-documents", type=int, default=50_000, help="input documents per shard"
+    )
     prepare.add_argument(
         "--tokenizer", default=None, help="qwen.tiktoken path (default: the packaged one)"
     )

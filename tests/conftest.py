@@ -1,3 +1,4 @@
+import sysconfig
 import warnings
 from pathlib import Path
 
@@ -9,6 +10,7 @@ warnings.filterwarnings(
 )
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,13 +31,17 @@ STDLIB_PACKAGES = ("json", "email", "http", "urllib", "logging", "xml", "asyncio
 
 @pytest.fixture(scope="session")
 def stdlib_shard(tmp_path_factory) -> str:
-    """A few standard-library packages tokenized into a Megatron shard; returns the prefix."""
-    import sysconfig
-
+    """A few standard-library packages prepared by `data prepare`; returns the directory."""
     from base.tokenizer import QwenTokenizer
-    from specialize.data.prepare import prepare_directory
+    from specialize.data.prepare import PrepareOptions, prepare
+    from specialize.data.sources import Source, SourceOptions
 
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    prefix = tmp_path_factory.mktemp("stdlib") / "stdlib"
-    prepare_directory([stdlib / p for p in STDLIB_PACKAGES], prefix, QwenTokenizer.load())
-    return str(prefix)
+    out = tmp_path_factory.mktemp("stdlib") / "stdlib"
+    sources = [Source("directory", str(STDLIB / p)) for p in STDLIB_PACKAGES]
+    prepare(
+        sources,
+        out,
+        QwenTokenizer.load(),
+        PrepareOptions(SourceOptions(extensions=(".py",)), filters=(), workers=0),
+    )
+    return str(out)

@@ -1,55 +1,60 @@
-"""Tokenize source trees into a Megatron indexed dataset (``.bin``/``.idx``) plus a manifest.
+"""``specialize data prepare``: sources -> filtered, deduplicated, tokenized Megatron shards.
 
-Every matching file is one document followed by ``<|endoftext|>``. Files that cannot be used are
-counted per reason in the manifest and logged; they never stop the run. Outputs are written under
-temporary names and renamed at the end, the ``.idx`` last: an interrupted run leaves no shard that
-megatron-core would open.
+Output, a directory::
+
+    OUT/shard-00000.bin, .idx   megatron-core indexed dataset (int32 ids, one document + EOD each)
+    OUT/shard-00000.state.npz   what later shards deduplicate against (digests, LSH band keys)
+    OUT/shard-00000.json        the shard's counts; written last, it marks the shard finished
+    OUT/manifest.json           the whole run's counts, written when every shard is finished
+
+The input documents are cut into shards of ``shard_documents`` in source order, so a shard's
+content depends only on the inputs and options. Workers (processes) read, filter and tokenize
+batches; the main process deduplicates in document order and writes. Re-running with the same
+inputs and options skips finished shards; an interrupted run resumes at its first unfinished shard
+and produces the same files as an uninterrupted one. Different options for an existing directory
+are an error.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import importlib.metadata
 import json
 import logging
+import multiprocessing
 import os
+import sys
+import time
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from base.tokenizer import QwenTokenizer
+from specialize.data.decontam import DEFAULT_NGRAM, NgramIndex
+from specialize.data.dedup import LSHIndex, MinHasher, digest
+from specialize.data.filters import (
+    DECONTAMINATE,
+    EXACT_DEDUP,
+    NEAR_DEDUP,
+    Document,
+    FilterSettings,
+    build_filters,
+)
+from specialize.data.sources import DocumentRef, Source, SourceOptions, iter_documents
+from specialize.plugins import load_plugins
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = 1
-SKIP_REASONS = ("unreadable", "undecodable", "empty")
-MAX_LISTED_SKIPS = 1000  # the counts are always complete; the per-file list is capped
-# Directory names never descended into: installed third-party packages inside a stdlib tree, caches.
-DEFAULT_EXCLUDE_DIRS = ("site-packages", "dist-packages", "__pycache__", ".git")
-BATCH_BYTES = 32 << 20  # text held in memory between tokenizer calls
-
-
-def bin_path(prefix: str | os.PathLike) -> Path:
-    return Path(f"{os.fspath(prefix)}.bin")
-
-
-def idx_path(prefix: str | os.PathLike) -> Path:
-    return Path(f"{os.fspath(prefix)}.idx")
-
-
-def manifest_path(prefix: str | os.PathLike) -> Path:
-    return Path(f"{os.fspath(prefix)}.manifest.json")
-
-
-def read_manifest(prefix: str | os.PathLike) -> dict:
-    """The manifest written next to the shard ``prefix`` by ``prepare_directory``."""
-    path = manifest_path(prefix)
-    if not path.is_file():
-        raise FileNotFoundError(f"no manifest for dataset prefix {os.fspath(prefix)}: {path}")
-    with path.open(encoding="utf-8") as f:
-        return json.load(f)
+FORMAT = 2
+MANIFEST = "manifest.json"
+# Reasons a document is removed that no --filters choice turns off: there is no document.
+INPUT_REASONS = ("unreadable", "malformed", "empty", "undecodable")
+MAX_EXAMPLES = 20  # names kept per removal reason; the counts are always complete
+DEFAULT_DECONTAMINATION = ("humaneval",)  # the evaluation set available offline
 
 
 def tool_version() -> str:
@@ -59,164 +64,497 @@ def tool_version() -> str:
         return "unknown"
 
 
-class _Skips:
-    def __init__(self) -> None:
-        self.counts = dict.fromkeys(SKIP_REASONS, 0)
-        self.files: list[dict[str, str]] = []
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Everything that decides the output (except ``workers``/``batch_documents``)."""
 
-    def add(self, name: str, reason: str, detail: str = "") -> None:
-        self.counts[reason] += 1
-        if len(self.files) < MAX_LISTED_SKIPS:
-            self.files.append({"path": name, "reason": reason, "detail": detail})
-
-
-def _walk(
-    sources: list[Path],
-    extensions: tuple[str, ...],
-    skips: _Skips,
-    exclude_dirs: tuple[str, ...] = (),
-) -> Iterator[tuple[Path, str]]:
-    """(file, name) in a fixed order; a name is ``<source index>/<path relative to the source>``."""
-    for i, source in enumerate(sources):
-        if source.is_file():  # named explicitly: taken whatever its extension
-            yield source, f"{i}/{source.name}"
-            continue
-
-        def on_error(err: OSError, i: int = i, source: Path = source) -> None:
-            where = Path(err.filename or source)
-            rel = where.relative_to(source).as_posix() if where.is_relative_to(source) else where
-            skips.add(f"{i}/{rel}", "unreadable", f"directory: {err.strerror or err}")
-
-        for dirpath, dirnames, filenames in os.walk(source, onerror=on_error):
-            dirnames[:] = sorted(d for d in dirnames if d not in exclude_dirs)
-            for name in sorted(filenames):
-                if name.endswith(extensions):
-                    path = Path(dirpath) / name
-                    yield path, f"{i}/{path.relative_to(source).as_posix()}"
+    sources: SourceOptions = field(default_factory=SourceOptions)
+    filters: tuple[str, ...] = ()
+    """Filter names in effect (see ``filters.resolve_filter_names``)."""
+    settings: FilterSettings = field(default_factory=FilterSettings)
+    near_dedup_threshold: float = 0.85
+    """Estimated Jaccard similarity of token 5-gram sets above which a document is a duplicate."""
+    decontaminate: tuple[str, ...] = DEFAULT_DECONTAMINATION
+    """Evaluation tasks (registry names) whose prompts and solutions must not appear."""
+    task_data: tuple[tuple[str, str], ...] = ()
+    """(task, local file) for tasks whose data is not shipped offline."""
+    decontamination_ngram: int = DEFAULT_NGRAM
+    shard_documents: int = 50_000
+    """Input documents per shard: the unit of resumption."""
+    workers: int = 2
+    """Worker processes (0: in this process)."""
+    batch_documents: int = 64
 
 
-def prepare_directory(
-    sources: list[Path],
-    out_prefix: Path,
-    tokenizer: QwenTokenizer,
-    extensions: tuple[str, ...] = (".py",),
-    num_threads: int = 2,
-    batch_size: int = 512,
-    exclude_dirs: tuple[str, ...] = DEFAULT_EXCLUDE_DIRS,
-) -> dict:
-    """Tokenize every file under ``sources`` whose name ends with one of ``extensions``.
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
 
-    Writes ``{out_prefix}.bin``, ``.idx`` (int32 token ids, one document per file) and
-    ``.manifest.json``, and returns the manifest.
+
+def read_manifest(out_dir: str | os.PathLike) -> dict:
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {out_dir}: not a finished `data prepare` output")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+class _Processor:
+    """Per-document work, run in the worker processes: read, decode, filter, tokenize."""
+
+    def __init__(
+        self,
+        tokenizer: QwenTokenizer,
+        options: PrepareOptions,
+        decontamination: Optional[NgramIndex],
+        minhasher: Optional[MinHasher],
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.filters = build_filters(list(options.filters), options.settings)
+        self.decontamination = decontamination
+        self.minhasher = minhasher
+
+    def __call__(self, batch: list[DocumentRef]) -> list[tuple]:
+        return [self.process(ref) for ref in batch]
+
+    def process(self, ref: DocumentRef) -> tuple:
+        """(reason or None, detail, digest, tokens, band keys)."""
+        if ref.error is not None:
+            return ref.error[0], ref.error[1], b"", None, None
+        if ref.text is not None:
+            data = ref.text.encode("utf-8", "surrogatepass")
+        else:
+            try:
+                with open(ref.path, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                return "unreadable", e.strerror or str(e), b"", None, None
+        key = digest(data)
+        if not data.strip():
+            return "empty", "", key, None, None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return "undecodable", f"byte {e.start}: {e.reason}", key, None, None
+        document = Document(data, text, ref.language)
+        for name, rejects in self.filters:
+            if rejects(document):
+                return name, "", key, None, None
+        ids = self.tokenizer.encode(text)
+        ids.append(self.tokenizer.eod)
+        ids = numpy.array(ids, dtype=numpy.int32)
+        text_ids = ids[:-1]
+        if self.decontamination is not None and self.decontamination.contaminated(text_ids):
+            return DECONTAMINATE, "", key, None, None
+        bands = self.minhasher.band_keys(text_ids) if self.minhasher is not None else None
+        return None, "", key, ids, bands
+
+
+_worker: Optional[_Processor] = None  # the processor of a worker process (set by its initializer)
+
+
+def _init_worker(processor: _Processor) -> None:
+    global _worker
+    _worker = processor
+
+
+def _run_worker(batch: list[DocumentRef]) -> list[tuple]:
+    return _worker(batch)
+
+
+def _ordered_map(
+    processor: _Processor, items: Iterator[tuple[int, list[DocumentRef]]], workers: int
+) -> Iterator[tuple[int, list[DocumentRef], list[tuple]]]:
+    """(shard, batch, results) in input order, with a few batches in flight per worker.
+
+    ``Pool.imap`` would read the whole input ahead into its task queue; a corpus does not fit.
     """
-    sources = [Path(s).expanduser().resolve() for s in sources]
-    out_prefix = Path(out_prefix).expanduser().resolve()
+    if workers == 0:
+        for shard, batch in items:
+            yield shard, batch, processor(batch)
+        return
+    # fork: workers inherit the loaded tokenizer and indexes instead of rebuilding them.
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with context.Pool(workers, initializer=_init_worker, initargs=(processor,)) as pool:
+        pending: collections.deque = collections.deque()
+        for shard, batch in items:
+            pending.append((shard, batch, pool.apply_async(_run_worker, (batch,))))
+            if len(pending) >= 3 * workers:
+                shard, batch, result = pending.popleft()
+                yield shard, batch, result.get()
+        while pending:
+            shard, batch, result = pending.popleft()
+            yield shard, batch, result.get()
+
+
+class _ShardWriter:
+    """Collects one shard's kept documents and counts; publishes its files atomically."""
+
+    def __init__(self, out_dir: Path, index: int, fingerprint: str, lsh_bands: int) -> None:
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        self.out_dir, self.index, self.fingerprint = out_dir, index, fingerprint
+        self.prefix = out_dir / shard_name(index)
+        self.tmp_bin = Path(f"{self.prefix}.bin.tmp")
+        self.builder = IndexedDatasetBuilder(str(self.tmp_bin), dtype=numpy.int32)
+        self.inputs = hashlib.sha256()
+        self.input_documents = self.documents = self.tokens = 0
+        self.removed: collections.Counter = collections.Counter()
+        self.examples: dict[str, list[dict]] = collections.defaultdict(list)
+        self.languages: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+        self.digests: list[bytes] = []
+        self.bands: list[numpy.ndarray] = []
+        self.lsh_bands = lsh_bands
+
+    def remove(self, name: str, reason: str, detail: str) -> None:
+        self.removed[reason] += 1
+        if len(self.examples[reason]) < MAX_EXAMPLES:
+            self.examples[reason].append({"document": name, "detail": detail} if detail else name)
+
+    def keep(self, language: str, key: bytes, ids: numpy.ndarray, bands) -> None:
+        self.builder.add_document(ids, [len(ids)])
+        self.documents += 1
+        self.tokens += len(ids)
+        self.languages[language][0] += 1
+        self.languages[language][1] += len(ids)
+        self.digests.append(key)
+        if bands is not None:
+            self.bands.append(bands)
+
+    def publish(self) -> dict:
+        tmp_idx = Path(f"{self.prefix}.idx.tmp")
+        self.builder.finalize(str(tmp_idx))
+        self.builder.data_file.close()
+        state = self.out_dir / f"{shard_name(self.index)}.state.npz"
+        digests = numpy.frombuffer(b"".join(self.digests), dtype=numpy.uint8).reshape(-1, 16)
+        bands = numpy.stack(self.bands) if self.bands else numpy.empty((0, self.lsh_bands))
+        with open(f"{state}.tmp", "wb") as f:
+            numpy.savez(f, digests=digests, bands=bands.astype(numpy.uint64))
+        os.replace(f"{state}.tmp", state)
+        if self.documents:
+            os.replace(self.tmp_bin, f"{self.prefix}.bin")
+            os.replace(tmp_idx, f"{self.prefix}.idx")
+        else:  # an empty indexed dataset would only trip up the training-side readers
+            self.tmp_bin.unlink()
+            tmp_idx.unlink()
+        record = {
+            "fingerprint": self.fingerprint,
+            "index": self.index,
+            "prefix": shard_name(self.index),
+            "input_documents": self.input_documents,
+            "inputs_sha256": self.inputs.hexdigest(),
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "removed": dict(sorted(self.removed.items())),
+            "examples": dict(sorted(self.examples.items())),
+            "languages": {
+                lang: {"documents": d, "tokens": t}
+                for lang, (d, t) in sorted(self.languages.items())
+            },
+        }
+        _write_json(self.out_dir / f"{shard_name(self.index)}.json", record)
+        return record
+
+    def abort(self) -> None:
+        self.builder.data_file.close()
+        self.tmp_bin.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _decontamination_index(
+    tokenizer: QwenTokenizer, options: PrepareOptions
+) -> tuple[Optional[NgramIndex], dict]:
+    if DECONTAMINATE not in options.filters:
+        return None, {}
+    from specialize.tasks import get_task
+
+    paths = dict(options.task_data)
+    texts: list[str] = []
+    described = {}
+    for name in options.decontaminate:
+        task = get_task(name)
+        records = task.load(paths.get(name))
+        task_texts = task.reference_texts(records)
+        texts += task_texts
+        described[name] = {
+            "records": len(records),
+            "source": paths.get(name) or (str(task.hub) if task.hub else "packaged"),
+            "sha256": hashlib.sha256("\0".join(task_texts).encode()).hexdigest(),
+        }
+    index = NgramIndex.build(tokenizer, texts, options.decontamination_ngram)
+    return index, {
+        "tasks": described,
+        "ngram": options.decontamination_ngram,
+        "ngrams": len(index),
+        "sha256": index.sha256,
+    }
+
+
+def _fingerprint(sources: list[Source], tokenizer: QwenTokenizer, options, decontamination) -> str:
+    decides = asdict(options)
+    decides.pop("workers")
+    decides.pop("batch_documents")
+    blob = {
+        "format": FORMAT,
+        "sources": [s.to_dict() for s in sources],
+        "options": decides,
+        "tokenizer": tokenizer.sha256,
+        "decontamination": decontamination.get("sha256"),
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _finished_shards(out_dir: Path, fingerprint: str) -> list[dict]:
+    """The leading run of finished shards of an earlier run with the same fingerprint."""
+    records = []
+    while (path := out_dir / f"{shard_name(len(records))}.json").is_file():
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"{out_dir} holds the output of `data prepare` with other sources or options "
+                f"({path} differs); write to a new directory or remove it"
+            )
+        records.append(record)
+    return records
+
+
+def _clean_unfinished(out_dir: Path, first: int) -> None:
+    """Remove files of shards from ``first`` on, and temporaries, left by an interrupted run."""
+    for path in out_dir.iterdir():
+        name = path.name
+        if name.endswith(".tmp") or (name.startswith("shard-") and int(name[6:11]) >= first):
+            path.unlink()
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+
+
+def _batches(
+    documents: Iterator[DocumentRef], shard_documents: int, batch_documents: int, skip_shards: int
+) -> Iterator[tuple[int, list[DocumentRef]]]:
+    """(shard index, batch) in order; the documents of the first ``skip_shards`` are passed over."""
+    shard, in_shard, batch = 0, 0, []
+    for ref in documents:
+        if shard >= skip_shards:
+            batch.append(ref)
+            if len(batch) == batch_documents:
+                yield shard, batch
+                batch = []
+        in_shard += 1
+        if in_shard == shard_documents:
+            if batch:
+                yield shard, batch
+                batch = []
+            shard, in_shard = shard + 1, 0
+    if batch:
+        yield shard, batch
+
+
+def prepare(
+    sources: list[Source],
+    out_dir: str | os.PathLike,
+    tokenizer: QwenTokenizer,
+    options: PrepareOptions,
+    progress: bool = False,
+) -> dict:
+    """Write (or finish) the prepared dataset ``out_dir`` and return its manifest."""
     if not sources:
         raise ValueError("no sources given")
-    if not extensions:
-        raise ValueError("no file extensions given")
-    for source in sources:
-        if not source.exists():
-            raise FileNotFoundError(f"source not found: {source}")
-    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    if options.shard_documents < 1 or options.batch_documents < 1 or options.workers < 0:
+        raise ValueError("shard_documents and batch_documents must be >= 1, workers >= 0")
+    out_dir = Path(out_dir).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    load_plugins()  # the languages and corpus filters of the domain packages
 
-    suffix = f".tmp{os.getpid()}"
-    tmp_bin = Path(f"{bin_path(out_prefix)}{suffix}")
-    tmp_idx = Path(f"{idx_path(out_prefix)}{suffix}")
-    tmp_manifest = Path(f"{manifest_path(out_prefix)}{suffix}")
-    skips = _Skips()
-    hashes: list[tuple[str, str]] = []
-    files = documents = tokens = 0
-    builder = IndexedDatasetBuilder(str(tmp_bin), dtype=numpy.int32)  # ids exceed uint16
-    try:
-        pending: list[str] = []
-        pending_bytes = 0
+    decontamination, decontamination_info = _decontamination_index(tokenizer, options)
+    fingerprint = _fingerprint(sources, tokenizer, options, decontamination_info)
+    finished = _finished_shards(out_dir, fingerprint)
+    if finished and (out_dir / MANIFEST).is_file():
+        manifest = read_manifest(out_dir)
+        if manifest.get("fingerprint") == fingerprint:
+            logger.info("%s is complete (%d shards); nothing to do", out_dir, len(finished))
+            return manifest
+    _clean_unfinished(out_dir, len(finished))
 
-        def flush() -> None:
-            nonlocal documents, tokens, pending_bytes
-            for ids in tokenizer.encode_batch(pending, num_threads=num_threads):
-                ids.append(tokenizer.eod)
-                builder.add_document(numpy.asarray(ids, dtype=numpy.int32), [len(ids)])
-                documents += 1
-                tokens += len(ids)
-            pending.clear()
-            pending_bytes = 0
+    minhasher = MinHasher(threshold=options.near_dedup_threshold)
+    exact = EXACT_DEDUP in options.filters
+    near = NEAR_DEDUP in options.filters
+    seen: set[bytes] = set()
+    lsh = LSHIndex(minhasher.bands)
+    for record in finished:  # rebuild the deduplication state from the finished shards
+        with numpy.load(out_dir / f"{record['prefix']}.state.npz") as state:
+            if exact:
+                seen.update(bytes(row) for row in state["digests"])
+            if near:
+                lsh.add_many(state["bands"])
+    if finished:
+        logger.info("resuming %s after %d finished shards", out_dir, len(finished))
 
-        for path, name in _walk(sources, tuple(extensions), skips, tuple(exclude_dirs)):
-            files += 1
-            try:
-                data = path.read_bytes()
-            except OSError as e:
-                skips.add(name, "unreadable", e.strerror or str(e))
-                continue
-            hashes.append((name, hashlib.sha256(data).hexdigest()))
-            if not data:
-                skips.add(name, "empty")
-                continue
-            try:
-                pending.append(data.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                skips.add(name, "undecodable", f"byte {e.start}: {e.reason}")
-                continue
-            pending_bytes += len(data)
-            if len(pending) >= batch_size or pending_bytes >= BATCH_BYTES:
-                flush()
-        flush()
-        builder.finalize(str(tmp_idx))
-
-        skipped = sum(skips.counts.values())
-        if skipped:
-            detail = ", ".join(f"{n} {r}" for r, n in skips.counts.items() if n)
-            logger.warning(
-                "skipped %d of %d files (%s); listed in %s",
-                skipped,
-                files,
-                detail,
-                manifest_path(out_prefix),
-            )
-        if documents == 0:
-            raise ValueError(
-                f"no documents to write: {files} files matched {', '.join(extensions)} under "
-                f"{', '.join(map(str, sources))}, skipped: {skips.counts}"
-            )
-
-        inputs_hash = hashlib.sha256()
-        for name, digest in sorted(hashes):
-            inputs_hash.update(f"{name}\t{digest}\n".encode())
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "inputs": {
-                "sources": [str(s) for s in sources],
-                "extensions": list(extensions),
-                "exclude_dirs": list(exclude_dirs),
-                "files": files,
-                "sha256": inputs_hash.hexdigest(),
-            },
-            "documents": documents,
-            "tokens": tokens,
-            "dtype": "int32",
-            "skipped": skips.counts,
-            "skipped_files": skips.files,
-            "tokenizer": {
-                "class": type(tokenizer).__name__,
-                "sha256": tokenizer.sha256,
-                "vocab_size": tokenizer.vocab_size,
-                "eod": tokenizer.eod,
-            },
-            "tool": {"name": "qwen-specialize", "version": tool_version()},
-        }
-        tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-
-        # The .idx is what makes a prefix a dataset: remove the old one first, publish the new last.
-        idx_path(out_prefix).unlink(missing_ok=True)
-        os.replace(tmp_bin, bin_path(out_prefix))
-        os.replace(tmp_manifest, manifest_path(out_prefix))
-        os.replace(tmp_idx, idx_path(out_prefix))
-    finally:
-        builder.data_file.close()
-        for tmp in (tmp_bin, tmp_idx, tmp_manifest):
-            tmp.unlink(missing_ok=True)
-    logger.info(
-        "wrote %s: %d documents, %d tokens from %d files", out_prefix, documents, tokens, files
+    processor = _Processor(tokenizer, options, decontamination, minhasher if near else None)
+    batches = _batches(
+        iter_documents(sources, options.sources),
+        options.shard_documents,
+        options.batch_documents,
+        len(finished),
     )
-    return manifest
+    records = list(finished)
+    writer: Optional[_ShardWriter] = None
+    meter = _Meter(progress)
+    try:
+        for shard, batch, results in _ordered_map(processor, batches, options.workers):
+            if writer is None or writer.index != shard:
+                if writer is not None:
+                    records.append(writer.publish())
+                writer = _ShardWriter(out_dir, shard, fingerprint, minhasher.bands)
+            tokens = writer.tokens
+            for ref, (reason, detail, key, ids, bands) in zip(batch, results):
+                writer.input_documents += 1
+                writer.inputs.update(key)
+                if reason is None and exact:
+                    if key in seen:
+                        reason = EXACT_DEDUP
+                    else:
+                        seen.add(key)
+                if reason is None and near:
+                    if lsh.seen(bands):
+                        reason = NEAR_DEDUP
+                    else:
+                        lsh.add(bands)
+                if reason is None:
+                    writer.keep(ref.language, key, ids, bands)
+                else:
+                    writer.remove(ref.name, reason, detail)
+            meter.update(len(batch), writer.tokens - tokens)
+        if writer is not None:
+            records.append(writer.publish())
+            writer = None
+    finally:
+        meter.close()
+        if writer is not None:
+            writer.abort()
+
+    manifest = _manifest(sources, tokenizer, options, fingerprint, decontamination_info, records)
+    if manifest["documents"] == 0:
+        raise ValueError(
+            f"no documents to write from {', '.join(s.location for s in sources)}: "
+            f"{manifest['input_documents']} read, removed: {manifest['removed']}"
+        )
+    _write_json(out_dir / MANIFEST, manifest)
+    _report(out_dir, manifest)
+    return read_manifest(out_dir)  # as JSON has it (lists, not tuples), like a re-run returns
+
+
+def _manifest(sources, tokenizer, options, fingerprint, decontamination, records) -> dict:
+    removed: collections.Counter = collections.Counter()
+    examples: dict[str, list] = {}
+    languages: dict[str, dict[str, int]] = {}
+    inputs = hashlib.sha256()
+    for record in records:
+        removed.update(record["removed"])
+        inputs.update(record["inputs_sha256"].encode())
+        for reason, names in record["examples"].items():
+            examples.setdefault(reason, [])
+            examples[reason] += names[: MAX_EXAMPLES - len(examples[reason])]
+        for lang, counts in record["languages"].items():
+            total = languages.setdefault(lang, {"documents": 0, "tokens": 0})
+            total["documents"] += counts["documents"]
+            total["tokens"] += counts["tokens"]
+    reasons = list(INPUT_REASONS) + list(options.filters)
+    return {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "inputs": {
+            "sources": [s.to_dict() for s in sources],
+            "options": asdict(options.sources),
+            "sha256": inputs.hexdigest(),
+        },
+        "input_documents": sum(r["input_documents"] for r in records),
+        "documents": sum(r["documents"] for r in records),
+        "tokens": sum(r["tokens"] for r in records),
+        "removed": {reason: removed.get(reason, 0) for reason in reasons},
+        "removed_examples": examples,
+        "languages": dict(sorted(languages.items(), key=lambda kv: -kv[1]["tokens"])),
+        "filters": {
+            "enabled": list(options.filters),
+            "settings": asdict(options.settings),
+            "near_dedup_threshold": options.near_dedup_threshold
+            if NEAR_DEDUP in options.filters
+            else None,
+        },
+        "decontamination": decontamination,
+        "shards": [
+            {"prefix": r["prefix"], "documents": r["documents"], "tokens": r["tokens"]}
+            for r in records
+            if r["documents"]
+        ],
+        "shard_documents": options.shard_documents,
+        "dtype": "int32",
+        "tokenizer": {
+            "sha256": tokenizer.sha256,
+            "vocab_size": tokenizer.vocab_size,
+            "eod": tokenizer.eod,
+        },
+        "tool": {"name": "qwen-specialize", "version": tool_version()},
+    }
+
+
+def _report(out_dir: Path, manifest: dict) -> None:
+    removed = {reason: n for reason, n in manifest["removed"].items() if n}
+    logger.info(
+        "wrote %s: %d of %d documents, %d tokens in %d shards",
+        out_dir,
+        manifest["documents"],
+        manifest["input_documents"],
+        manifest["tokens"],
+        len(manifest["shards"]),
+    )
+    if removed:
+        logger.warning(
+            "removed %d documents (%s); examples in %s",
+            sum(removed.values()),
+            ", ".join(f"{n} {reason}" for reason, n in removed.items()),
+            out_dir / MANIFEST,
+        )
+
+
+class _Meter:
+    """A progress bar with documents/s and tokens/s (on a terminal)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.progress = None
+        self.start = time.perf_counter()
+        if not enabled:
+            return
+        from rich.progress import Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]prepare"),
+            TextColumn("{task.completed:,} documents ({task.fields[docs_rate]:,.0f}/s)"),
+            TextColumn("{task.fields[tokens]:,} tokens ({task.fields[tokens_rate]:,.0f}/s)"),
+            TimeElapsedColumn(),
+            transient=False,
+        )
+        self.task = self.progress.add_task(
+            "prepare", total=None, tokens=0, docs_rate=0.0, tokens_rate=0.0
+        )
+        self.documents = self.tokens = 0
+        self.progress.start()
+
+    def update(self, documents: int, tokens: int) -> None:
+        if self.progress is None:
+            return
+        self.documents += documents
+        self.tokens += tokens
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.progress.update(
+            self.task,
+            completed=self.documents,
+            tokens=self.tokens,
+            docs_rate=self.documents / elapsed,
+            tokens_rate=self.tokens / elapsed,
+        )
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()

