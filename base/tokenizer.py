@@ -16,6 +16,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy
 import tiktoken
 
 # Qwen's pre-tokenizer: cl100k-like, except that every digit is its own piece.
@@ -113,6 +114,14 @@ class QwenTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of ordinary text; special-token strings in it are encoded as plain text."""
         return self._enc.encode(text, allowed_special=set(), disallowed_special=())
+
+    def encode_document(self, text: str) -> numpy.ndarray:
+        """``encode(text) + [eod]`` as int32, filled from tiktoken's buffer without a list."""
+        ids = self._enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        out = numpy.empty(len(ids) + 1, dtype=numpy.int32)
+        out[:-1] = ids
+        out[-1] = self.eod
+        return out
 
     def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
         """``encode`` over many texts; tiktoken releases the GIL, so threads run in parallel."""

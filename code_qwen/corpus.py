@@ -49,18 +49,19 @@ _NOT_ALPHANUMERIC = bytes(b for b in range(128) if not chr(b).isalnum())
 
 def _generated(settings: FilterSettings) -> Filter:
     def check(doc: Document) -> bool:
-        head = doc.data.split(b"\n", _HEAD_LINES)[:_HEAD_LINES]
-        return any(_GENERATED.search(line) for line in head)
+        end = -1
+        for _ in range(_HEAD_LINES):
+            end = doc.data.find(b"\n", end + 1)
+            if end < 0:
+                end = len(doc.data)
+                break
+        return _GENERATED.search(doc.data, 0, end) is not None
 
     return check
 
 
 def _minified(settings: FilterSettings) -> Filter:
-    def check(doc: Document) -> bool:
-        lengths = doc.line_lengths
-        return sum(lengths) / len(lengths) > settings.max_mean_line_length
-
-    return check
+    return lambda doc: doc.mean_line_length > settings.max_mean_line_length
 
 
 def _alphanumeric(settings: FilterSettings) -> Filter:

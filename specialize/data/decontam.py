@@ -6,13 +6,15 @@ whitespace, and tokens without letters (spaces, digits, punctuation) are dropped
 re-wrapping a benchmark solution does not hide it, and a run of numbers like ``1, 2, 3, 4, ...``
 that half the test files of any code base contain does not count as a match. A document is contaminated when any window of ``n`` canonical
 tokens also occurs in a prompt or reference solution of one of the evaluation tasks (from the task
-registry). Lookups are a binary search of the document's window hashes in a sorted array: a few
+registry). Lookups are a bitmap test and, for its rare hits, a binary search in a sorted array: a few
 vectorized numpy passes per document, cheap next to tokenization.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import re
 from collections.abc import Iterable
 
 import numpy
@@ -23,18 +25,18 @@ from specialize.data.dedup import ngram_hashes
 DEFAULT_NGRAM = 13  # the window of GPT-3's and most later decontamination studies
 
 
+_LETTER = re.compile(r"[^\W\d_]")
+
+
+@functools.lru_cache(maxsize=4)
 def canonical_table(tokenizer: QwenTokenizer) -> numpy.ndarray:
-    """token id -> canonical id (-1 for tokens without a letter)."""
-    enc = tokenizer._enc
-    table = numpy.full(enc.n_vocab, -1, dtype=numpy.int64)
-    canonical: dict[bytes, int] = {}
-    for token_id in range(enc.n_vocab):
-        try:
-            text = enc.decode_single_token_bytes(token_id).decode("utf-8", "ignore")
-        except KeyError:  # ids between the ordinary and special ranges
-            continue
-        text = text.strip().lower()
-        if any(c.isalpha() for c in text):
+    """token id -> canonical id (-1 for tokens without a letter, and special tokens)."""
+    ranks = tokenizer._enc._mergeable_ranks
+    table = numpy.full(tokenizer._enc.n_vocab, -1, dtype=numpy.int32)
+    canonical: dict[str, int] = {}
+    for token, token_id in ranks.items():
+        text = token.decode("utf-8", "ignore").strip().lower()
+        if _LETTER.search(text):
             table[token_id] = canonical.setdefault(text, len(canonical))
     return table
 
@@ -44,6 +46,12 @@ class NgramIndex:
 
     def __init__(self, table: numpy.ndarray, n: int, hashes: numpy.ndarray) -> None:
         self.table, self.n, self.hashes = table, n, hashes
+        # A bitmap over the low hash bits answers "no" for almost every window in one gather;
+        # only its hits are binary-searched. Sized for a fill of at most 1/16.
+        bits = max(16, int(16 * len(hashes)).bit_length())
+        self._mask = numpy.uint64((1 << bits) - 1)
+        self._bitmap = numpy.zeros(1 << bits, dtype=bool)
+        self._bitmap[(hashes & self._mask).astype(numpy.intp)] = True
 
     @classmethod
     def build(cls, tokenizer: QwenTokenizer, texts: Iterable[str], n: int = DEFAULT_NGRAM):
@@ -73,6 +81,7 @@ class NgramIndex:
         if not len(self.hashes):
             return False
         windows = ngram_hashes(self._canonical(self.table, ids), self.n)
+        windows = windows[self._bitmap[(windows & self._mask).astype(numpy.intp)]]
         if not len(windows):
             return False
         where = numpy.searchsorted(self.hashes, windows)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
+
+import numpy
 
 
 @dataclass(frozen=True)
@@ -21,24 +22,33 @@ class FilterSettings:
     max_bytes: int = 1_000_000
     """``size``: documents larger than this many bytes are dropped."""
     max_line_length: int = 1000
-    """``long-lines``: documents with a line longer than this many characters are dropped."""
+    """``long-lines``: documents with a line longer than this many bytes are dropped."""
     max_mean_line_length: float = 100.0
-    """``minified``: documents whose mean line length exceeds this are dropped."""
+    """``minified``: documents whose mean line length (bytes) exceeds this are dropped."""
     min_alphanumeric_fraction: float = 0.25
     """``alphanumeric``: documents with a smaller share of letters/digits are dropped (data blobs)."""
 
 
 class Document:
-    """One decoded document as filters see it; derived views are computed once, on demand."""
+    """One decoded document as filters see it."""
 
-    __slots__ = ("data", "text", "language", "__dict__")
+    __slots__ = ("data", "text", "language")
 
     def __init__(self, data: bytes, text: str, language: str) -> None:
         self.data, self.text, self.language = data, text, language
 
-    @cached_property
-    def line_lengths(self) -> list[int]:
-        return [len(line) for line in self.text.split("\n")]
+    # Line metrics are in bytes (a close bound on characters for code) and vectorized: a list of
+    # line strings per document would cost as much as the other filters together.
+    @property
+    def mean_line_length(self) -> float:
+        newlines = self.data.count(b"\n")
+        return (len(self.data) - newlines) / (newlines + 1)
+
+    @property
+    def max_line_length(self) -> int:
+        ends = numpy.flatnonzero(numpy.frombuffer(self.data, dtype=numpy.uint8) == 10)
+        bounds = numpy.concatenate(([-1], ends, [len(self.data)]))
+        return int(numpy.diff(bounds).max()) - 1
 
 
 Filter = Callable[[Document], bool]
@@ -102,7 +112,7 @@ def _size(settings: FilterSettings) -> Filter:
 
 
 def _long_lines(settings: FilterSettings) -> Filter:
-    return lambda doc: max(doc.line_lengths) > settings.max_line_length
+    return lambda doc: doc.max_line_length > settings.max_line_length
 
 
 register_filter("size", _size)

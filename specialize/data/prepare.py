@@ -138,9 +138,7 @@ class _Processor:
         for name, rejects in self.filters:
             if rejects(document):
                 return name, "", key, None, None
-        ids = self.tokenizer.encode(text)
-        ids.append(self.tokenizer.eod)
-        ids = numpy.array(ids, dtype=numpy.int32)
+        ids = self.tokenizer.encode_document(text)
         text_ids = ids[:-1]
         if self.decontamination is not None and self.decontamination.contaminated(text_ids):
             return DECONTAMINATE, "", key, None, None

