@@ -182,8 +182,8 @@ def lineage_record(
         path = Path(data_path) / "manifest.json"  # a `data prepare` directory; else None
         manifest = json.loads(path.read_text()) if path.is_file() else None
         manifests[data_path] = manifest and {
-            "fingerprint": manifest["fingerprint"],
-            "inputs_sha256": manifest["inputs"]["sha256"],
+            "fingerprint": manifest.get("fingerprint"),
+            "inputs_sha256": manifest.get("inputs", {}).get("sha256"),
             "documents": manifest["documents"],
             "tokens": manifest["tokens"],
             "tokenizer_sha256": manifest["tokenizer"]["sha256"],

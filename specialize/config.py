@@ -124,9 +124,9 @@ class ParallelConfig:
 @dataclass
 class DataConfig:
     paths: list[str] = field(default_factory=list)
-    """Megatron indexed-dataset prefixes (``.bin``/``.idx`` without the suffix), as written by ``specialize data prepare``."""
+    """Directories written by ``specialize data prepare`` (``manifest.json`` + shards), or bare Megatron prefixes (``.bin``/``.idx`` without the suffix)."""
     weights: Optional[list[float]] = None
-    """Blend weights, one per path (default: proportional to size)."""
+    """Blend weights, one per path, each split over a directory's shards by tokens (default: proportional to tokens)."""
     split: str = "98,2,0"
     """Train/validation/test split of the documents, as ratios."""
     seq_length: int = 2048
@@ -288,8 +288,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
 
 
 def _normalize_shorthands(node: DictConfig) -> None:
-    """``init: PATH`` is shorthand for ``init: {checkpoint: PATH}``."""
-    if "init" in node and (node.init is None or isinstance(node.init, str)):
+    """``init: PATH`` is shorthand for ``init: {checkpoint: PATH}`` (also for ``init: ???``)."""
+    if OmegaConf.is_missing(node, "init"):  # `"init" in node` is False for a ??? value
+        node.init = {"checkpoint": "???"}
+    elif "init" in node and (node.init is None or isinstance(node.init, str)):
         node.init = {"checkpoint": node.init}
 
 
@@ -303,10 +305,18 @@ def _merge(schema: DictConfig, node: Any, where: str) -> DictConfig:
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RecipeConfig:
-    """Build a validated ``RecipeConfig`` from a recipe file plus ``key=value`` overrides."""
+    """Build a validated ``RecipeConfig`` from a recipe file plus ``key=value`` overrides.
+
+    A recipe value ``???`` marks a field the user must give (e.g. ``init: {checkpoint: ???}``);
+    leaving it unset is an error naming the field.
+    """
     cfg = OmegaConf.structured(RecipeConfig)
     if path is not None:
-        cfg = _merge(cfg, _read_yaml(Path(path)), str(path))
+        node = _read_yaml(Path(path))
+        required = OmegaConf.missing_keys(node)
+        cfg = _merge(cfg, node, str(path))
+        for key in required:  # merging ??? keeps the schema default; mark the field missing again
+            OmegaConf.update(cfg, key, "???")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
@@ -315,6 +325,13 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Re
             key = "init.checkpoint"
         dotted = OmegaConf.from_dotlist([f"{key}={value}"])
         cfg = _merge(cfg, dotted, f"override {item!r}")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        given = " ".join("init=PATH" if k == "init.checkpoint" else f"{k}=VALUE" for k in missing)
+        raise ConfigError(
+            f"{', '.join(missing)}: required by {path} (left as ???); give {given} on the "
+            "command line"
+        )
     recipe: RecipeConfig = OmegaConf.to_object(cfg)
     validate(recipe)
     return recipe

@@ -79,6 +79,8 @@ class Trainer:
         step = self.start_step
         for cb in self.callbacks:
             cb.on_train_start(self)
+        if step == 0 and self.cfg.train.eval_interval:
+            self.validate(0)  # the starting point (random or init weights) later ones compare to
         stop_at = self.derived.steps
         if self.cfg.train.exit_after_steps is not None:
             stop_at = min(stop_at, self.cfg.train.exit_after_steps)

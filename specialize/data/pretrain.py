@@ -1,15 +1,20 @@
-"""Training datasets over prepared shards, and a data loader that resumes at any sample.
+"""Training datasets over prepared data, and a data loader that resumes at any sample.
 
-megatron-core's ``GPTDataset`` (one shard) or ``BlendedDataset`` (several) turns the documents into
-shuffled ``seq_length`` windows; each item is a dict of ``tokens``, ``labels``, ``loss_mask``,
-``position_ids``, with ``data.reset_attention_mask`` also ``attention_mask`` (True = masked), and
-for a blend ``dataset_id`` (the shard a sample came from). The checks here catch what megatron-core
-would turn into a hang or a silently short dataset.
+Each ``data.paths`` entry is a directory written by ``specialize data prepare`` (``manifest.json``
+plus Megatron indexed shards ``shard-NNNNN.bin``/``.idx``) or a bare Megatron prefix
+(``PREFIX.bin``/``.idx`` from other tools). megatron-core's ``GPTDataset`` (one shard) or
+``BlendedDataset`` (several) turns the documents into shuffled ``seq_length`` windows; each item is
+a dict of ``tokens``, ``labels``, ``loss_mask``, ``position_ids``, with
+``data.reset_attention_mask`` also ``attention_mask`` (True = masked), and for a blend
+``dataset_id`` (the shard a sample came from). The checks here catch what megatron-core would turn
+into a hang or a silently short dataset.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,9 +30,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from base.tokenizer import QwenTokenizer
 from specialize.config import ConfigError, DataConfig
-from specialize.data.prepare import bin_path, idx_path, manifest_path, read_manifest
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,50 @@ class MegatronTokenizerView:
         return cls(tokenizer.eod, tokenizer.vocab_size, dict(tokenizer.unique_identifiers))
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One opened Megatron indexed dataset and the ``data.paths`` entry it belongs to."""
+
+    source: int
+    """Index of the ``data.paths`` entry."""
+    prefix: str
+    """Absolute path without ``.bin``/``.idx``."""
+    dataset: IndexedDataset = field(repr=False)
+
+    @property
+    def documents(self) -> int:
+        return len(self.dataset.sequence_lengths)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.dataset.sequence_lengths.sum())
+
+
+def read_data_manifest(path: str | os.PathLike, where: Optional[str] = None) -> Optional[dict]:
+    """The manifest of a prepared-data directory, or None for a bare Megatron prefix.
+
+    Raises ConfigError, naming ``where`` (default: the path), for a directory without a readable
+    ``manifest.json``.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        raise ConfigError(
+            f"{where or path}: a directory without {MANIFEST}; give a directory written by "
+            "`specialize data prepare` or a Megatron prefix (PREFIX.bin/.idx without the suffix)"
+        )
+    try:
+        with manifest_file.open(encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{where or path}: {manifest_file} is not readable JSON: {e}") from None
+    if not isinstance(manifest, dict):
+        raise ConfigError(f"{where or path}: {manifest_file} is not a manifest (a JSON object)")
+    return manifest
+
+
 def _parse_split(split: str) -> list[float]:
     try:
         ratios = [float(part) for part in split.split(",")]
@@ -62,37 +114,118 @@ def _parse_split(split: str) -> list[float]:
     return ratios
 
 
-def _open_shards(data_cfg: DataConfig, tokenizer: QwenTokenizer) -> list[IndexedDataset]:
-    """Check every prefix exists and was tokenized with ``tokenizer``; open its index."""
+def _missing_files(prefix: str | os.PathLike) -> list[str]:
+    return [
+        os.path.basename(f"{prefix}{suffix}")
+        for suffix in (".bin", ".idx")
+        if not os.path.isfile(f"{prefix}{suffix}")
+    ]
+
+
+def _directory_prefixes(where: str, path: Path, tokenizer: QwenTokenizer) -> list[str]:
+    """The shard prefixes a prepared directory's manifest lists, after checking its tokenizer."""
+    manifest = read_data_manifest(path, where)
+    manifest_file = path / MANIFEST
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ConfigError(
+            f"{where}: {manifest_file} has format {manifest.get('format')!r}, this version reads "
+            f"format {MANIFEST_FORMAT}; prepare the data again with `specialize data prepare`"
+        )
+    vocab = (manifest.get("tokenizer") or {}).get("sha256")
+    if vocab != tokenizer.sha256:
+        raise ConfigError(
+            f"{where} was tokenized with vocabulary sha256 {vocab}, but the model's tokenizer "
+            f"({tokenizer.vocab_file}) has sha256 {tokenizer.sha256}; prepare the data again "
+            "with this tokenizer (model.tokenizer)"
+        )
+    entries = manifest.get("shards")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{where}: {manifest_file} lists no shards; the directory holds no data")
+    prefixes = []
+    for j, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("prefix"), str):
+            raise ConfigError(f"{where}: {manifest_file} shards[{j}] has no 'prefix'")
+        prefix = path / entry["prefix"]
+        missing = _missing_files(prefix)
+        if missing:
+            raise ConfigError(
+                f"{where}: shard {entry['prefix']!r} listed in {MANIFEST} is missing "
+                f"({', '.join(str(path / m) for m in missing)}); the directory is incomplete, "
+                "prepare it again"
+            )
+        prefixes.append(str(prefix))
+    return prefixes
+
+
+def open_shards(data_cfg: DataConfig, tokenizer: QwenTokenizer) -> list[Shard]:
+    """Every shard of every ``data.paths`` entry, in order, checked against ``tokenizer``.
+
+    A directory expands to its manifest's shards; a bare prefix is one shard whose tokenizer
+    cannot be checked (there is no manifest), which is logged once.
+    """
     if not data_cfg.paths:
         raise ConfigError(
-            "data.paths: empty; give the prefixes written by `specialize data prepare`"
+            "data.paths: empty; give the directories written by `specialize data prepare`"
         )
-    shards = []
-    for i, prefix in enumerate(data_cfg.paths):
-        where = f"data.paths[{i}]={prefix!r}"
-        missing = [p.name for p in (bin_path(prefix), idx_path(prefix)) if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"{where}: no indexed dataset at this prefix (missing {', '.join(missing)}); "
-                "write it with `specialize data prepare`"
-            )
-        if manifest_path(prefix).is_file():
-            vocab = read_manifest(prefix).get("tokenizer", {}).get("sha256")
-            if vocab != tokenizer.sha256:
+    shards, bare = [], []
+    for i, path in enumerate(data_cfg.paths):
+        where = f"data.paths[{i}]={path!r}"
+        if Path(path).is_dir():
+            prefixes = _directory_prefixes(where, Path(path), tokenizer)
+        else:
+            missing = _missing_files(path)
+            if missing:
                 raise ConfigError(
-                    f"{where} was tokenized with vocabulary sha256 {vocab}, but the model's "
-                    f"tokenizer ({tokenizer.vocab_file}) has sha256 {tokenizer.sha256}; "
-                    "prepare the data again with this tokenizer (model.tokenizer)"
+                    f"{where}: neither a prepared-data directory nor a Megatron prefix (missing "
+                    f"{', '.join(missing)}); write it with `specialize data prepare`"
                 )
-        shard = IndexedDataset(os.path.abspath(prefix), multimodal=False, mmap=True)
-        if numpy.iinfo(shard.index.dtype).max < tokenizer.vocab_size - 1:
-            raise ConfigError(
-                f"{where}: token dtype {shard.index.dtype.__name__} cannot hold the "
-                f"{tokenizer.vocab_size} Qwen token ids; it was written for another tokenizer"
-            )
-        shards.append(shard)
+            prefixes = [path]
+            bare.append(path)
+        for prefix in prefixes:
+            dataset = IndexedDataset(os.path.abspath(prefix), multimodal=False, mmap=True)
+            if numpy.iinfo(dataset.index.dtype).max < tokenizer.vocab_size - 1:
+                raise ConfigError(
+                    f"{where}: {prefix}: token dtype {dataset.index.dtype.__name__} cannot hold "
+                    f"the {tokenizer.vocab_size} Qwen token ids; it was written for another "
+                    "tokenizer"
+                )
+            shards.append(Shard(i, dataset.path_prefix, dataset))
+    if bare and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        log.warning(
+            "data.paths %s: bare Megatron prefixes without %s; cannot check that they were "
+            "tokenized with the model's tokenizer (sha256 %s)",
+            ", ".join(bare),
+            MANIFEST,
+            tokenizer.sha256,
+        )
     return shards
+
+
+def _check_weights(data_cfg: DataConfig) -> None:
+    weights = data_cfg.weights
+    if weights is not None and (
+        len(weights) != len(data_cfg.paths) or min(weights) < 0 or sum(weights) <= 0
+    ):
+        raise ConfigError(
+            f"data.weights={weights}: need {len(data_cfg.paths)} non-negative weights (one per "
+            "data.paths entry) with a positive sum"
+        )
+
+
+def blend_weights(shards: list[Shard], weights: Optional[list[float]]) -> list[float]:
+    """One weight per shard: each ``data.paths`` weight split over its shards by their tokens.
+
+    Without ``weights`` every shard weighs its tokens, i.e. the blend is proportional to size.
+    """
+    if weights is None:
+        return [float(s.tokens) for s in shards]
+    source_tokens: dict[int, int] = {}
+    for s in shards:
+        source_tokens[s.source] = source_tokens.get(s.source, 0) + s.tokens
+    return [
+        weights[s.source] * s.tokens / source_tokens[s.source] if source_tokens[s.source] else 0.0
+        for s in shards
+    ]
 
 
 def _split_documents(num_documents: int, bookends: Optional[tuple[float, float]]) -> int:
@@ -121,43 +254,17 @@ def _process_group() -> Iterator[None]:
         torch.distributed.destroy_process_group()
 
 
-def build_pretrain_datasets(
+def _gpt_config(
     data_cfg: DataConfig,
     tokenizer: QwenTokenizer,
     seed: int,
-    num_samples: tuple[int, int, int],
     cache_dir: Path,
-) -> tuple[Dataset, Optional[Dataset], Optional[Dataset]]:
-    """Train, validation and test datasets with at least ``num_samples`` samples each.
-
-    A split with 0 requested samples is not built (None). Index caches go to ``cache_dir``. Call
-    on every rank: with a process group, rank 0 builds the caches while the others wait.
-    """
-    if len(num_samples) != 3 or min(num_samples) < 0:
-        raise ValueError(f"num_samples={num_samples}: expected three non-negative counts")
-    _parse_split(data_cfg.split)
-    shards = _open_shards(data_cfg, tokenizer)
-    prefixes = [shard.path_prefix for shard in shards]
-
-    weights = data_cfg.weights
-    if weights is not None:
-        if len(weights) != len(prefixes) or min(weights) < 0 or sum(weights) <= 0:
-            raise ConfigError(
-                f"data.weights={weights}: need {len(prefixes)} non-negative weights (one per "
-                "data.paths entry) with a positive sum"
-            )
-    elif len(prefixes) > 1:
-        # Without weights megatron-core blends one epoch of each shard and caps the split there,
-        # so a run asking for more samples would run dry. Weigh by tokens instead, which keeps
-        # "proportional to size" and lets every shard repeat as needed.
-        weights = [float(shard.sequence_lengths.sum()) for shard in shards]
-    if len(prefixes) == 1:
-        weights = None  # one shard: a plain GPTDataset, no blend
-
-    config = GPTDatasetConfig(
+    blend: tuple[list[str], Optional[list[float]]],
+) -> GPTDatasetConfig:
+    return GPTDatasetConfig(
         random_seed=seed,
         sequence_length=data_cfg.seq_length,
-        blend=(prefixes, weights),
+        blend=blend,
         split=data_cfg.split,
         path_to_cache=str(cache_dir),
         tokenizer=MegatronTokenizerView.of(tokenizer),
@@ -169,35 +276,81 @@ def build_pretrain_datasets(
         create_attention_mask=data_cfg.reset_attention_mask,
     )
 
+
+def build_pretrain_datasets(
+    data_cfg: DataConfig,
+    tokenizer: QwenTokenizer,
+    seed: int,
+    num_samples: tuple[int, int, int],
+    cache_dir: Path,
+) -> tuple[Dataset, Optional[Dataset], Optional[Dataset]]:
+    """Train, validation and test datasets with at least ``num_samples`` samples each.
+
+    A split with 0 requested samples is not built (None). Every shard is split by documents in
+    ``data.split`` ratios; a shard left without documents in a split (the small last shard of a
+    directory, typically) sits that split out, as long as its ``data.paths`` entry still has
+    documents there. A ``data.paths`` entry of weight 0 is left out. Index caches go to
+    ``cache_dir``. Call on every rank: with a process group, rank 0 builds the caches while the
+    others wait.
+    """
+    if len(num_samples) != 3 or min(num_samples) < 0:
+        raise ValueError(f"num_samples={num_samples}: expected three non-negative counts")
+    _parse_split(data_cfg.split)
+    _check_weights(data_cfg)
+    shards = open_shards(data_cfg, tokenizer)
+    if data_cfg.weights is not None:  # megatron-core's BlendedDataset asserts positive weights
+        shards = [s for s in shards if data_cfg.weights[s.source] > 0]
+    sources = sorted({s.source for s in shards})
+    everything = ([s.prefix for s in shards], None)
+    split_matrix = _gpt_config(data_cfg, tokenizer, seed, cache_dir, everything).split_matrix
+
     # GPTDataset loops forever when a split without documents is built, even for 0 samples:
-    # splits nobody asks samples of are dropped from the split matrix (it only sets their
-    # bookends; the others keep their documents), and requested ones must have documents.
-    counts = [
-        [_split_documents(len(s.sequence_lengths), b) for b in config.split_matrix] for s in shards
-    ]
+    # each split is built on its own, from the shards that have documents in it.
+    members: list[list[Shard]] = []
     for i, name in enumerate(SPLITS):
+        in_split = [s for s in shards if _split_documents(s.documents, split_matrix[i])]
+        members.append(in_split)
         if num_samples[i] == 0:
-            config.split_matrix[i] = None
             continue
-        for prefix, per_split in zip(data_cfg.paths, counts):
-            if per_split[i] == 0:
-                raise ConfigError(
-                    f"data.split={data_cfg.split!r} leaves the {name} split of {prefix!r} with no "
-                    f"documents (documents per split: "
-                    f"{', '.join(f'{n} {c}' for n, c in zip(SPLITS, per_split))}), "
-                    f"but {num_samples[i]} {name} samples are requested; change data.split or "
-                    "add documents"
-                )
+        for source in sources:
+            if any(s.source == source for s in in_split):
+                continue
+            path = data_cfg.paths[source]
+            own = [s for s in shards if s.source == source]
+            per_split = [sum(_split_documents(s.documents, b) for s in own) for b in split_matrix]
+            raise ConfigError(
+                f"data.split={data_cfg.split!r} leaves the {name} split of {path!r} with no "
+                f"documents (documents per split: "
+                f"{', '.join(f'{n} {c}' for n, c in zip(SPLITS, per_split))}), "
+                f"but {num_samples[i]} {name} samples are requested; change data.split or "
+                "add documents"
+            )
 
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    datasets: list[Optional[Dataset]] = [None, None, None]
     with _process_group():
-        datasets = BlendedMegatronDatasetBuilder(
-            GPTDataset, list(num_samples), lambda: True, config
-        ).build()
-    for name, wanted, dataset in zip(SPLITS, num_samples, datasets):
-        if wanted and (dataset is None or len(dataset) < wanted):
-            got = 0 if dataset is None else len(dataset)
-            raise RuntimeError(f"the {name} dataset has {got} samples, {wanted} were requested")
+        for i, name in enumerate(SPLITS):
+            if num_samples[i] == 0:
+                continue
+            in_split = members[i]
+            weights = None  # one shard: a plain GPTDataset, no blend
+            if len(in_split) > 1:
+                # Explicit weights for a blend: without them megatron-core blends one epoch of
+                # each shard and caps the split there, so a longer run would run dry.
+                weights = blend_weights(in_split, data_cfg.weights)
+            blend = ([s.prefix for s in in_split], weights)
+            config = _gpt_config(data_cfg, tokenizer, seed, cache_dir, blend)
+            # The other splits keep their bookends (so this one keeps its documents) but are
+            # not built.
+            config.split_matrix = [b if k == i else None for k, b in enumerate(split_matrix)]
+            sizes = [num_samples[i] if k == i else 0 for k in range(len(SPLITS))]
+            built = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+            datasets[i] = built[i]
+            got = 0 if built[i] is None else len(built[i])
+            if got < num_samples[i]:
+                raise RuntimeError(
+                    f"the {name} dataset has {got} samples, {num_samples[i]} were requested"
+                )
     return datasets[0], datasets[1], datasets[2]
 
 

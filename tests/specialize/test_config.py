@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from specialize.config import ConfigError, RecipeConfig, derive, field_docs, load_config
 
@@ -15,9 +17,25 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
+def load_shipped(recipe: Path, stand_in: Path, overrides: list[str] = ()) -> RecipeConfig:
+    """Load a shipped recipe; an init checkpoint it requires (``???``) or names (the output of an
+    earlier demo stage, absent here) is stood in for by an existing directory."""
+    try:
+        return load_config(recipe, overrides)
+    except ConfigError as e:
+        if not str(e).startswith("init.checkpoint"):
+            raise
+    return load_config(recipe, [*overrides, f"init={stand_in}"])
+
+
+def test_code_qwen_recipes_are_shipped():
+    names = {str(p.relative_to(ROOT / "configs")) for p in RECIPES}
+    assert {"code_qwen/7b-cpt.yaml", "code_qwen/14b-cpt.yaml", "demo/code-cpt.yaml"} <= names
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "configs")))
-def test_every_shipped_recipe_loads_and_derives(recipe: Path):
-    cfg = load_config(recipe)
+def test_every_shipped_recipe_loads_and_derives(recipe: Path, tmp_path: Path):
+    cfg = load_shipped(recipe, tmp_path)
     world = cfg.parallel.tensor * cfg.parallel.pipeline
     # Smallest world the recipe runs on, and one with data parallelism where the batch allows it.
     derived = derive(cfg, world)
@@ -61,6 +79,55 @@ def test_base_chain_and_overrides(tmp_path: Path):
     cfg = load_config(child, ["train.steps=7", "init=" + str(tmp_path)])
     assert cfg.optimizer.lr == 1e-4 and cfg.train.steps == 7 and cfg.model.preset == "qwen-tiny"
     assert cfg.init.checkpoint == str(tmp_path)
+
+
+def test_required_fields_must_be_given(tmp_path: Path):
+    for text in ("init:\n  checkpoint: ???\n", "init: ???\n"):
+        recipe = tmp_path / "needs-init.yaml"
+        recipe.write_text(f"base: {ROOT / 'configs/base/qwen-tiny.yaml'}\n{text}")
+        with pytest.raises(ConfigError, match=r"init.checkpoint: required by .*give init=PATH"):
+            load_config(recipe)
+        assert load_config(recipe, [f"init={tmp_path}"]).init.checkpoint == str(tmp_path)
+        assert load_config(recipe, [f"init.checkpoint={tmp_path}"]).init.checkpoint == str(tmp_path)
+
+
+@pytest.mark.parametrize("size", ["7b", "14b"])
+def test_code_qwen_cpt_needs_init(size: str):
+    with pytest.raises(ConfigError, match="init.checkpoint: required"):
+        load_config(ROOT / f"configs/code_qwen/{size}-cpt.yaml")
+
+
+def test_code_qwen_cpt_recipes(tmp_path: Path):
+    """Paper §4 (REFERENCE §3): 90B tokens at 8192, AdamW 0.9/0.95/1e-8, 3% warmup, no decay."""
+    for size, lr, tensor in (("7b", 3.0e-5, 2), ("14b", 6.0e-5, 4)):
+        cfg = load_config(ROOT / f"configs/code_qwen/{size}-cpt.yaml", [f"init={tmp_path}"])
+        assert cfg.model.preset == f"qwen-{size}" and cfg.model.spec == "te"
+        assert cfg.precision.dtype == "bf16" and cfg.data.seq_length == 8192
+        assert cfg.optimizer.lr == cfg.optimizer.min_lr == lr
+        opt = cfg.optimizer
+        assert (opt.adam_beta1, opt.adam_beta2, opt.adam_eps) == (0.9, 0.95, 1e-8)
+        assert cfg.schedule.decay == "constant" and cfg.schedule.warmup_fraction == 0.03
+        assert cfg.train.tokens == 9.0e10 and cfg.train.global_batch_size == 512
+        assert cfg.parallel.tensor == tensor and cfg.parallel.sequence_parallel
+        assert len(cfg.data.weights) == len(cfg.data.paths) == 2
+        assert cfg.model.hidden_dropout == cfg.model.attention_dropout == 0.0
+        derived = derive(cfg, 64)
+        assert derived.steps == math.ceil(9.0e10 / (512 * 8192)) == 21458
+        assert derived.warmup_steps == round(0.03 * derived.steps)
+
+
+def test_demo_code_cpt_recipe(tmp_path: Path):
+    recipe = ROOT / "configs/demo/code-cpt.yaml"
+    # Starts from the engine demo's run directory (its newest checkpoint).
+    engine = OmegaConf.load(ROOT / "configs/demo/engine.yaml")
+    assert OmegaConf.load(recipe).init.checkpoint == engine.checkpoint.dir
+    cfg = load_config(recipe, [f"init={tmp_path}"])
+    assert cfg.model.preset == "qwen-tiny" and cfg.model.spec == "local"
+    assert cfg.precision.dtype == "fp32" and cfg.parallel.tensor == 2
+    assert cfg.data.paths == ["runs/demo/data/code"] and cfg.checkpoint.dir == "runs/demo/code-cpt"
+    assert cfg.optimizer.lr == cfg.optimizer.min_lr and cfg.schedule.decay == "constant"
+    derived = derive(cfg, 2)
+    assert derived.steps == 60 and derived.warmup_steps == 2 and derived.data_parallel == 1
 
 
 def test_warmup_fraction_rounds_to_steps():
@@ -150,6 +217,38 @@ def test_cli_dry_run_prints_derived_numbers():
         check=True,
     )
     assert "tokens_per_step: 4194304" in out.stdout and "warmup_steps: 2000" in out.stdout
+
+
+def test_cli_dry_run_of_code_qwen_7b_cpt(tmp_path: Path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "specialize",
+            "train",
+            "configs/code_qwen/7b-cpt.yaml",
+            f"init={tmp_path}",
+            "--dry-run",
+            "--world-size",
+            "64",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    steps = math.ceil(9.0e10 / (512 * 8192))
+    lines = set(out.stdout.splitlines())
+    assert {"tokens_per_step: 4194304", f"steps: {steps}", "data_parallel: 32"} <= lines
+    assert f"warmup_steps: {round(0.03 * steps)}" in lines
+    assert {"  decay: constant", "  lr: 3.0e-05", "  min_lr: 3.0e-05"} <= lines
+    missing = subprocess.run(
+        [sys.executable, "-m", "specialize", "train", "configs/code_qwen/7b-cpt.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and "init.checkpoint: required" in missing.stderr
 
 
 def test_training_without_data_is_a_clear_error():

@@ -45,6 +45,9 @@ def test_qwen_tiny_loss_falls_on_stdlib(tmp_path, stdlib_shard):
     )
     assert len(losses) == 30
     assert losses[0] > 11.0  # ~ln(151936) from a random init
+    # Validated before the first step and at the end, on held-out files.
+    (first_step, first), (last_step, last) = result["validation"]
+    assert (first_step, last_step) == (0, 30) and last < first - 2.0
     assert sum(losses[-5:]) / 5 < losses[0] - 3.0
 
 
