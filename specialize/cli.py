@@ -10,11 +10,13 @@ import warnings
 
 from specialize.config import ConfigError, derive, describe, load_config, summary
 
-# megatron-core announces every optional kernel it falls back from; on CPU these are expected.
+# megatron-core announces every optional kernel it falls back from; on CPU these are expected. Its
+# checkpoint loader also calls a torch API that torch has deprecated (not ours to change).
 for _message in (
     "Transformer Engine and Apex are not installed",
     "Apex is not installed",
     "full scope is deprecated",
+    "`load_state_dict` is deprecated",
 ):
     warnings.filterwarnings("ignore", message=f".*{_message}")
 
