@@ -2,7 +2,7 @@
 
 Peer: ``tiktoken``'s ``encode_ordinary_batch`` over the standard library's ``.py`` files (read and
 decoded beforehand, untimed) with ``num_threads = workers``. Ours: ``prepare()`` over the same
-directory with the same number of worker processes, timed from the call to the finished manifest:
+directory with the same number of workers (threads, or processes with ``--processes``), timed from the call to the finished manifest:
 reading, the filters (``--filters`` choice, default: size, long lines, generated/minified/
 alphanumeric heuristics, HumanEval decontamination including building its n-gram index, exact
 dedup), tokenization, EOD, writing the shards and the manifest. Interpreter start-up and imports are
@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--filters", default="default,none", help="filter sets to measure")
     parser.add_argument("--batch-documents", type=int, default=PrepareOptions.batch_documents)
+    parser.add_argument("--processes", action="store_true", help="workers as processes")
     parser.add_argument("--json", default=None, help="write all numbers here")
     args = parser.parse_args()
 
@@ -81,6 +82,7 @@ def main() -> None:
                     source_options,
                     filters=tuple(resolve_filter_names(spec)),
                     workers=args.workers,
+                    processes=args.processes,
                     batch_documents=args.batch_documents,
                 )
                 out = Path(tmp) / f"{spec}-{round_index}"

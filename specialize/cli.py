@@ -89,6 +89,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
             decontamination_ngram=args.decontamination_ngram,
             shard_documents=args.shard_documents,
             workers=args.workers,
+            processes=args.processes,
         )
         manifest = prepare(
             [parse_source(s) for s in args.sources],
@@ -222,7 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument(
         "-o", "--output", required=True, help="output directory (shards + manifest.json)"
     )
-    prepare.add_argument("--workers", type=int, default=2, help="worker processes (0: inline)")
+    prepare.add_argument(
+        "--workers", type=int, default=2, help="worker threads (0: none, all inline)"
+    )
+    prepare.add_argument(
+        "--processes",
+        action="store_true",
+        help="run the workers as processes: for many cores, where the Python parts that hold "
+        "the GIL would limit threads",
+    )
     prepare.add_argument(
         "--filters",
         default="default",

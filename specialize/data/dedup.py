@@ -27,17 +27,34 @@ def digest(data: bytes) -> bytes:
 
 
 def ngram_hashes(ids: numpy.ndarray, n: int) -> numpy.ndarray:
-    """A 64-bit hash of every window of ``n`` consecutive ids (uint64 arithmetic wraps)."""
-    ids = ids.astype(numpy.uint64)
-    count = len(ids) - n + 1
-    if count <= 0:
+    """The polynomial hash (base ``_MIX``, mod 2^64) of every window of ``n`` consecutive ids.
+
+    Built by doubling: hashes of windows of length 1, 2, 4, ... are combined along the binary
+    digits of ``n`` (H(AB) = H(A) * base^|B| + H(B)), so 13-grams take 5 vectorized passes, not 12.
+    """
+    ids = ids.astype(numpy.uint64)  # a copy, so the result may be built in place
+    size = len(ids)
+    if size - n + 1 <= 0 or n < 1:
         return numpy.empty(0, dtype=numpy.uint64)
-    out = ids[:count].copy()
-    for k in range(1, n):
-        out *= _MIX
-        out += ids[k : k + count]
-    out ^= out >> numpy.uint64(29)  # mix the high bits down: callers take low bits
-    return out
+    acc, acc_len = None, 0
+    block, block_len, power = ids, 1, _MIX
+    remaining = n
+    while True:
+        if remaining & 1:
+            if acc is None:
+                acc, acc_len = block, block_len
+            else:
+                count = size - acc_len - block_len + 1
+                acc = acc[:count] * power + block[acc_len : acc_len + count]
+                acc_len += block_len
+        remaining >>= 1
+        if not remaining:
+            break
+        count = size - 2 * block_len + 1
+        block = block[:count] * power + block[block_len : block_len + count]
+        block_len, power = 2 * block_len, numpy.uint64(int(power) ** 2 % (1 << 64))
+    acc ^= acc >> numpy.uint64(29)  # mix the high bits down: callers take low bits
+    return acc
 
 
 def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:

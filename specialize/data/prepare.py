@@ -8,8 +8,8 @@ Output, a directory::
     OUT/manifest.json           the whole run's counts, written when every shard is finished
 
 The input documents are cut into shards of ``shard_documents`` in source order, so a shard's
-content depends only on the inputs and options. Workers (processes) read, filter and tokenize
-batches; the main process deduplicates in document order and writes. Re-running with the same
+content depends only on the inputs and options. Workers (threads, or processes) read, filter and
+tokenize batches; the calling thread deduplicates in document order and writes. Re-running with the same
 inputs and options skips finished shards; an interrupted run resumes at its first unfinished shard
 and produces the same files as an uninterrupted one. Different options for an existing directory
 are an error.
@@ -18,6 +18,7 @@ are an error.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import hashlib
 import importlib.metadata
 import json
@@ -66,7 +67,7 @@ def tool_version() -> str:
 
 @dataclass(frozen=True)
 class PrepareOptions:
-    """Everything that decides the output (except ``workers``/``batch_documents``)."""
+    """Everything that decides the output, and how it is computed (the last three fields)."""
 
     sources: SourceOptions = field(default_factory=SourceOptions)
     filters: tuple[str, ...] = ()
@@ -82,8 +83,10 @@ class PrepareOptions:
     shard_documents: int = 50_000
     """Input documents per shard: the unit of resumption."""
     workers: int = 2
-    """Worker processes (0: in this process)."""
-    batch_documents: int = 64
+    """Worker threads, or processes with ``processes`` (0: all in the calling thread)."""
+    processes: bool = False
+    """Run the workers as processes (for many cores: the GIL-holding parts then scale too)."""
+    batch_documents: int = 32
 
 
 def shard_name(index: int) -> str:
@@ -98,7 +101,7 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
 
 
 class _Processor:
-    """Per-document work, run in the worker processes: read, decode, filter, tokenize."""
+    """Per-document work, run by the workers: read, decode, filter, tokenize. Stateless."""
 
     def __init__(
         self,
@@ -128,7 +131,7 @@ class _Processor:
             except OSError as e:
                 return "unreadable", e.strerror or str(e), b"", None, None
         key = digest(data)
-        if not data.strip():
+        if not data or data.isspace():
             return "empty", "", key, None, None
         try:
             text = data.decode("utf-8")
@@ -146,7 +149,7 @@ class _Processor:
         return None, "", key, ids, bands
 
 
-_worker: Optional[_Processor] = None  # the processor of a worker process (set by its initializer)
+_worker: Optional[_Processor] = None  # a worker process's processor (set by its initializer)
 
 
 def _init_worker(processor: _Processor) -> None:
@@ -159,28 +162,43 @@ def _run_worker(batch: list[DocumentRef]) -> list[tuple]:
 
 
 def _ordered_map(
-    processor: _Processor, items: Iterator[tuple[int, list[DocumentRef]]], workers: int
+    processor: _Processor,
+    items: Iterator[tuple[int, list[DocumentRef]]],
+    workers: int,
+    processes: bool,
 ) -> Iterator[tuple[int, list[DocumentRef], list[tuple]]]:
-    """(shard, batch, results) in input order, with a few batches in flight per worker.
+    """(shard, batch, results) in input order, with up to 8 batches in flight per worker (a slow
+    batch at the head must not leave the other workers idle; ``Executor.map`` would read the
+    whole input ahead, and a corpus does not fit in memory).
 
-    ``Pool.imap`` would read the whole input ahead into its task queue; a corpus does not fit.
+    Threads by default: tokenization (tiktoken), hashing and the numpy filters release the GIL,
+    and threads share the tokenizer and indexes without copying results between processes.
+    Processes scale past the Python parts that hold the GIL, at the price of pickling.
     """
     if workers == 0:
         for shard, batch in items:
             yield shard, batch, processor(batch)
         return
-    # fork: workers inherit the loaded tokenizer and indexes instead of rebuilding them.
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(processor,)) as pool:
+    if processes:
+        # fork: workers inherit the loaded tokenizer and indexes instead of rebuilding them.
+        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        executor = concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_init_worker, initargs=(processor,)
+        )
+        run = _run_worker
+    else:
+        executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="prepare")
+        run = processor
+    with executor:
         pending: collections.deque = collections.deque()
         for shard, batch in items:
-            pending.append((shard, batch, pool.apply_async(_run_worker, (batch,))))
-            if len(pending) >= 3 * workers:
-                shard, batch, result = pending.popleft()
-                yield shard, batch, result.get()
+            pending.append((shard, batch, executor.submit(run, batch)))
+            if len(pending) >= 8 * workers:
+                shard, batch, future = pending.popleft()
+                yield shard, batch, future.result()
         while pending:
-            shard, batch, result = pending.popleft()
-            yield shard, batch, result.get()
+            shard, batch, future = pending.popleft()
+            yield shard, batch, future.result()
 
 
 class _ShardWriter:
@@ -293,8 +311,8 @@ def _decontamination_index(
 
 def _fingerprint(sources: list[Source], tokenizer: QwenTokenizer, options, decontamination) -> str:
     decides = asdict(options)
-    decides.pop("workers")
-    decides.pop("batch_documents")
+    for how in ("workers", "processes", "batch_documents"):  # how, not what, is written
+        decides.pop(how)
     blob = {
         "format": FORMAT,
         "sources": [s.to_dict() for s in sources],
@@ -400,7 +418,9 @@ def prepare(
     writer: Optional[_ShardWriter] = None
     meter = _Meter(progress)
     try:
-        for shard, batch, results in _ordered_map(processor, batches, options.workers):
+        for shard, batch, results in _ordered_map(
+            processor, batches, options.workers, options.processes
+        ):
             if writer is None or writer.index != shard:
                 if writer is not None:
                     records.append(writer.publish())

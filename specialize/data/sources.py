@@ -119,20 +119,23 @@ def iter_documents(sources: list[Source], options: SourceOptions) -> Iterator[Do
 def _walk(index: int, root: Path, options: SourceOptions) -> Iterator[DocumentRef]:
     extensions = options.extensions if options.extensions is not None else known_extensions()
     errors: list[OSError] = []
-    for dirpath, dirnames, filenames in os.walk(root, onerror=errors.append):
+    top = str(root)
+    for dirpath, dirnames, filenames in os.walk(top, onerror=errors.append):
         while errors:  # a directory that cannot be listed: one counted entry, the walk goes on
             err = errors.pop()
-            where = Path(err.filename or root)
-            rel = where.relative_to(root).as_posix() if where.is_relative_to(root) else where
+            where = os.path.relpath(err.filename or top, top)
             yield DocumentRef(
-                f"{index}/{rel}", UNKNOWN_LANGUAGE, error=("unreadable", f"directory: {err}")
+                f"{index}/{where}", UNKNOWN_LANGUAGE, error=("unreadable", f"directory: {err}")
             )
         dirnames[:] = sorted(d for d in dirnames if d not in options.exclude_dirs)
+        # Plain string joins: pathlib objects per file cost more than the rest of the walk.
+        rel = os.path.relpath(dirpath, top)
+        prefix = f"{index}/" if rel == "." else f"{index}/{rel.replace(os.sep, '/')}/"
         for name in sorted(filenames):
             if name.endswith(extensions):
-                path = Path(dirpath) / name
-                rel = path.relative_to(root).as_posix()
-                yield DocumentRef(f"{index}/{rel}", language_of(name), path=str(path))
+                yield DocumentRef(
+                    prefix + name, language_of(name), path=os.path.join(dirpath, name)
+                )
     for err in errors:
         yield DocumentRef(
             f"{index}/{err.filename}", UNKNOWN_LANGUAGE, error=("unreadable", str(err))

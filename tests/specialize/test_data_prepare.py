@@ -168,21 +168,30 @@ def test_shards_workers_and_cross_shard_dedup(src: Path, tmp_path: Path, tok: Qw
     sources = [Source("directory", str(src))]
     one = prepare(sources, tmp_path / "one", tok, _options())
     sharded = prepare(sources, tmp_path / "many", tok, _options(shard_documents=3))
-    parallel = prepare(
-        sources,
-        tmp_path / "parallel",
-        tok,
-        PrepareOptions(filters=tuple(one["filters"]["enabled"]), shard_documents=3, workers=2),
+    threads, processes = (
+        prepare(
+            sources,
+            tmp_path / name,
+            tok,
+            PrepareOptions(
+                filters=tuple(one["filters"]["enabled"]),
+                shard_documents=3,
+                workers=2,
+                processes=name == "processes",
+                batch_documents=2,
+            ),
+        )
+        for name in ("threads", "processes")
     )
     assert len(sharded["shards"]) > 1
     # The duplicate of a.py is in a later shard than a.py and still found.
-    assert sharded["removed"] == one["removed"] == parallel["removed"]
+    assert sharded["removed"] == one["removed"] == threads["removed"] == processes["removed"]
     assert _documents(tmp_path / "many") == _documents(tmp_path / "one")
     for name in os.listdir(tmp_path / "many"):
-        if name != "manifest.json":
+        for parallel in ("threads", "processes"):
             assert (tmp_path / "many" / name).read_bytes() == (
-                tmp_path / "parallel" / name
-            ).read_bytes(), name
+                tmp_path / parallel / name
+            ).read_bytes(), (parallel, name)
 
 
 def test_rerun_is_a_no_op_and_other_options_are_refused(
