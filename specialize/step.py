@@ -45,6 +45,25 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
+def packed_seq_params(cu_seqlens: torch.Tensor) -> PackedSeqParams:
+    """THD packing parameters from a micro-batch's ``cu_seqlens`` ([1, n], padded with -1)."""
+    if cu_seqlens.dim() != 2 or cu_seqlens.shape[0] != 1:
+        raise ValueError(
+            f"cu_seqlens of shape {tuple(cu_seqlens.shape)}: packed THD micro-batches hold one "
+            "sequence (train.micro_batch_size=1)"
+        )
+    cu_seqlens = cu_seqlens[0]
+    cu_seqlens = cu_seqlens[cu_seqlens >= 0].to(torch.int32)
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        max_seqlen_q=longest,
+        max_seqlen_kv=longest,
+    )
+
+
 def make_forward_step(device: torch.device):
     """A ``forward_step_func`` for ``get_forward_backward_func()``."""
 
@@ -54,9 +73,7 @@ def make_forward_step(device: torch.device):
         # Every stage reads the micro-batch: first needs tokens/positions, last needs labels and
         # the loss mask, and all need per-document boundaries when sequences are packed.
         batch = next_batch(data_iterator, device)
-        packed = batch.get("packed_seq_params") if batch else None
-        if isinstance(packed, dict):
-            packed = PackedSeqParams(**packed)
+        packed = packed_seq_params(batch["cu_seqlens"]) if "cu_seqlens" in batch else None
         output = model(
             batch["tokens"] if first else None,
             batch["position_ids"] if first else None,

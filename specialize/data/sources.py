@@ -110,10 +110,8 @@ def iter_documents(sources: list[Source], options: SourceOptions) -> Iterator[Do
         elif source.kind == "file":
             path = Path(source.location)
             yield DocumentRef(f"{index}/{path.name}", language_of(path.name), path=str(path))
-        elif source.kind == "jsonl":
-            yield from _rows(index, source.location, _jsonl_rows(source.location), options)
         else:
-            yield from _rows(index, source.location, _datasets_rows(source), options)
+            yield from _rows(index, source.location, iter_rows(source), options)
 
 
 def _walk(index: int, root: Path, options: SourceOptions) -> Iterator[DocumentRef]:
@@ -140,6 +138,16 @@ def _walk(index: int, root: Path, options: SourceOptions) -> Iterator[DocumentRe
         yield DocumentRef(
             f"{index}/{err.filename}", UNKNOWN_LANGUAGE, error=("unreadable", str(err))
         )
+
+
+def iter_rows(source: Source) -> Iterator[tuple[str, Any]]:
+    """(where, record) of a JSONL, Parquet or datasets source; a line that is not JSON comes as
+    (where, ValueError) so the caller can count it and go on."""
+    if source.kind == "jsonl":
+        return _jsonl_rows(source.location)
+    if source.kind in ("parquet", "hub"):
+        return _datasets_rows(source)
+    raise SourceError(f"{source.location}: a {source.kind} source has no records")
 
 
 def _jsonl_rows(location: str) -> Iterator[tuple[str, Any]]:
