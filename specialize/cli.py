@@ -113,6 +113,82 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_prepare_sft(args: argparse.Namespace) -> int:
+    from base.tokenizer import QwenTokenizer
+    from specialize.data.sft_prepare import SFTDataError, SFTOptions, prepare_sft
+    from specialize.data.sources import SourceError, parse_source
+
+    try:
+        options = SFTOptions(
+            seq_length=args.seq_len,
+            pack=args.pack,
+            mask_policy=args.mask_policy,
+            overlong=args.overlong,
+            on_error=args.on_error,
+            **({} if args.system is None else {"system": args.system}),
+        )
+        sources = [parse_source(s) for s in args.files]
+        for source in sources:
+            if source.kind not in ("jsonl", "parquet", "hub"):
+                raise SourceError(
+                    f"{source.location}: expected .jsonl, .jsonl.gz, .parquet or hf:NAME"
+                )
+        manifest = prepare_sft(sources, args.output, QwenTokenizer.load(args.tokenizer), options)
+    except (SourceError, SFTDataError, ValueError, FileNotFoundError) as e:
+        print(f"data prepare-sft: {e}", file=sys.stderr)
+        return 2
+    tokens = manifest["tokens"]
+    print(
+        f"{args.output}: {manifest['samples']:,} samples of {manifest['records']:,} records in "
+        f"{manifest['sequences']:,} sequences of {args.seq_len} ({'packed' if args.pack else 'one each'})"
+    )
+    print(
+        f"  tokens: {tokens['learned']:,} learned, {tokens['masked']:,} masked "
+        f"({tokens['learned_fraction']:.1%} learned), {tokens['padding']:,} padding"
+    )
+    for reason, n in manifest["skipped"].items():
+        print(f"  skipped {n:,} {reason}")
+    if manifest["truncated"]:
+        print(f"  truncated {manifest['truncated']:,}")
+    return 0
+
+
+def cmd_data_inspect_sft(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.text import Text
+
+    from base.tokenizer import QwenTokenizer
+    from specialize.data.sft_prepare import inspect_samples, read_sft_manifest
+
+    try:
+        manifest = read_sft_manifest(args.path)
+        samples = inspect_samples(args.path, QwenTokenizer.load(args.tokenizer), args.n)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"data inspect-sft: {e}", file=sys.stderr)
+        return 2
+    console = Console(highlight=False)
+    color = console.is_terminal
+    legend = "learned tokens in green, masked in grey" if color else "learned tokens between «»"
+    console.print(f"{args.path}: {manifest['samples']:,} samples; {legend}")
+    for i, runs in enumerate(samples):
+        console.rule(f"sample {i}")
+        text = Text()
+        for piece, learned in runs:
+            if color:
+                text.append(piece, style="bold green" if learned else "bright_black")
+            else:
+                text.append(f"«{piece}»" if learned else piece)
+        console.print(text)
+    tokens = manifest["tokens"]
+    console.rule()
+    console.print(
+        f"learned {tokens['learned']:,} of {tokens['positions']:,} tokens "
+        f"({tokens['learned_fraction']:.1%}); {tokens['padding']:,} padding positions; mask "
+        f"policy {manifest['options']['mask_policy']}"
+    )
+    return 0
+
+
 def _key_value(item: str, flag: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep or not key or not value:
@@ -288,6 +364,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer", default=None, help="qwen.tiktoken path (default: the packaged one)"
     )
     prepare.set_defaults(func=cmd_data_prepare)
+
+    sft = data.add_parser(
+        "prepare-sft",
+        help="chat JSONL -> ChatML token ids + loss masks (optionally packed) for SFT",
+        description='Records: {"messages": [{"role", "content"}, ...]} or {"prompt", "response"} '
+        '(optionally "system"), in .jsonl/.jsonl.gz/.parquet files or hf:NAME datasets.',
+    )
+    sft.add_argument("files", nargs="+", help="JSONL/Parquet files or hf:NAME datasets")
+    sft.add_argument("-o", "--output", required=True, help="output directory")
+    sft.add_argument("--seq-len", type=int, required=True, help="positions per training sequence")
+    sft.add_argument("--pack", action="store_true", help="pack several samples per sequence")
+    sft.add_argument(
+        "--mask-policy",
+        default="assistant",
+        choices=("assistant", "qwen-repo"),
+        help="assistant: learn assistant turns and their <|im_end|>; qwen-repo: also every "
+        "turn's <|im_start|>/<|im_end|>/newline",
+    )
+    sft.add_argument("--system", default=None, help="system prompt for records without one")
+    sft.add_argument(
+        "--overlong", default="drop", choices=("drop", "truncate"), help="samples over --seq-len"
+    )
+    sft.add_argument(
+        "--on-error", default="skip", choices=("skip", "fail"), help="bad records: count or stop"
+    )
+    sft.add_argument("--tokenizer", default=None, help="qwen.tiktoken path")
+    sft.set_defaults(func=cmd_data_prepare_sft)
+
+    inspect = data.add_parser(
+        "inspect-sft", help="show prepared SFT samples with learned and masked tokens marked"
+    )
+    inspect.add_argument("path", help="a `data prepare-sft` output directory")
+    inspect.add_argument("--n", type=int, default=3, help="samples to show")
+    inspect.add_argument("--tokenizer", default=None, help="qwen.tiktoken path")
+    inspect.set_defaults(func=cmd_data_inspect_sft)
 
     convert = sub.add_parser("convert", help="convert checkpoints").add_subparsers(
         dest="convert_command", required=True
