@@ -15,6 +15,7 @@ an interrupted save never looks complete. Model and optimizer tensors are saved 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from base.presets import QwenPreset
 from specialize import config as config_mod
+from specialize.config import checkpoint_root, iteration_dir  # layout shared with stages
 from specialize.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,8 @@ OPTIMIZER_METADATA = {
 }
 LATEST = "latest"
 ARCH_FILE = "arch.json"
+# Written by a staged run into each stage's run directory; lineage records copy it.
+STAGE_FILE = "stage.json"
 # Fields that must agree between a checkpoint and the model loading it (the context length may not).
 _ARCH_MUST_MATCH = (
     "hidden_size",
@@ -59,14 +63,6 @@ _ARCH_MUST_MATCH = (
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or incompatible."""
-
-
-def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def iteration_dir(run_dir: str | Path, iteration: int) -> Path:
-    return checkpoint_root(run_dir) / f"iter_{iteration:07d}"
 
 
 def find_latest(run_dir: str | Path) -> Path | None:
@@ -179,21 +175,30 @@ def lineage_record(
 ) -> dict:
     manifests = {}
     for data_path in engine.cfg.data.paths:
-        path = Path(data_path) / "manifest.json"  # a `data prepare` directory; else None
-        manifest = json.loads(path.read_text()) if path.is_file() else None
-        manifests[data_path] = manifest and {
-            "fingerprint": manifest.get("fingerprint"),
-            "inputs_sha256": manifest.get("inputs", {}).get("sha256"),
-            "documents": manifest["documents"],
-            "tokens": manifest["tokens"],
-            "tokenizer_sha256": manifest["tokenizer"]["sha256"],
+        path = Path(data_path) / "manifest.json"  # a `data prepare(-sft)` directory; else None
+        if not path.is_file():
+            manifests[data_path] = None
+            continue
+        text = path.read_bytes()
+        manifest = json.loads(text)
+        # The manifest's own hash pins the data (it holds the input hashes and counts) whatever
+        # its kind; a few fields are copied for people reading the lineage.
+        manifests[data_path] = {
+            "manifest_sha256": hashlib.sha256(text).hexdigest(),
+            "format": manifest.get("format"),
+            "documents": manifest.get("documents"),
+            "sequences": manifest.get("sequences"),
+            "tokens": manifest.get("tokens"),
+            "tokenizer_sha256": (manifest.get("tokenizer") or {}).get("sha256"),
         }
+    stage_file = Path(engine.cfg.checkpoint.dir) / STAGE_FILE
     return {
         "name": engine.cfg.name,
         "iteration": iteration,
         "consumed_samples": consumed_samples,
         "parent": parent,
         "init": engine.cfg.init.checkpoint,
+        "stage": json.loads(stage_file.read_text()) if stage_file.is_file() else None,
         "data_manifests": manifests,
         "git_commit": git_commit(),
         "layout": _layout(),
@@ -312,12 +317,48 @@ def load_for_resume(engine: Engine, path: Path) -> tuple[int, int]:
         )
     loaded = dist_checkpointing.load(state, str(path), strict="assume_ok_unexpected")
     _load_model(engine, loaded)
-    engine.optimizer.load_state_dict(loaded["optimizer"])
+    _load_optimizer_state(engine, loaded["optimizer"])
     engine.scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         _set_rng_state(loaded["rng_state"])
     progress = loaded["progress"]
     return int(progress["iteration"]), int(progress["consumed_samples"])
+
+
+def load_weights_and_optimizer(engine: Engine, path: Path) -> None:
+    """Load a checkpoint's weights and optimizer state (AdamW moments and step counts), for a
+    stage that keeps its predecessor's optimizer. The schedule, iteration and RNG start fresh, and
+    the optimizer's settings (LR bounds, betas, eps, weight decay) stay this run's own."""
+    check_architecture(path, engine.preset)
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    if "scheduler" not in common:  # written by save(), not by save_weights()
+        raise CheckpointError(
+            f"{path}: holds no optimizer state (a weights-only checkpoint?); a stage starting "
+            "from it must reset its optimizer (reset.optimizer: true)"
+        )
+    state: dict[str, Any] = _model_state(engine)
+    state["optimizer"] = engine.optimizer.sharded_state_dict(
+        state, is_loading=True, metadata=OPTIMIZER_METADATA
+    )
+    loaded = dist_checkpointing.load(state, str(path), strict="assume_ok_unexpected")
+    _load_model(engine, loaded)
+    _load_optimizer_state(engine, loaded["optimizer"])
+    engine.scheduler.step(increment=0)  # this run's LR and weight decay at its step 0
+
+
+def _load_optimizer_state(engine: Engine, state: dict) -> None:
+    """Load optimizer state, keeping this run's settings in the param groups.
+
+    Loading replaces each param group's settings with the checkpoint's, and megatron-core's
+    scheduler reads ``max_lr``/``min_lr`` from the param groups first: a run whose recipe changed
+    the LR (a later stage, or a resume with a new lr) would silently follow the old one."""
+    settings = [
+        {k: v for k, v in group.items() if k not in ("params", "step")}
+        for group in engine.optimizer.param_groups
+    ]
+    engine.optimizer.load_state_dict(state)
+    for group, own in zip(engine.optimizer.param_groups, settings, strict=True):
+        group.update(own)
 
 
 def load_weights(engine: Engine, path: Path) -> None:

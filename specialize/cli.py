@@ -8,7 +8,14 @@ import os
 import sys
 import warnings
 
-from specialize.config import ConfigError, derive, describe, load_config, summary
+from specialize.config import (
+    ConfigError,
+    derive,
+    describe,
+    load_config,
+    stages_summary,
+    summary,
+)
 
 # megatron-core announces every optional kernel it falls back from; on CPU these are expected. Its
 # checkpoint loader also calls a torch API that torch has deprecated (not ours to change).
@@ -35,21 +42,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
     if args.dry_run:
         world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-        print(summary(cfg, derive(cfg, world), world))
+        if cfg.stages:
+            print(stages_summary(cfg, world), end="")
+        else:
+            print(summary(cfg, derive(cfg, world), world))
         return 0
     from specialize.distributed import shutdown
-    from specialize.run import train
+    from specialize.run import train, train_stages
 
     try:
-        trainer = train(cfg)
-        if trainer.is_rank0 and trainer.last_checkpoint is not None:
-            first, last = trainer.history[:1], trainer.history[-1:]
-            if first and last:
-                print(f"loss {first[0]:.4f} -> {last[0]:.4f} over {len(trainer.history)} steps")
-            print(f"checkpoint: {trainer.last_checkpoint}")
+        if cfg.stages:
+            runs = train_stages(cfg)
+            if int(os.environ.get("RANK", "0")) == 0:
+                for run in runs:
+                    print(f"{run.stage.label}: {_result(run.trainer) or 'finished earlier'}")
+                last = runs[-1]
+                if last.trainer is None or last.trainer.finished:
+                    print(f"checkpoint: {last.stage.final_checkpoint}")
+                else:
+                    print(f"stopped in {last.stage.label}; run the recipe again to continue")
+        else:
+            trainer = train(cfg)
+            if trainer.is_rank0 and trainer.last_checkpoint is not None:
+                if trainer.history:
+                    print(_result(trainer))
+                print(f"checkpoint: {trainer.last_checkpoint}")
     finally:
         shutdown()
     return 0
+
+
+def _result(trainer) -> str | None:
+    """``loss a -> b over n steps`` of a trainer that ran (None if it did not)."""
+    if trainer is None:
+        return None
+    history = trainer.history
+    if not history:
+        return f"nothing left to train (at step {trainer.step})"
+    return f"loss {history[0]:.4f} -> {history[-1]:.4f} over {len(history)} steps"
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -278,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the resolved config and derived numbers, then exit",
+        help="print the resolved config and derived numbers (per stage: length, warmup, resets, "
+        "init and LR curve), then exit",
     )
     train.add_argument(
         "--world-size", type=int, default=None, help="process count assumed by --dry-run"

@@ -8,11 +8,18 @@ name a parent with ``base: other.yaml`` (relative to itself) and override fields
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import inspect
+import json
 import math
 import os
+import re
+import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, is_dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,6 +51,18 @@ def architecture_overrides(arch: QwenPreset) -> dict[str, object]:
 
 class ConfigError(ValueError):
     """A recipe or override that cannot describe a valid run. The message names the field."""
+
+
+# The checkpoint layout of a run directory (``specialize.checkpoint`` writes it; stages need it to
+# name their predecessor's final checkpoint before it exists, without importing megatron-core).
+def checkpoint_root(run_dir: str | Path) -> Path:
+    """Where a run directory keeps its checkpoints."""
+    return Path(run_dir) / "checkpoints"
+
+
+def iteration_dir(run_dir: str | Path, iteration: int) -> Path:
+    """The checkpoint of ``iteration`` in a run directory."""
+    return checkpoint_root(run_dir) / f"iter_{iteration:07d}"
 
 
 @dataclass
@@ -123,6 +142,8 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
+    format: str = "pretrain"
+    """pretrain: documents cut into seq_length windows (GPTDataset); sft: prepared chat samples with loss masks (specialize data prepare-sft)."""
     paths: list[str] = field(default_factory=list)
     """Directories written by ``specialize data prepare`` (``manifest.json`` + shards), or bare Megatron prefixes (``.bin``/``.idx`` without the suffix)."""
     weights: Optional[list[float]] = None
@@ -226,6 +247,34 @@ class LoggingConfig:
 
 
 @dataclass
+class StageResetConfig:
+    optimizer: bool = True
+    """Start with a fresh AdamW (false: also load the init checkpoint's moments and step counts; the stage's own betas, eps, LR and weight decay still apply)."""
+    scheduler: bool = True
+    """Start this stage's LR schedule at step 0, with its own warmup (false: continue at the init checkpoint's schedule position; needs optimizer and iteration false too)."""
+    iteration: bool = True
+    """Count this stage's steps from 0 (false: continue the init checkpoint's iteration and consumed samples, and its schedule position: the stage ends at that iteration plus its own length)."""
+
+
+@dataclass
+class StageConfig:
+    name: str = ""
+    """Stage name (required, unique; letters, digits, ``.``, ``_``, ``-``); its run directory is ``<checkpoint.dir>/stages/<position>-<name>``."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """Overrides of ``data.*`` for this stage, field by field (e.g. ``{paths: [data/sft-2]}``); the rest keeps the recipe's values."""
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    """Overrides of ``optimizer.*`` for this stage (e.g. ``{lr: 1.0e-5, min_lr: 1.0e-5}``)."""
+    schedule: dict[str, Any] = field(default_factory=dict)
+    """Overrides of ``schedule.*`` for this stage; setting one of warmup_steps/warmup_fraction replaces the other."""
+    train: dict[str, Any] = field(default_factory=dict)
+    """Overrides of ``train.*`` for this stage; setting one of steps/tokens replaces the other."""
+    epochs: Optional[float] = None
+    """Stage length in passes over its SFT data: ceil(epochs x sequences / train.global_batch_size), sequences summed over the ``manifest.json`` of each ``data.paths`` directory; exclusive with ``train.steps``/``train.tokens``."""
+    reset: StageResetConfig = field(default_factory=StageResetConfig)
+    """What starts fresh. Default: everything; only the weights come from the previous stage's final checkpoint (stage 1: from ``init``)."""
+
+
+@dataclass
 class RecipeConfig:
     name: str = "run"
     """Run name, shown in logs and lineage."""
@@ -249,6 +298,8 @@ class RecipeConfig:
     """Saving and resuming."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Console and TensorBoard logging."""
+    stages: list[StageConfig] = field(default_factory=list)
+    """Stages run in order by one ``specialize train`` (empty: the recipe is one stage). Each starts from its predecessor's final checkpoint and may override data, optimizer, schedule and train."""
 
 
 CHOICES = {
@@ -259,6 +310,7 @@ CHOICES = {
     "precision.fp8_recipe": ("delayed", "tensorwise"),
     "precision.fp8_amax_compute_algo": ("max", "most_recent"),
     "parallel.backend": ("auto", "nccl", "gloo"),
+    "data.format": ("pretrain", "sft"),
     "schedule.decay": ("constant", "cosine", "linear"),
 }
 
@@ -323,6 +375,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Re
         key, value = item.split("=", 1)
         if key == "init":
             key = "init.checkpoint"
+        if _STAGE_ITEM.match(key):
+            _update_stage(cfg, key, value, item)
+            continue
         dotted = OmegaConf.from_dotlist([f"{key}={value}"])
         cfg = _merge(cfg, dotted, f"override {item!r}")
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -333,8 +388,33 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Re
             "command line"
         )
     recipe: RecipeConfig = OmegaConf.to_object(cfg)
-    validate(recipe)
+    try:
+        validate(recipe)
+    except ConfigError as e:
+        if path is not None and str(e).startswith("stages["):  # say which file declares the stage
+            raise ConfigError(f"{path}: {e}") from None
+        raise
+    check_paths(recipe)
     return recipe
+
+
+# ``stages[1].train.steps=3`` or ``stages.1.train.steps=3``: a field of one list element, which a
+# dotlist merge cannot address (it would build a mapping with key "1").
+_STAGE_ITEM = re.compile(r"^stages(\[\d+\]|\.\d+)")
+
+
+def _update_stage(cfg: DictConfig, key: str, value: str, item: str) -> None:
+    index = int(re.findall(r"\d+", key)[0])
+    if index >= len(cfg.stages):
+        raise ConfigError(
+            f"override {item!r}: no stages[{index}]; the recipe declares {len(cfg.stages)} stage(s)"
+        )
+    parsed = OmegaConf.from_dotlist([f"value={value}"])["value"]
+    try:
+        OmegaConf.update(cfg, key, parsed, merge=True)
+    except (OmegaConfBaseException, IndexError) as e:
+        reason = str(e).splitlines()[0]
+        raise ConfigError(f"override {item!r}: {reason}") from None
 
 
 def to_yaml(cfg: RecipeConfig) -> str:
@@ -350,8 +430,29 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
+def check_paths(cfg: RecipeConfig) -> None:
+    """The files a recipe names must exist: above all the init checkpoint (never a silent random
+    init). Separate from ``validate`` because a later stage's init is written by the stage before."""
+    if cfg.init.checkpoint is not None and not Path(cfg.init.checkpoint).exists():
+        raise ConfigError(
+            f"init.checkpoint={cfg.init.checkpoint!r}: no such checkpoint. Refusing to start from "
+            "random weights; fix the path or remove init to train from scratch on purpose."
+        )
+    if cfg.init.verify_against is not None:
+        if not (Path(cfg.init.verify_against) / "config.json").is_file():
+            raise ConfigError(
+                f"init.verify_against={cfg.init.verify_against!r}: no config.json there"
+            )
+
+
 def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
-    """Checks that span fields. ``world_size`` adds the checks that need the process count."""
+    """Checks that span fields. ``world_size`` adds the checks that need the process count.
+
+    A staged recipe is checked stage by stage (each stage's sections merged over the recipe's);
+    errors in a stage's sections name it, e.g. ``stages[1].optimizer.min_lr``."""
+    if cfg.stages:
+        _validate_stages(cfg, world_size)
+        return
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
@@ -413,18 +514,9 @@ def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
         )
     if cfg.data.seq_length < 1:
         raise ConfigError(f"data.seq_length={cfg.data.seq_length}: must be >= 1")
-    if cfg.init.checkpoint is not None and not Path(cfg.init.checkpoint).exists():
-        raise ConfigError(
-            f"init.checkpoint={cfg.init.checkpoint!r}: no such checkpoint. Refusing to start from "
-            "random weights; fix the path or remove init to train from scratch on purpose."
-        )
     if cfg.init.verify_against is not None:
         if cfg.init.checkpoint is None:
             raise ConfigError("init.verify_against: needs init.checkpoint (the weights to verify)")
-        if not (Path(cfg.init.verify_against) / "config.json").is_file():
-            raise ConfigError(
-                f"init.verify_against={cfg.init.verify_against!r}: no config.json there"
-            )
         if par.virtual_pipeline is not None:
             raise ConfigError("init.verify_against: not available with parallel.virtual_pipeline")
     if world_size is not None:
@@ -455,20 +547,34 @@ class Derived:
     warmup_steps: int
 
 
+def _steps_of(cfg: RecipeConfig) -> int:
+    """The run's last step: ``train.steps``, or the token budget in whole steps."""
+    train = cfg.train
+    if train.steps is not None:
+        return train.steps
+    return math.ceil(train.tokens / (train.global_batch_size * cfg.data.seq_length))
+
+
 def derive(cfg: RecipeConfig, world_size: int) -> Derived:
+    if cfg.stages:
+        raise ConfigError(
+            "stages: a staged recipe has no single step count; derive each of resolve_stages(cfg)"
+        )
     validate(cfg, world_size)
     par, train = cfg.parallel, cfg.train
     data_parallel = world_size // (par.tensor * par.pipeline)
     tokens_per_step = train.global_batch_size * cfg.data.seq_length
-    steps = train.steps if train.steps is not None else math.ceil(train.tokens / tokens_per_step)
+    steps = _steps_of(cfg)
     if cfg.schedule.warmup_steps is not None:
         warmup = cfg.schedule.warmup_steps
     elif cfg.schedule.warmup_fraction is not None:
         warmup = round(cfg.schedule.warmup_fraction * steps)
     else:
         warmup = 0
-    if warmup > steps:
-        raise ConfigError(f"schedule.warmup_steps={warmup}: longer than the run ({steps} steps)")
+    if warmup >= steps:  # megatron's scheduler needs fewer warmup than decay steps
+        raise ConfigError(
+            f"schedule.warmup_steps={warmup}: must be shorter than the run ({steps} steps)"
+        )
     return Derived(
         data_parallel=data_parallel,
         micro_batches=train.global_batch_size // (train.micro_batch_size * data_parallel),
@@ -491,6 +597,342 @@ def summary(cfg: RecipeConfig, derived: Derived, world_size: int) -> str:
         f"warmup_steps: {derived.warmup_steps}\n"
         f"total_tokens: {total_tokens:.4g}\n"
     )
+
+
+def lr_curve(
+    cfg: RecipeConfig, derived: Derived, points: typing.Iterable[int]
+) -> list[tuple[int, float]]:
+    """The learning rate at each of ``points`` (steps on the schedule, ascending in the result).
+
+    Built by ``engine.build_scheduler`` — megatron-core's ``OptimizerParamScheduler`` with the
+    run's settings — on a stand-in optimizer, and stepped like training steps it, so the curve
+    cannot disagree with a run. The value at step s is the scheduler's after s steps: what the
+    trainer logs for step s (``StepResult.lr``) and the rate step s + 1 applies.
+    """
+    import torch
+
+    from specialize.engine import build_scheduler
+
+    stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+    scheduler = build_scheduler(cfg, stand_in, derived)
+    curve, at = [], 0
+    for step in sorted(set(points)):
+        if step < 0:
+            raise ValueError(f"lr_curve: step {step} is before the schedule starts")
+        scheduler.step(increment=step - at)
+        at = step
+        curve.append((step, stand_in.param_groups[0]["lr"]))
+    return curve
+
+
+# ----------------------------------------------------------------------------- stages
+
+STAGE_SECTIONS = ("data", "optimizer", "schedule", "train")
+# Fields that say one thing together: a stage that sets one of them replaces the others.
+_ALTERNATIVES = {"train": ("steps", "tokens"), "schedule": ("warmup_steps", "warmup_fraction")}
+_STAGE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+@dataclass
+class Stage:
+    """One stage of a recipe, resolved: the recipe it runs and how it starts."""
+
+    index: int
+    """Position in the recipe, from 1."""
+    count: int
+    """Number of stages in the recipe."""
+    name: str
+    """The stage's declared name."""
+    cfg: RecipeConfig
+    """The resolved recipe (no stages): its own checkpoint.dir and init, and train.steps set when
+    the length came from epochs or the stage continues its predecessor's step count."""
+    reset: StageResetConfig
+    """What the stage does not take from its init checkpoint."""
+    start_step: int
+    """Iteration the stage starts at: 0, or its predecessor's last when it continues it."""
+    steps: int
+    """Its last iteration (the final checkpoint is ``iter_<steps>``)."""
+    length: str
+    """Where its length comes from, for ``--dry-run``."""
+
+    @property
+    def label(self) -> str:
+        return f"stage {self.index}/{self.count} '{self.name}'"
+
+    @property
+    def final_checkpoint(self) -> Path:
+        return iteration_dir(self.cfg.checkpoint.dir, self.steps)
+
+    def derive(self, world_size: int) -> Derived:
+        with self.errors():
+            return derive(self.cfg, world_size)
+
+    def errors(self) -> typing.ContextManager[None]:
+        """Report errors in this stage's sections as ``stages[i].<field>: ...``."""
+        return _stage_errors(self.index - 1)
+
+
+@contextmanager
+def _stage_errors(index: int) -> Iterator[None]:
+    """Report an error in a stage's merged sections as ``stages[i].<field>: ...``; errors about
+    the shared sections (model, parallel, ...) stay as they are."""
+    try:
+        yield
+    except ConfigError as e:
+        message = str(e)
+        if re.split(r"[.:=\s]", message, maxsplit=1)[0] in STAGE_SECTIONS:
+            raise ConfigError(f"stages[{index}].{message}") from None
+        raise
+
+
+def _merge_stage(cfg: RecipeConfig, index: int) -> RecipeConfig:
+    """The recipe with stage ``index``'s sections merged over its own, field by field."""
+    stage = cfg.stages[index]
+    merged = copy.deepcopy(cfg)
+    merged.stages = []
+    for section in STAGE_SECTIONS:
+        override = dict(getattr(stage, section))
+        if not override:
+            continue
+        alternatives = _ALTERNATIVES.get(section, ())
+        if any(override.get(key) is not None for key in alternatives):
+            for key in alternatives:
+                override.setdefault(key, None)
+        try:
+            node = OmegaConf.merge(OmegaConf.structured(getattr(cfg, section)), override)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None)
+            reason = str(e).splitlines()[0]
+            raise ConfigError(
+                f"stages[{index}].{section}{'.' + key if key else ''}: {reason}"
+            ) from None
+        setattr(merged, section, OmegaConf.to_object(node))
+    if stage.epochs is not None:
+        merged.train.steps = merged.train.tokens = None  # the length comes from the data
+    return merged
+
+
+def _check_stage_declarations(cfg: RecipeConfig) -> None:
+    """Names, resets and lengths of the declared stages (what needs no merging)."""
+    seen: dict[str, int] = {}
+    for i, stage in enumerate(cfg.stages):
+        where = f"stages[{i}]"
+        if not stage.name:
+            raise ConfigError(f"{where}.name: required (it names the stage's run directory)")
+        if not _STAGE_NAME.match(stage.name):
+            raise ConfigError(
+                f"{where}.name={stage.name!r}: use letters, digits, '.', '_' and '-' only"
+            )
+        if stage.name in seen:
+            raise ConfigError(
+                f"{where}.name={stage.name!r}: already the name of stages[{seen[stage.name]}]"
+            )
+        seen[stage.name] = i
+        reset = stage.reset
+        if reset.scheduler != reset.iteration:
+            raise ConfigError(
+                f"{where}.reset: scheduler={str(reset.scheduler).lower()} with "
+                f"iteration={str(reset.iteration).lower()}; the schedule position and the step "
+                "count are kept or reset together (the schedule is counted in the stage's steps)"
+            )
+        if not reset.scheduler and reset.optimizer:
+            raise ConfigError(
+                f"{where}.reset: scheduler=false needs optimizer=false; continuing the schedule "
+                "skips warmup, which fresh AdamW moments need"
+            )
+        if i == 0 and not reset.iteration:
+            raise ConfigError(
+                f"{where}.reset: only a later stage can continue its predecessor's schedule and "
+                "step count; the first stage starts from init (reset.optimizer=false keeps "
+                "init's optimizer state)"
+            )
+        if i == 0 and not reset.optimizer and cfg.init.checkpoint is None:
+            raise ConfigError(
+                f"{where}.reset.optimizer=false: there is no optimizer state to keep; the first "
+                "stage starts from init.checkpoint, which is not set"
+            )
+        if stage.epochs is not None:
+            if stage.epochs <= 0:
+                raise ConfigError(f"{where}.epochs={stage.epochs}: must be > 0")
+            given = [k for k in ("steps", "tokens") if stage.train.get(k) is not None]
+            if given:
+                raise ConfigError(
+                    f"{where}.epochs: exclusive with {where}.train.{given[0]}; set one length"
+                )
+
+
+def _validate_stages(cfg: RecipeConfig, world_size: Optional[int]) -> None:
+    _check_stage_declarations(cfg)
+    for i, stage in enumerate(cfg.stages):
+        merged = _merge_stage(cfg, i)
+        if stage.epochs is not None:
+            merged.train.steps = 1  # stands in until the data is counted (resolve_stages)
+        elif merged.train.steps is None and merged.train.tokens is None:
+            raise ConfigError(
+                f"stages[{i}]: no length; set stages[{i}].train.steps, train.tokens or epochs "
+                "(or train.steps/train.tokens for every stage at the top level)"
+            )
+        with _stage_errors(i):
+            validate(merged, world_size)
+        if stage.epochs is not None and merged.data.format != "sft":
+            raise ConfigError(
+                f"stages[{i}].epochs: needs data.format=sft; pretraining data is measured in "
+                f"tokens, so set stages[{i}].train.steps or train.tokens"
+            )
+
+
+def _sft_sequences(data: DataConfig, where: str) -> int:
+    """Training sequences in the prepared SFT directories of ``data.paths``."""
+    if not data.paths:
+        raise ConfigError(f"{where}: needs data.paths to count sequences in")
+    total = 0
+    for path in data.paths:
+        manifest_file = Path(path) / "manifest.json"
+        if not manifest_file.is_file():
+            raise ConfigError(
+                f"{where}: {path} has no manifest.json to count sequences in; prepare it with "
+                "`specialize data prepare-sft`"
+            )
+        manifest = json.loads(manifest_file.read_text())
+        if "sequences" not in manifest:
+            raise ConfigError(
+                f"{where}: {path} is pretraining data (its manifest counts documents and tokens, "
+                "not sequences); give the stage's length as train.steps or train.tokens"
+            )
+        total += int(manifest["sequences"])
+    return total
+
+
+def resolve_stages(cfg: RecipeConfig) -> list[Stage]:
+    """The stages of a recipe, each a full recipe of its own, in order.
+
+    Stage i runs in ``<checkpoint.dir>/stages/<i>-<name>``; stage 1 starts from the recipe's
+    ``init``, stage k > 1 from stage k-1's final checkpoint (which need not exist yet). Lengths
+    given as epochs are counted from the data's manifests here.
+    """
+    validate(cfg)
+    stages: list[Stage] = []
+    for i, declared in enumerate(cfg.stages):
+        where = f"stages[{i}]"
+        merged = _merge_stage(cfg, i)
+        train = merged.train
+        previous = stages[-1] if stages else None
+        if declared.epochs is not None:
+            sequences = _sft_sequences(merged.data, f"{where}.epochs")
+            # Exact decimal arithmetic: 0.3 epochs of 10 sequences is 3 steps, not 4.
+            exact = Fraction(repr(declared.epochs)) * sequences / train.global_batch_size
+            own = math.ceil(exact)
+            if own < 1:
+                raise ConfigError(
+                    f"{where}.epochs={declared.epochs}: no steps ({sequences} sequences)"
+                )
+            length = (
+                f"epochs: {declared.epochs:g} x {sequences} sequences / "
+                f"{train.global_batch_size} per step"
+            )
+        elif train.steps is not None:
+            own, length = train.steps, "train.steps"
+        else:
+            own = _steps_of(merged)
+            length = (
+                f"train.tokens: {train.tokens:.4g} / "
+                f"{train.global_batch_size * merged.data.seq_length} per step"
+            )
+        start = previous.steps if previous is not None and not declared.reset.iteration else 0
+        if start or declared.epochs is not None:
+            train.steps, train.tokens = start + own, None
+        merged.name = f"{cfg.name}/{declared.name}"
+        merged.checkpoint.dir = str(
+            Path(cfg.checkpoint.dir) / "stages" / f"{i + 1}-{declared.name}"
+        )
+        if previous is not None:  # the parity gate belongs to the recipe's init only
+            merged.init = InitConfig(checkpoint=str(previous.final_checkpoint))
+        with _stage_errors(i):
+            validate(merged)
+        stages.append(
+            Stage(
+                index=i + 1,
+                count=len(cfg.stages),
+                name=declared.name,
+                cfg=merged,
+                reset=copy.deepcopy(declared.reset),
+                start_step=start,
+                steps=start + own,
+                length=length,
+            )
+        )
+    return stages
+
+
+def stage_configs(cfg: RecipeConfig) -> list[RecipeConfig]:
+    """The fully resolved recipe of every stage (see ``resolve_stages``)."""
+    return [stage.cfg for stage in resolve_stages(cfg)]
+
+
+def _curve_points(start: int, end: int, warmup: int) -> dict[int, str]:
+    """Steps worth showing on a stage's LR curve, with what each one is."""
+    labels: dict[int, list[str]] = {start + 1: ["first"]}
+    if start < warmup <= end:
+        labels.setdefault(warmup, []).append("end of warmup")
+    for percent in (25, 50, 75):
+        step = start + round(percent / 100 * (end - start))
+        if step > start:
+            labels.setdefault(step, []).append(f"{percent}%")
+    labels.setdefault(end, []).append("last")
+    return {step: ", ".join(names) for step, names in sorted(labels.items())}
+
+
+def _reset_text(stage: Stage) -> str:
+    reset = stage.reset
+    if reset.optimizer:
+        return "optimizer, scheduler, iteration (loads the weights only)"
+    if reset.scheduler:
+        return "scheduler, iteration (keeps the optimizer state)"
+    return f"nothing (continues optimizer, schedule and step count from step {stage.start_step})"
+
+
+def stages_summary(cfg: RecipeConfig, world_size: int) -> str:
+    """A staged recipe and, per stage, its derived numbers and LR curve, as ``--dry-run``
+    prints them."""
+    stages = resolve_stages(cfg)
+    lines = [to_yaml(cfg), f"# {len(stages)} stages, derived for {world_size} process(es)"]
+    previous_lr: Optional[float] = None  # the LR the stage before ended at
+    for stage in stages:
+        derived = stage.derive(world_size)
+        c = stage.cfg
+        own = derived.steps - stage.start_step
+        if stage.index == 1:
+            init = c.init.checkpoint or "none (random initialization)"
+        else:
+            init = f"{c.init.checkpoint} (final checkpoint of stage {stage.index - 1})"
+        lines += [
+            f"stage {stage.index}/{stage.count}: {stage.name}",
+            f"  checkpoint.dir: {c.checkpoint.dir}",
+            f"  init: {init}",
+            f"  resets: {_reset_text(stage)}",
+            f"  steps: {own} ({stage.length})",
+        ]
+        if stage.start_step:
+            lines.append(f"  iterations: {stage.start_step + 1} to {derived.steps}")
+        lines += [
+            f"  warmup_steps: {derived.warmup_steps}",
+            f"  tokens_per_step: {derived.tokens_per_step}",
+            f"  total_tokens: {own * derived.tokens_per_step:.4g}",
+            f"  data: {c.data.format} {', '.join(c.data.paths) or '(no paths)'}",
+            f"  lr: {c.optimizer.lr:g} peak, {c.optimizer.min_lr:g} min, {c.schedule.decay} "
+            "(value after each step, as logged):",
+        ]
+        if stage.start_step and previous_lr is not None:
+            # A continuing stage keeps the schedule position, not the previous stage's settings.
+            lines.append(
+                f"    step {stage.start_step}: {previous_lr:.6e} (stage {stage.index - 1} ended here)"
+            )
+        points = _curve_points(stage.start_step, derived.steps, derived.warmup_steps)
+        curve = lr_curve(c, derived, points)
+        for step, lr in curve:
+            lines.append(f"    step {step}: {lr:.6e} ({points[step]})")
+        previous_lr = curve[-1][1]
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- docs
@@ -517,10 +959,24 @@ def describe(cls: type = RecipeConfig, prefix: str = "") -> list[tuple[str, str,
     rows = []
     docs = field_docs(cls)
     defaults = cls()
+    hints = typing.get_type_hints(cls)
     for f in fields(cls):
         value = getattr(defaults, f.name)
+        item = _list_item_type(hints[f.name])
         if is_dataclass(value):
             rows += describe(type(value), f"{prefix}{f.name}.")
+        elif item is not None:
+            rows.append((f"{prefix}{f.name}", repr(value), docs.get(f.name, "")))
+            rows += describe(item, f"{prefix}{f.name}[].")
         else:
             rows.append((f"{prefix}{f.name}", repr(value), docs.get(f.name, "")))
     return rows
+
+
+def _list_item_type(hint: Any) -> Optional[type]:
+    """The dataclass ``T`` of a ``list[T]`` field, else None."""
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        if is_dataclass(item):
+            return item
+    return None

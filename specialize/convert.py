@@ -325,24 +325,11 @@ def verify(
     hf_dir: str | Path, ckpt: str | Path, tp: int = 1, pp: int = 1, tolerance: float = 1e-4
 ) -> list[str]:
     """Load ``ckpt`` at TP/PP (this process is one rank of a TP x PP world) and compare with ``hf_dir``."""
-    import json
-
-    from specialize import checkpoint
-    from specialize.distributed import init_distributed, seed_all
-    from specialize.engine import build_model_chunks
+    from specialize.generate import WorldSizeError, load_model
     from specialize.verify import compare
 
-    ckpt = checkpoint.resolve_checkpoint(ckpt)
-    record = json.loads((ckpt / checkpoint.ARCH_FILE).read_text())
-    record.pop("query_groups", None)
-    arch = QwenPreset(**record)
-    cfg = layout_config(arch, tp, pp)
-    topo = init_distributed(cfg.parallel)
-    if topo.world_size != tp * pp:
-        raise HFCheckpointError(
-            f"run verify on tp x pp = {tp * pp} processes (torchrun), not {topo.world_size}"
-        )
-    seed_all(0)
-    model = build_model_chunks(cfg, topo.device)[0]
-    checkpoint.load_model_weights(model, ckpt, cfg.model.architecture())
+    try:
+        model, _ = load_model(ckpt, tp, pp)
+    except WorldSizeError as e:
+        raise HFCheckpointError(f"verify: {e}") from None
     return compare(model, str(hf_dir), tolerance)

@@ -50,3 +50,33 @@ def full_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
     dist.broadcast(logits, src=last_rank, group=pp_group)
     return logits
+
+
+@torch.no_grad()
+def last_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits ``[batch, padded_vocab]`` (fp32) of the last position only.
+
+    Generation needs nothing else, and the output layer over every position is most of a small
+    model's cost. Without pipeline parallelism the decoder's hidden states are taken by running
+    megatron's ``GPTModel`` as a non-final stage (``post_process`` off: it returns the normalized
+    hidden states) and only the last position goes through the output layer.
+    """
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        return full_logits(model, tokens)[:, -1]
+    model = _unwrap(model)
+    model.eval()
+    batch, seq = tokens.shape
+    positions = torch.arange(seq, device=tokens.device).unsqueeze(0).expand(batch, seq)
+    model.post_process = False
+    try:
+        hidden = model(tokens, positions, None)  # [seq, batch, hidden]
+    finally:
+        model.post_process = True
+    weight = (
+        model.shared_embedding_or_output_weight()
+        if model.share_embeddings_and_output_weights
+        else None
+    )
+    logits, _ = model.output_layer(hidden[-1:], weight=weight)
+    logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+    return logits[0].float()

@@ -1,14 +1,32 @@
-"""``specialize train``: config → process groups → data, engine → trainer."""
+"""``specialize train``: config → process groups → data, engine → trainer.
+
+A staged recipe runs its stages in order in one process group, each with its own engine (fresh
+optimizer and schedule), data and trainer. A stage whose final checkpoint exists is skipped; an
+interrupted one resumes from its own newest checkpoint.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
 
 from base.tokenizer import QwenTokenizer
-from specialize.config import ConfigError, Derived, RecipeConfig, derive, to_yaml
+from specialize import checkpoint
+from specialize.config import (
+    ConfigError,
+    Derived,
+    RecipeConfig,
+    Stage,
+    derive,
+    resolve_stages,
+    to_yaml,
+)
 from specialize.data.pretrain import build_dataloader, build_pretrain_datasets
 from specialize.distributed import Topology, init_distributed, seed_all
 from specialize.engine import Engine
@@ -62,10 +80,21 @@ class PretrainData:
         return [iter(self._loader(self.valid, 0)) for _ in range(self.chunks)]
 
 
+def build_data(cfg: RecipeConfig, topo: Topology, derived: Derived, tokenizer: QwenTokenizer):
+    """This rank's training data, by ``data.format``: ``train_iterators(consumed_samples)`` and
+    ``validation_iterators()``."""
+    if cfg.data.format == "sft":
+        from specialize.data.sft import SFTData  # only SFT runs need it
+
+        return SFTData(cfg, topo, derived, tokenizer)
+    return PretrainData(cfg, topo, derived, tokenizer)
+
+
 def check_data_and_vocab(cfg: RecipeConfig, tokenizer: QwenTokenizer) -> None:
     if not cfg.data.paths:
+        prepare = "prepare-sft FILE" if cfg.data.format == "sft" else "prepare DIR"
         raise ConfigError(
-            "data.paths: no training data; tokenize some with `specialize data prepare DIR -o PREFIX`"
+            f"data.paths: no training data; tokenize some with `specialize data {prepare} -o OUT`"
         )
     padded = cfg.model.architecture().padded_vocab_size
     if tokenizer.vocab_size > padded:
@@ -75,29 +104,134 @@ def check_data_and_vocab(cfg: RecipeConfig, tokenizer: QwenTokenizer) -> None:
         )
 
 
-def train(cfg: RecipeConfig) -> Trainer:
-    """Run a whole training job in this process (one rank of a torchrun world)."""
-    tokenizer = QwenTokenizer.load(cfg.model.tokenizer)
-    check_data_and_vocab(cfg, tokenizer)
-    topo = init_distributed(cfg.parallel)
-    derived = derive(cfg, topo.world_size)
+def _run(
+    cfg: RecipeConfig,
+    topo: Topology,
+    derived: Derived,
+    tokenizer: QwenTokenizer,
+    stage: Stage | None = None,
+) -> Trainer:
+    """Train one recipe (or stage) to its end, resuming from its own checkpoints."""
+    # Seeded per stage: a stage starts the same whether or not its predecessor ran in this launch.
     seed_all(cfg.train.seed)
     if topo.rank == 0:
-        Path(cfg.checkpoint.dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.checkpoint.dir) / "config.yaml").write_text(to_yaml(cfg))
+        run_dir = Path(cfg.checkpoint.dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        if stage is not None:
+            (run_dir / checkpoint.STAGE_FILE).write_text(json.dumps(_stage_record(stage), indent=2))
         log.info(
             "%s: %s on %d process(es) (TP=%d PP=%d DP=%d), %d steps of %d tokens",
-            cfg.name,
+            stage.label if stage is not None else cfg.name,
             cfg.model.preset,
             topo.world_size,
             cfg.parallel.tensor,
             cfg.parallel.pipeline,
             derived.data_parallel,
-            derived.steps,
+            derived.steps - (stage.start_step if stage is not None else 0),
             derived.tokens_per_step,
         )
     engine = Engine.build(cfg, topo, derived)
-    data = PretrainData(cfg, topo, derived, tokenizer)
-    trainer = Trainer(cfg, topo, derived, engine, data)
+    data = build_data(cfg, topo, derived, tokenizer)
+    trainer = Trainer(cfg, topo, derived, engine, data, stage=stage)
     trainer.fit()
     return trainer
+
+
+def train(cfg: RecipeConfig) -> Trainer | None:
+    """Run a whole training job in this process (one rank of a torchrun world).
+
+    Returns the trainer; for a staged recipe the trainer of the last stage that ran (None when
+    every stage had finished in an earlier launch; ``train_stages`` gives them all)."""
+    if cfg.stages:
+        trained = [run.trainer for run in train_stages(cfg) if run.trainer is not None]
+        return trained[-1] if trained else None
+    tokenizer = QwenTokenizer.load(cfg.model.tokenizer)
+    check_data_and_vocab(cfg, tokenizer)
+    topo = init_distributed(cfg.parallel)
+    derived = derive(cfg, topo.world_size)
+    return _run(cfg, topo, derived, tokenizer)
+
+
+@dataclass
+class StageRun:
+    """What one launch did with one stage."""
+
+    stage: Stage
+    derived: Derived
+    trainer: Trainer | None
+    """None: the stage had finished in an earlier launch and was skipped."""
+
+
+def train_stages(cfg: RecipeConfig) -> list[StageRun]:
+    """Run the stages of a recipe in order; stops after a stage that stopped early
+    (``train.exit_after_steps``), since the next one starts from its final checkpoint."""
+    stages = resolve_stages(cfg)
+    tokenizer = QwenTokenizer.load(cfg.model.tokenizer)
+    for stage in stages:
+        with stage.errors():
+            check_data_and_vocab(stage.cfg, tokenizer)
+    topo = init_distributed(cfg.parallel)
+    # Every stage's numbers are checked before the first one trains for hours.
+    derived = [stage.derive(topo.world_size) for stage in stages]
+    if topo.rank == 0:
+        Path(cfg.checkpoint.dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.checkpoint.dir) / "config.yaml").write_text(to_yaml(cfg))
+    runs: list[StageRun] = []
+    for stage, stage_derived in zip(stages, derived):
+        latest = _checked_latest(stage)
+        if latest is not None and latest == stage.final_checkpoint:
+            if topo.rank == 0:
+                log.info("%s: finished earlier (%s); skipping", stage.label, latest)
+            runs.append(StageRun(stage, stage_derived, None))
+            continue
+        if runs and runs[-1].trainer is not None:
+            runs[-1].trainer.release()
+        trainer = _run(stage.cfg, topo, stage_derived, tokenizer, stage)
+        runs.append(StageRun(stage, stage_derived, trainer))
+        if not trainer.finished:
+            if topo.rank == 0:
+                log.info("%s: stopped at step %d of %d", stage.label, trainer.step, stage.steps)
+            break
+    return runs
+
+
+def _stage_record(stage: Stage) -> dict:
+    """What ``stage.json`` (and so each stage checkpoint's lineage) says about the stage."""
+    return {
+        "name": stage.name,
+        "index": stage.index,
+        "count": stage.count,
+        "init": stage.cfg.init.checkpoint,
+        "reset": dataclasses.asdict(stage.reset),
+        "start_step": stage.start_step,
+        "steps": stage.steps,
+    }
+
+
+def _checked_latest(stage: Stage) -> Path | None:
+    """The stage's newest checkpoint, after checking it belongs to the stage as now declared."""
+    if not stage.cfg.checkpoint.resume:
+        return None
+    latest = checkpoint.find_latest(stage.cfg.checkpoint.dir)
+    if latest is None:
+        return None
+    lineage_file = latest / "lineage.json"
+    recorded = json.loads(lineage_file.read_text()).get("init") if lineage_file.is_file() else None
+    expected = stage.cfg.init.checkpoint
+    if _resolved(recorded) != _resolved(expected):
+        raise checkpoint.CheckpointError(
+            f"{stage.label}: {latest} was trained from {recorded}, but the recipe now starts the "
+            f"stage from {expected}; remove {stage.cfg.checkpoint.dir} to train it again"
+        )
+    iteration = int(re.fullmatch(r"iter_(\d+)", latest.name).group(1))
+    if iteration > stage.steps:
+        raise checkpoint.CheckpointError(
+            f"{stage.label}: {latest} is past the stage's last step {stage.steps}; remove "
+            f"{stage.cfg.checkpoint.dir} to train it again"
+        )
+    return latest
+
+
+def _resolved(path: str | None) -> Path | None:
+    return None if path is None else Path(path).resolve()

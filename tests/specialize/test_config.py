@@ -5,13 +5,21 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import typing
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from specialize.config import ConfigError, RecipeConfig, derive, field_docs, load_config
+from specialize.config import (
+    ConfigError,
+    RecipeConfig,
+    derive,
+    field_docs,
+    load_config,
+    resolve_stages,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -37,10 +45,11 @@ def test_code_qwen_recipes_are_shipped():
 def test_every_shipped_recipe_loads_and_derives(recipe: Path, tmp_path: Path):
     cfg = load_shipped(recipe, tmp_path)
     world = cfg.parallel.tensor * cfg.parallel.pipeline
-    # Smallest world the recipe runs on, and one with data parallelism where the batch allows it.
-    derived = derive(cfg, world)
-    assert derived.steps >= 1
-    assert derived.tokens_per_step == cfg.train.global_batch_size * cfg.data.seq_length
+    # The smallest world the recipe runs on; a staged recipe derives stage by stage.
+    for run in [stage.cfg for stage in resolve_stages(cfg)] if cfg.stages else [cfg]:
+        derived = derive(run, world)
+        assert derived.steps >= 1
+        assert derived.tokens_per_step == run.train.global_batch_size * run.data.seq_length
 
 
 def test_recipes_exist_for_every_paper_preset():
@@ -50,10 +59,20 @@ def test_recipes_exist_for_every_paper_preset():
 
 def _all_dataclasses(cls=RecipeConfig):
     yield cls
+    hints = typing.get_type_hints(cls)
     for f in fields(cls):
         default = getattr(cls(), f.name)
         if is_dataclass(default):
             yield from _all_dataclasses(type(default))
+        elif typing.get_origin(hints[f.name]) is list:  # list[StageConfig]
+            (item,) = typing.get_args(hints[f.name])
+            if is_dataclass(item):
+                yield from _all_dataclasses(item)
+
+
+def test_docstring_check_reaches_the_stage_schema():
+    names = {cls.__name__ for cls in _all_dataclasses()}
+    assert {"StageConfig", "StageResetConfig", "DataConfig"} <= names
 
 
 def test_every_field_has_a_docstring():
@@ -135,6 +154,13 @@ def test_warmup_fraction_rounds_to_steps():
     assert derive(cfg, 1).warmup_steps == 30
 
 
+def test_warmup_must_end_before_the_run():
+    # megatron-core's scheduler asserts warmup < decay steps; say so before building anything.
+    cfg = load_config(None, ["train.steps=5", "schedule.warmup_steps=5"])
+    with pytest.raises(ConfigError, match="schedule.warmup_steps=5: must be shorter than the run"):
+        derive(cfg, 1)
+
+
 ERRORS = [
     (["parallel.tensor=3"], "parallel.tensor=3: must divide the 4 attention heads of qwen-tiny"),
     (["parallel.pipeline=3"], "parallel.pipeline=3: must divide the 4 layers of qwen-tiny"),
@@ -151,6 +177,7 @@ ERRORS = [
     (["init=/no/such/checkpoint"], "init.checkpoint='/no/such/checkpoint': no such checkpoint"),
     (["parallel.sequence_parallel=true"], "parallel.sequence_parallel: needs parallel.tensor >= 2"),
     (["train.steps=abc"], "train.steps"),
+    (["data.format=chat"], "data.format='chat': must be one of pretrain, sft"),
 ]
 
 
