@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo demo-sft test lint bench clean
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,25 @@ demo: $(STAMP)
 	rm -rf runs/demo/engine runs/demo/code-cpt
 	$(VENV)/bin/torchrun --nproc-per-node 2 -m specialize train configs/demo/engine.yaml
 	$(VENV)/bin/torchrun --nproc-per-node 2 -m specialize train configs/demo/code-cpt.yaml
+
+# The SFT demos on top of `make demo`'s checkpoints: math SFT of the engine demo's model on
+# generated word problems (exact match on held-out problems before and after), and the two-stage
+# code-chat SFT of the CPT demo's model on instructions made from the standard library.
+DATA := runs/demo/data
+demo-sft: $(STAMP)
+	test -f runs/demo/code-cpt/checkpoints/latest || $(MAKE) demo
+	$(PY) -m math_qwen.word_problems --n 4000 --seed 0 --split train -o $(DATA)/math-train.jsonl
+	$(PY) -m specialize data prepare-sft $(DATA)/math-train.jsonl -o $(DATA)/math-sft --seq-len 256 --pack
+	for stage in 1 2; do \
+		$(PY) -m code_qwen.instructions --stage $$stage --split train -o $(DATA)/code-sft-$$stage.jsonl && \
+		$(PY) -m specialize data prepare-sft $(DATA)/code-sft-$$stage.jsonl -o $(DATA)/code-sft-$$stage \
+			--seq-len 512 --pack || exit 1; \
+	done
+	rm -rf runs/demo/math-sft runs/demo/code-chat-sft
+	$(VENV)/bin/torchrun --nproc-per-node 2 -m specialize train configs/demo/math-sft.yaml
+	$(PY) -m math_qwen.exact_match runs/demo/engine --n 100
+	$(PY) -m math_qwen.exact_match runs/demo/math-sft --n 100
+	$(VENV)/bin/torchrun --nproc-per-node 2 -m specialize train configs/demo/code-chat-sft.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -185,9 +185,12 @@ class OptimizerConfig:
 @dataclass
 class ScheduleConfig:
     warmup_steps: Optional[int] = None
-    """Linear warmup length in steps; exclusive with ``warmup_fraction``."""
+    """Warmup length in steps; exclusive with ``warmup_fraction``."""
     warmup_fraction: Optional[float] = None
     """Warmup as a fraction of the run's steps (the paper: 3% for Code-Qwen)."""
+    warmup_shape: str = "linear"
+    """Warmup from 0 to ``optimizer.lr``: ``linear`` (megatron-core's) or ``cosine`` (half cosine,
+    the paper's Code-Qwen-Chat SFT)."""
     decay: str = "cosine"
     """Shape after warmup: ``constant``, ``cosine`` or ``linear`` (down to ``optimizer.min_lr``)."""
 
@@ -312,6 +315,7 @@ CHOICES = {
     "parallel.backend": ("auto", "nccl", "gloo"),
     "data.format": ("pretrain", "sft"),
     "schedule.decay": ("constant", "cosine", "linear"),
+    "schedule.warmup_shape": ("linear", "cosine"),
 }
 
 

@@ -115,12 +115,29 @@ def build_optimizer(cfg: RecipeConfig, chunks: list[torch.nn.Module]) -> Megatro
     return get_megatron_optimizer(config, chunks)
 
 
+class CosineWarmupScheduler(OptimizerParamScheduler):
+    """megatron-core's scheduler with a half-cosine warmup (the paper's Code-Qwen-Chat SFT).
+
+    megatron-core only warms up linearly; past the warmup everything is its own ``get_lr``.
+    """
+
+    def get_lr(self, param_group: dict) -> float:
+        if self.lr_warmup_steps > 0 and self.num_steps <= self.lr_warmup_steps:
+            max_lr = param_group.get("max_lr", self.max_lr)
+            progress = float(self.num_steps) / float(self.lr_warmup_steps)
+            return self.init_lr + (max_lr - self.init_lr) * 0.5 * (1 - math.cos(math.pi * progress))
+        return super().get_lr(param_group)
+
+
 def build_scheduler(
     cfg: RecipeConfig, optimizer: MegatronOptimizer, derived: Derived
 ) -> OptimizerParamScheduler:
-    """Warmup then constant/cosine/linear, counted in optimizer steps."""
+    """Linear or cosine warmup, then constant/cosine/linear, counted in optimizer steps."""
     o = cfg.optimizer
-    return OptimizerParamScheduler(
+    scheduler = (
+        CosineWarmupScheduler if cfg.schedule.warmup_shape == "cosine" else OptimizerParamScheduler
+    )
+    return scheduler(
         optimizer,
         init_lr=0.0,
         max_lr=o.lr,

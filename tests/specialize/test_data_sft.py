@@ -191,3 +191,40 @@ def test_a_samples_logits_do_not_depend_on_its_neighbours(tmp_path) -> None:
     diff = (logits_b[:n] - logits_c[:n]).abs().max().item()
     assert diff <= 1e-5, diff
     assert (logits_b[n:] - logits_c[n:]).abs().max().item() > 1e-2  # the neighbours differ
+
+
+def _sft_run(rank: int, world_size: int, run_dir: str, data: str) -> dict:
+    from specialize.config import load_config
+    from specialize.run import train
+
+    cfg = load_config(
+        "configs/base/qwen-nano.yaml",
+        [
+            "data.format=sft",
+            f"data.paths=[{data}]",
+            "data.split=80,20,0",
+            f"data.seq_length={SEQ}",
+            "train.steps=6",
+            "train.micro_batch_size=1",
+            "train.global_batch_size=2",
+            "train.eval_interval=6",
+            "train.eval_steps=1",
+            "schedule.warmup_steps=1",
+            "optimizer.lr=3e-3",
+            f"checkpoint.dir={run_dir}",
+            "checkpoint.interval=6",
+            "logging.progress=false",
+            "logging.tensorboard=false",
+        ],
+    )
+    trainer = train(cfg)
+    return {"losses": trainer.history, "checkpoint": str(trainer.last_checkpoint)}
+
+
+def test_sft_training_run_learns_and_records_its_data(prepared, tmp_path) -> None:
+    out = run_distributed(_sft_run, str(tmp_path / "run"), prepared["packed"], world_size=1)
+    losses = out["losses"]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    lineage = json.loads((Path(out["checkpoint"]) / "lineage.json").read_text())
+    manifest = lineage["data_manifests"][prepared["packed"]]
+    assert manifest["format"] == "sft-1" and len(manifest["manifest_sha256"]) == 64
