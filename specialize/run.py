@@ -27,7 +27,7 @@ from specialize.config import (
     resolve_stages,
     to_yaml,
 )
-from specialize.data.pretrain import build_dataloader, build_pretrain_datasets
+from specialize.data.pretrain import TrainingData, build_pretrain_datasets
 from specialize.distributed import Topology, init_distributed, seed_all
 from specialize.engine import Engine
 from specialize.trainer import Trainer
@@ -35,17 +35,13 @@ from specialize.trainer import Trainer
 log = logging.getLogger("specialize")
 
 
-class PretrainData:
-    """Train/validation iterators over Megatron indexed datasets for this rank.
-
-    Every pipeline stage and model chunk reads the same micro-batches (the first stage needs the
-    tokens, the last the labels, and all the attention mask), so each gets its own iterator."""
+class PretrainData(TrainingData):
+    """Train/validation iterators over Megatron indexed datasets (GPTDataset) for this rank."""
 
     def __init__(
         self, cfg: RecipeConfig, topo: Topology, derived: Derived, tokenizer: QwenTokenizer
     ) -> None:
         self.cfg, self.topo = cfg, topo
-        self.chunks = cfg.parallel.virtual_pipeline or 1
         global_batch = cfg.train.global_batch_size
         eval_samples = cfg.train.eval_steps * global_batch if cfg.train.eval_interval else 0
         cache_dir = Path(cfg.data.cache_dir or Path(cfg.checkpoint.dir) / "data_cache")
@@ -60,24 +56,6 @@ class PretrainData:
                     cache_dir,
                 )
             dist.barrier()
-
-    def _loader(self, dataset, consumed: int):
-        return build_dataloader(
-            dataset,
-            micro_batch_size=self.cfg.train.micro_batch_size,
-            consumed_samples=consumed,
-            data_parallel_rank=self.topo.data_rank,
-            data_parallel_size=self.topo.data_parallel,
-            num_workers=self.cfg.data.num_workers,
-        )
-
-    def train_iterators(self, consumed_samples: int) -> list:
-        return [iter(self._loader(self.train, consumed_samples)) for _ in range(self.chunks)]
-
-    def validation_iterators(self) -> list | None:
-        if self.valid is None:
-            return None
-        return [iter(self._loader(self.valid, 0)) for _ in range(self.chunks)]
 
 
 def build_data(cfg: RecipeConfig, topo: Topology, derived: Derived, tokenizer: QwenTokenizer):

@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy
 import torch
@@ -29,7 +29,10 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from torch.utils.data import DataLoader, Dataset
 
 from base.tokenizer import QwenTokenizer
-from specialize.config import ConfigError, DataConfig
+from specialize.config import ConfigError, DataConfig, RecipeConfig
+
+if TYPE_CHECKING:
+    from specialize.distributed import Topology
 
 log = logging.getLogger(__name__)
 
@@ -418,3 +421,36 @@ def build_dataloader(
         persistent_workers=num_workers > 0,
     )
     return iter(loader)
+
+
+class TrainingData:
+    """This rank's train/validation iterators over ``self.train``/``self.valid`` (set by the
+    subclass): one iterator per model chunk, since every pipeline stage and virtual chunk reads
+    the same micro-batches (tokens for the first, labels for the last, boundaries for all)."""
+
+    cfg: RecipeConfig
+    topo: Topology
+    train: Dataset
+    valid: Optional[Dataset]
+
+    def _loader(self, dataset: Dataset, consumed: int):
+        return build_dataloader(
+            dataset,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+            consumed_samples=consumed,
+            data_parallel_rank=self.topo.data_rank,
+            data_parallel_size=self.topo.data_parallel,
+            num_workers=self.cfg.data.num_workers,
+        )
+
+    def _iterators(self, dataset: Dataset, consumed: int) -> list:
+        return [
+            iter(self._loader(dataset, consumed))
+            for _ in range(self.cfg.parallel.virtual_pipeline or 1)
+        ]
+
+    def train_iterators(self, consumed_samples: int) -> list:
+        return self._iterators(self.train, consumed_samples)
+
+    def validation_iterators(self) -> Optional[list]:
+        return None if self.valid is None else self._iterators(self.valid, 0)

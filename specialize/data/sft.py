@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
 
 import numpy
 import torch
@@ -28,7 +27,7 @@ from torch.utils.data import Dataset
 
 from base.tokenizer import QwenTokenizer
 from specialize.config import ConfigError, Derived, RecipeConfig
-from specialize.data.pretrain import SPLITS, _parse_split, build_dataloader
+from specialize.data.pretrain import SPLITS, TrainingData, _parse_split
 from specialize.data.sft_prepare import LOSS_MASK, TOKENS, read_sft_manifest
 from specialize.distributed import Topology
 
@@ -166,14 +165,13 @@ def split_indices(count: int, split: str, seed: int) -> list[numpy.ndarray]:
     return [order[a:b] for a, b in zip([0, *bounds[:-1]], bounds)]
 
 
-class SFTData:
-    """Train/validation iterators over prepared SFT data (the interface of ``PretrainData``)."""
+class SFTData(TrainingData):
+    """Train/validation iterators over prepared SFT data."""
 
     def __init__(
         self, cfg: RecipeConfig, topo: Topology, derived: Derived, tokenizer: QwenTokenizer
     ) -> None:
         self.cfg, self.topo = cfg, topo
-        self.chunks = cfg.parallel.virtual_pipeline or 1
         sequences = open_sft(cfg, tokenizer)
         parts = split_indices(len(sequences), cfg.data.split, cfg.train.seed)
         global_batch = cfg.train.global_batch_size
@@ -199,26 +197,3 @@ class SFTData:
             )
         if dist.is_initialized():
             dist.barrier()
-
-    def _loader(self, dataset: Dataset, consumed: int):
-        return build_dataloader(
-            dataset,
-            micro_batch_size=self.cfg.train.micro_batch_size,
-            consumed_samples=consumed,
-            data_parallel_rank=self.topo.data_rank,
-            data_parallel_size=self.topo.data_parallel,
-            num_workers=self.cfg.data.num_workers,
-        )
-
-    def train_iterators(self, consumed_samples: int) -> list:
-        return [iter(self._loader(self.train, consumed_samples)) for _ in range(self.chunks)]
-
-    def validation_iterators(self) -> Optional[list]:
-        if self.valid is None:
-            return None
-        return [iter(self._loader(self.valid, 0)) for _ in range(self.chunks)]
-
-
-def sequences_per_epoch(paths: list[str]) -> int:
-    """Training sequences in prepared SFT directories (for epoch-based step counts)."""
-    return sum(read_sft_manifest(path)["sequences"] for path in paths)

