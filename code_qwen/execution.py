@@ -59,11 +59,14 @@ def check_humaneval(
             f"{len(problems)} problems but {len(completions)} completions: pass one problem per "
             "completion"
         )
-    sandbox = sandbox or Sandbox()
     programs = [
         Program(check_program(p, c), timeout=timeout) for p, c in zip(problems, completions)
     ]
-    runs = sandbox.run_many(programs, workers=workers)
+    if sandbox is None:
+        with Sandbox() as own:
+            runs = own.run_many(programs, workers=workers)
+    else:
+        runs = sandbox.run_many(programs, workers=workers)
     return [CheckResult(p["task_id"], r.passed, _describe(r), r) for p, r in zip(problems, runs)]
 
 

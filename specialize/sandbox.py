@@ -1,15 +1,19 @@
-"""Run untrusted programs (model-generated code) in a contained child process. Linux only.
+"""Run untrusted programs (model-generated code) in a contained child process tree. Linux only.
 
 One program (source text, plus a command for languages other than Python) runs per launch:
 
     parent (this module, any thread)
-      └─ launcher L   python -s -S -c <launcher>; new session, scrubbed environment, stdin /dev/null
-           └─ supervisor C   PID 1 of a new PID namespace when namespaces are available
-                └─ program P   own session; unprivileged; rlimits; no network; cwd = fresh temp dir
+      └─ fork server S   python -s -S -c <_server>; one per Sandbox, started once; never runs
+           │             a program; scrubbed environment, its own session, stdin /dev/null
+           └─ launcher L   forked per run; own session (the backstop kills this group)
+                └─ supervisor C   PID 1 of a new PID namespace when namespaces are available
+                     └─ program P   own session; unprivileged; rlimits; no network; cwd = fresh
+                                    temporary directory
 
-The parent never runs program code; everything below runs in that process tree and is killed with
-it. Containment, by isolation mode (``SandboxConfig.isolation``; ``Sandbox.describe()`` and every
-``RunResult`` say which one was active):
+The parent never runs program code. S receives a run's configuration and its stdout, stderr and
+status pipes over a Unix socket; L closes that socket before anything else, so nothing below S can
+ask for runs. Containment, by isolation mode (``SandboxConfig.isolation``; ``Sandbox.describe()``
+and every ``RunResult`` say which one was active):
 
 ``namespaces`` (running as root, the default here): ``unshare`` of the network, PID, mount, IPC and
 UTS namespaces. The network namespace has only a loopback interface that is down, so no connection
@@ -18,39 +22,51 @@ leaks back) every mount is remounted read-only, ``/tmp`` and ``/dev/shm`` are fr
 tmpfs (the host's ``/tmp`` is invisible), the working directory is a tmpfs holding the program,
 ``/proc`` shows only the sandbox's processes, and ``hidden_paths`` are covered by empty tmpfs. P
 runs as a random unused uid (``uid_range``) with no supplementary groups, so RLIMIT_NPROC is
-enforced (it is not for root) and file permissions apply. A fork bomb therefore stops at
-``max_processes``; when P ends or times out, C exits and the kernel kills every process left in
-the PID namespace, including those that called ``setsid`` to leave the process group.
+enforced (it is not for root) and file permissions apply; an interpreter the uid cannot read
+(e.g. installed under ``/root``) is bind-mounted read-only into the private ``/tmp`` and
+``sys.path`` follows it. A fork bomb therefore stops at ``max_processes``. When P ends or times
+out, C kills every process left (as PID 1 it inherits all orphans, including those that called
+``setsid`` to leave the process group) before it reports the outcome, and its exit tears the
+namespaces down.
 
 ``user-namespaces`` (the default for a non-root user where unprivileged user namespaces are
 allowed): the same namespaces and mounts inside a new user namespace that maps only the caller's
 uid; P drops all capabilities. P keeps the caller's uid, so RLIMIT_NPROC counts per user namespace
-and file permissions are the caller's (writes are still stopped by the read-only mounts).
+and file permissions are the caller's (writes are still stopped by the read-only mounts). Forced
+as root, this mode runs P as uid 0 without capabilities: RLIMIT_NPROC is then not enforced.
 
-``basic`` (no namespaces: ``unshare`` refused or forced): the program runs in the host temp dir.
-As root, P still gets a random uid (RLIMIT_NPROC enforced, root-only paths closed). Sockets are
-refused by a seccomp filter (``socket()`` of any family and ``io_uring_setup`` fail with EACCES;
-x86_64 and aarch64), or, where seccomp is unavailable or disabled, for Python programs only by a
-prelude that replaces ``socket.socket`` (best effort: ctypes bypasses it). C is a child subreaper
-and kills P's process group and then every remaining descendant until none is left. Limits of this
-mode: world-writable host paths (``/tmp``, ``/var/tmp``, ``/dev/shm``) are writable and the host's
-processes are visible; without root, P has the caller's uid and file permissions.
+``basic`` (no namespaces: ``unshare`` refused, e.g. a container without CAP_SYS_ADMIN, or forced):
+the program runs in the host temp dir. As root, P still gets a random uid (RLIMIT_NPROC enforced,
+root-only paths closed), which must be able to read the interpreter (else every run is an
+``error`` saying so). Sockets are refused by a seccomp filter (``socket()`` of any family and
+``io_uring_setup`` fail with EACCES; x86_64 and aarch64), or, where seccomp is unavailable or
+disabled, for Python programs only by a prelude that replaces ``socket.socket`` (best effort:
+ctypes gets around it). C is a child subreaper: it kills P's process group and then every
+remaining descendant until none is left. Limits of this mode: world-writable host paths
+(``/tmp``, ``/var/tmp``, ``/dev/shm``) are writable and the host's processes are visible; without
+root, P has the caller's uid and file permissions and can signal the caller's other processes
+(S, L and C are not dumpable, so it cannot trace them).
 
 In every mode: rlimits on CPU seconds, address space, file size, processes, open files, no core
-files; ``PR_SET_NO_NEW_PRIVS`` (setuid binaries give no privileges); a wall-clock timeout counted
-from P's start, after which P's process group and all descendants are killed; C and P die with
-their parent (``PR_SET_PDEATHSIG``), and the parent kills L's whole process group if L does not
-finish ``_GRACE`` seconds after the timeout. The environment is built from scratch: ``PATH``,
-``LANG``, ``HOME`` and ``TMPDIR`` (the working directory), ``PYTHONHASHSEED``, and
-``SandboxConfig.env``; nothing is inherited from the parent. stdout and stderr are captured up to
-``max_output_bytes`` each (the rest is read and dropped so the program never blocks on a pipe).
+files; ``PR_SET_NO_NEW_PRIVS`` (setuid binaries and file capabilities give nothing); no
+capabilities (from root: an empty bounding set and securebits under which uid 0 gains none on
+``execve``); a wall-clock timeout counted
+from P's start, after which P and all its descendants are killed; C and P die with their parent
+(``PR_SET_PDEATHSIG``); if a launcher has not finished ``_GRACE`` seconds after the timeout, the
+parent has S kill its process group. P inherits no file descriptors but stdin (``/dev/null``),
+stdout and stderr. The environment is built from scratch: ``PATH``, ``LANG``, ``HOME`` and
+``TMPDIR`` (the working directory), ``PYTHONHASHSEED``, and ``SandboxConfig.env``; nothing is
+inherited from the parent. stdout and stderr are captured up to ``max_output_bytes`` each (the
+rest is read and dropped, so the program never blocks on a full pipe).
 
-Python programs run in P's interpreter (the launcher's, started with ``-s -S``: no site, no user
+Python programs run in P's interpreter (forked from S, started with ``-s -S``: no site, no user
 site, no ``.pth`` code; the standard library imports as usual) after every restriction is in
 place, with a fresh ``__main__`` and ``sys.path`` without the working directory, as ``-I`` would
 give. ``-E`` is not passed, so ``PYTHONHASHSEED`` (default ``0``) makes runs reproducible; the
-environment is the sandbox's own, so no other ``PYTHON*`` variable can come in. Other languages
-exec ``Program.command``.
+environment is the sandbox's own, so no other ``PYTHON*`` variable can come in. The modules S
+imported for itself (``ctypes``, ``socket``, ``select``, ``resource``) and ``preload`` are already
+in ``sys.modules``; nothing else differs from a fresh interpreter. Other languages exec
+``Program.command``.
 
 Limits in all modes: reads are not restricted beyond file permissions (the whole file system is
 visible read-only; hide sensitive trees with ``hidden_paths``); memory is limited per process
@@ -65,15 +81,19 @@ import inspect
 import marshal
 import math
 import os
+import re
 import secrets
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
@@ -130,12 +150,21 @@ class SandboxConfig:
     """Directories covered by an empty read-only tmpfs in the namespace modes."""
     tmp_root: str | None = None
     """Where the per-run temporary directories are created; None: ``tempfile.gettempdir()``."""
+    preload: tuple[str, ...] = ()
+    """Standard-library modules the fork server imports once, so programs find them already
+    loaded (a start-up saving only; each program still starts from a fresh fork)."""
 
     def __post_init__(self) -> None:
         if not self.timeout > 0:
             raise SandboxError(f"timeout must be positive, got {self.timeout}")
-        for name in ("memory_bytes", "file_size_bytes", "max_processes", "max_open_files",
-                     "max_output_bytes", "tmpfs_bytes"):
+        for name in (
+            "memory_bytes",
+            "file_size_bytes",
+            "max_processes",
+            "max_open_files",
+            "max_output_bytes",
+            "tmpfs_bytes",
+        ):
             if getattr(self, name) <= 0:
                 raise SandboxError(f"{name} must be positive, got {getattr(self, name)}")
         if self.cpu_seconds is not None and self.cpu_seconds <= 0:
@@ -218,33 +247,54 @@ class RunResult:
         return self.status == PASSED
 
 
-def _launcher():  # one self-contained function: it runs alone in a fresh interpreter
-    """Set up the sandbox and run the program; executed as ``python -s -S -c SOURCE CONFIG``.
+def _server():  # one self-contained function: it runs alone in a fresh interpreter
+    """The fork server: ``python -s -S -c SOURCE CONTROL_FD PRELOAD``, one per ``Sandbox``.
 
-    Runs in a fresh interpreter, so it uses only what it imports itself, chosen for start-up
-    time (marshal instead of json, no ``signal``/``enum``). Process roles: L (this process) makes
-    the namespaces and forks C; C sets up mounts and the working directory, forks P and
-    supervises it; P drops privileges and returns the program to run (Python) or execs it. Only
-    P ever returns from this function. Status lines go to the parent on ``status_fd``.
+    It imports what the sandbox needs once, then forks one launcher L per request received on
+    the control socket (a config and the stdout, stderr and status pipes). L makes the
+    namespaces and forks C; C sets up mounts and the working directory, forks P and supervises
+    it; P drops privileges and returns the program to run (Python) or execs it. Only P ever
+    returns from this function. The server itself never runs a program, so every P starts from
+    the same clean interpreter. Status lines go to the parent on ``status_fd``.
     """
     import ctypes
     import marshal
     import os
+    import resource
+    import select
+    import socket
     import sys
     import time
 
-    cfg = marshal.loads(bytes.fromhex(sys.argv[1]))
-    status_fd = cfg["status_fd"]
+    control = socket.socket(fileno=int(sys.argv[1]))
+    for name in marshal.loads(bytes.fromhex(sys.argv[2])):
+        __import__(name)  # SandboxConfig.preload: modules every program would import anyway
+    cfg = {}
+    status_fd = -1
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                           ctypes.c_char_p]
+    devnull = os.open(os.devnull, os.O_RDWR)
+    libc.mount.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_ulong,
+        ctypes.c_char_p,
+    ]
     libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+    libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: a program of the same uid cannot trace S, L, C
     sigkill = 9
     ms_rdonly, ms_nosuid, ms_nodev, ms_noexec, ms_remount, ms_bind = 1, 2, 4, 8, 32, 4096
     ms_rec, ms_private = 16384, 1 << 18
-    mount_options = {"ro": ms_rdonly, "nosuid": ms_nosuid, "nodev": ms_nodev,
-                     "noexec": ms_noexec, "noatime": 1024, "nodiratime": 2048,
-                     "relatime": 1 << 21, "strictatime": 1 << 24}
+    mount_options = {
+        "ro": ms_rdonly,
+        "nosuid": ms_nosuid,
+        "nodev": ms_nodev,
+        "noexec": ms_noexec,
+        "noatime": 1024,
+        "nodiratime": 2048,
+        "relatime": 1 << 21,
+        "strictatime": 1 << 24,
+    }
 
     def report(*words):
         os.write(status_fd, (" ".join(map(str, words)) + "\n").encode("utf-8", "replace"))
@@ -263,6 +313,8 @@ def _launcher():  # one self-contained function: it runs alone in a fresh interp
         return parts[0] + "".join(chr(int(p[:3], 8)) + p[3:] for p in parts[1:])
 
     def setup_mounts(workdir, files, uid):
+        """The read-only view, private /tmp, /dev/shm, /proc and working directory; returns
+        the interpreter directories moved for the sandbox uid (see moved_prefixes)."""
         # Private propagation first, so nothing below leaks into the host's mount namespace.
         mount(None, "/", None, ms_rec | ms_private)
         with open("/proc/self/mountinfo") as f:
@@ -285,15 +337,31 @@ def _launcher():  # one self-contained function: it runs alone in a fresh interp
         else:
             mount("tmpfs", workdir, "tmpfs", ms_nosuid | ms_nodev, tmpfs)
         if os.path.isdir("/dev/shm"):
-            mount("tmpfs", "/dev/shm", "tmpfs", ms_nosuid | ms_nodev | ms_noexec,
-                  "size=16777216,mode=1777")
+            mount(
+                "tmpfs",
+                "/dev/shm",
+                "tmpfs",
+                ms_nosuid | ms_nodev | ms_noexec,
+                "size=16777216,mode=1777",
+            )
+        # Required, not optional: C's sweep finds the pids to kill in /proc, and the host's
+        # /proc would name host processes there.
         mount("proc", "/proc", "proc", ms_nosuid | ms_nodev | ms_noexec)
+        moved = {}
+        if uid is not None and cfg["command"] is None and cfg["hide_tmp"]:
+            moved = moved_prefixes()  # before hidden_paths may cover the interpreter
         for path in cfg["hidden_paths"]:
-            mount("tmpfs", path, "tmpfs", ms_rdonly | ms_nosuid | ms_nodev | ms_noexec,
-                  "size=4096,mode=755")
+            mount(
+                "tmpfs",
+                path,
+                "tmpfs",
+                ms_rdonly | ms_nosuid | ms_nodev | ms_noexec,
+                "size=4096,mode=755",
+            )
         for name, data in files.items():
             with open(os.path.join(workdir, name), "wb") as f:
                 f.write(data)
+        return moved
 
     def world_readable(path):
         path = os.path.realpath(path)
@@ -322,7 +390,7 @@ def _launcher():  # one self-contained function: it runs alone in a fresh interp
     def moved_path(path, moved):
         for prefix, target in moved.items():
             if path == prefix or path.startswith(prefix + "/"):
-                return target + path[len(prefix):]
+                return target + path[len(prefix) :]
         return path
 
     def own(workdir, uid):
@@ -340,8 +408,12 @@ def _launcher():  # one self-contained function: it runs alone in a fresh interp
         audit, nr_socket, nr_uring = machine
 
         class SockFilter(ctypes.Structure):
-            _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte),
-                        ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+            _fields_ = [
+                ("code", ctypes.c_ushort),
+                ("jt", ctypes.c_ubyte),
+                ("jf", ctypes.c_ubyte),
+                ("k", ctypes.c_uint),
+            ]
 
         class SockFprog(ctypes.Structure):
             _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
@@ -374,19 +446,33 @@ def _launcher():  # one self-contained function: it runs alone in a fresh interp
         socket.socket = socket.SocketType = _socket.socket = RefusedSocket
         socket.create_connection = socket.create_server = socket.fromfd = refuse
 
-    def drop_capabilities():
-        header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, self
-        data = (ctypes.c_uint32 * 6)()
-        check(libc.capset(header, data), "capset")
+    def drop_privileges(ns, uid):
+        if uid is not None or ns == "user-namespaces":  # CAP_SETPCAP is still held here
+            # Securebits: uid 0 gains no capabilities from execve (SECBIT_NOROOT), ambient
+            # capabilities cannot be raised, all locked. Then an empty bounding set.
+            check(libc.prctl(28, 0xE3, 0, 0, 0), "PR_SET_SECUREBITS")
+            with open("/proc/sys/kernel/cap_last_cap") as f:
+                last_cap = int(f.read())
+            for cap in range(last_cap + 1):
+                check(libc.prctl(24, cap, 0, 0, 0), "PR_CAPBSET_DROP")
+        if uid is not None:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)  # from root: clears every capability
+        elif ns == "user-namespaces":
+            header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, self
+            check(libc.capset(header, (ctypes.c_uint32 * 6)()), "capset")  # all sets empty
+        libc.prctl(4, 1, 0, 0, 0)  # P itself is an ordinary (dumpable) process again
 
-    def program(ns, workdir, uid, moved):  # P: restrict, drop privileges, then run
+    def program(ns, workdir, uid, moved, supervisor):  # P: restrict, drop privileges, run
         # Everything is imported before the uid changes: the new uid may not be able to read
         # the interpreter's own directories (see moved_prefixes).
         import builtins
-        import resource
 
         os.setsid()
         libc.prctl(1, sigkill, 0, 0, 0)  # PR_SET_PDEATHSIG: die with C
+        if os.getppid() != supervisor:  # C died before the line above
+            os._exit(125)
         os.set_inheritable(status_fd, False)
         check(libc.prctl(38, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")  # before seccomp, unprivileged
         command = cfg["command"]
@@ -400,25 +486,22 @@ def _launcher():  # one self-contained function: it runs alone in a fresh interp
         else:
             network = "none"
         cpu = cfg["cpu_seconds"]
-        limits = [(resource.RLIMIT_CPU, cpu, cpu + 1),
-                  (resource.RLIMIT_AS, cfg["memory_bytes"], cfg["memory_bytes"]),
-                  (resource.RLIMIT_FSIZE, cfg["file_size_bytes"], cfg["file_size_bytes"]),
-                  (resource.RLIMIT_NPROC, cfg["max_processes"], cfg["max_processes"]),
-                  (resource.RLIMIT_NOFILE, cfg["max_open_files"], cfg["max_open_files"]),
-                  (resource.RLIMIT_CORE, 0, 0)]
+        limits = [
+            (resource.RLIMIT_CPU, cpu, cpu + 1),
+            (resource.RLIMIT_AS, cfg["memory_bytes"], cfg["memory_bytes"]),
+            (resource.RLIMIT_FSIZE, cfg["file_size_bytes"], cfg["file_size_bytes"]),
+            (resource.RLIMIT_NPROC, cfg["max_processes"], cfg["max_processes"]),
+            (resource.RLIMIT_NOFILE, cfg["max_open_files"], cfg["max_open_files"]),
+            (resource.RLIMIT_CORE, 0, 0),
+        ]
         for res, soft, hard in limits:
             _, cur_hard = resource.getrlimit(res)
             if cur_hard != resource.RLIM_INFINITY:  # raising a hard limit needs privileges
                 soft, hard = min(soft, cur_hard), min(hard, cur_hard)
             resource.setrlimit(res, (soft, hard))
-        if uid is not None:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)  # from root: clears every capability
-        elif ns == "user-namespaces":
-            drop_capabilities()
+        drop_privileges(ns, uid)
         os.chdir(workdir)
-        os.closerange(3, status_fd)
+        os.closerange(3, status_fd)  # the server's /dev/null and anything else inherited
         os.closerange(status_fd + 1, 1 << 16)
         report("ready", network, "-" if uid is None else uid)
         if command is not None:
@@ -447,16 +530,21 @@ def _launcher():  # one self-contained function: it runs alone in a fresh interp
         sys.modules["__main__"] = main
         sys.argv[:] = [path]
         sys.path[:] = [moved_path(p, moved) for p in sys.path if p]  # like -I: no cwd entry
+        if moved:  # packages imported at start-up (encodings, ...) look up submodules here
+            for module in list(sys.modules.values()):
+                search = getattr(module, "__path__", None)
+                if isinstance(search, list):
+                    search[:] = [moved_path(p, moved) for p in search]
+            for name in ("prefix", "exec_prefix", "base_prefix", "base_exec_prefix"):
+                setattr(sys, name, moved_path(getattr(sys, name), moved))
         return source, path, main.__dict__
 
     def wait_for(pid, timeout):
         """P's wait status, or None if it is still running after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         try:
-            import select
-
             fd = os.pidfd_open(pid)
-        except (AttributeError, ImportError, OSError):
+        except (AttributeError, OSError):  # before Python 3.9 or Linux 5.3
             fd = None
         if fd is not None:
             while not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
@@ -489,8 +577,8 @@ def _launcher():  # one self-contained function: it runs alone in a fresh interp
             return kids
 
     def sweep(pgid):
-        """Kill every descendant (basic mode; C is their subreaper): orphans of a killed process
-        are re-parented to C, so repeat until C has no children left."""
+        """Kill every descendant of C (PID 1 of the namespace, or their subreaper): orphans of a
+        killed process are re-parented to C, so repeat until C has no children left."""
         try:
             os.killpg(pgid, sigkill)
         except OSError:
@@ -519,31 +607,30 @@ def _launcher():  # one self-contained function: it runs alone in a fresh interp
             for name in os.listdir(workdir):
                 with open(os.path.join(workdir, name), "rb") as f:
                     files[name] = f.read()
-            setup_mounts(workdir, files, uid)
-        if uid is not None and cfg["command"] is None:
-            if ns and cfg["hide_tmp"]:
-                moved = moved_prefixes()
-            else:
-                closed = [p for p in (sys.base_prefix, sys.base_exec_prefix)
-                          if not world_readable(p)]
-                if closed:
-                    raise PermissionError(
-                        f"the sandbox uid cannot read the interpreter's directory {closed[0]}; "
-                        "without a mount namespace use an interpreter other users can read "
-                        "(SandboxConfig.python)"
-                    )
+            moved = setup_mounts(workdir, files, uid)
         else:
             libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come back to C
+        if uid is not None and cfg["command"] is None and not (ns and cfg["hide_tmp"]):
+            closed = [p for p in (sys.base_prefix, sys.base_exec_prefix) if not world_readable(p)]
+            if closed:
+                raise PermissionError(
+                    f"the sandbox uid cannot read the interpreter's directory {closed[0]}; "
+                    "without a mount namespace use an interpreter other users can read "
+                    "(SandboxConfig.python)"
+                )
         if uid is not None:
             own(workdir, uid)
         start = time.monotonic()
+        me = os.getpid()
         pid = os.fork()
         if pid == 0:
             try:
-                return program(ns, workdir, uid, moved)
+                return program(ns, workdir, uid, moved, me)
             except Exception as e:
                 report("error", f"program set-up: {type(e).__name__}: {e}")
                 os._exit(125)
+        os.dup2(devnull, 1)  # from now on only P and its descendants hold stdout and stderr
+        os.dup2(devnull, 2)
         status = wait_for(pid, cfg["timeout"])
         duration = time.monotonic() - start
         if status is None:
@@ -552,60 +639,121 @@ def _launcher():  # one self-contained function: it runs alone in a fresh interp
             except OSError:
                 os.kill(pid, sigkill)
             os.waitpid(pid, 0)
+        # Kill every descendant before reporting, so that when the parent reads the outcome
+        # nothing of the program is left (C is PID 1 of the namespace, or their subreaper).
+        sweep(pid)
+        if status is None:
             report("timeout", duration)
         elif os.WIFSIGNALED(status):
             report("signal", os.WTERMSIG(status), duration)
         else:
             report("exit", os.WEXITSTATUS(status), duration)
-        if not ns:
-            sweep(pid)
-        os._exit(0)  # in a PID namespace, the kernel now kills whatever is left in it
+        os._exit(0)  # in a PID namespace, the kernel would now kill anything left in it
 
-    # L: namespaces, then C.
-    mode = cfg["isolation"]
-    ns = ""
-    if mode != "basic":
+    def launch():  # L: its own session, the run's environment, namespaces, then C
+        os.setsid()
+        os.environ.clear()
+        os.environ.update(cfg["env"])
+        os.chdir(cfg["workdir"])
+        report("pid", os.getpid())
+        try:
+            ns = unshare()
+        except OSError as e:
+            report("error", e.strerror)
+            os._exit(125)
+        report("mode", ns or "basic")
+        pid = os.fork()
+        if pid == 0:
+            try:
+                return supervise(ns)  # returns in P only
+            except Exception as e:
+                report("error", f"sandbox set-up: {type(e).__name__}: {e}")
+                os._exit(125)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        status = os.waitpid(pid, 0)[1]
+        if os.WIFSIGNALED(status):
+            report("supervisor-killed", os.WTERMSIG(status))
+        os._exit(0)
+
+    def unshare():
+        mode = cfg["isolation"]
+        if mode == "basic":
+            return ""
         root = os.geteuid() == 0
         user = mode == "user-namespaces" or (mode == "auto" and not root)
+        if mode == "namespaces" and not root:
+            raise OSError(1, "isolation 'namespaces' needs root; use 'user-namespaces'")
         uid, gid = os.getuid(), os.getgid()
         flags = 0x00020000 | 0x40000000 | 0x20000000 | 0x08000000 | 0x04000000  # NS NET PID IPC UTS
         if user:
             flags |= 0x10000000  # CLONE_NEWUSER
-        if mode == "namespaces" and not root:
-            report("error", "isolation 'namespaces' needs root; use 'user-namespaces'")
-            os._exit(125)
-        if libc.unshare(flags) == 0:
-            ns = "user-namespaces" if user else "namespaces"
-            if user:
-                for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
-                                   ("gid_map", f"{gid} {gid} 1")):
-                    with open(f"/proc/self/{name}", "w") as f:
-                        f.write(text)
-        elif mode != "auto":
+        if libc.unshare(flags) != 0:
+            if mode == "auto":
+                return ""
             err = ctypes.get_errno()
-            report("error", f"isolation {mode!r} unavailable: unshare: {os.strerror(err)}")
-            os._exit(125)
-    report("mode", ns or "basic")
-    pid = os.fork()
-    if pid == 0:
+            raise OSError(err, f"isolation {mode!r} unavailable: unshare: {os.strerror(err)}")
+        if user:
+            # A non-dumpable process's /proc/self files belong to root: dumpable just for this.
+            libc.prctl(4, 1, 0, 0, 0)
+            for name, text in (
+                ("setgroups", "deny"),
+                ("uid_map", f"{uid} {uid} 1"),
+                ("gid_map", f"{gid} {gid} 1"),
+            ):
+                with open(f"/proc/self/{name}", "w") as f:
+                    f.write(text)
+            libc.prctl(4, 0, 0, 0, 0)
+        return "user-namespaces" if user else "namespaces"
+
+    # The server loop: a request is b"r" + config (with the three pipes attached) or b"k" + pid
+    # (the parent's backstop: kill that launcher's process group, if it is one of ours).
+    live = set()
+    while True:
         try:
-            return supervise(ns)  # returns in P only
-        except Exception as e:
-            report("error", f"sandbox set-up: {type(e).__name__}: {e}")
-            os._exit(125)
-    status = os.waitpid(pid, 0)[1]
-    if os.WIFSIGNALED(status):
-        report("supervisor-killed", os.WTERMSIG(status))
-    os._exit(0)
+            message, fds, _, _ = socket.recv_fds(control, 1 << 16, 3)
+        except OSError:
+            os._exit(0)
+        if not message:
+            os._exit(0)  # the parent closed the control socket, or died
+        while live:  # reap finished launchers; an unreaped pid cannot be reused
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            live.discard(pid)
+        if message[:1] == b"k":
+            pid = int(message[1:])
+            if pid in live:
+                try:
+                    os.killpg(pid, 9)
+                except OSError:
+                    pass
+            continue
+        pid = os.fork()
+        if pid == 0:
+            control.close()  # first: nothing below the server may send it requests
+            cfg = marshal.loads(message[1:])
+            out, err, status_fd = fds
+            os.dup2(out, 1)
+            os.dup2(err, 2)
+            os.close(out)
+            os.close(err)
+            return launch()
+        live.add(pid)
+        for fd in fds:
+            os.close(fd)
 
 
-# P runs the program returned by _launcher at top level and exits as a normal interpreter would
+# P runs the program returned by _server at top level and exits as a normal interpreter would
 # (non-daemon threads joined, atexit handlers run, stdio flushed), minus the interpreter teardown:
 # os._exit saves several milliseconds per program. The traceback starts in the program.
 _LAUNCHER_TAIL = """
 import os
 import sys
-_source, _path, _globals = _launcher()
+_source, _path, _globals = _server()
 try:
     exec(compile(_source, _path, "exec"), _globals)
     _code = 0
@@ -635,17 +783,92 @@ os._exit(_code & 0xFF)
 
 @cache
 def _launcher_source() -> str:
-    return inspect.getsource(_launcher) + _LAUNCHER_TAIL
+    return inspect.getsource(_server) + _LAUNCHER_TAIL
+
+
+class _ForkServer:
+    """The parent's handle on one fork server process (see ``_server``)."""
+
+    def __init__(self, python: str, env: Mapping[str, str], preload: Sequence[str]) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.process = subprocess.Popen(
+                [
+                    python,
+                    "-s",
+                    "-S",
+                    "-c",
+                    _launcher_source(),
+                    str(theirs.fileno()),
+                    marshal.dumps(tuple(preload)).hex(),
+                ],
+                env=dict(env),
+                cwd="/",
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                start_new_session=True,
+            )
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.socket = ours
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def submit(self, config: bytes, fds: Sequence[int]) -> None:
+        # One SEQPACKET message per request: atomic, so threads may submit concurrently.
+        socket.send_fds(self.socket, [b"r" + config], list(fds))
+
+    def kill(self, pid: int) -> None:
+        try:
+            self.socket.send(b"k%d" % pid)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.socket.close()  # the server exits on end-of-file
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _close_server(holder: list[_ForkServer | None]) -> None:
+    if holder[0] is not None:
+        holder[0].close()
+        holder[0] = None
 
 
 class Sandbox:
-    """Runs programs under one ``SandboxConfig``; thread-safe (each run is its own process tree)."""
+    """Runs programs under one ``SandboxConfig``; thread-safe (each run is its own process
+    tree). Starts a small fork server on first use; ``close()`` (or ``with``) stops it, as does
+    garbage collection or the end of this process."""
 
     def __init__(self, config: SandboxConfig | None = None) -> None:
         if not sys.platform.startswith("linux"):
             raise SandboxError(f"the sandbox needs Linux, not {sys.platform}")
         self.config = config or SandboxConfig()
         self._description: dict[str, str] | None = None
+        self._lock = threading.Lock()
+        self._server: list[_ForkServer | None] = [None]
+        self._finalizer = weakref.finalize(self, _close_server, self._server)
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the fork server (running programs are not affected)."""
+        with self._lock:
+            _close_server(self._server)
 
     def run(self, program: Program | str) -> RunResult:
         """Run one program (a ``Program`` or Python source) and wait for it."""
@@ -680,8 +903,11 @@ class Sandbox:
             self._description = {
                 "isolation": r.isolation,
                 "network": r.network,
-                "user": (f"a random unused uid per run (e.g. {r.uid}), no groups"
-                         if r.uid is not None else f"uid {os.geteuid()} (the caller's)"),
+                "user": (
+                    f"a random unused uid per run (e.g. {r.uid}), no groups"
+                    if r.uid is not None
+                    else f"uid {os.geteuid()} (the caller's)"
+                ),
                 "processes": "PID namespace" if ns else "process group + subreaper sweep",
                 "filesystem": (
                     "read-only mounts, private /tmp, /dev/shm and working directory (tmpfs)"
@@ -691,113 +917,156 @@ class Sandbox:
             }
         return dict(self._description)
 
+    def _environment(self, workdir: str) -> dict[str, str]:
+        """The program's whole environment: built here, nothing copied from this process."""
+        cfg = self.config
+        return {
+            "PATH": cfg.path,
+            "LANG": cfg.lang,
+            "HOME": workdir,
+            "TMPDIR": workdir,
+            "PYTHONHASHSEED": cfg.hash_seed,
+            **cfg.env,
+        }
+
+    def _fork_server(self, restart: bool = False) -> _ForkServer:
+        with self._lock:
+            server = self._server[0]
+            if restart or server is None or not server.alive():
+                _close_server(self._server)
+                # The server's environment fixes the interpreter's hash seed and locale for
+                # every program; it has no per-run variables and nothing of this process.
+                env = self._environment("/")
+                server = self._server[0] = _ForkServer(self.config.python, env, self.config.preload)
+            return server
+
     def _launch(self, prog: Program, workdir: str, timeout: float, started: float) -> RunResult:
         cfg = self.config
-        isolation_forced = cfg.isolation == "user-namespaces"
         uid = None
-        if os.geteuid() == 0 and not isolation_forced:
+        if os.geteuid() == 0 and cfg.isolation != "user-namespaces":
             low, high = cfg.uid_range
             uid = low + secrets.randbelow(high - low)
         command = None
         if prog.command is not None:
             command = tuple(a.replace("{file}", prog.file_name) for a in prog.command)
-        real_tmp = os.path.realpath(tempfile.gettempdir() if cfg.tmp_root is None else "/tmp")
-        python_root = os.path.realpath(sys.base_prefix if cfg.python == sys.executable
-                                       else os.path.dirname(cfg.python))
-        status_r, status_w = os.pipe()
-        launch_cfg = {
-            "status_fd": status_w,
-            "workdir": workdir,
-            "filename": prog.file_name,
-            "command": command,
-            "timeout": float(timeout),
-            "cpu_seconds": cfg.cpu_seconds or math.ceil(timeout) + 1,
-            "memory_bytes": cfg.memory_bytes,
-            "file_size_bytes": cfg.file_size_bytes,
-            "max_processes": cfg.max_processes,
-            "max_open_files": cfg.max_open_files,
-            "tmpfs_bytes": cfg.tmpfs_bytes,
-            "isolation": cfg.isolation,
-            "seccomp": cfg.seccomp,
-            "uid": uid,
-            "hidden_paths": tuple(cfg.hidden_paths),
-            # An interpreter installed under /tmp must stay visible: then only the working
-            # directory gets a private tmpfs.
-            "hide_tmp": not (python_root + "/").startswith(real_tmp + "/"),
-        }
-        env = {"PATH": cfg.path, "LANG": cfg.lang, "HOME": workdir, "TMPDIR": workdir,
-               "PYTHONHASHSEED": cfg.hash_seed, **cfg.env}
-        argv = [cfg.python, "-s", "-S", "-c", _launcher_source(),
-                marshal.dumps(launch_cfg).hex()]
+        real_tmp = os.path.realpath("/tmp")
+        python_root = os.path.realpath(
+            sys.base_prefix if cfg.python == sys.executable else os.path.dirname(cfg.python)
+        )
+        launch_cfg = marshal.dumps(
+            {
+                "workdir": workdir,
+                "env": self._environment(workdir),
+                "filename": prog.file_name,
+                "command": command,
+                "timeout": float(timeout),
+                "cpu_seconds": cfg.cpu_seconds or math.ceil(timeout) + 1,
+                "memory_bytes": cfg.memory_bytes,
+                "file_size_bytes": cfg.file_size_bytes,
+                "max_processes": cfg.max_processes,
+                "max_open_files": cfg.max_open_files,
+                "tmpfs_bytes": cfg.tmpfs_bytes,
+                "isolation": cfg.isolation,
+                "seccomp": cfg.seccomp,
+                "uid": uid,
+                "hidden_paths": tuple(cfg.hidden_paths),
+                # An interpreter installed under /tmp must stay visible: then only the working
+                # directory gets a private tmpfs.
+                "hide_tmp": not (python_root + "/").startswith(real_tmp + "/"),
+            }
+        )
+        pipes = [os.pipe() for _ in range(3)]  # stdout, stderr, status
         try:
             try:
-                proc = subprocess.Popen(
-                    argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(status_w,),
-                    start_new_session=True,
-                )
+                server = self._fork_server()
+                try:
+                    server.submit(launch_cfg, [w for _, w in pipes])
+                except OSError:  # the server died since the last run: start another, once
+                    server = self._fork_server(restart=True)
+                    server.submit(launch_cfg, [w for _, w in pipes])
             finally:
-                os.close(status_w)
+                for _, w in pipes:
+                    os.close(w)  # the launcher holds them now: end-of-file when it is done
         except OSError as e:
-            os.close(status_r)
-            return RunResult(ERROR, None, None, 0.0, time.monotonic() - started, "", "", False,
-                             "none", "none", None, f"cannot start {cfg.python}: {e}")
+            for r, _ in pipes:
+                os.close(r)
+            return RunResult(
+                ERROR,
+                None,
+                None,
+                0.0,
+                time.monotonic() - started,
+                "",
+                "",
+                False,
+                "none",
+                "none",
+                None,
+                f"cannot start the sandbox: {e}",
+            )
         out, err, status, truncated, backstop = _collect(
-            proc, status_r, time.monotonic() + timeout + _GRACE, cfg.max_output_bytes
+            [r for r, _ in pipes],
+            time.monotonic() + timeout + _GRACE,
+            cfg.max_output_bytes,
+            server.kill,
         )
-        return _result(status, out, err, truncated, backstop, proc.returncode,
-                       time.monotonic() - started)
+        note = None
+        if not server.alive():
+            note = f"the sandbox server exited with code {server.process.returncode}"
+        return _result(status, out, err, truncated, backstop, time.monotonic() - started, note)
 
 
 def _collect(
-    proc: subprocess.Popen, status_fd: int, deadline: float, cap: int
+    fds: list[int], deadline: float, cap: int, kill: Callable[[int], None]
 ) -> tuple[str, str, str, bool, bool]:
-    """Read stdout, stderr and the status pipe until all close; kill the launcher's process
-    group if that takes past ``deadline``. Returns (stdout, stderr, status, truncated, killed)."""
-    assert proc.stdout is not None and proc.stderr is not None
-    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
+    """Read stdout, stderr and the status pipe until all three close; past ``deadline``, have
+    the launcher's process group killed. Returns (stdout, stderr, status, truncated, killed)."""
+    out_fd, err_fd, status_fd = fds
     caps = {out_fd: cap, err_fd: cap, status_fd: _STATUS_CAP}
     bufs = {fd: bytearray() for fd in caps}
     cut = killed = False
-    with selectors.DefaultSelector() as sel:
-        for fd in caps:
-            sel.register(fd, selectors.EVENT_READ)
-        while sel.get_map():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                if killed:
-                    break  # still held open after the kill: stop waiting for them
-                killed = True
-                _kill_group(proc.pid)
-                deadline = time.monotonic() + 2.0
-                continue
-            for key, _ in sel.select(remaining):
-                data = os.read(key.fd, 1 << 16)
-                if not data:
-                    sel.unregister(key.fd)
+    outcome = re.compile(rb"^(exit|signal|timeout) ", re.MULTILINE)
+    try:
+        with selectors.DefaultSelector() as sel:
+            for fd in caps:
+                sel.register(fd, selectors.EVENT_READ)
+            while sel.get_map():
+                if list(sel.get_map()) == [status_fd] and outcome.search(bufs[status_fd]):
+                    break  # reported after every process of the program was gone
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    if killed:
+                        break  # still held open after the kill: stop waiting for them
+                    killed = True
+                    pid = re.search(rb"^pid (\d+)$", bytes(bufs[status_fd]), re.MULTILINE)
+                    if pid is not None:
+                        kill(int(pid.group(1)))
+                    deadline = time.monotonic() + 2.0
                     continue
-                buf = bufs[key.fd]
-                room = max(caps[key.fd] - len(buf), 0)
-                buf += data[:room]  # beyond the cap: read and dropped, so writers never block
-                cut = cut or (len(data) > room and key.fd != status_fd)
-    proc.stdout.close()
-    proc.stderr.close()
-    os.close(status_fd)
-    proc.wait()
+                for key, _ in sel.select(remaining):
+                    data = os.read(key.fd, 1 << 16)
+                    if not data:
+                        sel.unregister(key.fd)
+                        continue
+                    buf = bufs[key.fd]
+                    room = max(caps[key.fd] - len(buf), 0)
+                    buf += data[:room]  # beyond the cap: read and dropped, writers never block
+                    cut = cut or (len(data) > room and key.fd != status_fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
     text = {fd: bytes(b).decode("utf-8", "replace") for fd, b in bufs.items()}
     return text[out_fd], text[err_fd], text[status_fd], cut, killed
 
 
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except OSError:
-        pass
-
-
 def _result(
-    status: str, out: str, err: str, truncated: bool, backstop: bool, launcher_code: int | None,
+    status: str,
+    out: str,
+    err: str,
+    truncated: bool,
+    backstop: bool,
     wall: float,
+    note: str | None = None,
 ) -> RunResult:
     """Interpret the launcher's status lines."""
     isolation, network, uid = "none", "none", None
@@ -817,16 +1086,23 @@ def _result(
         elif word == "supervisor-killed":
             errors.append(f"sandbox supervisor killed by signal {rest}")
 
-    def make(state: str, code: int | None, sig: int | None, duration: float,
-             error: str | None) -> RunResult:
-        return RunResult(state, code, sig, duration, wall, out, err, truncated, isolation,
-                         network, uid, error)
+    def make(
+        state: str, code: int | None, sig: int | None, duration: float, error: str | None
+    ) -> RunResult:
+        return RunResult(
+            state, code, sig, duration, wall, out, err, truncated, isolation, network, uid, error
+        )
 
     if outcome is None:
         if backstop:
-            return make(TIMEOUT, None, None, 0.0, "the launcher did not finish; its process "
-                        "group was killed")
-        why = "; ".join(errors) or f"launcher exited with {launcher_code} and no result"
+            return make(
+                TIMEOUT,
+                None,
+                None,
+                0.0,
+                "the launcher did not finish; its process group was killed",
+            )
+        why = "; ".join(errors) or note or "the launcher ended without a result"
         if not errors and err.strip():
             why += ": " + err.strip().splitlines()[-1]
         return make(ERROR, None, None, 0.0, why)
