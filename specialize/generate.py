@@ -1,4 +1,4 @@
-"""Greedy generation from a megatron-core checkpoint, at any TP/PP.
+"""Generation from a megatron-core checkpoint at any TP/PP: greedy or sampled, stop ids and strings.
 
 Each new token recomputes the whole sequence (no KV cache; only the last position goes through the
 output layer): exact, simple, and fast enough for the small models and short answers of CPU
@@ -9,7 +9,7 @@ length, so a batch needs neither padding nor attention masks.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -48,24 +48,45 @@ def load_model(ckpt: str | Path, tp: int = 1, pp: int = 1) -> tuple[torch.nn.Mod
     return model.eval(), arch
 
 
+def _next_tokens(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    if temperature <= 0.0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:  # nucleus: the smallest set of tokens whose probability reaches top_p
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
 @torch.no_grad()
-def greedy(
+def generate_ids(
     model: torch.nn.Module,
     prompts: list[list[int]],
     max_new_tokens: int,
     stop_ids: Iterable[int] = STOP_IDS,
     vocab_size: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_when: Callable[[list[int]], bool] | None = None,
     batch_size: int = 16,
 ) -> list[list[int]]:
-    """The greedy continuation of every prompt, up to and excluding the first stop id.
+    """The continuation of every prompt, up to and excluding the first stop id.
 
-    ``vocab_size`` restricts the argmax to real tokens (the embedding is padded past them).
+    Greedy at ``temperature`` 0, else sampled (``top_p`` nucleus) from a generator seeded with
+    ``seed``, so every tensor-parallel rank draws the same tokens. ``vocab_size`` restricts the
+    choice to real tokens (the embedding is padded past them). ``stop_when(ids)`` ends a row early
+    (stop strings).
     """
     stop = set(stop_ids)
+    generator = torch.Generator().manual_seed(seed)
     out: list[list[int]] = [[] for _ in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     groups: dict[int, list[int]] = {}
-    for i in order:
+    for i in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
         groups.setdefault(len(prompts[i]), []).append(i)
     for members in groups.values():
         for start in range(0, len(members), batch_size):
@@ -76,17 +97,61 @@ def greedy(
                 logits = last_logits(model, tokens)
                 if vocab_size is not None:
                     logits = logits[:, :vocab_size]
-                next_ids = logits.argmax(-1)
+                next_ids = _next_tokens(logits, temperature, top_p, generator)
                 for row, token in enumerate(next_ids.tolist()):
-                    if not done[row]:
-                        if token in stop:
-                            done[row] = True
-                        else:
-                            out[batch[row]].append(token)
+                    if done[row]:
+                        continue
+                    if token in stop:
+                        done[row] = True
+                        continue
+                    out[batch[row]].append(token)
+                    if stop_when is not None and stop_when(out[batch[row]]):
+                        done[row] = True
                 if all(done):
                     break
                 tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
     return out
+
+
+def greedy(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, **kwargs):
+    """``generate_ids`` at temperature 0."""
+    return generate_ids(model, prompts, max_new_tokens, temperature=0.0, **kwargs)
+
+
+def generate_text(
+    model: torch.nn.Module,
+    tokenizer: QwenTokenizer,
+    prompts: list[str] | list[list[int]],
+    max_new_tokens: int,
+    stop: Iterable[str] = (),
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> list[str]:
+    """Completions of text (or token-id) prompts, cut before the first of the ``stop`` strings."""
+    stop = tuple(stop)
+    ids = [p if isinstance(p, list) else tokenizer.encode(p) for p in prompts]
+
+    def stopped(row: list[int]) -> bool:
+        text = tokenizer.decode(row)
+        return any(s in text for s in stop)
+
+    rows = generate_ids(
+        model,
+        ids,
+        max_new_tokens,
+        vocab_size=tokenizer.vocab_size,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        stop_when=stopped if stop else None,
+    )
+    texts = []
+    for row in rows:
+        text = tokenizer.decode(row)
+        cut = min((text.index(s) for s in stop if s in text), default=len(text))
+        texts.append(text[:cut])
+    return texts
 
 
 def chat_answers(
@@ -103,5 +168,4 @@ def chat_answers(
         generation_prompt([{"role": "user", "content": q}], tokenizer, system or DEFAULT_SYSTEM)
         for q in questions
     ]
-    ids = greedy(model, prompts, max_new_tokens, vocab_size=tokenizer.vocab_size)
-    return [tokenizer.decode(row) for row in ids]
+    return generate_text(model, tokenizer, prompts, max_new_tokens)

@@ -1,0 +1,83 @@
+"""Generation from checkpoints: greedy equals step-by-step argmax, at TP=1, TP=2 and PP=2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+
+PROMPTS = [[151644, 872, 198, 13048], [9707, 11, 1879], [9707, 11, 1879, 0, 1, 2]]
+
+
+def _save(rank: int, world_size: int, run_dir: str) -> str:
+    from specialize import checkpoint
+    from specialize.config import derive, load_config
+    from specialize.distributed import init_distributed, seed_all
+    from specialize.engine import Engine
+
+    cfg = load_config(
+        "configs/base/qwen-nano.yaml",
+        ["train.steps=1", "schedule.warmup_steps=0", f"checkpoint.dir={run_dir}"],
+    )
+    topo = init_distributed(cfg.parallel)
+    seed_all(cfg.train.seed)
+    engine = Engine.build(cfg, topo, derive(cfg, topo.world_size))
+    return str(checkpoint.save(engine, iteration=1, consumed_samples=0))
+
+
+def _generate(rank: int, world_size: int, ckpt: str, tp: int, pp: int) -> dict:
+    from base.tokenizer import QwenTokenizer
+    from specialize.generate import generate_ids, generate_text, greedy, load_model
+    from specialize.logits import full_logits
+
+    model, _ = load_model(ckpt, tp, pp)
+    out = {"greedy": greedy(model, PROMPTS, 6, stop_ids=(), vocab_size=151851)}
+    # The same by hand: full logits of the whole sequence, argmax of the last position.
+    naive = []
+    for prompt in PROMPTS:
+        tokens = torch.tensor([prompt])
+        for _ in range(6):
+            logits = full_logits(model, tokens)[0, -1, :151851]
+            tokens = torch.cat([tokens, logits.argmax().view(1, 1)], dim=1)
+        naive.append(tokens[0, len(prompt) :].tolist())
+    out["naive"] = naive
+    out["sampled"] = generate_ids(model, PROMPTS, 6, stop_ids=(), temperature=1.0, seed=3)
+    out["sampled_again"] = generate_ids(model, PROMPTS, 6, stop_ids=(), temperature=1.0, seed=3)
+    out["nucleus_of_one"] = generate_ids(
+        model, PROMPTS, 6, stop_ids=(), vocab_size=151851, temperature=1.0, top_p=1e-9
+    )
+    first = out["greedy"][0][2]
+    out["stopped_at_id"] = greedy(model, PROMPTS[:1], 6, stop_ids=(first,), vocab_size=151851)
+    tokenizer = QwenTokenizer.load()
+    text = tokenizer.decode(out["greedy"][0])
+    out["text"] = text
+    stop = text[len(text) // 2 :][:2] or text
+    out["stop"] = stop
+    out["cut"] = generate_text(model, tokenizer, PROMPTS[:1], 6, stop=[stop])[0]
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    return run_distributed(_save, str(tmp_path_factory.mktemp("gen") / "run"), world_size=1)
+
+
+@pytest.fixture(scope="module")
+def single(ckpt) -> dict:
+    return run_distributed(_generate, ckpt, 1, 1, world_size=1)
+
+
+def test_greedy_sampling_and_stops(single) -> None:
+    out = single
+    assert out["greedy"] == out["naive"]
+    assert out["sampled"] == out["sampled_again"] and out["sampled"] != out["greedy"]
+    assert out["nucleus_of_one"] == out["greedy"]
+    assert out["stopped_at_id"] == [out["greedy"][0][:2]]
+    assert out["cut"] == out["text"][: out["text"].index(out["stop"])]
+
+
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
+def test_parallel_layouts_generate_the_same(ckpt, single, tp, pp) -> None:
+    parallel = run_distributed(_generate, ckpt, tp, pp, world_size=2)
+    assert parallel["greedy"] == single["greedy"] == parallel["naive"]
