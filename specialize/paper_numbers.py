@@ -1,0 +1,108 @@
+"""Scores reported by the Qwen technical report, the reference rows of ``specialize compare``.
+
+Transcribed from the headline table of REFERENCE §5 ("Headline numbers (pass@1 / accuracy %)");
+the protocol texts are REFERENCE §5's descriptions of how each benchmark is run. A model/task pair
+the table leaves blank is absent here: nothing is filled in or estimated.
+
+Model names follow the report's naming (family, then "-Chat" for the aligned model, then size):
+REFERENCE's table writes the same models as e.g. ``Code-Qwen-7B-Chat``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SOURCE = "Qwen technical report, headline numbers (REFERENCE §5)"
+"""Where every number in this module comes from."""
+
+
+@dataclass(frozen=True)
+class PaperModel:
+    """One model row of the paper's table."""
+
+    name: str
+    """The paper's name for the model, e.g. ``Code-Qwen-Chat-7B``."""
+    mode: str
+    """``base`` (few-shot completion) or ``chat`` (ChatML turns): which protocol applies."""
+    scores: dict[str, float]
+    """Task registry name -> reported score in percent (pass@1 for code, accuracy for math)."""
+
+
+PAPER_MODELS: tuple[PaperModel, ...] = (
+    PaperModel("Qwen-7B", "base", {"humaneval": 29.9, "mbpp": 31.6, "gsm8k": 51.7, "math": 11.6}),
+    PaperModel("Qwen-14B", "base", {"humaneval": 32.3, "mbpp": 40.8, "gsm8k": 61.3, "math": 24.8}),
+    PaperModel(
+        "Qwen-Chat-7B",
+        "chat",
+        {
+            "humaneval": 37.2,
+            "mbpp": 35.8,
+            "gsm8k": 50.3,
+            "math": 6.8,
+            "math401": 57.4,
+            "math23k": 51.2,
+        },
+    ),
+    PaperModel(
+        "Qwen-Chat-14B",
+        "chat",
+        {
+            "humaneval": 43.9,
+            "mbpp": 46.4,
+            "gsm8k": 60.1,
+            "math": 18.4,
+            "math401": 70.1,
+            "math23k": 67.0,
+        },
+    ),
+    PaperModel("Code-Qwen-7B", "base", {"humaneval": 40.2, "mbpp": 41.8}),
+    PaperModel("Code-Qwen-14B", "base", {"humaneval": 45.1, "mbpp": 51.4}),
+    PaperModel("Code-Qwen-Chat-7B", "chat", {"humaneval": 43.3, "mbpp": 44.2}),
+    PaperModel("Code-Qwen-Chat-14B", "chat", {"humaneval": 66.4, "mbpp": 52.4}),
+    PaperModel(
+        "Math-Qwen-Chat-7B",
+        "chat",
+        {"gsm8k": 62.5, "math": 17.2, "math401": 80.8, "math23k": 75.4},
+    ),
+    PaperModel(
+        "Math-Qwen-Chat-14B",
+        "chat",
+        {"gsm8k": 69.8, "math": 24.2, "math401": 85.0, "math23k": 78.4},
+    ),
+)
+
+# (task, mode) -> protocol, as REFERENCE §5 states it; mode None: stated for both modes.
+PAPER_PROTOCOLS: dict[tuple[str, str | None], str] = {
+    ("humaneval", "base"): (
+        "164 problems, pass@1 greedy; prompt verbatim, 0-shot; completion cut at "
+        "`<|endoftext|>`, `\\n\\n\\n`, `\\n\\n`, `def `; 3 s timeout per problem"
+    ),
+    ("humaneval", "chat"): (
+        '164 problems, pass@1 greedy; user turn "Write a Python function `{signature}` to '
+        'solve the following problem: …"; the function from the first fenced block that defines '
+        "the entry point; 3 s timeout per problem"
+    ),
+    ("mbpp", None): (
+        "500 test problems; 3-shot Austin et al. prompt ending in `[BEGIN]`, stop at `[DONE]`"
+    ),
+    ("gsm8k", "base"): (
+        '1,319 test problems; 8-shot "Question: … Let\'s think step by step … The answer is N", '
+        "cut at `\\n\\n` / `Question:`; gold is the number after `####`"
+    ),
+    ("gsm8k", "chat"): (
+        "1,319 test problems; 0-shot, last number in the reply, compared numerically (abs tol 1e-4)"
+    ),
+    ("math", None): (
+        'MATH500 subset; 4-shot Minerva prompt, answer after "Final Answer: The final answer is", '
+        "Minerva normalization, sympy equivalence"
+    ),
+    ("math401", None): "401 arithmetic expressions; correct when |pred − target| < 1e-3",
+    ("math23k", None): (
+        "Chinese grade-school word problems (test split commonly 1,000); numeric answer"
+    ),
+}
+
+
+def paper_protocol(task: str, mode: str) -> str | None:
+    """REFERENCE §5's protocol for ``task`` in ``mode`` (``base``/``chat``), None if unstated."""
+    return PAPER_PROTOCOLS.get((task, mode)) or PAPER_PROTOCOLS.get((task, None))

@@ -1,0 +1,338 @@
+"""Compare evaluation results: a markdown report with the paper's numbers as reference rows, and
+PNG charts.
+
+Input files are written by ``specialize eval`` (format ``specialize-eval-1``), one model each. The
+report never hides why two scores may not be comparable: tasks run with different protocols or on
+different data are flagged, and missing/timeout/error counts are listed next to the scores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from specialize.paper_numbers import PAPER_MODELS, SOURCE, paper_protocol
+
+FORMAT = "specialize-eval-1"
+COUNT_FIELDS = ("total", "correct", "missing", "failed", "timeout", "error")
+PROTOCOL_FIELDS = ("mode", "shots", "stop", "max_new_tokens", "grader", "timeout")
+DATA_FIELDS = ("source", "sha256", "records")
+LOSSES = {"missing": "missing", "timeout": "timed out", "error": "errors"}
+FAMILY_TITLES = {"code": "Code (pass@1, %)", "math": "Math (accuracy, %)", "other": "Other (%)"}
+
+
+class ReportError(ValueError):
+    """A results file that cannot be compared (missing, unknown format, no tasks, ...)."""
+
+
+@dataclass(frozen=True)
+class Results:
+    """One results file: a model's scores on a set of tasks."""
+
+    path: Path
+    label: str
+    """Display name; the file name is appended when two files share a label."""
+    checkpoint: str | None
+    source: str
+    tasks: dict[str, dict[str, Any]]
+    """Task name -> the file's task entry (protocol, data, metrics, counts)."""
+
+
+def load_results(path: str | os.PathLike[str]) -> Results:
+    """Read and check one results file; raises ReportError with the path on any problem."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReportError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReportError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise ReportError(f"{path}: unknown format {found!r} (expected {FORMAT!r})")
+    model = doc.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("label"), str):
+        raise ReportError(f"{path}: model.label missing")
+    tasks = doc.get("tasks")
+    if not isinstance(tasks, dict) or not tasks:
+        raise ReportError(f"{path}: no tasks")
+    for name, task in tasks.items():
+        if not isinstance(task, dict) or not isinstance(task.get("metrics"), dict):
+            raise ReportError(f"{path}: task {name!r} has no metrics")
+        if not task["metrics"]:
+            raise ReportError(f"{path}: task {name!r} has no metrics")
+    return Results(
+        path=path,
+        label=model["label"],
+        checkpoint=model.get("checkpoint"),
+        source=str(model.get("source", "")),
+        tasks=tasks,
+    )
+
+
+def main_metric(metrics: dict[str, Any]) -> str:
+    """The metric a task is ranked by: pass@1 (code), else accuracy (math), else the first."""
+    for name in ("pass@1", "accuracy"):
+        if name in metrics:
+            return name
+    return next(iter(metrics))
+
+
+def family(metric: str) -> str:
+    """Chart family of a metric: pass@k scores code, accuracy scores math."""
+    if metric.startswith("pass@"):
+        return "code"
+    return "math" if metric == "accuracy" else "other"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One score column: a task and the metric shown for it."""
+
+    task: str
+    metric: str
+
+    @property
+    def header(self) -> str:
+        return f"{self.task} {self.metric}"
+
+
+def columns(results: list[Results]) -> list[Column]:
+    """Task columns in first-seen order, each with the main metric of its first result."""
+    seen: dict[str, Column] = {}
+    for result in results:
+        for task, entry in result.tasks.items():
+            if task not in seen:
+                seen[task] = Column(task, main_metric(entry["metrics"]))
+    return list(seen.values())
+
+
+def score(result: Results, column: Column) -> float | None:
+    """The result's score for a column in percent, None if the task or metric is absent."""
+    entry = result.tasks.get(column.task)
+    value = None if entry is None else entry["metrics"].get(column.metric)
+    return None if value is None else 100.0 * float(value)
+
+
+def differences(results: list[Results], task: str) -> list[str]:
+    """Human-readable protocol/data differences between the results that ran ``task``."""
+    runs = [r for r in results if task in r.tasks]
+    found = []
+    for section, fields in (("protocol", PROTOCOL_FIELDS), ("data", DATA_FIELDS)):
+        for field in fields:
+            values = [r.tasks[task].get(section, {}).get(field) for r in runs]
+            if any(v != values[0] for v in values):
+                shown = ", ".join(f"{r.label}={_plain(v)}" for r, v in zip(runs, values))
+                found.append(f"{section} {field}: {shown}")
+    return found
+
+
+def _unique_labels(results: list[Results]) -> list[Results]:
+    labels = [r.label for r in results]
+    return [
+        r if labels.count(r.label) == 1 else _relabel(r, f"{r.label} ({r.path.name})")
+        for r in results
+    ]
+
+
+def _relabel(result: Results, label: str) -> Results:
+    return Results(result.path, label, result.checkpoint, result.source, result.tasks)
+
+
+def _plain(value: Any) -> str:
+    """A protocol value as text; lists (stop sequences) as JSON so '\\n' shows as an escape."""
+    if isinstance(value, list):
+        return "`" + json.dumps(value, ensure_ascii=False) + "`"
+    return "—" if value is None else str(value)
+
+
+def _cell(text: Any) -> str:
+    """Table cell text: a bare '|' would end the cell."""
+    return str(text).replace("|", "\\|")
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def render_markdown(
+    results: list[Results], base: Results, charts: list[tuple[str, str]] | None = None
+) -> str:
+    """The report text. ``charts``: (title, relative file name) pairs to link."""
+    cols = columns(results)
+    mismatched = {c.task: differences(results, c.task) for c in cols}
+    out = ["# Evaluation report", ""]
+    out += [f"Base for the deltas: **{base.label}**. Results files:", ""]
+    for r in results:
+        checkpoint = f", checkpoint `{r.checkpoint}`" if r.checkpoint else ""
+        out.append(f"- **{r.label}**: `{r.path}` ({r.source}{checkpoint})")
+
+    out += ["", "## Scores", ""]
+    out.append(
+        "Percent; the main metric per task (pass@1 for code, accuracy for math). Rows marked "
+        "*reported by the paper* are the Qwen technical report's numbers under its own protocols "
+        "(see *Paper protocols*): references, not runs of this project."
+    )
+    out.append("")
+    rows = [[r.label, "this project", *(_pct(score(r, c)) for c in cols)] for r in results]
+    tasks = {c.task for c in cols}
+    for model in PAPER_MODELS:
+        if tasks & model.scores.keys():
+            rows.append(
+                [
+                    f"{model.name} *(reported by the paper)*",
+                    f"paper, {model.mode}",
+                    *(_pct(model.scores.get(c.task)) for c in cols),
+                ]
+            )
+    out += _table(["model", "source", *(c.header for c in cols)], rows)
+
+    out += ["", f"## Change vs {base.label}", ""]
+    others = [r for r in results if r is not base]
+    if others:
+        out.append("Percentage points. † protocol or data differ between the results of that task:")
+        out.append("the two scores are not comparable (see *Warnings*).")
+        out.append("")
+        rows = []
+        for r in others:
+            row = [r.label]
+            for c in cols:
+                mine, theirs = score(r, c), score(base, c)
+                if mine is None or theirs is None:
+                    row.append("—")
+                else:
+                    mark = " †" if differences([base, r], c.task) else ""
+                    row.append(f"{mine - theirs:+.1f}{mark}")
+            rows.append(row)
+        out += _table(["model", *(c.header for c in cols)], rows)
+    else:
+        out.append("Only one results file: nothing to compare.")
+
+    out += ["", "## Warnings", ""]
+    warnings = []
+    for c in cols:
+        if mismatched[c.task]:
+            warnings.append(
+                f"- **{c.task}**: scores are NOT comparable — "
+                + "; ".join(mismatched[c.task])
+                + "."
+            )
+    for r in results:
+        for task, entry in r.tasks.items():
+            counts = entry.get("counts", {})
+            lost = [f"{counts[k]} {word}" for k, word in LOSSES.items() if counts.get(k)]
+            if lost:
+                warnings.append(
+                    f"- **{task}** / {r.label}: {', '.join(lost)} of {counts.get('total', '?')} "
+                    "(scored as failures)."
+                )
+    out += warnings or ["None: every task ran with the same protocol and data in all results."]
+
+    if charts:
+        out += ["", "## Charts", ""]
+        for title, name in charts:
+            out += [f"![{title}]({name})", ""]
+        out.pop()
+
+    out += ["", "## Counts", ""]
+    for c in cols:
+        runs = [r for r in results if c.task in r.tasks]
+        rows = [
+            [r.label, *(str(r.tasks[c.task].get("counts", {}).get(k, "—")) for k in COUNT_FIELDS)]
+            for r in runs
+        ]
+        out += [f"### {c.task}", "", *_table(["model", *COUNT_FIELDS], rows), ""]
+    out.pop()
+
+    out += ["", "## Protocols", ""]
+    for c in cols:
+        rows = []
+        for r in (r for r in results if c.task in r.tasks):
+            protocol = r.tasks[c.task].get("protocol", {})
+            data = r.tasks[c.task].get("data", {})
+            rows.append(
+                [
+                    r.label,
+                    *(_plain(protocol.get(f)) for f in PROTOCOL_FIELDS),
+                    _plain(data.get("source")),
+                    f"`{data.get('sha256', '—')}`",
+                    _plain(data.get("records")),
+                ]
+            )
+        header = ["model", "mode", "shots", "stop", "max new tokens", "grader", "timeout (s)"]
+        out += [f"### {c.task}", "", *_table([*header, "data", "sha256", "records"], rows), ""]
+    out.pop()
+
+    out += ["", "## Paper protocols", "", f"Source: {SOURCE}.", ""]
+    rows = []
+    for c in cols:
+        for mode in ("base", "chat"):
+            text = paper_protocol(c.task, mode)
+            if text and any(m.mode == mode and c.task in m.scores for m in PAPER_MODELS):
+                rows.append([c.task, mode, text])
+    out += _table(["task", "mode", "protocol"], rows) if rows else ["No paper numbers apply."]
+    return "\n".join(out) + "\n"
+
+
+def write_charts(results: list[Results], out_dir: Path) -> list[tuple[str, str]]:
+    """One grouped bar chart per metric family (tasks on x, one bar per model); returns
+    (title, file name) pairs."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+
+    by_family: dict[str, list[Column]] = {}
+    for c in columns(results):
+        by_family.setdefault(family(c.metric), []).append(c)
+    charts = []
+    for fam, cols in by_family.items():
+        # Only models that ran a task of this family get a bar group slot.
+        runs = [r for r in results if any(c.task in r.tasks for c in cols)]
+        fig = Figure(figsize=(max(4.0, 1.6 * len(cols) + 2.0), 3.6), layout="constrained")
+        ax = fig.add_subplot()
+        width = 0.8 / len(runs)
+        for i, r in enumerate(runs):
+            xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(cols))]
+            values = [score(r, c) for c in cols]
+            bars = ax.bar(xs, [v or 0.0 for v in values], width, label=r.label)
+            ax.bar_label(bars, labels=["" if v is None else _pct(v) for v in values], fontsize=7)
+        ax.set_xticks(range(len(cols)), [c.task for c in cols])
+        ax.set_ylabel("%")
+        ax.set_ylim(0, 105)
+        ax.set_title(FAMILY_TITLES[fam])
+        ax.legend(fontsize=8)
+        name = f"chart-{fam}.png"
+        fig.savefig(out_dir / name, dpi=100)
+        charts.append((FAMILY_TITLES[fam], name))
+    return charts
+
+
+def compare(
+    paths: list[str | os.PathLike[str]], out_dir: str | os.PathLike[str], base: str | None = None
+) -> Path:
+    """Write ``out_dir/report.md`` and its charts for the results files; returns the report path.
+    ``base``: label of the model the deltas are taken against (default: the first file)."""
+    if not paths:
+        raise ReportError("no results files given")
+    results = _unique_labels([load_results(p) for p in paths])
+    if base is None:
+        base_result = results[0]
+    else:
+        matches = [r for r in results if r.label == base]
+        if not matches:
+            known = ", ".join(r.label for r in results)
+            raise ReportError(f"--base {base!r}: no results file has that label ({known})")
+        base_result = matches[0]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    charts = write_charts(results, out)
+    report = out / "report.md"
+    report.write_text(render_markdown(results, base_result, charts), encoding="utf-8")
+    return report
