@@ -1,9 +1,9 @@
 """Generation from a megatron-core checkpoint at any TP/PP: greedy or sampled, stop ids and strings.
 
-Each new token recomputes the whole sequence (no KV cache; only the last position goes through the
-output layer): exact, simple, and fast enough for the small models and short answers of CPU
-evaluations. Prompts are batched by
-length, so a batch needs neither padding nor attention masks.
+Without pipeline parallelism, decoding uses megatron-core's KV cache (``StaticInferenceContext``):
+the prompt runs once, then one token per step. With it, each new token recomputes the sequence
+(only the last position goes through the output layer). Both give the same tokens (tested).
+Prompts are batched by length, so a batch needs neither padding nor attention masks.
 """
 
 from __future__ import annotations
@@ -62,6 +62,37 @@ def _next_tokens(
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+class _CachedDecoder:
+    """Last-position logits with megatron-core's KV cache (``StaticInferenceContext``): the prompt
+    runs once, then each new token alone. Without pipeline parallelism."""
+
+    def __init__(self, model: torch.nn.Module, batch: int, max_length: int) -> None:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        self.model = getattr(model, "module", model)
+        self.context = StaticInferenceContext(max_batch_size=batch, max_sequence_length=max_length)
+
+    def __call__(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        batch, length = tokens.shape
+        positions = torch.arange(start, start + length).expand(batch, length)
+        logits = self.model(
+            tokens, positions, None, inference_context=self.context, runtime_gather_output=True
+        )
+        self.context.sequence_len_offset += length
+        return logits[:, -1].float()
+
+
+class _RecomputingDecoder:
+    """Last-position logits by running the whole sequence again (any pipeline layout)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.tokens = model, None
+
+    def __call__(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        self.tokens = tokens if self.tokens is None else torch.cat([self.tokens, tokens], dim=1)
+        return last_logits(self.model, self.tokens)
+
+
 @torch.no_grad()
 def generate_ids(
     model: torch.nn.Module,
@@ -74,27 +105,37 @@ def generate_ids(
     seed: int = 0,
     stop_when: Callable[[list[int]], bool] | None = None,
     batch_size: int = 16,
+    kv_cache: bool = True,
 ) -> list[list[int]]:
     """The continuation of every prompt, up to and excluding the first stop id.
 
     Greedy at ``temperature`` 0, else sampled (``top_p`` nucleus) from a generator seeded with
     ``seed``, so every tensor-parallel rank draws the same tokens. ``vocab_size`` restricts the
     choice to real tokens (the embedding is padded past them). ``stop_when(ids)`` ends a row early
-    (stop strings).
+    (stop strings). Prompts of equal length are batched together, so no padding is needed; with
+    pipeline parallelism (or ``kv_cache=False``) each step recomputes the sequence.
     """
+    from megatron.core import parallel_state
+
+    cached = kv_cache and parallel_state.get_pipeline_model_parallel_world_size() == 1
     stop = set(stop_ids)
     generator = torch.Generator().manual_seed(seed)
     out: list[list[int]] = [[] for _ in prompts]
     groups: dict[int, list[int]] = {}
     for i in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
         groups.setdefault(len(prompts[i]), []).append(i)
-    for members in groups.values():
+    for length, members in groups.items():
         for start in range(0, len(members), batch_size):
             batch = members[start : start + batch_size]
             tokens = torch.tensor([prompts[i] for i in batch], dtype=torch.long)
+            decode = (
+                _CachedDecoder(model, len(batch), length + max_new_tokens)
+                if cached
+                else _RecomputingDecoder(model)
+            )
+            logits = decode(tokens, 0)
             done = [False] * len(batch)
-            for _ in range(max_new_tokens):
-                logits = last_logits(model, tokens)
+            for step in range(max_new_tokens):
                 if vocab_size is not None:
                     logits = logits[:, :vocab_size]
                 next_ids = _next_tokens(logits, temperature, top_p, generator)
@@ -107,9 +148,9 @@ def generate_ids(
                     out[batch[row]].append(token)
                     if stop_when is not None and stop_when(out[batch[row]]):
                         done[row] = True
-                if all(done):
+                if all(done) or step == max_new_tokens - 1:
                     break
-                tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
+                logits = decode(next_ids[:, None], length + step)
     return out
 
 

@@ -42,7 +42,11 @@ def _generate(rank: int, world_size: int, ckpt: str, tp: int, pp: int) -> dict:
             tokens = torch.cat([tokens, logits.argmax().view(1, 1)], dim=1)
         naive.append(tokens[0, len(prompt) :].tolist())
     out["naive"] = naive
+    out["recomputed"] = greedy(model, PROMPTS, 6, stop_ids=(), vocab_size=151851, kv_cache=False)
     out["sampled"] = generate_ids(model, PROMPTS, 6, stop_ids=(), temperature=1.0, seed=3)
+    out["sampled_recomputed"] = generate_ids(
+        model, PROMPTS, 6, stop_ids=(), temperature=1.0, seed=3, kv_cache=False
+    )
     out["sampled_again"] = generate_ids(model, PROMPTS, 6, stop_ids=(), temperature=1.0, seed=3)
     out["nucleus_of_one"] = generate_ids(
         model, PROMPTS, 6, stop_ids=(), vocab_size=151851, temperature=1.0, top_p=1e-9
@@ -70,7 +74,8 @@ def single(ckpt) -> dict:
 
 def test_greedy_sampling_and_stops(single) -> None:
     out = single
-    assert out["greedy"] == out["naive"]
+    assert out["greedy"] == out["naive"] == out["recomputed"]  # KV cache == recomputation
+    assert out["sampled"] == out["sampled_recomputed"]
     assert out["sampled"] == out["sampled_again"] and out["sampled"] != out["greedy"]
     assert out["nucleus_of_one"] == out["greedy"]
     assert out["stopped_at_id"] == [out["greedy"][0][:2]]
