@@ -41,8 +41,8 @@ demo-sft: $(STAMP)
 	done
 	rm -rf runs/demo/math-sft runs/demo/code-chat-sft
 	$(VENV)/bin/torchrun --nproc-per-node 2 -m specialize train configs/demo/math-sft.yaml
-	$(PY) -m math_qwen.exact_match runs/demo/engine --n 100
-	$(PY) -m math_qwen.exact_match runs/demo/math-sft --n 100
+	$(PY) -m math_qwen.exact_match runs/demo/engine --n 200
+	$(PY) -m math_qwen.exact_match runs/demo/math-sft --n 200
 	$(VENV)/bin/torchrun --nproc-per-node 2 -m specialize train configs/demo/code-chat-sft.yaml
 
 test: $(STAMP)
