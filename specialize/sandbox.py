@@ -148,6 +148,11 @@ class SandboxConfig:
     """Half-open range of unused uids a root parent picks from at random per run."""
     hidden_paths: tuple[str, ...] = ()
     """Directories covered by an empty read-only tmpfs in the namespace modes."""
+    bind_paths: Mapping[str, str] = field(default_factory=dict)
+    """Host directory -> path under the private ``/tmp`` where it is bind-mounted read-only
+    (nosuid, nodev) in the namespace modes: exposes a toolchain the sandbox uid cannot reach
+    (e.g. one installed under ``/root``). Without a mount namespace nothing is mounted, so a
+    program using the target path fails with an ``error`` (exec) or ``failed`` status."""
     tmp_root: str | None = None
     """Where the per-run temporary directories are created; None: ``tempfile.gettempdir()``."""
     preload: tuple[str, ...] = ()
@@ -176,6 +181,13 @@ class SandboxConfig:
             raise SandboxError(f"uid_range {self.uid_range} is not a non-empty range of uids > 0")
         if any("=" in k or "\0" in k + v for k, v in self.env.items()):
             raise SandboxError("env names must not contain '=' and values no NUL bytes")
+        for source, target in self.bind_paths.items():
+            parts = target.split("/")
+            if not source.startswith("/") or not target.startswith("/tmp/") or ".." in parts:
+                raise SandboxError(
+                    f"bind_paths {source!r} -> {target!r}: need an absolute source and a "
+                    "target under /tmp/ without '..'"
+                )
 
 
 @dataclass(frozen=True)
@@ -350,6 +362,10 @@ def _server():  # one self-contained function: it runs alone in a fresh interpre
         moved = {}
         if uid is not None and cfg["command"] is None and cfg["hide_tmp"]:
             moved = moved_prefixes()  # before hidden_paths may cover the interpreter
+        for source, target in cfg["bind_paths"] if cfg["hide_tmp"] else ():
+            os.makedirs(target, 0o755, exist_ok=True)
+            mount(source, target, None, ms_bind | ms_rec)
+            mount(None, target, None, ms_remount | ms_bind | ms_rdonly | ms_nosuid | ms_nodev)
         for path in cfg["hidden_paths"]:
             mount(
                 "tmpfs",
@@ -970,6 +986,7 @@ class Sandbox:
                 "seccomp": cfg.seccomp,
                 "uid": uid,
                 "hidden_paths": tuple(cfg.hidden_paths),
+                "bind_paths": tuple(cfg.bind_paths.items()),
                 # An interpreter installed under /tmp must stay visible: then only the working
                 # directory gets a private tmpfs.
                 "hide_tmp": not (python_root + "/").startswith(real_tmp + "/"),

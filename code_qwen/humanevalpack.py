@@ -1,0 +1,388 @@
+"""HumanEvalPack "synthesize" (Muennighoff et al., OctoPack): HumanEval in six languages, one task
+per language (``humanevalpack-python``, ``-js``, ``-java``, ``-go``, ``-cpp``, ``-rust``).
+
+Records use the published ``bigcode/humanevalpack`` schema (hub config = language). Protocol
+(REFERENCE §5), as in bigcode-evaluation-harness:
+
+- ``base``: the record's ``prompt`` (docstring + signature) is completed verbatim; generation
+  stops at the harness's per-language stop words. The graded program is the prompt, the
+  completion and the ``test``, with the harness's per-language glue (import helpers for Python
+  and C++, ``fn main(){}`` + ``declaration`` for Rust, ``test_setup`` for Go).
+- ``chat``: the ``instruction`` is the user turn; the first fenced block of the reply (else the
+  whole reply) replaces the prompt, since the model writes the whole function.
+
+Every program, compilation included (it handles untrusted code), runs in ``specialize.sandbox``;
+a completion passes when the program exits 0 within the language's timeout (py/js/java 10 s,
+go 20 s, cpp 60 s, rust 300 s). A missing toolchain makes every sample of that language an
+``error`` with a message saying so; ``available_languages`` lets callers skip such tasks first.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from code_qwen.tasks import CHAT_STOP, _CodeTask, extract_code
+from specialize.sandbox import ERROR, Program, RunResult, Sandbox, SandboxConfig
+from specialize.tasks import Grade, HubSource, Protocol, TaskError, check_mode, register, truncate
+
+LANGUAGES = ("python", "js", "java", "go", "cpp", "rust")
+TIMEOUTS = {"python": 10.0, "js": 10.0, "java": 10.0, "go": 20.0, "cpp": 60.0, "rust": 300.0}
+# The harness's stop words (from CodeGeeX/MultiPL-E); only Python and Go cut at a new top-level
+# definition, the others end where the function's closing brace does.
+BASE_STOP = {
+    "python": ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\nassert"),
+    "js": (),
+    "java": (),
+    "go": ("\n//", "\nfunc main(", "struct", "\nfunc"),
+    "cpp": (),
+    "rust": (),
+}
+# The tools each language needs on the host (compilers and runtimes run inside the sandbox).
+TOOLS = {
+    "python": (),
+    "js": ("node",),
+    "java": ("javac", "java"),
+    "go": ("go",),
+    "cpp": ("g++",),
+    "rust": ("rustc",),
+}
+PYTHON_IMPORTS = (
+    # The harness's helper minus numpy: programs run without site-packages.
+    "import math\nimport re\nimport sys\nimport copy\nimport datetime\nimport itertools\n"
+    "import collections\nimport heapq\nimport statistics\nimport functools\nimport hashlib\n"
+    "import string\nfrom typing import *\nfrom collections import *\n"
+)
+CPP_IMPORTS = (
+    "using namespace std;",
+    "#include<stdlib.h>",
+    "#include<algorithm>",
+    "#include<cmath>",
+    "#include<math.h>",
+    "#include<numeric>",
+    "#include<stdio.h>",
+    "#include<vector>",
+    "#include<set>",
+    "#include<map>",
+    "#include<queue>",
+    "#include<stack>",
+    "#include<list>",
+    "#include<deque>",
+    "#include<string>",
+    "#include<climits>",
+    "#include<cstring>",
+    "#include<iostream>",
+    "#include<sstream>",
+    "#include<fstream>",
+)
+GO_PACKAGES = ("math", "strings", "fmt", "strconv", "time", "bytes", "regexp", "sort", "math/rand")
+# console.assert only prints; the pack's JS tests rely on it, so make a failed one exit non-zero.
+JS_PRELUDE = (
+    "console.assert = (cond, ...msg) => { if (!cond) { "
+    "throw new Error('Assertion failed' + (msg.length ? ': ' + msg.join(' ') : '')); } };\n"
+)
+# JVM and rustc reserve far more address space than they use, and run many threads.
+HEAVY_MEMORY = 16 << 30
+HEAVY_PROCESSES = 256
+JVM_FLAGS = "-Xmx512m -Xss8m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:CICompilerCount=1"
+_EXPOSED = "/tmp/.toolchain"
+
+
+class ToolchainMissing(TaskError):
+    """A language's compiler or runtime is not installed (or not usable by the sandbox)."""
+
+
+def default_search_path() -> str:
+    """Where toolchains are looked up: the sandbox's ``PATH``, then rustup's and Go's usual
+    install directories (not on the sandbox's ``PATH``)."""
+    extra = [os.path.expanduser("~/.cargo/bin"), "/usr/local/go/bin"]
+    return ":".join([SandboxConfig().path, *extra])
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """A language's tools as the sandbox sees them."""
+
+    tools: Mapping[str, str]
+    """Tool name -> absolute path to use inside the sandbox."""
+    bind_paths: Mapping[str, str]
+    """Host directories to bind into the sandbox (``SandboxConfig.bind_paths``)."""
+    env: Mapping[str, str]
+    """Extra environment for the program."""
+
+
+def _world_readable(path: str) -> bool:
+    path = os.path.realpath(path)
+    while True:
+        if os.stat(path).st_mode & 0o005 != 0o005:
+            return False
+        parent = os.path.dirname(path)
+        if parent == path:
+            return True
+        path = parent
+
+
+@cache
+def _rust_sysroot(rustc: str) -> str:
+    # rustup's shim execs the real compiler from a toolchain it finds through $HOME; the
+    # sandbox has no such home, so the sysroot itself is exposed and its rustc run directly.
+    out = subprocess.run(
+        [rustc, "--print", "sysroot"], capture_output=True, text=True, timeout=60, check=True
+    )
+    return out.stdout.strip()
+
+
+def find_toolchain(language: str, search_path: str | None = None) -> Toolchain:
+    """The tools for ``language`` found on ``search_path`` (default ``default_search_path()``);
+    raises ``ToolchainMissing`` naming what is missing."""
+    if language not in LANGUAGES:
+        raise TaskError(f"humanevalpack language {language!r}: expected one of {LANGUAGES}")
+    path = default_search_path() if search_path is None else search_path
+    tools: dict[str, str] = {}
+    binds: dict[str, str] = {}
+    env: dict[str, str] = {}
+    for tool in TOOLS[language]:
+        found = shutil.which(tool, path=path) if path else None
+        if found is None:
+            raise ToolchainMissing(
+                f"toolchain {tool!r} not found (searched {path or 'an empty PATH'}): install it "
+                f"or drop the task humanevalpack-{language}"
+            )
+        real = os.path.realpath(found)
+        if tool == "rustc":
+            try:
+                root = _rust_sysroot(found)
+            except (OSError, subprocess.SubprocessError) as e:
+                raise ToolchainMissing(
+                    f"toolchain 'rustc' at {found} does not work ({e}): install it or drop the "
+                    "task humanevalpack-rust"
+                ) from e
+            real = os.path.join(root, "bin", "rustc")
+        elif tool == "go":
+            root = os.path.dirname(os.path.dirname(real))
+        else:
+            root = os.path.dirname(real)
+        if not _world_readable(root):
+            target = f"{_EXPOSED}-{language}-{tool.replace('+', 'p')}"
+            binds[root] = target
+            real, root = target + real[len(root) :], target
+        if tool == "go":
+            env["GOROOT"] = root
+        tools[tool] = real
+    if language == "go":
+        # Module downloads are impossible without a network: tests must find testify in GOPATH.
+        env.update(GOFLAGS="-mod=mod", GOPROXY="off", GOCACHE="/tmp/go-cache")
+    return Toolchain(tools, binds, env)
+
+
+def available_languages(search_path: str | None = None) -> list[str]:
+    """The languages whose toolchain is installed here, so callers can skip the others."""
+    available = []
+    for language in LANGUAGES:
+        try:
+            find_toolchain(language, search_path)
+        except ToolchainMissing:
+            continue
+        available.append(language)
+    return available
+
+
+def assemble(record: Mapping[str, Any], code: str, language: str, mode: str) -> str:
+    """The program graded for ``code``: in ``base`` mode a completion of ``prompt``, in ``chat``
+    mode a whole function that replaces it; then the record's test, with the harness's glue."""
+    body = record["prompt"] + code if check_mode(mode) == "base" else code
+    test = record["test"]
+    if language == "python":
+        return f"{PYTHON_IMPORTS}{body}\n{test}\n"
+    if language == "js":
+        return f"{JS_PRELUDE}{body}\n{test}\n"
+    if language == "java":
+        return f"{body}\n{test}\n"
+    if language == "cpp":
+        if mode == "chat":
+            body = body.split("int main")[0]  # the pack's test brings its own main
+        missing = "\n".join(line for line in CPP_IMPORTS if line not in body)
+        # ``using namespace std`` must follow the includes, so it goes last.
+        lines = missing.splitlines()
+        if "using namespace std;" in lines:
+            lines.remove("using namespace std;")
+            lines.append("using namespace std;")
+        return "\n".join(lines) + f"\n{body}\n{test}\n"
+    if language == "rust":
+        if mode == "base":
+            body = record["declaration"] + code
+        return f"\nfn main(){{ \n }} \n{body}\n{test}\n"
+    if language == "go":
+        body = body.replace(record.get("import", ""), "")
+        setup = record.get("test_setup", "")
+        used = [
+            f'"{pkg}"'
+            for pkg in GO_PACKAGES
+            if pkg not in setup
+            and any(
+                f"{pkg.split('/')[-1]}." in line and not line.lstrip().startswith("//")
+                for line in body.splitlines()
+            )
+        ]
+        imports = "import (\n" + "".join(f"    {p}\n" for p in used) + ")\n" if used else ""
+        return f"{setup}\n{imports}{body}\n{test}\n"
+    raise TaskError(f"humanevalpack language {language!r}: expected one of {LANGUAGES}")
+
+
+def program(source: str, language: str, toolchain: Toolchain, timeout: float) -> Program:
+    """``source`` as a sandbox ``Program``: compiled (if needed) and run by the toolchain."""
+    tool = {name: shlex.quote(p) for name, p in toolchain.tools.items()}
+    if language == "python":
+        return Program(source, timeout=timeout)
+    if language == "js":
+        script, name = f"{tool['node']} main.js", "main.js"
+    elif language == "java":
+        # The pack's test is ``public class Main`` using the prompt's ``class Solution``.
+        flags = " ".join(f"-J{f}" for f in JVM_FLAGS.split())
+        script = (
+            f"{tool['javac']} {flags} -d classes Main.java && "
+            f"{tool['java']} {JVM_FLAGS} -cp classes Main"
+        )
+        name = "Main.java"
+    elif language == "cpp":
+        script, name = f"{tool['g++']} -std=c++17 -o main main.cpp && ./main", "main.cpp"
+    elif language == "rust":
+        # ``rustc --test`` runs the pack's ``#[cfg(test)] mod tests``; one codegen unit keeps
+        # rustc's thread count low.
+        script = (
+            f"{tool['rustc']} --edition 2021 --test -C codegen-units=1 -o main main.rs "
+            "&& ./main --test-threads=1"
+        )
+        name = "main.rs"
+    elif language == "go":
+        script, name = f"{tool['go']} test main_test.go", "main_test.go"
+    else:
+        raise TaskError(f"humanevalpack language {language!r}: expected one of {LANGUAGES}")
+    return Program(
+        source,
+        language=language,
+        command=("sh", "-c", script),
+        filename=name,
+        timeout=timeout,
+    )
+
+
+def _missing(message: str) -> RunResult:
+    return RunResult(ERROR, None, None, 0.0, 0.0, "", "", False, "none", "none", None, message)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HumanEvalPackTask(_CodeTask):
+    """One language of HumanEvalPack synthesize."""
+
+    language: str
+    """``python``, ``js``, ``java``, ``go``, ``cpp`` or ``rust`` (the hub config)."""
+    search_path: str | None = None
+    """Where the toolchain is looked up; None: ``default_search_path()``."""
+
+    @property
+    def timeout(self) -> float:
+        """Seconds per program, compilation included (the harness's per-language value)."""
+        return TIMEOUTS[self.language]
+
+    def protocol(self, mode: str) -> Protocol:
+        """0-shot in both modes; pass@k from sandboxed runs."""
+        if check_mode(mode) == "base":
+            stop = ("<|endoftext|>", *BASE_STOP[self.language])
+        else:
+            stop = CHAT_STOP
+        return Protocol(mode, 0, stop, 512, "sandbox", self.timeout)
+
+    def prompt(self, record: Mapping[str, Any], mode: str) -> str:
+        """Base: the prompt verbatim (trailing newline kept). Chat: the instruction."""
+        return record["prompt"] if check_mode(mode) == "base" else record["instruction"]
+
+    def postprocess(self, record: Mapping[str, Any], completion: str, mode: str) -> str:
+        """Base: cut at the stop words. Chat: the first fenced block, else the whole reply."""
+        text = truncate(completion, self.protocol(mode).stop)
+        return text if mode == "base" else extract_code(text)
+
+    def grade(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        completions: Sequence[str],
+        mode: str,
+        workers: int = 2,
+    ) -> list[Grade]:
+        """Each assembled program compiled and run in the sandbox; without the language's
+        toolchain every sample is an ``error`` (see ``grade_runs`` for the message)."""
+        return [Grade(run.status) for run in self.grade_runs(records, completions, mode, workers)]
+
+    def grade_runs(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        completions: Sequence[str],
+        mode: str,
+        workers: int = 2,
+    ) -> list[RunResult]:
+        """The sandbox's full report per completion (output, errors), in input order."""
+        if len(records) != len(completions):
+            raise ValueError(f"{len(records)} records but {len(completions)} completions")
+        check_mode(mode)
+        try:
+            toolchain = find_toolchain(self.language, self.search_path)
+        except ToolchainMissing as e:
+            return [_missing(str(e)) for _ in records]
+        programs = [
+            program(assemble(r, c, self.language, mode), self.language, toolchain, self.timeout)
+            for r, c in zip(records, completions)
+        ]
+        heavy = self.language in ("java", "rust", "go")
+        config = SandboxConfig(
+            timeout=self.timeout,
+            memory_bytes=HEAVY_MEMORY if heavy else SandboxConfig.memory_bytes,
+            max_processes=HEAVY_PROCESSES if heavy else SandboxConfig.max_processes,
+            max_open_files=1024 if heavy else SandboxConfig.max_open_files,
+            tmpfs_bytes=512 << 20 if heavy else SandboxConfig.tmpfs_bytes,
+            file_size_bytes=256 << 20 if heavy else SandboxConfig.file_size_bytes,
+            env=dict(toolchain.env),
+            bind_paths=dict(toolchain.bind_paths),
+        )
+        with Sandbox(config) as sandbox:
+            return sandbox.run_many(programs, workers=workers)
+
+
+LANGUAGE_NAMES = {
+    "python": "Python",
+    "js": "JavaScript",
+    "java": "Java",
+    "go": "Go",
+    "cpp": "C++",
+    "rust": "Rust",
+}
+
+HUMANEVALPACK = {
+    language: register(
+        HumanEvalPackTask(
+            name=f"humanevalpack-{language}",
+            domain="code",
+            description=f"HumanEvalPack synthesize, {LANGUAGE_NAMES[language]}: 164 functions "
+            "from docstrings (Muennighoff et al.)",
+            hub=HubSource("bigcode/humanevalpack", config=language, split="test"),
+            required_fields=(
+                "task_id",
+                "prompt",
+                "declaration",
+                "canonical_solution",
+                "test",
+                "entry_point",
+                "instruction",
+            ),
+            reference_fields=("prompt", "canonical_solution"),
+            id_field="task_id",
+            language=language,
+        )
+    )
+    for language in LANGUAGES
+}
