@@ -227,28 +227,44 @@ def _cli(out: Path, *sources: str) -> list[str]:
 
 
 def test_killed_run_resumes_to_identical_shards(tmp_path: Path) -> None:
-    sources = [str(STDLIB / p) for p in ("email", "json", "asyncio", "logging", "xml", "http")]
+    # 100 standard-library files; file 65 (shard 3 of 20-document shards) is first a FIFO, so the
+    # interrupted run blocks reading it after shards 0 and 1 are published and shard 2 is in
+    # progress: the kill lands at the same point on any machine, however fast.
+    packages = ("email", "asyncio", "json", "logging", "xml", "http", "urllib", "concurrent")
+    files = [p for package in packages for p in sorted((STDLIB / package).rglob("*.py"))][:100]
+    assert len(files) == 100
+    source = tmp_path / "src"
+    source.mkdir()
+    for i, path in enumerate(files):
+        (source / f"f{i:03d}.py").write_bytes(path.read_bytes())
+    blocked = source / "f065.py"
+    content = blocked.read_bytes()
+    blocked.unlink()
+    os.mkfifo(blocked)
+
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run(_cli(clean, *sources), check=True, env=env, capture_output=True)
-    manifest = read_manifest(clean)
-    assert len(manifest["shards"]) >= 4
-
     process = subprocess.Popen(
-        _cli(killed, *sources), env=env, start_new_session=True, stderr=subprocess.DEVNULL
+        _cli(killed, str(source)), env=env, start_new_session=True, stderr=subprocess.DEVNULL
     )
     deadline = time.monotonic() + 120
     while not (killed / "shard-00001.json").exists():
         assert process.poll() is None, "the run ended before it could be interrupted"
         assert time.monotonic() < deadline
-        time.sleep(0.005)
+        time.sleep(0.01)
+    time.sleep(0.5)  # let it go as far as it can: it is stuck on the FIFO
+    assert process.poll() is None
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert not (killed / "manifest.json").exists()
+    assert not (killed / "manifest.json").exists() and not (killed / "shard-00002.json").exists()
 
-    result = subprocess.run(_cli(killed, *sources), env=env, capture_output=True, text=True)
+    blocked.unlink()
+    blocked.write_bytes(content)
+    subprocess.run(_cli(clean, str(source)), check=True, env=env, capture_output=True)
+    assert len(read_manifest(clean)["shards"]) == 5
+    result = subprocess.run(_cli(killed, str(source)), env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "resuming" in result.stderr
+    assert "resuming" in result.stderr and "after 2 finished shards" in result.stderr
     assert sorted(os.listdir(killed)) == sorted(os.listdir(clean))
     for name in os.listdir(clean):
         assert (killed / name).read_bytes() == (clean / name).read_bytes(), name
