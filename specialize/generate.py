@@ -3,7 +3,7 @@
 Without pipeline parallelism, decoding uses megatron-core's KV cache (``StaticInferenceContext``):
 the prompt runs once, then one token per step. With it, each new token recomputes the sequence
 (only the last position goes through the output layer). Both give the same tokens (tested).
-Prompts are batched by length, so a batch needs neither padding nor attention masks.
+Prompts of different lengths share a batch without padding being attended (see ``generate_ids``).
 """
 
 from __future__ import annotations
@@ -112,8 +112,14 @@ def generate_ids(
     Greedy at ``temperature`` 0, else sampled (``top_p`` nucleus) from a generator seeded with
     ``seed``, so every tensor-parallel rank draws the same tokens. ``vocab_size`` restricts the
     choice to real tokens (the embedding is padded past them). ``stop_when(ids)`` ends a row early
-    (stop strings). Prompts of equal length are batched together, so no padding is needed; with
-    pipeline parallelism (or ``kv_cache=False``) each step recomputes the sequence.
+    (stop strings). With pipeline parallelism (or ``kv_cache=False``) each step recomputes the
+    sequence.
+
+    Prompts of different lengths share a batch the way megatron-core's static inference engine
+    does it: the batch runs the shortest prompt at once, then advances one position per step, and
+    a row still inside its own prompt takes its next prompt token instead of the sampled one. So
+    no row ever attends to padding, on the local and the Transformer Engine attention alike, and
+    no attention mask is needed. Prompts are sorted by length first so a batch's lengths are close.
     """
     from megatron.core import parallel_state
 
@@ -121,36 +127,43 @@ def generate_ids(
     stop = set(stop_ids)
     generator = torch.Generator().manual_seed(seed)
     out: list[list[int]] = [[] for _ in prompts]
-    groups: dict[int, list[int]] = {}
-    for i in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
-        groups.setdefault(len(prompts[i]), []).append(i)
-    for length, members in groups.items():
-        for start in range(0, len(members), batch_size):
-            batch = members[start : start + batch_size]
-            tokens = torch.tensor([prompts[i] for i in batch], dtype=torch.long)
-            decode = (
-                _CachedDecoder(model, len(batch), length + max_new_tokens)
-                if cached
-                else _RecomputingDecoder(model)
-            )
-            logits = decode(tokens, 0)
-            done = [False] * len(batch)
-            for step in range(max_new_tokens):
-                if vocab_size is not None:
-                    logits = logits[:, :vocab_size]
-                next_ids = _next_tokens(logits, temperature, top_p, generator)
-                for row, token in enumerate(next_ids.tolist()):
-                    if done[row]:
-                        continue
-                    if token in stop:
-                        done[row] = True
-                        continue
-                    out[batch[row]].append(token)
-                    if stop_when is not None and stop_when(out[batch[row]]):
-                        done[row] = True
-                if all(done) or step == max_new_tokens - 1:
-                    break
-                logits = decode(next_ids[:, None], length + step)
+    if max_new_tokens <= 0:
+        return out
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("generate_ids: every prompt needs at least one token")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for first in range(0, len(order), batch_size):
+        batch = order[first : first + batch_size]
+        lengths = torch.tensor([len(prompts[i]) for i in batch])
+        shortest, longest = int(lengths.min()), int(lengths.max())
+        total = longest + max_new_tokens
+        tokens = torch.zeros(len(batch), total, dtype=torch.long)  # right padding, never attended
+        for row, i in enumerate(batch):
+            tokens[row, : len(prompts[i])] = torch.tensor(prompts[i])
+        decode = _CachedDecoder(model, len(batch), total) if cached else _RecomputingDecoder(model)
+        logits = decode(tokens[:, :shortest], 0)
+        done = [False] * len(batch)
+        for position in range(shortest, total):
+            if vocab_size is not None:
+                logits = logits[:, :vocab_size]
+            sampled = _next_tokens(logits, temperature, top_p, generator)
+            in_prompt = position < lengths
+            next_ids = torch.where(in_prompt, tokens[:, position], sampled)
+            for row, token in enumerate(next_ids.tolist()):
+                if done[row] or in_prompt[row]:
+                    continue
+                produced = out[batch[row]]
+                if token in stop:
+                    done[row] = True
+                    continue
+                produced.append(token)
+                if len(produced) == max_new_tokens or (
+                    stop_when is not None and stop_when(produced)
+                ):
+                    done[row] = True
+            if all(done):
+                break
+            logits = decode(next_ids[:, None], position)
     return out
 
 

@@ -110,10 +110,31 @@ def test_math_base_prompt_is_minerva_four_shot():
 
 
 @pytest.mark.parametrize("stop", ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"])
-def test_humaneval_base_completion_is_cut_at_stop_sequences(humaneval, stop):
-    task = get_task("humaneval")
+def test_humaneval_codex_completion_is_cut_at_stop_sequences(humaneval, stop):
+    task = get_task("humaneval-codex")
     body = "    x = 1\n\n    # keep indented comments and blank lines\n    return x\n"
     assert task.postprocess(humaneval[0], body + stop + "tail()\n", "base") == body
+
+
+def test_humaneval_base_completion_is_cut_like_qwens_script(humaneval):
+    """Qwen's evaluate_humaneval.py: split on <|endoftext|>, \\n\\n\\n, \\n\\n, 'def ' and keep the head."""
+    task = get_task("humaneval")
+
+    def qwen_script(text: str) -> str:
+        for stop in ("<|endoftext|>", "\n\n\n", "\n\n", "def "):
+            text = text.split(stop)[0]
+        return text
+
+    samples = [
+        "    x = 1\n\n    return x\n",
+        "    return helper(x)\n\n\ndef helper(y):\n    return y\n",
+        "    def inner():\n        return 1\n    return inner()\n",
+        "    return 1<|endoftext|>\n\n",
+        "    return 2\n",
+    ]
+    for sample in samples:
+        assert task.postprocess(humaneval[0], sample, "base") == qwen_script(sample)
+    assert task.postprocess(humaneval[0], samples[0], "base") == "    x = 1"
 
 
 def test_humaneval_chat_reply_yields_the_block_defining_the_entry_point(humaneval):
@@ -129,9 +150,9 @@ def test_humaneval_chat_reply_yields_the_block_defining_the_entry_point(humaneva
 
 
 def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(tmp_path, humaneval):
-    right = [("humaneval", r["task_id"], r["canonical_solution"]) for r in humaneval]
+    right = [("humaneval-codex", r["task_id"], r["canonical_solution"]) for r in humaneval]
     path = write_completions(tmp_path / "right.jsonl", right)
-    result = score_completions(["humaneval"], path, {}, workers=2)["tasks"]["humaneval"]
+    result = score_completions(["humaneval-codex"], path, {}, workers=2)["tasks"]["humaneval-codex"]
     assert result["metrics"] == {"pass@1": 1.0}
     assert result["counts"] == {
         "total": 164,
@@ -141,6 +162,18 @@ def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(tmp_path, humane
         "timeout": 0,
         "error": 0,
     }
+    # The paper's cut (Qwen's script) truncates the 40 solutions with a blank line or "def ";
+    # 37 of them then fail.
+    right = [("humaneval", r["task_id"], r["canonical_solution"]) for r in humaneval]
+    path = write_completions(tmp_path / "right-qwen.jsonl", right)
+    result = score_completions(["humaneval"], path, {}, workers=2)["tasks"]["humaneval"]
+    cut = {
+        r["task_id"]
+        for r in humaneval
+        if "\n\n" in r["canonical_solution"] or "def " in r["canonical_solution"]
+    }
+    failed = {s["id"] for s in result["samples"] if s["status"] != "passed"}
+    assert len(cut) == 40 and len(failed) == 37 and failed <= cut
 
     subset = tmp_path / "he8.jsonl"
     subset.write_text("".join(json.dumps(r) + "\n" for r in humaneval[:8]))
@@ -157,13 +190,15 @@ def test_several_completions_per_problem_give_unbiased_pass_at_k(tmp_path, human
     subset.write_text("".join(json.dumps(r) + "\n" for r in humaneval[:3]))
     a, b = humaneval[0], humaneval[1]
     wrong = "    raise AssertionError\n"
-    items = [("humaneval", a["task_id"], a["canonical_solution"])] * 3
-    items += [("humaneval", a["task_id"], wrong)] * 9
-    items += [("humaneval", b["task_id"], b["canonical_solution"])] + [
-        ("humaneval", b["task_id"], wrong)
+    items = [("humaneval-codex", a["task_id"], a["canonical_solution"])] * 3
+    items += [("humaneval-codex", a["task_id"], wrong)] * 9
+    items += [("humaneval-codex", b["task_id"], b["canonical_solution"])] + [
+        ("humaneval-codex", b["task_id"], wrong)
     ] * 11
     path = write_completions(tmp_path / "samples.jsonl", items)  # problem 3 has none
-    result = score_completions(["humaneval"], path, {"humaneval": subset})["tasks"]["humaneval"]
+    result = score_completions(["humaneval-codex"], path, {"humaneval-codex": subset})["tasks"][
+        "humaneval-codex"
+    ]
     for k in (1, 10):
         expected = (pass_at_k(12, 3, k) + pass_at_k(12, 1, k) + 0.0) / 3
         assert result["metrics"][f"pass@{k}"] == pytest.approx(expected)

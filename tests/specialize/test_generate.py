@@ -1,4 +1,5 @@
-"""Generation from checkpoints: greedy equals step-by-step argmax, at TP=1, TP=2 and PP=2."""
+"""Generation from checkpoints: greedy equals step-by-step argmax, at TP=1, TP=2 and PP=2, and a
+batch of prompts of different lengths equals each prompt alone."""
 
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def _generate(rank: int, world_size: int, ckpt: str, tp: int, pp: int) -> dict:
         naive.append(tokens[0, len(prompt) :].tolist())
     out["naive"] = naive
     out["recomputed"] = greedy(model, PROMPTS, 6, stop_ids=(), vocab_size=151851, kv_cache=False)
+    out["one_by_one"] = greedy(model, PROMPTS, 6, stop_ids=(), vocab_size=151851, batch_size=1)
+    out["short_budget"] = greedy(model, PROMPTS, 2, stop_ids=(), vocab_size=151851)
     out["sampled"] = generate_ids(model, PROMPTS, 6, stop_ids=(), temperature=1.0, seed=3)
     out["sampled_recomputed"] = generate_ids(
         model, PROMPTS, 6, stop_ids=(), temperature=1.0, seed=3, kv_cache=False
@@ -75,6 +78,9 @@ def single(ckpt) -> dict:
 def test_greedy_sampling_and_stops(single) -> None:
     out = single
     assert out["greedy"] == out["naive"] == out["recomputed"]  # KV cache == recomputation
+    # Prompts of lengths 3, 4 and 6 in one batch == each alone: padding is never attended.
+    assert out["greedy"] == out["one_by_one"]
+    assert out["short_budget"] == [row[:2] for row in out["greedy"]]
     assert out["sampled"] == out["sampled_recomputed"]
     assert out["sampled"] == out["sampled_again"] and out["sampled"] != out["greedy"]
     assert out["nucleus_of_one"] == out["greedy"]
