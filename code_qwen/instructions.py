@@ -35,7 +35,7 @@ import sys
 import sysconfig
 import textwrap
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,13 +154,15 @@ def collect_functions(
     test_percent: int = 10,
     include_methods: bool = False,
     min_doc_words: int = 1,
+    exclude: Iterable[str] = (),
 ) -> tuple[list[FunctionSample], dict[str, int]]:
     """The selected functions under ``root`` (a directory or one ``.py`` file), in a fixed order.
 
     ``split=None`` keeps both splits. ``limit`` stops after that many samples; the result is then a
     prefix of the unlimited one. The counts say how many files were read, could not be decoded
     (``unreadable``) or parsed (``unparsable``), how many functions were seen and why they were
-    dropped, and how many were kept.
+    dropped, and how many were kept. Directories named in ``exclude`` are skipped besides
+    ``EXCLUDED_DIRS`` (held-out code).
     """
     if split not in (*SPLITS, None):
         raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
@@ -172,7 +174,7 @@ def collect_functions(
     counts: Counter[str] = Counter()
     samples: list[FunctionSample] = []
     seen_sources: set[str] = set()
-    for path in _python_files(root):
+    for path in _python_files(root, EXCLUDED_DIRS.union(exclude)):
         if limit is not None and len(samples) >= limit:
             break
         counts["files"] += 1
@@ -238,6 +240,7 @@ def function_instructions(
     test_percent: int = 10,
     include_methods: bool = False,
     system: str | None = None,
+    exclude: Iterable[str] = (),
 ) -> tuple[list[dict[str, list]], dict[str, int]]:
     """Stage-1 SFT conversations ``{"messages": [...]}`` and the selection counts."""
     samples, counts = collect_functions(
@@ -247,6 +250,7 @@ def function_instructions(
         split=split,
         test_percent=test_percent,
         include_methods=include_methods,
+        exclude=exclude,
     )
     return [single_turn_chat(s, system) for s in samples], counts
 
@@ -261,6 +265,7 @@ def multi_turn_instructions(
     include_methods: bool = False,
     min_doc_words: int = 5,
     system: str | None = None,
+    exclude: Iterable[str] = (),
 ) -> tuple[list[dict[str, list]], dict[str, int]]:
     """Stage-2 SFT conversations (two turns; docstrings of at least ``min_doc_words`` words)."""
     samples, counts = collect_functions(
@@ -271,6 +276,7 @@ def multi_turn_instructions(
         test_percent=test_percent,
         include_methods=include_methods,
         min_doc_words=min_doc_words,
+        exclude=exclude,
     )
     return [multi_turn_chat(s, system) for s in samples], counts
 
@@ -278,12 +284,12 @@ def multi_turn_instructions(
 # --- selection -------------------------------------------------------------------------------
 
 
-def _python_files(root: Path) -> Iterator[Path]:
+def _python_files(root: Path, excluded: frozenset[str] = EXCLUDED_DIRS) -> Iterator[Path]:
     if root.is_file():
         yield root
         return
     for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
-        if not EXCLUDED_DIRS.intersection(path.relative_to(root).parts[:-1]) and path.is_file():
+        if not excluded.intersection(path.relative_to(root).parts[:-1]) and path.is_file():
             yield path
 
 
@@ -448,6 +454,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--test-percent", type=int, default=10)
     parser.add_argument("--methods", action="store_true", help="also take public methods")
     parser.add_argument("--system", default=None, help="system message")
+    parser.add_argument(
+        "--exclude", default="", help="comma-separated directory names to skip (held-out code)"
+    )
     args = parser.parse_args(argv)
     make = function_instructions if args.stage == 1 else multi_turn_instructions
     try:
@@ -459,6 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             test_percent=args.test_percent,
             include_methods=args.methods,
             system=args.system,
+            exclude=[x.strip() for x in args.exclude.split(",") if x.strip()],
         )
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))

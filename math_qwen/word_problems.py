@@ -256,7 +256,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", choices=SPLITS, default="train")
     parser.add_argument("-o", "--output", default="-", help="JSONL file ('-' = stdout)")
-    parser.add_argument("--format", choices=("chat", "records"), default="chat")
+    parser.add_argument(
+        "--format",
+        choices=("chat", "records", "gsm8k"),
+        default="chat",
+        help="chat: SFT messages; records: id/question/solution/answer; gsm8k: GSM8K's schema "
+        "(question, answer = the worked solution ending '#### N'), for `specialize eval --data`",
+    )
     parser.add_argument("--system", default=None, help="system message for --format chat")
     parser.add_argument("--add-range", type=int, nargs=2, default=(1, 20), metavar=("LO", "HI"))
     parser.add_argument("--mul-range", type=int, nargs=2, default=(2, 9), metavar=("LO", "HI"))
@@ -269,7 +275,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         records = generate(args.n, args.seed, args.split, config)
     except ValueError as error:
         parser.error(str(error))
-    rows = records if args.format == "records" else [to_chat(r, args.system) for r in records]
+    if args.format == "records":
+        rows = records
+    elif args.format == "gsm8k":
+        rows = [{"question": r["question"], "answer": r["solution"]} for r in records]
+    else:
+        rows = [to_chat(r, args.system) for r in records]
     lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     if args.output == "-":
         sys.stdout.write(lines)

@@ -298,9 +298,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from specialize import likelihood
     from specialize.distributed import shutdown
     from specialize.evaluate import (
         generate_completions,
+        results_document,
         score_completions,
         summary_line,
         write_results,
@@ -318,17 +320,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    generated = [t for t in tasks if t != likelihood.NAME]
+    label = args.label or (Path(args.checkpoint).name if args.checkpoint else None)
     try:
         data = dict(_key_value(item, "--data") for item in args.data)
+        if likelihood.NAME in tasks and args.checkpoint is None:
+            raise TaskError(f"task {likelihood.NAME!r} needs a checkpoint, not --score")
+        model = tokenizer = None
+        if args.checkpoint is not None:
+            from base.tokenizer import QwenTokenizer
+            from specialize.generate import load_model
+
+            model, arch = load_model(args.checkpoint, args.tp, args.pp)
+            tokenizer = QwenTokenizer.load()
+        scores = {}
+        if likelihood.NAME in tasks:
+            lengths = likelihood.lengths_argument(args.lengths, arch.max_position_embeddings)
+            scores[likelihood.NAME] = likelihood.evaluate_perplexity(
+                model, tokenizer, likelihood.data_spec(data), lengths, args.limit
+            )
         completions, source = args.score, "scored"
-        if args.score is None:
+        if generated and args.score is None:
             # Generated completions are kept next to the results, so they can be re-scored.
             completions = Path(args.output).with_suffix(".completions.jsonl")
             generate_completions(
                 args.checkpoint,
-                tasks,
+                generated,
                 completions,
-                data,
+                {k: v for k, v in data.items() if k != likelihood.NAME},
                 args.mode,
                 limit=args.limit,
                 samples=args.samples,
@@ -338,20 +357,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 tp=args.tp,
                 pp=args.pp,
                 progress=sys.stderr.isatty(),
+                model=model,
             )
+        if args.checkpoint is not None:
             source = "generated"
-            if int(os.environ.get("RANK", "0")) != 0:
-                return 0
-        results = score_completions(
-            tasks,
-            completions,
-            data,
-            workers=args.workers,
-            mode=args.mode,
-            label=args.label or (Path(args.checkpoint).name if args.checkpoint else None),
-            checkpoint=args.checkpoint,
-            limit=args.limit,
-            source=source,
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
+        if generated:
+            scored = score_completions(
+                generated,
+                completions,
+                {k: v for k, v in data.items() if k != likelihood.NAME},
+                workers=args.workers,
+                mode=args.mode,
+                label=label,
+                checkpoint=args.checkpoint,
+                limit=args.limit,
+                source=source,
+            )
+            scores.update(scored["tasks"])
+        results = results_document(
+            {t: scores[t] for t in tasks}, label or Path(args.output).stem, args.checkpoint, source
         )
         write_results(results, args.output)
     except (TaskError, PluginError, ValueError, OSError) as e:
@@ -362,6 +388,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name, result in results["tasks"].items():
         print(summary_line(name, result))
     print(f"results: {args.output}")
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from specialize.pipeline import Pipeline, StepFailed, load_pipeline
+
+    cfg = load_pipeline(args.pipeline, args.overrides)
+    pipeline = Pipeline(cfg)
+    only = [s.strip() for s in args.only.split(",")] if args.only else None
+    unknown = sorted(set(only or ()) - {s.name for s in cfg.steps})
+    if unknown:
+        print(f"pipeline: --only {', '.join(unknown)}: no such step", file=sys.stderr)
+        return 2
+    try:
+        pipeline.run(only)
+    except StepFailed as e:
+        print(f"pipeline: {e}", file=sys.stderr)
+        return 1
+    for step in cfg.steps:
+        report = pipeline.step_dir(step) / "report.md"
+        if step.kind == "compare" and report.is_file():
+            text = report.read_text()
+            scores = text.split("## Scores", 1)[1].split("\n## ", 1)[0]
+            print(f"{report}:\n## Scores{scores}")
+    print(f"lineage: {pipeline.root / 'lineage.json'}")
     return 0
 
 
@@ -612,7 +663,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="sampling seed")
     ev.add_argument("--tp", type=int, default=1, help="tensor parallel size (run under torchrun)")
     ev.add_argument("--pp", type=int, default=1, help="pipeline parallel size (torchrun)")
+    ev.add_argument(
+        "--lengths",
+        default=None,
+        help="task perplexity: comma-separated context lengths (default: the model's "
+        "max_position_embeddings); --limit caps the windows per length",
+    )
     ev.set_defaults(func=cmd_eval)
+
+    pipe = sub.add_parser(
+        "pipeline",
+        help="run a pipeline: data, training recipes, evaluation and report as named steps",
+    )
+    pipe.add_argument("pipeline", help="pipeline YAML (configs/demo/factory.yaml, ...)")
+    pipe.add_argument("overrides", nargs="*", help="key=value overrides, e.g. dir=runs/other")
+    pipe.add_argument("--only", default=None, help="comma-separated step names to run")
+    pipe.set_defaults(func=cmd_pipeline)
 
     config = sub.add_parser("config", help="show every config field, or a recipe resolved")
     config.add_argument("recipe", nargs="?")

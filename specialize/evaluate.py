@@ -79,15 +79,18 @@ def score_completions(
             protocol=protocols[name].to_dict(),
             source=_source(task, path),
         )
+    return results_document(results, label or Path(completions_path).stem, checkpoint, source)
+
+
+def results_document(
+    tasks: Mapping[str, Any], label: str, checkpoint: str | None, source: str
+) -> dict[str, Any]:
+    """The ``specialize-eval-1`` document around per-task entries."""
     return {
         "format": FORMAT,
-        "model": {
-            "label": label or Path(completions_path).stem,
-            "checkpoint": checkpoint,
-            "source": source,
-        },
+        "model": {"label": label, "checkpoint": checkpoint, "source": source},
         "versions": versions(),
-        "tasks": results,
+        "tasks": dict(tasks),
     }
 
 
@@ -149,6 +152,8 @@ def summary_line(name: str, result: Mapping[str, Any]) -> str:
     """One line per task for the terminal: scores and counts."""
     protocol, counts = result["protocol"], result["counts"]
     scores = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
+    if protocol["grader"] == "perplexity":
+        return f"{name}: {scores} [{result['data']['tokens']:,} tokens, {counts['total']} windows]"
     tally = ", ".join(f"{counts[k]} {k}" for k in ("correct", *STATUSES[1:], "missing"))
     return (
         f"{name} ({protocol['mode']}, {protocol['shots']}-shot): {scores} "
@@ -271,12 +276,14 @@ def generate_completions(
     tp: int = 1,
     pp: int = 1,
     progress: bool = False,
+    model: Any = None,
 ) -> Path:
     """Generate completions of ``checkpoint`` for each task's prompts (its protocol in ``mode``:
     prompt, stop sequences, budget) and write them as the JSONL ``score_completions`` reads.
 
     Run on every rank of a TP x PP world (torchrun); rank 0 writes. ``samples`` > 1 draws several
-    completions per problem (for pass@k; use a temperature > 0).
+    completions per problem (for pass@k; use a temperature > 0). ``model``: already loaded from
+    ``checkpoint`` (else it is loaded here).
     """
     import torch.distributed as dist
 
@@ -289,7 +296,8 @@ def generate_completions(
         raise EvalError("--samples > 1 needs --temperature > 0 (greedy samples are all the same)")
     data_paths = dict(data_paths or {})
     tasks = {name: get_task(name) for name in dict.fromkeys(task_names)}
-    model, _ = load_model(checkpoint, tp, pp)
+    if model is None:
+        model, _ = load_model(checkpoint, tp, pp)
     tokenizer = QwenTokenizer.load()
     lines = []
     meter = _Progress(progress)

@@ -21,7 +21,12 @@ COUNT_FIELDS = ("total", "correct", "missing", "failed", "timeout", "error")
 PROTOCOL_FIELDS = ("mode", "shots", "stop", "max_new_tokens", "grader", "timeout")
 DATA_FIELDS = ("source", "sha256", "records")
 LOSSES = {"missing": "missing", "timeout": "timed out", "error": "errors"}
-FAMILY_TITLES = {"code": "Code (pass@1, %)", "math": "Math (accuracy, %)", "other": "Other (%)"}
+FAMILY_TITLES = {
+    "code": "Code (pass@1, %)",
+    "math": "Math (accuracy, %)",
+    "perplexity": "Perplexity (lower is better)",
+    "other": "Other",
+}
 
 
 class ReportError(ValueError):
@@ -74,17 +79,25 @@ def load_results(path: str | os.PathLike[str]) -> Results:
 
 
 def main_metric(metrics: dict[str, Any]) -> str:
-    """The metric a task is ranked by: pass@1 (code), else accuracy (math), else the first."""
-    for name in ("pass@1", "accuracy"):
+    """The metric a task is ranked by: pass@1 (code), else accuracy (math), else perplexity,
+    else the first."""
+    for name in ("pass@1", "accuracy", "perplexity"):
         if name in metrics:
             return name
     return next(iter(metrics))
+
+
+def is_fraction(metric: str) -> bool:
+    """pass@k and accuracy are fractions, shown in percent; anything else is shown as it is."""
+    return metric.startswith("pass@") or metric == "accuracy"
 
 
 def family(metric: str) -> str:
     """Chart family of a metric: pass@k scores code, accuracy scores math."""
     if metric.startswith("pass@"):
         return "code"
+    if metric.startswith("perplexity"):
+        return "perplexity"
     return "math" if metric == "accuracy" else "other"
 
 
@@ -111,10 +124,13 @@ def columns(results: list[Results]) -> list[Column]:
 
 
 def score(result: Results, column: Column) -> float | None:
-    """The result's score for a column in percent, None if the task or metric is absent."""
+    """The result's score for a column (fractions in percent), None if the task or metric is
+    absent."""
     entry = result.tasks.get(column.task)
     value = None if entry is None else entry["metrics"].get(column.metric)
-    return None if value is None else 100.0 * float(value)
+    if value is None:
+        return None
+    return 100.0 * float(value) if is_fraction(column.metric) else float(value)
 
 
 def differences(results: list[Results], task: str) -> list[str]:
@@ -178,7 +194,8 @@ def render_markdown(
 
     out += ["", "## Scores", ""]
     out.append(
-        "Percent; the main metric per task (pass@1 for code, accuracy for math). Rows marked "
+        "The main metric per task: pass@1 for code and accuracy for math in percent, perplexity "
+        "as it is (lower is better). Rows marked "
         "*reported by the paper* are the Qwen technical report's numbers under its own protocols "
         "(see *Paper protocols*): references, not runs of this project."
     )
@@ -199,7 +216,10 @@ def render_markdown(
     out += ["", f"## Change vs {base.label}", ""]
     others = [r for r in results if r is not base]
     if others:
-        out.append("Percentage points. † protocol or data differ between the results of that task:")
+        out.append(
+            "Percentage points (perplexity: its difference, negative is better). † protocol or "
+            "data differ between the results of that task:"
+        )
         out.append("the two scores are not comparable (see *Warnings*).")
         out.append("")
         rows = []
@@ -304,8 +324,11 @@ def write_charts(results: list[Results], out_dir: Path) -> list[tuple[str, str]]
             bars = ax.bar(xs, [v or 0.0 for v in values], width, label=r.label)
             ax.bar_label(bars, labels=["" if v is None else _pct(v) for v in values], fontsize=7)
         ax.set_xticks(range(len(cols)), [c.task for c in cols])
-        ax.set_ylabel("%")
-        ax.set_ylim(0, 105)
+        if fam in ("code", "math"):
+            ax.set_ylabel("%")
+            ax.set_ylim(0, 105)
+        else:
+            ax.set_ylabel(cols[0].metric if len(cols) == 1 else "value")
         ax.set_title(FAMILY_TITLES[fam])
         ax.legend(fontsize=8)
         name = f"chart-{fam}.png"

@@ -1,0 +1,142 @@
+"""``specialize eval --tasks perplexity``: perplexity of a checkpoint on held-out text.
+
+Not a generation task, so it lives beside the task registry rather than in it: documents are read
+from ``--data perplexity=PATH[,PATH...]`` (text files, directories of them, or JSONL with a
+``text`` field), tokenized with ``<|endoftext|>`` after each, concatenated in path order into
+one stream, and cut into non-overlapping windows of each requested length; the loss is averaged
+over every predicted token of every window (``specialize.perplexity.perplexity_by_length``).
+The result entry has the same shape as a generation task's, so ``specialize compare`` reads it;
+its metrics are ``perplexity`` (at the first length) and ``perplexity@L`` per length, lower is
+better.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from specialize.tasks import TaskError
+
+NAME = "perplexity"
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".c", ".h", ".js", ".java", ".go", ".rs", ".cpp")
+
+
+def _documents(spec: str) -> Iterator[tuple[str, str]]:
+    """(where, text) of every document named by a comma-separated list of paths."""
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        path = Path(part)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+            if not files:
+                raise TaskError(f"--data {NAME}={part}: no {'/'.join(TEXT_SUFFIXES)} files in it")
+            for file in files:
+                yield str(file), _read(file)
+        elif path.is_file() and path.name.endswith((".jsonl", ".jsonl.gz")):
+            yield from _jsonl(path)
+        elif path.is_file():
+            yield str(path), _read(path)
+        else:
+            raise TaskError(f"--data {NAME}={part}: no such file or directory")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TaskError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def _jsonl(path: Path) -> Iterator[tuple[str, str]]:
+    import gzip
+
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise TaskError(
+                    f"{path}:{number}: expected a JSON object with a 'text' field ({e})"
+                ) from None
+            yield f"{path}:{number}", str(text)
+
+
+def token_stream(spec: str, tokenizer: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """The concatenated token ids of the documents, and the ``data`` entry of the results."""
+    digest = hashlib.sha256()
+    pieces, count = [], 0
+    for _where, text in _documents(spec):
+        digest.update(text.encode("utf-8"))
+        pieces.append(tokenizer.encode_document(text))
+        count += 1
+    if not pieces:
+        raise TaskError(f"--data {NAME}={spec}: no documents")
+    tokens = np.concatenate(pieces)
+    data = {"source": spec, "sha256": digest.hexdigest(), "records": count, "tokens": len(tokens)}
+    return tokens, data
+
+
+def evaluate_perplexity(
+    model: Any,
+    tokenizer: Any,
+    spec: str | None,
+    lengths: Sequence[int],
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """The results entry of the ``perplexity`` task (run on every rank of the model's world)."""
+    from specialize.perplexity import perplexity_by_length
+
+    if not spec:
+        raise TaskError(f"task {NAME!r} needs its text: --data {NAME}=FILE_OR_DIR[,...]")
+    if not lengths or any(n < 2 for n in lengths):
+        raise TaskError(f"--lengths {list(lengths)}: each length must be at least 2 tokens")
+    tokens, data = token_stream(spec, tokenizer)
+    too_long = [n for n in lengths if n + 1 > len(tokens)]
+    if too_long:
+        raise TaskError(f"--lengths {too_long}: longer than the {len(tokens)} tokens of {spec}")
+    max_windows = limit or len(tokens)
+    by_length = perplexity_by_length(model, tokens, list(lengths), max_windows=max_windows)
+    metrics = {"perplexity": float(by_length[lengths[0]])}
+    metrics.update({f"perplexity@{n}": float(by_length[n]) for n in lengths})
+    windows = {str(n): min(len(tokens) // (n + 1), max_windows) for n in lengths}
+    return {
+        "protocol": {
+            "mode": "likelihood",
+            "shots": 0,
+            "stop": None,
+            "max_new_tokens": None,
+            "grader": "perplexity",
+            "timeout": None,
+            "lengths": list(lengths),
+            "windows": windows,
+        },
+        "data": data,
+        "metrics": metrics,
+        "counts": {"total": sum(windows.values())},
+        "samples": [],
+    }
+
+
+def lengths_argument(value: str | None, default: int) -> list[int]:
+    """``--lengths 512,1024`` as ints (default: the model's training length)."""
+    if not value:
+        return [default]
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise TaskError(f"--lengths {value!r}: expected comma-separated integers") from None
+
+
+def data_spec(data: dict[str, str | os.PathLike[str]]) -> str | None:
+    value = data.get(NAME)
+    return None if value is None else str(value)
