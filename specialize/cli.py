@@ -358,6 +358,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 pp=args.pp,
                 progress=sys.stderr.isatty(),
                 model=model,
+                max_new_tokens=args.max_new_tokens,
             )
         if args.checkpoint is not None:
             source = "generated"
@@ -374,6 +375,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 checkpoint=args.checkpoint,
                 limit=args.limit,
                 source=source,
+                max_new_tokens=args.max_new_tokens,
             )
             scores.update(scored["tasks"])
         results = results_document(
@@ -658,6 +660,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-o", "--output", default=None, help="results JSON to write (required)")
     ev.add_argument("--limit", type=int, default=None, help="first N problems of each task")
     ev.add_argument("--samples", type=int, default=1, help="completions per problem (pass@k)")
+    ev.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="generation budget instead of each task protocol's (recorded in the results)",
+    )
     ev.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ev.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     ev.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -679,6 +687,10 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("overrides", nargs="*", help="key=value overrides, e.g. dir=runs/other")
     pipe.add_argument("--only", default=None, help="comma-separated step names to run")
     pipe.set_defaults(func=cmd_pipeline)
+
+    from specialize.plan import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
 
     config = sub.add_parser("config", help="show every config field, or a recipe resolved")
     config.add_argument("recipe", nargs="?")

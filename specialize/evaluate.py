@@ -13,6 +13,7 @@ completion is cut and how it is judged belongs to the task.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -46,6 +47,7 @@ def score_completions(
     checkpoint: str | None = None,
     limit: int | None = None,
     source: str = "scored",
+    max_new_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Grade the completions of ``task_names`` in ``completions_path`` and return the results.
 
@@ -62,7 +64,7 @@ def score_completions(
     if unused:
         raise EvalError(f"--data given for {', '.join(unused)}, which is not among the tasks")
     tasks = {name: get_task(name) for name in dict.fromkeys(task_names)}
-    protocols = {name: task.protocol(mode) for name, task in tasks.items()}
+    protocols = {name: _protocol(task, mode, max_new_tokens) for name, task in tasks.items()}
     data = {name: task.load(data_paths.get(name))[:limit] for name, task in tasks.items()}
     index = {name: _index(task, data[name], data_paths.get(name)) for name, task in tasks.items()}
     completions = read_completions(completions_path, index)
@@ -277,13 +279,15 @@ def generate_completions(
     pp: int = 1,
     progress: bool = False,
     model: Any = None,
+    max_new_tokens: int | None = None,
 ) -> Path:
     """Generate completions of ``checkpoint`` for each task's prompts (its protocol in ``mode``:
     prompt, stop sequences, budget) and write them as the JSONL ``score_completions`` reads.
 
     Run on every rank of a TP x PP world (torchrun); rank 0 writes. ``samples`` > 1 draws several
     completions per problem (for pass@k; use a temperature > 0). ``model``: already loaded from
-    ``checkpoint`` (else it is loaded here).
+    ``checkpoint`` (else it is loaded here). ``max_new_tokens`` replaces the protocols' budget
+    (a quick run; the results record it, and ``compare`` flags it against other runs).
     """
     import torch.distributed as dist
 
@@ -303,7 +307,7 @@ def generate_completions(
     meter = _Progress(progress)
     for name, task in tasks.items():
         records = task.load(data_paths.get(name))[:limit]
-        protocol = task.protocol(mode)
+        protocol = _protocol(task, mode, max_new_tokens)
         if mode == "chat":
             prompts = [generation_prompt(task.messages(r), tokenizer) for r in records]
         else:
@@ -334,6 +338,15 @@ def generate_completions(
             for line in lines:
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
     return out_path
+
+
+def _protocol(task: Task, mode: str, max_new_tokens: int | None) -> Any:
+    protocol = task.protocol(mode)
+    if max_new_tokens is None:
+        return protocol
+    if max_new_tokens < 1:
+        raise EvalError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    return dataclasses.replace(protocol, max_new_tokens=max_new_tokens)
 
 
 class _Progress:

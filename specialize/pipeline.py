@@ -72,6 +72,8 @@ class StepConfig:
     """eval: first N problems per task (perplexity: windows per length)."""
     lengths: Optional[str] = None
     """eval: perplexity context lengths, comma-separated."""
+    max_new_tokens: Optional[int] = None
+    """eval: generation budget instead of the protocols' (a quick run; recorded in the results)."""
     tp: int = 1
     """eval: tensor-parallel size."""
     pp: int = 1
@@ -261,6 +263,8 @@ class Pipeline:
                 args += ["--limit", str(step.limit)]
             if step.lengths:
                 args += ["--lengths", step.lengths]
+            if step.max_new_tokens is not None:
+                args += ["--max-new-tokens", str(step.max_new_tokens)]
             world = step.tp * step.pp
             if world > 1:
                 args += ["--tp", str(step.tp), "--pp", str(step.pp)]

@@ -359,6 +359,7 @@ def test_cli_generates_from_a_checkpoint_then_scores(tmp_path):
     import subprocess
     import sys
 
+    from base.tokenizer import QwenTokenizer
     from tests.distributed import run_distributed
     from tests.specialize.test_generate import _save
 
@@ -384,6 +385,8 @@ def test_cli_generates_from_a_checkpoint_then_scores(tmp_path):
             f"gsm8k={data}",
             "--limit",
             "2",
+            "--max-new-tokens",
+            "3",
             "-o",
             str(out),
         ],
@@ -397,6 +400,9 @@ def test_cli_generates_from_a_checkpoint_then_scores(tmp_path):
     assert results["model"] == {"label": Path(ckpt).name, "checkpoint": ckpt, "source": "generated"}
     task = results["tasks"]["gsm8k"]
     assert task["counts"]["total"] == 2 and task["counts"]["missing"] == 0
+    assert task["protocol"]["max_new_tokens"] == 3  # the budget used, not the protocol's 512
+    tokenizer = QwenTokenizer.load()
+    assert all(len(tokenizer.encode(s["completion"])) <= 3 for s in task["samples"])
     lines = [json.loads(x) for x in out.with_suffix(".completions.jsonl").read_text().splitlines()]
     assert [x["id"] for x in lines] == ["0", "1"]
     assert [s["completion"] for s in task["samples"]] == [x["completion"] for x in lines]

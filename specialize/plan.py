@@ -1,0 +1,860 @@
+"""``specialize plan``: per-GPU memory, a layout that fits, step time and GPU-hours of a recipe.
+
+Everything below is arithmetic on the preset's real shape (``QwenPreset``: untied input embedding
+and output layer, Q/K/V biases, SwiGLU, RMSNorm); nothing is allocated. Symbols: ``s`` sequence
+length, ``b`` micro-batch size, ``h`` hidden size, ``a`` attention heads, ``kv`` key/value width
+(query groups x head dim; ``= h`` for Qwen v1), ``f`` SwiGLU FFN width, ``L`` layers, ``V`` padded
+vocabulary, ``t`` tensor-, ``p`` pipeline-, ``d`` data-parallel size, ``m`` micro-batches per step,
+``e`` bytes per activation element (4 for fp32, 2 for bf16 and fp8).
+
+Memory per rank, for the pipeline stage that needs the most (all terms in bytes):
+
+- **Parameters on the rank** ``P_r``: each layer has ``(h(h+2kv) + (h+2kv) + h·h + 3hf)/t + 2h``
+  (QKV weight and bias, output projection and SwiGLU weights split by TP; the two RMSNorm weights
+  replicated); a stage holds ``L/p`` layers; the first stage adds the input embedding ``V·h/t``,
+  the last the output layer ``V·h/t`` (untied) and the final norm ``h``. At ``t = p = 1`` this is
+  ``QwenPreset.num_params()``.
+- **weights** ``= P_r × 4`` (fp32) or ``× 2`` (bf16). FP8 keeps the bf16 weights and adds FP8
+  copies of the transformer GEMM weights that Transformer Engine caches for the step, one for the
+  forward and one transposed for the backward: ``+ 2`` bytes per GEMM weight (embedding and output
+  layer stay bf16).
+- **gradients** ``= P_r × 4``: ``specialize/engine.py`` builds megatron-core's DDP with
+  ``grad_reduce_in_fp32=True``, so every parameter has an fp32 ``main_grad`` in DDP's contiguous
+  buffer whatever the training dtype. The distributed optimizer does not shard this buffer (it
+  reduce-scatters into it; ZeRO-1, not ZeRO-2).
+- **optimizer** (AdamW): bf16/fp8 hold an fp32 master copy plus the two moments, ``P_r × 12``;
+  fp32 trains the parameters themselves, ``P_r × 8``. With the distributed optimizer each rank keeps
+  ``1/d`` of it.
+- **activations**, per layer and micro-batch, Korthikanti et al. 2022 ("Reducing Activation
+  Recomputation in Large Transformer Models", eq. 1-5: ``s·b·h·(34 + 5·a·s/h)`` in bf16 for a GeLU
+  MLP of width 4h with dropout) adapted to this architecture: ``s·b·[e·(6h + 2kv + 3f) +
+  2h·D_h] + a·s²·b·(e + (1 + e)·D_a)``. The ``6h + 2kv`` are the two norm inputs, the QKV GEMM
+  input, Q/K/V, and the output-projection input; SwiGLU stores its GEMM input ``h``, its
+  ``[gate; up]`` output ``2f`` and the fc2 input ``f`` (so ``3f`` where a GeLU MLP has ``2f``: with
+  ``f = 4h``, ``e = 2`` and dropout this is exactly Korthikanti's 34). ``D_h``/``D_a`` are 1 when
+  hidden/attention dropout is on (1-byte masks). The ``a·s²·b`` term (softmax and its dropout) is
+  absent with Flash Attention (the ``te`` spec) and with selective recompute. Tensor parallelism
+  without sequence parallelism splits everything but the ``4h`` GEMM/norm inputs and the dropout
+  masks (Korthikanti's ``10 + 24/t``); with sequence parallelism everything is divided by ``t``.
+  Full recompute (``recompute_num_layers=1``) keeps only each layer's input ``e·s·b·h`` (``/t``
+  with SP) plus, during the backward, one layer's full activations being recomputed.
+- **pipeline**: 1F1B keeps ``min(p - i, m)`` micro-batches in flight on stage ``i``; the first
+  stage holds ``min(p, m)`` of them (for ``L/p`` layers each, i.e. up to ``L`` layers' worth), the
+  last one.
+- **logits** (last stage): megatron-core's vocab-parallel cross entropy turns an fp32 copy of the
+  logits into the softmax it saves for the backward, in place: ``s·b·V/t × 4`` in fp32,
+  ``× (2 + 4)`` in bf16 (the bf16 logits and their fp32 copy coexist during the forward), plus the
+  final norm and output-layer inputs ``2·e·s·b·h``.
+- **temporaries**: ``base/model.py`` turns gradient-accumulation fusion off, so each weight
+  gradient is materialized in the parameter dtype before DDP's hook adds it to ``main_grad``; the
+  largest, alive at the activation peak (start of the backward), is the output layer's (or the
+  embedding's dense) ``V·h/t`` on the first/last stage.
+- **runtime**: a fixed ``2 GiB`` on a GPU for the CUDA context, NCCL buffers and cuBLAS workspaces
+  (assumed, not modeled); 0 in the CPU check. A layout *fits* when the total is at most
+  ``headroom`` (default 90%) of the GPU's memory, leaving the rest for allocator fragmentation.
+
+Not modeled: the interleaved (virtual) pipeline schedule, FP8 activation savings (FP8 activations
+are counted as bf16, an upper bound), GQA-specific kernels, temporary buffers of the optimizer step.
+
+Time per step ``= tokens_per_step × F / (gpus × peak × mfu) × (1 + bubble)``: ``F`` are the FLOPs
+executed per token, ``6·N + 6·L·h·s`` (fwd + bwd over all parameters ``N``, plus the attention
+scores and values, ``12·L·h·s`` halved for the causal mask) — the same count the training console
+uses for its MFU (``specialize/callbacks.py``), so an MFU read off a run can be given as ``--mfu``.
+Selective recompute adds the attention forward, ``2·L·h·s``; full recompute a whole forward of the
+layers, ``2·N_layers + 2·L·h·s`` (about ``8·N`` in all). ``mfu`` (default 0.40, BF16) is the
+fraction of the dense BF16 peak achieved on those FLOPs. The 1F1B bubble is ``(p - 1)/m``. FP8
+runs the GEMM FLOPs (all but the ``L·h·s`` attention terms, which Flash Attention keeps in bf16)
+``fp8_speedup`` times faster; the default 1.3 is the FP8/BF16 peak ratio (2.0 on H100/H200) × 0.65,
+close to the gains in the references (torchtitan Llama3.1-8B +Float8: 1.28×; Megatron-Bridge
+Llama3-8B FP8 744 vs Qwen3-8B BF16 513 TFLOP/s/GPU, different setups: 1.45×). A100 has no FP8: asking for it is an error.
+Totals: steps (``train.steps``, or ``ceil(train.tokens / tokens_per_step)``) × step time;
+GPU-hours = hours × gpus.
+
+The recommendation searches TP in {1, 2, 4, 8} dividing the heads, query groups and FFN (TP within
+one 8-GPU node), PP dividing the layers, micro-batches 1, 2, 4, ... that divide the global batch
+per data-parallel rank, and recompute none/selective/full, with sequence parallelism whenever
+TP > 1 and the distributed optimizer on; it picks the fastest layout that fits (MFU is assumed
+independent of TP, so ties go to smaller TP, then smaller PP, then the larger micro-batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+from base.presets import QwenPreset
+
+GiB = 1024**3
+DEFAULT_MFU = 0.40
+DEFAULT_HEADROOM = 0.90
+FP8_EFFICIENCY = 0.65
+"""Fraction of the FP8/BF16 peak ratio realized on GEMMs (default speedup 2.0 × 0.65 = 1.3)."""
+GPU_RUNTIME_BYTES = 2 * GiB
+RECOMPUTE = ("none", "selective", "full")
+DTYPES = ("fp32", "bf16", "fp8")
+
+
+class PlanError(ValueError):
+    """A plan that cannot be made: unknown GPU, FP8 without FP8 hardware, nothing fits."""
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    name: str
+    memory_bytes: int
+    """Device memory (the marketed 80 GB of H100/A100 are 80 GiB; H200's 141 GB ≈ 140 GiB)."""
+    bf16_tflops: float
+    """Dense BF16 peak (SXM datasheets)."""
+    fp8_tflops: Optional[float]
+    """Dense FP8 peak; None: no FP8 tensor cores."""
+    tf32_tflops: float
+    """Dense TF32 peak (used for fp32 recipes)."""
+
+
+GPUS: dict[str, GPUSpec] = {
+    "h100": GPUSpec("H100", 80 * GiB, 989.0, 1979.0, 494.5),
+    "h200": GPUSpec("H200", 140 * GiB, 989.0, 1979.0, 494.5),
+    "a100": GPUSpec("A100", 80 * GiB, 312.0, None, 156.0),
+}
+
+
+def get_gpu(name: str) -> GPUSpec:
+    try:
+        return GPUS[name.lower()]
+    except KeyError:
+        raise PlanError(f"unknown GPU {name!r}; known: {', '.join(GPUS)}") from None
+
+
+def _act_bytes(dtype: str) -> int:
+    if dtype not in DTYPES:
+        raise PlanError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return 4 if dtype == "fp32" else 2
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per rank, by term, for one pipeline stage."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    logits: int
+    temporaries: int = 0
+    runtime: int = 0
+    params: int = 0
+    """Parameters on this rank (not bytes)."""
+    stage: int = 0
+    """Pipeline stage these numbers are for."""
+    in_flight: int = 1
+    """Micro-batches whose activations the stage holds at its peak."""
+
+    TERMS = ("weights", "gradients", "optimizer", "activations", "logits", "temporaries", "runtime")
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, k) for k in self.TERMS)
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.TERMS} | {"total": self.total}
+
+
+def _layer_params(preset: QwenPreset, tp: int) -> tuple[int, int]:
+    """(parameters of one layer on a TP rank, of which in GEMM weights)."""
+    h, f = preset.hidden_size, preset.ffn_hidden_size
+    kv = preset.query_groups * preset.kv_channels
+    gemm = h * (h + 2 * kv) + h * h + 3 * h * f
+    return (gemm + (h + 2 * kv)) // tp + 2 * h, gemm // tp
+
+
+def stage_params(preset: QwenPreset, tp: int, pp: int, stage: int) -> tuple[int, int]:
+    """(parameters on a rank of pipeline stage ``stage``, of which in transformer GEMM weights)."""
+    layer, gemm = _layer_params(preset, tp)
+    n = preset.num_layers // pp
+    params, gemm_params = n * layer, n * gemm
+    vh = preset.padded_vocab_size * preset.hidden_size // tp
+    if stage == 0:
+        params += vh
+    if stage == pp - 1:
+        params += vh + preset.hidden_size
+    return params, gemm_params
+
+
+def layer_activation_bytes(
+    preset: QwenPreset,
+    seq_len: int,
+    micro_batch: int,
+    tp: int,
+    dtype: str,
+    recompute: str = "none",
+    sequence_parallel: bool = False,
+    flash_attention: bool = False,
+    hidden_dropout: bool = False,
+    attention_dropout: bool = False,
+) -> int:
+    """Activations one layer keeps for its backward, for one micro-batch (Korthikanti, adapted)."""
+    if recompute not in RECOMPUTE:
+        raise PlanError(f"recompute {recompute!r}: expected one of {', '.join(RECOMPUTE)}")
+    e = _act_bytes(dtype)
+    s, b, h, f = seq_len, micro_batch, preset.hidden_size, preset.ffn_hidden_size
+    a = preset.num_attention_heads
+    kv = preset.query_groups * preset.kv_channels
+    sb = s * b
+    masks = 2 * h * sb if hidden_dropout else 0
+    # Replicated across TP ranks without SP: both norm inputs, the QKV and fc1 GEMM inputs, masks.
+    replicated = e * 4 * h * sb + masks
+    split = e * (2 * h + 2 * kv + 3 * f) * sb  # Q, K, V, proj input, [gate; up], fc2 input
+    scores = 0
+    if not flash_attention and recompute == "none":
+        scores = a * s * s * b * (e + ((1 + e) if attention_dropout else 0))
+    if sequence_parallel:
+        return (replicated + split + scores) // tp
+    return replicated + split // tp + scores // tp
+
+
+def estimate_memory(
+    preset: QwenPreset,
+    seq_len: int,
+    micro_batch: int,
+    tp: int = 1,
+    pp: int = 1,
+    dp: int = 1,
+    dtype: str = "bf16",
+    distributed_optimizer: bool = False,
+    recompute: str = "none",
+    sequence_parallel: bool = False,
+    *,
+    micro_batches: Optional[int] = None,
+    flash_attention: bool = False,
+    hidden_dropout: bool = False,
+    attention_dropout: bool = False,
+    runtime_bytes: int = 0,
+) -> MemoryEstimate:
+    """Per-rank memory of the pipeline stage that needs the most (see the module docstring).
+
+    ``micro_batches`` per step bounds the 1F1B in-flight count (default: ``pp``, the worst case).
+    """
+    e = _act_bytes(dtype)
+    if micro_batches is None:
+        micro_batches = pp
+    worst: Optional[MemoryEstimate] = None
+    layers = preset.num_layers // pp
+    kw = dict(
+        flash_attention=flash_attention,
+        hidden_dropout=hidden_dropout,
+        attention_dropout=attention_dropout,
+    )
+    layer_full = layer_activation_bytes(
+        preset, seq_len, micro_batch, tp, dtype, "none", sequence_parallel, **kw
+    )
+    layer = layer_activation_bytes(
+        preset, seq_len, micro_batch, tp, dtype, recompute, sequence_parallel, **kw
+    )
+    sbh = seq_len * micro_batch * preset.hidden_size
+    if recompute == "full":  # layer inputs kept; one layer's activations during its recompute
+        layer = e * sbh // (tp if sequence_parallel else 1)
+    for stage in sorted({0, pp - 1}):
+        params, gemm = stage_params(preset, tp, pp, stage)
+        weights = params * (4 if dtype == "fp32" else 2) + (2 * gemm if dtype == "fp8" else 0)
+        state = params * (8 if dtype == "fp32" else 12)
+        optimizer = math.ceil(state / dp) if distributed_optimizer else state
+        in_flight = min(pp - stage, micro_batches)
+        activations = in_flight * layers * layer
+        if recompute == "full":
+            activations += layer_full
+        logits = 0
+        vocab_rows = preset.padded_vocab_size if stage in (0, pp - 1) else 0
+        if stage == pp - 1:
+            sbv = seq_len * micro_batch * preset.padded_vocab_size // tp
+            logits = sbv * (4 + (e if e != 4 else 0)) + 2 * e * sbh // (
+                tp if sequence_parallel else 1
+            )
+        # The embedding's (dense) or output layer's weight gradient before DDP adds it to main_grad.
+        temporaries = vocab_rows * preset.hidden_size // tp * (4 if dtype == "fp32" else 2)
+        est = MemoryEstimate(
+            weights=weights,
+            gradients=params * 4,
+            optimizer=optimizer,
+            activations=activations,
+            logits=logits,
+            temporaries=temporaries,
+            runtime=runtime_bytes,
+            params=params,
+            stage=stage,
+            in_flight=in_flight,
+        )
+        if worst is None or est.total > worst.total:
+            worst = est
+    assert worst is not None
+    return worst
+
+
+# ----------------------------------------------------------------------------- time
+
+
+@dataclass(frozen=True)
+class TimeEstimate:
+    dtype: str
+    flops_per_token: float
+    """Executed FLOPs per token (with recompute)."""
+    model_flops_per_token: float
+    """6·N + 6·L·h·s, the MFU numerator."""
+    step_seconds: float
+    tokens_per_second: float
+    tokens_per_second_per_gpu: float
+    steps: int
+    total_tokens: int
+    total_seconds: float
+    gpu_hours: float
+    bubble: float
+    mfu: float
+    """The assumed fraction of the BF16 peak on executed FLOPs."""
+    fp8_speedup: Optional[float] = None
+
+
+def default_fp8_speedup(gpu: GPUSpec) -> float:
+    if gpu.fp8_tflops is None:
+        raise PlanError(f"{gpu.name} has no FP8 tensor cores: plan it with --dtype bf16")
+    return gpu.fp8_tflops / gpu.bf16_tflops * FP8_EFFICIENCY
+
+
+def flops_per_token(preset: QwenPreset, seq_len: int, recompute: str = "none") -> tuple[float, ...]:
+    """(executed, model, GEMM part of executed) FLOPs per token; see the module docstring."""
+    n = preset.num_params()
+    lhs = preset.num_layers * preset.hidden_size * seq_len
+    model = 6 * n + 6 * lhs
+    extra = 0.0
+    if recompute == "selective":
+        extra = 2 * lhs
+    elif recompute == "full":
+        layer_params = n - 2 * preset.padded_vocab_size * preset.hidden_size - preset.hidden_size
+        extra = 2 * layer_params + 2 * lhs
+    executed = model + extra
+    attention = 6 * lhs + (2 * lhs if recompute != "none" else 0)  # scores and values, not GEMMs
+    return executed, model, executed - attention
+
+
+def estimate_time(
+    preset: QwenPreset,
+    seq_len: int,
+    global_batch: int,
+    gpus: int,
+    gpu: GPUSpec,
+    *,
+    steps: int,
+    dtype: str = "bf16",
+    mfu: float = DEFAULT_MFU,
+    recompute: str = "none",
+    pp: int = 1,
+    micro_batches: int = 1,
+    fp8_speedup: Optional[float] = None,
+) -> TimeEstimate:
+    """Step time, throughput and totals for ``steps`` steps of ``global_batch × seq_len`` tokens."""
+    if not 0 < mfu <= 1:
+        raise PlanError(f"mfu={mfu}: expected a fraction in (0, 1]")
+    executed, model, gemm = flops_per_token(preset, seq_len, recompute)
+    peak = (gpu.tf32_tflops if dtype == "fp32" else gpu.bf16_tflops) * 1e12
+    if dtype == "fp8":
+        if fp8_speedup is None:
+            fp8_speedup = default_fp8_speedup(gpu)
+        elif gpu.fp8_tflops is None:
+            default_fp8_speedup(gpu)  # raises
+        effective = gemm / fp8_speedup + (executed - gemm)
+    else:
+        fp8_speedup = None
+        effective = executed
+    tokens_per_step = global_batch * seq_len
+    bubble = (pp - 1) / micro_batches
+    step = tokens_per_step * effective / (gpus * peak * mfu) * (1 + bubble)
+    total = steps * step
+    return TimeEstimate(
+        dtype=dtype,
+        flops_per_token=executed,
+        model_flops_per_token=model,
+        step_seconds=step,
+        tokens_per_second=tokens_per_step / step,
+        tokens_per_second_per_gpu=tokens_per_step / step / gpus,
+        steps=steps,
+        total_tokens=steps * tokens_per_step,
+        total_seconds=total,
+        gpu_hours=total / 3600 * gpus,
+        bubble=bubble,
+        mfu=mfu,
+        fp8_speedup=fp8_speedup,
+    )
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    micro_batch: int
+    micro_batches: int
+    """Micro-batches per step per data-parallel rank."""
+    recompute: str
+    sequence_parallel: bool
+    distributed_optimizer: bool
+
+    def label(self) -> str:
+        parts = [f"TP={self.tp} PP={self.pp} DP={self.dp} mb={self.micro_batch}"]
+        if self.sequence_parallel:
+            parts.append("SP")
+        if self.distributed_optimizer:
+            parts.append("dist-opt")
+        parts.append(f"recompute={self.recompute}")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the estimates need from a recipe."""
+
+    preset: QwenPreset
+    seq_len: int
+    global_batch: int
+    steps: int
+    dtype: str
+    flash_attention: bool
+    hidden_dropout: bool
+    attention_dropout: bool
+
+
+def memory_of(work: Workload, layout: Layout, dtype: str, runtime_bytes: int) -> MemoryEstimate:
+    return estimate_memory(
+        work.preset,
+        work.seq_len,
+        layout.micro_batch,
+        layout.tp,
+        layout.pp,
+        layout.dp,
+        dtype,
+        layout.distributed_optimizer,
+        layout.recompute,
+        layout.sequence_parallel,
+        micro_batches=layout.micro_batches,
+        flash_attention=work.flash_attention,
+        hidden_dropout=work.hidden_dropout,
+        attention_dropout=work.attention_dropout,
+        runtime_bytes=runtime_bytes,
+    )
+
+
+def make_layout(
+    work: Workload,
+    gpus: int,
+    tp: int,
+    pp: int,
+    micro_batch: int,
+    recompute: str,
+    sequence_parallel: bool,
+    distributed_optimizer: bool,
+) -> Layout:
+    """A layout, checked against the model shape, the GPU count and the global batch."""
+    p = work.preset
+    if tp < 1 or pp < 1 or gpus % (tp * pp):
+        raise PlanError(f"TP={tp} x PP={pp} does not divide {gpus} GPUs")
+    if p.num_attention_heads % tp or p.query_groups % tp or p.ffn_hidden_size % tp:
+        raise PlanError(f"TP={tp} does not divide the heads/query groups/FFN of {p.name}")
+    if p.num_layers % pp:
+        raise PlanError(f"PP={pp} does not divide the {p.num_layers} layers of {p.name}")
+    dp = gpus // (tp * pp)
+    if work.global_batch % (micro_batch * dp):
+        raise PlanError(
+            f"global batch {work.global_batch} is not divisible by micro-batch {micro_batch} x "
+            f"DP {dp}"
+        )
+    return Layout(
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        micro_batch=micro_batch,
+        micro_batches=work.global_batch // (micro_batch * dp),
+        recompute=recompute,
+        sequence_parallel=sequence_parallel and tp > 1,
+        distributed_optimizer=distributed_optimizer,
+    )
+
+
+@dataclass(frozen=True)
+class Candidate:
+    layout: Layout
+    memory: MemoryEstimate
+    time: TimeEstimate
+    fits: bool
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def recommend(
+    work: Workload,
+    gpus: int,
+    gpu: GPUSpec,
+    *,
+    dtype: Optional[str] = None,
+    tp: Optional[int] = None,
+    pp: Optional[int] = None,
+    mfu: float = DEFAULT_MFU,
+    headroom: float = DEFAULT_HEADROOM,
+    fp8_speedup: Optional[float] = None,
+    runtime_bytes: int = GPU_RUNTIME_BYTES,
+) -> Candidate:
+    """The fastest layout whose per-rank memory is within ``headroom`` of the GPU's memory.
+
+    ``tp``/``pp`` pin those sizes. Raises ``PlanError`` when no layout fits.
+    """
+    dtype = dtype or work.dtype
+    p = work.preset
+    budget = headroom * gpu.memory_bytes
+    tps = [tp] if tp else [t for t in (1, 2, 4, 8) if t <= gpus]
+    pps = [pp] if pp else _divisors(p.num_layers)
+    best: Optional[tuple[tuple, Candidate]] = None
+    smallest: Optional[Candidate] = None
+    for t in tps:
+        for q in pps:
+            if gpus % (t * q):
+                continue
+            dp = gpus // (t * q)
+            mb = 1
+            while work.global_batch % (mb * dp) == 0:
+                for rc in RECOMPUTE:
+                    try:
+                        layout = make_layout(work, gpus, t, q, mb, rc, True, True)
+                    except PlanError:
+                        break
+                    mem = memory_of(work, layout, dtype, runtime_bytes)
+                    tm = estimate_time(
+                        p,
+                        work.seq_len,
+                        work.global_batch,
+                        gpus,
+                        gpu,
+                        steps=work.steps,
+                        dtype=dtype,
+                        mfu=mfu,
+                        recompute=rc,
+                        pp=q,
+                        micro_batches=layout.micro_batches,
+                        fp8_speedup=fp8_speedup,
+                    )
+                    cand = Candidate(layout, mem, tm, mem.total <= budget)
+                    if smallest is None or mem.total < smallest.memory.total:
+                        smallest = cand
+                    if cand.fits:
+                        key = (round(tm.step_seconds, 9), t, q, -mb, RECOMPUTE.index(rc))
+                        if best is None or key < best[0]:
+                            best = (key, cand)
+                mb *= 2
+    if best is None:
+        if smallest is None:
+            raise PlanError(
+                f"no valid layout of {p.name} on {gpus} GPU(s) (TP={tp or 'any'}, "
+                f"PP={pp or 'any'}, global batch {work.global_batch})"
+            )
+        raise PlanError(
+            f"nothing fits: {p.name} at seq {work.seq_len} on {gpus}x{gpu.name} needs at least "
+            f"{smallest.memory.total / GiB:.1f} GiB per GPU ({smallest.layout.label()}), over "
+            f"{headroom:.0%} of {gpu.memory_bytes / GiB:.0f} GiB; use more GPUs"
+        )
+    return best[1]
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+@dataclass
+class PlanResult:
+    recipe: str
+    gpus: int
+    gpu: GPUSpec
+    work: Workload
+    headroom: float
+    requested: Optional[Candidate]
+    """The recipe's layout (or --tp/--pp) with its micro-batch, recompute, SP and optimizer; None
+    when the recipe's layout does not divide this GPU count."""
+    variants: list[tuple[str, MemoryEstimate]]
+    """The requested layout's memory with/without distributed optimizer, SP and recompute."""
+    recommended: Candidate
+    times: list[tuple[str, TimeEstimate]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def workload(cfg) -> Workload:
+    """The numbers a plan needs from a (single-stage) ``RecipeConfig``."""
+    spec, train = cfg.model.spec, cfg.train
+    tokens_per_step = train.global_batch_size * cfg.data.seq_length
+    steps = train.steps if train.steps is not None else math.ceil(train.tokens / tokens_per_step)
+    return Workload(
+        preset=cfg.model.architecture(),
+        seq_len=cfg.data.seq_length,
+        global_batch=train.global_batch_size,
+        steps=steps,
+        dtype=cfg.precision.dtype,
+        # Flash attention (TE's fused attention) with the te spec; on GPUs `auto` resolves to te.
+        flash_attention=spec in ("te", "auto"),
+        hidden_dropout=cfg.model.hidden_dropout > 0,
+        attention_dropout=cfg.model.attention_dropout > 0,
+    )
+
+
+def plan(
+    recipe_cfg,
+    gpus: int,
+    gpu: str | GPUSpec,
+    tp: Optional[int] = None,
+    pp: Optional[int] = None,
+    mfu: float = DEFAULT_MFU,
+    *,
+    micro_batch: Optional[int] = None,
+    dtype: Optional[str] = None,
+    headroom: float = DEFAULT_HEADROOM,
+    fp8_speedup: Optional[float] = None,
+) -> PlanResult:
+    """Memory, a recommended layout and time for ``recipe_cfg`` on ``gpus`` GPUs of type ``gpu``."""
+    g = get_gpu(gpu) if isinstance(gpu, str) else gpu
+    if gpus < 1:
+        raise PlanError(f"--gpus {gpus}: need at least one GPU")
+    work = workload(recipe_cfg)
+    if dtype is not None:
+        work = replace(work, dtype=dtype)
+    _act_bytes(work.dtype)
+    if work.dtype == "fp8" and g.fp8_tflops is None:
+        raise PlanError(f"{g.name} has no FP8 tensor cores: plan it with --dtype bf16")
+    par = recipe_cfg.parallel
+    req_tp, req_pp = tp or par.tensor, pp or par.pipeline
+    notes = []
+    try:
+        layout = make_layout(
+            work,
+            gpus,
+            req_tp,
+            req_pp,
+            micro_batch or recipe_cfg.train.micro_batch_size,
+            recipe_cfg.model.recompute,
+            par.sequence_parallel,
+            par.distributed_optimizer,
+        )
+    except PlanError as e:
+        if tp is not None or pp is not None:
+            raise
+        layout = None
+        notes.append(f"the recipe's layout does not apply to {gpus} GPU(s): {e}")
+    budget = headroom * g.memory_bytes
+
+    def timed(lay: Layout, dt: str) -> TimeEstimate:
+        return estimate_time(
+            work.preset,
+            work.seq_len,
+            work.global_batch,
+            gpus,
+            g,
+            steps=work.steps,
+            dtype=dt,
+            mfu=mfu,
+            recompute=lay.recompute,
+            pp=lay.pp,
+            micro_batches=lay.micro_batches,
+            fp8_speedup=fp8_speedup,
+        )
+
+    requested, variants = None, []
+    if layout is not None:
+        mem = memory_of(work, layout, work.dtype, GPU_RUNTIME_BYTES)
+        requested = Candidate(layout, mem, timed(layout, work.dtype), mem.total <= budget)
+    for dist_opt in (False, True) if layout is not None else ():
+        for sp in sorted({False, layout.tp > 1}):
+            for rc in RECOMPUTE:
+                v = replace(
+                    layout, distributed_optimizer=dist_opt, sequence_parallel=sp, recompute=rc
+                )
+                label = f"dist-opt {'on' if dist_opt else 'off'}, SP {'on' if sp else 'off'}, {rc}"
+                variants.append((label, memory_of(work, v, work.dtype, GPU_RUNTIME_BYTES)))
+    recommended = recommend(
+        work, gpus, g, tp=tp, pp=pp, mfu=mfu, headroom=headroom, fp8_speedup=fp8_speedup
+    )
+    result = PlanResult(
+        recipe=recipe_cfg.name,
+        gpus=gpus,
+        gpu=g,
+        work=work,
+        headroom=headroom,
+        requested=requested,
+        variants=variants,
+        recommended=recommended,
+        notes=notes,
+    )
+    dtypes = ["bf16", "fp8"] if g.fp8_tflops is not None else ["bf16"]
+    if work.dtype == "fp32":
+        dtypes = ["fp32", *dtypes]
+    for name, cand in (("recipe", requested), ("recommended", recommended)):
+        if cand is None or (name == "recommended" and requested and cand.layout == layout):
+            continue
+        for dt in dtypes:
+            result.times.append((f"{name} {dt}", timed(cand.layout, dt)))
+    if g.fp8_tflops is None:
+        result.notes.append(f"{g.name} has no FP8: BF16 only.")
+    else:
+        speed = fp8_speedup or default_fp8_speedup(g)
+        result.notes.append(
+            f"FP8: GEMM FLOPs {speed:.2f}x faster than BF16 (attention stays BF16); "
+            "memory counted as BF16 plus FP8 weight copies."
+        )
+    return result
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 86400:
+        return f"{seconds / 86400:.2f} d"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} h"
+    return f"{seconds:.1f} s"
+
+
+def format_plan(result: PlanResult) -> str:
+    """The plan as markdown tables."""
+    w, g, req, rec = result.work, result.gpu, result.requested, result.recommended
+    budget = result.headroom * g.memory_bytes
+    lines = [
+        f"# plan: {result.recipe} — {w.preset.name} ({w.preset.num_params() / 1e9:.2f}B params), "
+        f"{result.gpus}x{g.name} ({g.memory_bytes / GiB:.0f} GiB, {g.bf16_tflops:g} TFLOP/s BF16"
+        f"{f', {g.fp8_tflops:g} FP8' if g.fp8_tflops else ''})",
+        "",
+        f"seq {w.seq_len}, global batch {w.global_batch} "
+        f"({w.global_batch * w.seq_len:,} tokens/step), {w.steps:,} steps = "
+        f"{w.steps * w.global_batch * w.seq_len:.3g} tokens, {w.dtype}"
+        f"{', flash attention' if w.flash_attention else ''}; fits = total <= "
+        f"{result.headroom:.0%} of HBM ({_gib(budget)} GiB)",
+        "",
+        "## memory per GPU (GiB), worst pipeline stage",
+        "",
+        "| layout | weights | grads | optimizer | activations | logits | temp | runtime | total "
+        "| fits |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, cand in (("recipe", req), ("recommended", rec)):
+        if cand is None:
+            continue
+        m = cand.memory
+        terms = (m.weights, m.gradients, m.optimizer, m.activations, m.logits, m.temporaries)
+        lines.append(
+            f"| {name}: {cand.layout.label()} | {' | '.join(_gib(x) for x in terms)} "
+            f"| {_gib(m.runtime)} | {_gib(m.total)} | {'yes' if cand.fits else 'NO'} |"
+        )
+    if req is not None:
+        lines += [
+            "",
+            f"## recipe layout TP={req.layout.tp} PP={req.layout.pp} mb={req.layout.micro_batch}: "
+            "variants (GiB)",
+            "",
+            "| variant | optimizer | activations | total | fits |",
+            "|---|---|---|---|---|",
+        ]
+    for label, m in result.variants:
+        lines.append(
+            f"| {label} | {_gib(m.optimizer)} | {_gib(m.activations)} | {_gib(m.total)} | "
+            f"{'yes' if m.total <= budget else 'NO'} |"
+        )
+    lines += [
+        "",
+        f"## time (MFU {rec.time.mfu:.2f} of the BF16 peak on executed FLOPs)",
+        "",
+        "| layout, dtype | FLOPs/token | step | tokens/s | tokens/s/GPU | bubble | total | "
+        "GPU-hours |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, t in result.times:
+        lines.append(
+            f"| {label} | {t.flops_per_token:.3g} | {t.step_seconds:.2f} s | "
+            f"{t.tokens_per_second:,.0f} | {t.tokens_per_second_per_gpu:,.0f} | {t.bubble:.0%} | "
+            f"{_duration(t.total_seconds)} | {t.gpu_hours:,.0f} |"
+        )
+    lines += ["", f"recommended: {rec.layout.label()}"]
+    lines += [f"note: {n}" for n in result.notes]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``specialize plan`` on a ``subparsers`` object."""
+    p = subparsers.add_parser(
+        "plan",
+        help="per-GPU memory, a TP/PP/micro-batch that fits, step time and GPU-hours of a recipe",
+    )
+    p.add_argument("recipe", help="YAML recipe")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.seq_length=4096")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
+    p.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU type")
+    p.add_argument("--tp", type=int, default=None, help="pin tensor-parallel size")
+    p.add_argument("--pp", type=int, default=None, help="pin pipeline-parallel size")
+    p.add_argument("--micro-batch", type=int, default=None, help="micro-batch of the recipe row")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: the recipe's")
+    p.add_argument(
+        "--mfu",
+        type=float,
+        default=DEFAULT_MFU,
+        help=f"fraction of the BF16 peak achieved (default {DEFAULT_MFU})",
+    )
+    p.add_argument(
+        "--fp8-speedup",
+        type=float,
+        default=None,
+        help=f"FP8 speedup on GEMM FLOPs (default FP8/BF16 peak ratio x {FP8_EFFICIENCY})",
+    )
+    p.add_argument(
+        "--headroom",
+        type=float,
+        default=DEFAULT_HEADROOM,
+        help=f"fraction of GPU memory a layout may use (default {DEFAULT_HEADROOM})",
+    )
+    p.set_defaults(func=cmd_plan)
+    return p
+
+
+def load_recipe_for_plan(path: str, overrides: list[str] = ()) -> list:
+    """The recipe's config(s): one per stage for a staged recipe. ``init`` is not needed."""
+    from specialize.config import load_config, stage_configs
+
+    cfg = load_config(path, [*overrides, "init.checkpoint=null", "init.verify_against=null"])
+    return stage_configs(cfg) if cfg.stages else [cfg]
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    configs = load_recipe_for_plan(args.recipe, args.overrides)
+    out = []
+    try:
+        for cfg in configs:
+            result = plan(
+                cfg,
+                args.gpus,
+                args.gpu,
+                tp=args.tp,
+                pp=args.pp,
+                mfu=args.mfu,
+                micro_batch=args.micro_batch,
+                dtype=args.dtype,
+                headroom=args.headroom,
+                fp8_speedup=args.fp8_speedup,
+            )
+            out.append(format_plan(result))
+    except PlanError as e:
+        print(f"plan: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(out), end="")
+    return 0
