@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from base.long_context import LongContext
 from base.presets import PRESETS, QwenPreset
 
 
@@ -31,6 +32,9 @@ class HFModel:
     arch: QwenPreset
     dtype: torch.dtype
     """The dtype the checkpoint declares (``torch_dtype`` / ``bf16``/``fp16`` flags)."""
+    long_context: LongContext | None = None
+    """Qwen v1's inference options (``use_dynamic_ntk``, ``use_logn_attn``, ``seq_length``);
+    the importer stores them as the checkpoint's ``long_context.json``."""
 
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -99,6 +103,7 @@ def read_config(path: str | Path) -> HFModel:
             torch.bfloat16 if config.get("bf16") else torch.float16 if config.get("fp16") else None
         )
         layout = "qwen"
+        long_context = qwen_v1_long_context(config)
     elif model_type == "qwen2" or "Qwen2ForCausalLM" in architectures:
         if config.get("tie_word_embeddings", False):
             raise HFCheckpointError(
@@ -122,6 +127,7 @@ def read_config(path: str | Path) -> HFModel:
         )
         dtype = None
         layout = "qwen2"
+        long_context = None
     else:
         raise HFCheckpointError(
             f"{config_file}: unsupported architecture {architectures or model_type!r}; "
@@ -129,7 +135,37 @@ def read_config(path: str | Path) -> HFModel:
         )
     declared = config.get("torch_dtype") or config.get("dtype")
     dtype = dtype or _DTYPES.get(str(declared), torch.float32)
-    return HFModel(path=path, layout=layout, arch=_matching_preset(arch), dtype=dtype)
+    return HFModel(
+        path=path,
+        layout=layout,
+        arch=_matching_preset(arch),
+        dtype=dtype,
+        long_context=long_context,
+    )
+
+
+def qwen_v1_long_context(config: dict) -> LongContext:
+    """Qwen v1 config keys → long-context options: ``use_dynamic_ntk`` → ``rope_scaling``
+    dynamic-ntk, ``use_logn_attn`` → ``logn_attention``, ``seq_length`` (the training length their
+    rules start from, default 2048 as in Qwen's ``QWenConfig``) → ``train_seq_length``."""
+    return LongContext(
+        rope_scaling="dynamic-ntk" if config.get("use_dynamic_ntk", False) else "none",
+        logn_attention=bool(config.get("use_logn_attn", False)),
+        train_seq_length=int(config.get("seq_length", 2048)),
+    )
+
+
+def qwen_v1_long_context_config(options: LongContext | None, arch: QwenPreset) -> dict:
+    """The inverse, for an exported v1 ``config.json`` (``seq_length`` defaults to the
+    architecture's context length, which is what the exporter writes without options).
+
+    A fixed ``rope_alpha`` and per-layer windows have no Qwen v1 key and are not exported."""
+    options = options or LongContext()
+    return {
+        "use_dynamic_ntk": options.rope_scaling == "dynamic-ntk",
+        "use_logn_attn": options.logn_attention,
+        "seq_length": options.train_seq_length or arch.max_position_embeddings,
+    }
 
 
 def _shard_files(path: Path) -> list[Path]:

@@ -3,7 +3,9 @@
 Architecture (paper §2.2): pre-norm RMSNorm (eps 1e-6), SwiGLU MLP, RoPE (base 10000, FP32
 inverse frequencies), bias on the Q/K/V projection only, untied input embedding and output layer.
 The layer spec is the only thing that differs between a CPU run (``local``: plain PyTorch) and a
-GPU run (``te``: Transformer Engine fused kernels, needed for FP8).
+GPU run (``te``: Transformer Engine fused kernels, needed for FP8). Training-free long-context
+options (dynamic NTK RoPE, LogN attention, layer-wise windows) are off by default; see
+``base.long_context``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from base.long_context import check_options, install_dynamic_ntk, with_long_context
 from base.presets import QwenPreset
 
 
@@ -68,6 +71,16 @@ class ModelOptions:
     init_method_std: float = 0.02
     initialize: bool = True
     """Randomly initialize weights; off when a checkpoint will overwrite them anyway."""
+    rope_scaling: str = "none"
+    """``none`` or ``dynamic-ntk``: Qwen v1's RoPE base growth past ``train_seq_length`` (inference)."""
+    rope_alpha: float | None = None
+    """A fixed NTK alpha for ``dynamic-ntk``; None: Qwen's rule from the sequence length."""
+    logn_attention: bool = False
+    """Scale queries past ``train_seq_length`` by log(n)/log(train_seq_length) (inference)."""
+    layer_windows: tuple[int | None, ...] | None = None
+    """Sliding attention window per layer (None/0: full attention); see ``base.long_context``."""
+    train_seq_length: int = 2048
+    """The length the model was trained at (Qwen's ``seq_length``): where NTK and LogN start."""
 
 
 def transformer_config(preset: QwenPreset, opts: ModelOptions) -> TransformerConfig:
@@ -146,10 +159,32 @@ def transformer_config_kwargs(preset: QwenPreset, opts: ModelOptions) -> dict:
     )
 
 
-def layer_spec(spec: str) -> ModuleSpec:
-    if spec == "te":
-        return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+def layer_spec(spec: str, opts: ModelOptions | None = None) -> ModuleSpec:
+    """megatron's layer spec for ``spec``; with long-context options its core attention is swapped
+    for ``base.long_context.LongContextCoreAttention`` (windows, LogN), else it is megatron's own."""
+    base = (
+        get_gpt_layer_with_transformer_engine_spec()
+        if spec == "te"
+        else get_gpt_layer_local_spec(normalization="RMSNorm")
+    )
+    if opts is None:
+        return base
+    return with_long_context(
+        base, opts.layer_windows, opts.train_seq_length if opts.logn_attention else None
+    )
+
+
+def check_long_context(preset: QwenPreset, opts: ModelOptions) -> None:
+    problems = check_options(
+        opts.rope_scaling,
+        opts.rope_alpha,
+        opts.logn_attention,
+        opts.layer_windows,
+        opts.train_seq_length,
+        preset.num_layers,
+    )
+    if problems:
+        raise ValueError("; ".join(f"{name}: {problem}" for name, problem in problems))
 
 
 def build_model(
@@ -160,10 +195,11 @@ def build_model(
     vp_stage: int | None = None,
 ) -> GPTModel:
     """One model chunk for this rank's pipeline stage (call after parallel state is initialized)."""
+    check_long_context(preset, opts)
     config = transformer_config(preset, opts)
-    return GPTModel(
+    model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(opts.spec),
+        transformer_layer_spec=layer_spec(opts.spec, opts),
         vocab_size=preset.padded_vocab_size,
         max_sequence_length=preset.max_position_embeddings,
         pre_process=pre_process,
@@ -175,3 +211,6 @@ def build_model(
         rotary_base=int(preset.rotary_base),
         vp_stage=vp_stage,
     )
+    if opts.rope_scaling == "dynamic-ntk":
+        install_dynamic_ntk(model, preset.rotary_base, opts.train_seq_length, opts.rope_alpha)
+    return model

@@ -12,10 +12,10 @@ either operand order) is ever a training expression.
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import sys
 from collections.abc import Sequence
+
+from math_qwen.word_problems import write_jsonl
 
 SPLITS = ("train", "test")
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -76,13 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     rows = records if args.format == "math401" else [to_chat(r) for r in records]
-    lines = "".join(json.dumps(r) + "\n" for r in rows)
-    if args.output == "-":
-        sys.stdout.write(lines)
-    else:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(lines)
-        print(f"wrote {len(rows)} {args.split} expressions to {args.output}", file=sys.stderr)
+    write_jsonl(rows, args.output, f"{args.split} expressions")
     return 0
 
 

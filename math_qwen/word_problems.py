@@ -33,7 +33,15 @@ from dataclasses import dataclass
 
 from math_qwen.answers import ANSWER_MARKER
 
-__all__ = ["SPLITS", "ProblemConfig", "generate", "main", "split_pairs", "to_chat"]
+__all__ = [
+    "SPLITS",
+    "ProblemConfig",
+    "generate",
+    "main",
+    "split_pairs",
+    "to_chat",
+    "write_jsonl",
+]
 
 SPLITS = ("train", "test")
 
@@ -281,14 +289,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = [{"question": r["question"], "answer": r["solution"]} for r in records]
     else:
         rows = [to_chat(r, args.system) for r in records]
-    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    if args.output == "-":
-        sys.stdout.write(lines)
-    else:
-        with open(args.output, "w", encoding="utf-8") as out:
-            out.write(lines)
-        print(f"wrote {len(rows)} {args.split} problems to {args.output}", file=sys.stderr)
+    write_jsonl(rows, args.output, f"{args.split} problems")
     return 0
+
+
+def write_jsonl(rows: Sequence[dict], output: str, what: str) -> None:
+    """Rows as JSON lines to ``output`` ('-' = stdout), saying on stderr how many were written."""
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if output == "-":
+        sys.stdout.write(lines)
+        return
+    with open(output, "w", encoding="utf-8") as out:
+        out.write(lines)
+    print(f"wrote {len(rows)} {what} to {output}", file=sys.stderr)
 
 
 if __name__ == "__main__":

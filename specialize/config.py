@@ -97,10 +97,37 @@ class ModelConfig:
     """Override of the RoPE base (paper: 10000; Qwen2 uses 1e6)."""
     norm_epsilon: Optional[float] = None
     """Override of the RMSNorm epsilon (paper: 1e-6)."""
+    rope_scaling: str = "none"
+    """Training-free context extension of RoPE at inference: ``none`` or ``dynamic-ntk`` (Qwen v1: the base grows by ``alpha ** (d/(d-2))``, ``alpha = max(2**ceil(log2(L/train_seq_length)+1) - 1, 1)``)."""
+    rope_alpha: Optional[float] = None
+    """A fixed NTK alpha for ``rope_scaling=dynamic-ntk`` instead of Qwen's length rule (>= 1)."""
+    logn_attention: bool = False
+    """LogN attention at inference: queries at positions n > ``train_seq_length`` are scaled by log(n)/log(train_seq_length), keeping attention entropy (paper §2.2)."""
+    layer_windows: Optional[list[Optional[int]]] = None
+    """Sliding attention window per layer, one entry per layer (null or 0: full attention); a token attends to itself and the window-1 tokens before it. The paper uses short windows in lower layers, long in higher."""
+    train_seq_length: Optional[int] = None
+    """The length the model was trained at (Qwen's ``seq_length``), past which dynamic-ntk and LogN act; default: ``data.seq_length``."""
+
+    def check_long_context(self, num_layers: int) -> None:
+        """Raise a ``ConfigError`` naming the first invalid long-context field."""
+        from base.long_context import check_options
+
+        problems = check_options(
+            self.rope_scaling,
+            self.rope_alpha,
+            self.logn_attention,
+            self.layer_windows,
+            self.train_seq_length,
+            num_layers,
+        )
+        if problems:
+            name, problem = problems[0]
+            raise ConfigError(f"model.{name}: {problem}")
 
     def architecture(self) -> QwenPreset:
-        """The preset with this config's overrides applied."""
+        """The preset with this config's overrides applied (long-context options checked against it)."""
         preset = get_preset(self.preset)
+        self.check_long_context(self.num_layers or preset.num_layers)
         overrides = {
             k: getattr(self, k) for k in ARCHITECTURE_FIELDS if getattr(self, k) is not None
         }

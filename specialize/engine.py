@@ -46,6 +46,11 @@ def model_options(cfg: RecipeConfig) -> ModelOptions:
         pipeline_parallel=cfg.parallel.pipeline,
         virtual_pipeline=cfg.parallel.virtual_pipeline,
         sequence_parallel=cfg.parallel.sequence_parallel,
+        rope_scaling=cfg.model.rope_scaling,
+        rope_alpha=cfg.model.rope_alpha,
+        logn_attention=cfg.model.logn_attention,
+        layer_windows=None if cfg.model.layer_windows is None else tuple(cfg.model.layer_windows),
+        train_seq_length=cfg.model.train_seq_length or cfg.data.seq_length,
     )
 
 

@@ -9,8 +9,9 @@ Prompts of different lengths share a batch without padding being attended (see `
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,8 +26,15 @@ class WorldSizeError(ValueError):
     """The process count does not match the requested TP x PP layout."""
 
 
-def load_model(ckpt: str | Path, tp: int = 1, pp: int = 1) -> tuple[torch.nn.Module, QwenPreset]:
-    """The model of ``ckpt`` (a checkpoint or run directory) on this rank of a TP x PP world."""
+def load_model(
+    ckpt: str | Path, tp: int = 1, pp: int = 1, long_context: Mapping[str, Any] | None = None
+) -> tuple[torch.nn.Module, QwenPreset]:
+    """The model of ``ckpt`` (a checkpoint or run directory) on this rank of a TP x PP world.
+
+    Long-context inference options (``ModelConfig`` fields ``rope_scaling``, ``rope_alpha``,
+    ``logn_attention``, ``layer_windows``, ``train_seq_length``) come from the checkpoint (its run's
+    ``config.yaml``, or ``long_context.json`` of an HF import); ``long_context`` overrides them."""
+    from base.long_context import LongContext, stored_options
     from specialize import checkpoint
     from specialize.convert import layout_config
     from specialize.distributed import init_distributed, seed_all
@@ -37,6 +45,11 @@ def load_model(ckpt: str | Path, tp: int = 1, pp: int = 1) -> tuple[torch.nn.Mod
     record.pop("query_groups", None)
     arch = QwenPreset(**record)
     cfg = layout_config(arch, tp, pp)
+    options = {**stored_options(path), **(long_context or {})}
+    LongContext.from_dict(options)  # unknown names are errors
+    for key, value in options.items():
+        setattr(cfg.model, key, list(value) if key == "layer_windows" and value else value)
+    cfg.model.check_long_context(arch.num_layers)
     topo = init_distributed(cfg.parallel)
     if topo.world_size != tp * pp:
         raise WorldSizeError(
