@@ -13,8 +13,14 @@ from pathlib import Path
 
 import torch
 
-from base.hf_checkpoint import HFCheckpointError, qwen2_tensors, read_config
+from base.hf_checkpoint import (
+    HFCheckpointError,
+    qwen2_tensors,
+    qwen_v1_long_context_config,
+    read_config,
+)
 from base.hf_mapping import megatron_sources
+from base.long_context import LongContext, stored_options, write_long_context
 from base.model import ModelOptions, build_model
 from base.presets import QwenPreset
 from base.tokenizer import QwenTokenizer
@@ -128,6 +134,10 @@ def import_hf(
         else {"preset": arch.name},
     }
     checkpoint.save_weights(model, out, arch, report, extra_files=[tokenizer.vocab_file])
+    if (
+        model_info.long_context is not None
+    ):  # Qwen v1's use_dynamic_ntk / use_logn_attn / seq_length
+        write_long_context(out, model_info.long_context)
     return report
 
 
@@ -299,7 +309,11 @@ def export_hf(
     if shards > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (partial / "config.json").write_text(json.dumps(_hf_config(arch, fmt, dtype), indent=2) + "\n")
+    config = _hf_config(arch, fmt, dtype)
+    if fmt == "qwen":  # Qwen v1 carries its long-context switches in config.json
+        options = LongContext.from_dict(stored_options(ckpt))
+        config.update(qwen_v1_long_context_config(options, arch))
+    (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"bos_token_id": EOD, "eos_token_id": [EOD, IM_END], "pad_token_id": EOD}
     (partial / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     vocab = ckpt / QwenTokenizer.VOCAB_FILE

@@ -51,6 +51,8 @@ def write_qwen_v1(model, arch: QwenPreset, path: Path) -> None:
         "seq_length": arch.max_position_embeddings,
         "vocab_size": arch.padded_vocab_size,
         "fp32": True,
+        "use_dynamic_ntk": True,  # Qwen v1's long-context switches: imported, exported back
+        "use_logn_attn": True,
     }
     (path / "config.json").write_text(json.dumps(config))
 
@@ -169,6 +171,13 @@ def test_import_matches_transformers_at_tp1_tp2_pp2(tmp_path, layout, arch, over
         assert written.keys() == source.keys()
         for name, tensor in source.items():
             assert torch.equal(written[name], tensor), name
+        from base.long_context import stored_options
+
+        options = stored_options(tmp_path / "ckpt")
+        assert options["rope_scaling"] == "dynamic-ntk" and options["logn_attention"] is True
+        config = json.loads((v1 / "config.json").read_text())
+        assert (config["use_dynamic_ntk"], config["use_logn_attn"]) == (True, True)
+        assert config["seq_length"] == arch.max_position_embeddings
 
 
 def _import_errors(rank: int, world_size: int, cases: dict[str, tuple[str, str]]) -> dict[str, str]:
