@@ -326,9 +326,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data = dict(_key_value(item, "--data") for item in args.data)
         if likelihood.NAME in tasks and args.checkpoint is None:
             raise TaskError(f"task {likelihood.NAME!r} needs a checkpoint, not --score")
+        if args.long_context and likelihood.NAME not in tasks:
+            raise TaskError(f"--long-context applies to task {likelihood.NAME!r} only")
         model = tokenizer = None
         if args.checkpoint is not None:
             from base.tokenizer import QwenTokenizer
+            from specialize import checkpoint
             from specialize.generate import load_model
 
             model, arch = load_model(args.checkpoint, args.tp, args.pp)
@@ -336,9 +339,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
         scores = {}
         if likelihood.NAME in tasks:
             lengths = likelihood.lengths_argument(args.lengths, arch.max_position_embeddings)
+            spec = likelihood.data_spec(data)
             scores[likelihood.NAME] = likelihood.evaluate_perplexity(
-                model, tokenizer, likelihood.data_spec(data), lengths, args.limit
+                model, tokenizer, spec, lengths, args.limit
             )
+            if args.long_context:
+                from base.long_context import stored_options
+
+                trained = stored_options(checkpoint.resolve_checkpoint(args.checkpoint)).get(
+                    "train_seq_length"
+                ) or min(lengths)
+                for variant in [v.strip() for v in args.long_context.split(",") if v.strip()]:
+                    options = likelihood.variant_options(variant, arch.num_layers, trained)
+                    model = None  # one model in memory at a time
+                    model, _ = load_model(args.checkpoint, args.tp, args.pp, long_context=options)
+                    scores[f"{likelihood.NAME}[{variant}]"] = likelihood.evaluate_perplexity(
+                        model, tokenizer, spec, lengths, args.limit
+                    )
+                    tasks.append(f"{likelihood.NAME}[{variant}]")
+                if int(os.environ.get("RANK", "0")) == 0:
+                    prefix = Path(args.output).with_suffix(".perplexity")
+                    table, chart = likelihood.write_length_table(
+                        {t: scores[t] for t in tasks if t.startswith(f"{likelihood.NAME}[")},
+                        prefix,
+                        f"{label or Path(args.output).stem}, trained at {trained} tokens",
+                    )
+                    print(table.read_text(), end="")
+                    print(f"chart: {chart}")
         completions, source = args.score, "scored"
         if generated and args.score is None:
             # Generated completions are kept next to the results, so they can be re-scored.
@@ -676,6 +703,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="task perplexity: comma-separated context lengths (default: the model's "
         "max_position_embeddings); --limit caps the windows per length",
+    )
+    ev.add_argument(
+        "--long-context",
+        default=None,
+        metavar="VARIANTS",
+        help="task perplexity: also measure with each of these comma-separated option sets, e.g. "
+        "none,ntk,logn,ntk+logn,ntk+logn+window (ntk: dynamic NTK RoPE, logn: LogN attention, "
+        "window: training-length windows in the lower half of the layers); writes "
+        "RESULTS.perplexity.md and .png",
     )
     ev.set_defaults(func=cmd_eval)
 

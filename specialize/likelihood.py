@@ -8,6 +8,13 @@ over every predicted token of every window (``specialize.perplexity.perplexity_b
 The result entry has the same shape as a generation task's, so ``specialize compare`` reads it;
 its metrics are ``perplexity`` (at the first length) and ``perplexity@L`` per length, lower is
 better.
+
+``--long-context none,ntk,logn,ntk+logn,...`` measures the same windows once per combination of the
+training-free context-extension options (``base.long_context``), as entries ``perplexity[VARIANT]``,
+and writes a table and a chart of perplexity against length, one line per variant (the paper's
+Table 3). ``ntk`` is dynamic NTK-aware RoPE, ``logn`` LogN attention scaling, ``window``
+layer-wise window attention: the lower half of the layers attend to at most the training length,
+the upper half to everything.
 """
 
 from __future__ import annotations
@@ -125,6 +132,69 @@ def evaluate_perplexity(
         "counts": {"total": sum(windows.values())},
         "samples": [],
     }
+
+
+VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
+    "ntk": {"rope_scaling": "dynamic-ntk"},
+    "logn": {"logn_attention": True},
+    "window": {},  # filled per model: see variant_options
+}
+
+
+def variant_options(variant: str, num_layers: int, train_length: int) -> dict[str, Any]:
+    """``load_model`` long-context options of ``none`` or ``+``-joined names of VARIANT_OPTIONS;
+    each option not named is off."""
+    options: dict[str, Any] = {
+        "rope_scaling": "none",
+        "rope_alpha": None,
+        "logn_attention": False,
+        "layer_windows": None,
+    }
+    if variant == "none":
+        return options
+    for name in variant.split("+"):
+        if name not in VARIANT_OPTIONS:
+            known = ", ".join(["none", *VARIANT_OPTIONS])
+            raise TaskError(f"--long-context {variant!r}: unknown option {name!r} (known: {known})")
+        if name == "window":
+            lower = num_layers // 2
+            options["layer_windows"] = [train_length] * lower + [None] * (num_layers - lower)
+        else:
+            options.update(VARIANT_OPTIONS[name])
+    return options
+
+
+def write_length_table(
+    entries: dict[str, dict[str, Any]], out_prefix: Path, title: str
+) -> tuple[Path, Path]:
+    """``<prefix>.md`` (variants x lengths) and ``<prefix>.png`` (perplexity against length)."""
+    from matplotlib.figure import Figure
+
+    variants = {name[len(NAME) + 1 : -1]: e for name, e in entries.items() if name.endswith("]")}
+    lengths = next(iter(variants.values()))["protocol"]["lengths"]
+    lines = [f"# {title}", "", "Perplexity by context length (lower is better).", ""]
+    lines.append("| variant | " + " | ".join(str(n) for n in lengths) + " |")
+    lines.append("|---|" + "---|" * len(lengths))
+    for variant, entry in variants.items():
+        cells = [f"{entry['metrics'][f'perplexity@{n}']:.2f}" for n in lengths]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    table = out_prefix.parent / f"{out_prefix.name}.md"
+    table.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    fig = Figure(figsize=(5.5, 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    for variant, entry in variants.items():
+        ax.plot(
+            lengths, [entry["metrics"][f"perplexity@{n}"] for n in lengths], "o-", label=variant
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    chart = out_prefix.parent / f"{out_prefix.name}.png"
+    fig.savefig(chart, dpi=100)
+    return table, chart
 
 
 def lengths_argument(value: str | None, default: int) -> list[int]:
