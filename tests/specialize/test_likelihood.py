@@ -90,7 +90,9 @@ def test_cli_perplexity_by_length_with_variants(tmp_path):
     assert ppl["perplexity[window]"]["perplexity@64"] == ppl["perplexity[none]"]["perplexity@64"]
     assert ppl["perplexity"] == ppl["perplexity[none]"]  # the checkpoint's own options: none
     # ... past it, they change what the model computes.
-    assert ppl["perplexity[ntk+logn]"]["perplexity@256"] != ppl["perplexity[none]"]["perplexity@256"]
+    assert (
+        ppl["perplexity[ntk+logn]"]["perplexity@256"] != ppl["perplexity[none]"]["perplexity@256"]
+    )
     assert ppl["perplexity[window]"]["perplexity@256"] != ppl["perplexity[none]"]["perplexity@256"]
     table = out.with_suffix(".perplexity.md").read_text()
     assert "| variant | 64 | 256 |" in table and "| ntk+logn |" in table
