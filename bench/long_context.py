@@ -1,38 +1,31 @@
 """Perplexity past the training length with Qwen's training-free context extension (paper §2.2).
 
-Trains qwen-tiny at sequence length 256 with the project's training CLI (one process, the demo
-recipe's data: the CPython standard library prepared by ``specialize data prepare``), then measures
-perplexity at 256/512/1024 tokens over held-out long documents (Python files of installed packages
-outside the standard library: code, like the training data, never seen in training) with each of
-{none, ntk, logn, ntk+logn} and prints a table.
+Trains qwen-tiny at sequence length 256 with the project's training CLI (one process, the demo's
+data: the CPython standard library prepared by ``specialize data prepare``), then measures
+perplexity at 256/512/1024 tokens over held-out code (megatron-core's installed Python files, never
+seen in training) with ``specialize eval --tasks perplexity --long-context`` for each of
+none, ntk, logn, ntk+logn and ntk+logn+window, which writes the table and chart next to
+``runs/bench/long-context/results.json``.
 
-    .venv/bin/python bench/long_context.py [--steps 60] [--windows 8] [--retrain]
+    .venv/bin/python bench/long_context.py [--steps 300] [--windows 16] [--retrain]
 
-A few minutes on 2 CPU cores. The trained checkpoint is reused unless ``--retrain``.
+About 10 minutes on 2 CPU cores. The trained checkpoint is reused unless ``--retrain``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import sysconfig
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "bench" / "long-context"
-DEMO_DATA = ROOT / "runs" / "demo" / "data" / "code"
+DEMO_DATA = ROOT / "runs" / "demo" / "factory" / "data" / "code"
 TRAIN_LENGTH = 256
-VARIANTS = {
-    "none": {},
-    "ntk": {"rope_scaling": "dynamic-ntk"},
-    "logn": {"logn_attention": True},
-    "ntk+logn": {"rope_scaling": "dynamic-ntk", "logn_attention": True},
-}
+VARIANTS = ("none", "ntk", "logn", "ntk+logn", "ntk+logn+window")
 
 
 def _run(args: list[str]) -> None:
@@ -79,56 +72,30 @@ def train(data: Path, steps: int, retrain: bool) -> Path:
     return run_dir
 
 
-def held_out_stream(min_tokens: int, total: int) -> np.ndarray:
-    """Tokens of long Python files outside the standard library (the training corpus), each file
-    ending in ``<|endoftext|>``, concatenated until ``total`` tokens."""
-    from base.tokenizer import QwenTokenizer
-
-    tokenizer = QwenTokenizer.load()
-    site = Path(sysconfig.get_paths()["purelib"])
-    ids: list[int] = []
-    for file in sorted((site / "megatron" / "core").rglob("*.py")):
-        tokens = tokenizer.encode(file.read_text(errors="replace"))
-        if len(tokens) >= min_tokens:
-            ids.extend(tokens + [151643])
-        if len(ids) >= total:
-            break
-    return np.asarray(ids[:total], dtype=np.int64)
-
-
-def evaluate(run_dir: Path, lengths: list[int], max_windows: int) -> dict[str, dict[int, float]]:
-    import torch
-
-    from specialize.generate import load_model
-    from specialize.perplexity import perplexity_by_length
-
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    stream = held_out_stream(max(lengths) + 1, max_windows * (max(lengths) + 1))
-    table = {}
-    for name, options in VARIANTS.items():
-        start = time.time()
-        model, _ = load_model(run_dir, long_context={"train_seq_length": TRAIN_LENGTH, **options})
-        table[name] = perplexity_by_length(model, stream, lengths, max_windows)
-        print(f"{name}: {table[name]} ({time.time() - start:.0f} s)", flush=True)
-    return table
+def evaluate(run_dir: Path, windows: int) -> Path:
+    """``specialize eval --tasks perplexity --long-context ...`` on held-out code: the Python files
+    of megatron-core as installed (outside the standard library the model trained on)."""
+    held_out = Path(sysconfig.get_paths()["purelib"]) / "megatron" / "core"
+    lengths = ",".join(str(n) for n in (TRAIN_LENGTH, 2 * TRAIN_LENGTH, 4 * TRAIN_LENGTH))
+    out = OUT / "results.json"
+    _run(
+        [sys.executable, "-m", "specialize", "eval", str(run_dir), "--tasks", "perplexity"]
+        + ["--data", f"perplexity={held_out}", "--lengths", lengths, "--limit", str(windows)]
+        + ["--long-context", ",".join(VARIANTS), "--label", "qwen-tiny@256", "-o", str(out)]
+    )
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60, help="training steps at seq 256")
-    parser.add_argument("--windows", type=int, default=8, help="windows per length")
+    parser.add_argument("--steps", type=int, default=300, help="training steps at seq 256")
+    parser.add_argument("--windows", type=int, default=16, help="windows per length")
     parser.add_argument("--retrain", action="store_true", help="train even if a checkpoint exists")
     args = parser.parse_args()
-    lengths = [TRAIN_LENGTH, 2 * TRAIN_LENGTH, 4 * TRAIN_LENGTH]
+    started = time.monotonic()
     run_dir = train(prepare_data(), args.steps, args.retrain)
-    table = evaluate(run_dir, lengths, args.windows)
-    print(
-        f"\nperplexity of qwen-tiny trained at {TRAIN_LENGTH} ({args.windows} windows per length)"
-    )
-    print("| variant | " + " | ".join(str(n) for n in lengths) + " |")
-    print("|---|" + "---|" * len(lengths))
-    for name, row in table.items():
-        print(f"| {name} | " + " | ".join(f"{row[n]:.2f}" for n in lengths) + " |")
+    out = evaluate(run_dir, args.windows)
+    print(f"table: {out.parent / 'results.perplexity.md'} ({time.monotonic() - started:.0f} s)")
 
 
 if __name__ == "__main__":
