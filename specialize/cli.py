@@ -289,7 +289,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from specialize.report import ReportError, compare
 
     try:
-        report = compare(args.results, args.output, base=args.base)
+        report = compare(args.results, args.output, base=args.base, paper=not args.no_paper)
     except ReportError as e:
         print(f"compare: {e}", file=sys.stderr)
         return 2
@@ -651,6 +651,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("-o", "--output", required=True, help="directory for report.md and charts")
     comp.add_argument(
         "--base", default=None, help="label of the model deltas are taken against (default: first)"
+    )
+    comp.add_argument(
+        "--no-paper",
+        action="store_true",
+        help="leave out the paper's numbers (the tasks ran on other data, e.g. generated problems)",
     )
     comp.set_defaults(func=cmd_compare)
 

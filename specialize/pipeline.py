@@ -82,6 +82,8 @@ class StepConfig:
     """compare: eval steps whose results to compare (default: every eval step before it)."""
     base: Optional[str] = None
     """compare: label of the model the deltas are taken against (default: the first model)."""
+    paper: bool = True
+    """compare: the paper's numbers as reference rows (false when tasks ran on other data)."""
 
 
 @dataclass
@@ -204,6 +206,8 @@ class Pipeline:
 
     def run(self, only: list[str] | None = None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        # SIGTERM (a scheduler's stop) unwinds like Ctrl-C, so the running step is stopped too.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         for step in self.cfg.steps:
             if only and step.name not in only:
                 continue
@@ -290,7 +294,7 @@ class Pipeline:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
             paths.append(path)
-        report = compare(paths, out, base=step.base)
+        report = compare(paths, out, base=step.base, paper=step.paper)
         log.info("step %s: report %s", step.name, report)
 
     # ---- helpers
@@ -300,20 +304,21 @@ class Pipeline:
         return [by_name[n] for n in names]
 
     def _exec(self, step: StepConfig, words: list[str]) -> None:
-        """Run a command in its own process group, so an interrupted pipeline takes it along."""
+        """Run a command in the pipeline's process group (a signal to the group reaches it too); if
+        the pipeline itself is interrupted, the command is stopped before the pipeline exits."""
         log.info("step %s: %s", step.name, shlex.join(words))
         # ``python`` inside a shell command is this interpreter too (its bin directory first).
         env = dict(os.environ)
         env["PATH"] = os.pathsep.join([str(Path(self.python).parent), env.get("PATH", "")])
-        process = subprocess.Popen(words, start_new_session=True, env=env)
+        process = subprocess.Popen(words, env=env)
         try:
             code = process.wait()
-        except BaseException:  # KeyboardInterrupt, SystemExit from SIGTERM: stop the step too
-            os.killpg(process.pid, signal.SIGTERM)
+        except BaseException:  # KeyboardInterrupt, or SystemExit from SIGTERM (see run)
+            process.terminate()  # torchrun passes it on to its workers
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+                process.kill()
             raise
         if code != 0:
             raise StepFailed(f"step {step.name}: `{shlex.join(words)}` exited with {code}")
@@ -353,7 +358,13 @@ class Pipeline:
         return final
 
     def _fingerprint(self, step: StepConfig) -> str:
-        record = dataclasses.asdict(step)
+        # Fields left at their defaults are not part of it, so a new field does not invalidate
+        # steps that finished before it existed.
+        record = {
+            f.name: getattr(step, f.name)
+            for f in dataclasses.fields(step)
+            if getattr(step, f.name) != _default(f)
+        }
         if step.recipe is not None:  # the recipe's content counts, not just its name
             record["recipe_sha256"] = _recipe_hash(Path(step.recipe))
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
@@ -386,6 +397,12 @@ class Pipeline:
         path = self.root / "lineage.json"
         path.write_text(json.dumps(doc, indent=2) + "\n")
         return path
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 def _recipe_hash(path: Path) -> str:

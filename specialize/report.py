@@ -110,7 +110,7 @@ class Column:
 
     @property
     def header(self) -> str:
-        return f"{self.task} {self.metric}"
+        return self.task if self.metric == self.task else f"{self.task} {self.metric}"
 
 
 def columns(results: list[Results]) -> list[Column]:
@@ -181,9 +181,14 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def render_markdown(
-    results: list[Results], base: Results, charts: list[tuple[str, str]] | None = None
+    results: list[Results],
+    base: Results,
+    charts: list[tuple[str, str]] | None = None,
+    paper: bool = True,
 ) -> str:
-    """The report text. ``charts``: (title, relative file name) pairs to link."""
+    """The report text. ``charts``: (title, relative file name) pairs to link. ``paper``: add the
+    paper's numbers as reference rows (off when the tasks ran on other data, e.g. generated
+    problems in a benchmark's schema)."""
     cols = columns(results)
     mismatched = {c.task: differences(results, c.task) for c in cols}
     out = ["# Evaluation report", ""]
@@ -193,16 +198,20 @@ def render_markdown(
         out.append(f"- **{r.label}**: `{r.path}` ({r.source}{checkpoint})")
 
     out += ["", "## Scores", ""]
-    out.append(
+    intro = (
         "The main metric per task: pass@1 for code and accuracy for math in percent, perplexity "
-        "as it is (lower is better). Rows marked "
-        "*reported by the paper* are the Qwen technical report's numbers under its own protocols "
-        "(see *Paper protocols*): references, not runs of this project."
+        "as it is (lower is better)."
     )
+    if paper:
+        intro += (
+            " Rows marked *reported by the paper* are the Qwen technical report's numbers under "
+            "its own protocols (see *Paper protocols*): references, not runs of this project."
+        )
+    out.append(intro)
     out.append("")
     rows = [[r.label, "this project", *(_pct(score(r, c)) for c in cols)] for r in results]
     tasks = {c.task for c in cols}
-    for model in PAPER_MODELS:
+    for model in PAPER_MODELS if paper else ():
         if tasks & model.scores.keys():
             rows.append(
                 [
@@ -292,6 +301,8 @@ def render_markdown(
         out += [f"### {c.task}", "", *_table([*header, "data", "sha256", "records"], rows), ""]
     out.pop()
 
+    if not paper:
+        return "\n".join(out) + "\n"
     out += ["", "## Paper protocols", "", f"Source: {SOURCE}.", ""]
     rows = []
     for c in cols:
@@ -329,6 +340,8 @@ def write_charts(results: list[Results], out_dir: Path) -> list[tuple[str, str]]
             ax.set_ylim(0, 105)
         else:
             ax.set_ylabel(cols[0].metric if len(cols) == 1 else "value")
+            if fam == "perplexity":
+                ax.set_yscale("log")  # perplexities of different models span orders of magnitude
         ax.set_title(FAMILY_TITLES[fam])
         ax.legend(fontsize=8)
         name = f"chart-{fam}.png"
@@ -338,10 +351,14 @@ def write_charts(results: list[Results], out_dir: Path) -> list[tuple[str, str]]
 
 
 def compare(
-    paths: list[str | os.PathLike[str]], out_dir: str | os.PathLike[str], base: str | None = None
+    paths: list[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    base: str | None = None,
+    paper: bool = True,
 ) -> Path:
     """Write ``out_dir/report.md`` and its charts for the results files; returns the report path.
-    ``base``: label of the model the deltas are taken against (default: the first file)."""
+    ``base``: label of the model the deltas are taken against (default: the first file).
+    ``paper``: the paper's numbers as reference rows."""
     if not paths:
         raise ReportError("no results files given")
     results = _unique_labels([load_results(p) for p in paths])
@@ -357,5 +374,5 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     charts = write_charts(results, out)
     report = out / "report.md"
-    report.write_text(render_markdown(results, base_result, charts), encoding="utf-8")
+    report.write_text(render_markdown(results, base_result, charts, paper), encoding="utf-8")
     return report

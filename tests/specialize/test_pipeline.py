@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from specialize.config import ConfigError
@@ -137,7 +137,13 @@ def test_killed_pipeline_resumes_to_the_same_final_metrics(reference, stdlib_sha
     while not first_checkpoint.is_dir() and time.monotonic() < deadline:
         assert running.poll() is None, running.communicate()[0]
         time.sleep(0.05)
-    os.killpg(running.pid, signal.SIGKILL)  # the pipeline and its torchrun, mid-step "second"
+    # A crash: the pipeline, torchrun and its workers (which torchrun puts in sessions of their
+    # own) all killed at once, mid-step "second".
+    tree = psutil.Process(running.pid)
+    processes = [tree, *tree.children(recursive=True)]
+    for process in processes:
+        process.kill()
+    psutil.wait_procs(processes, timeout=30)
     running.wait()
     assert not (run_dir / ".pipeline" / "second.json").exists()
     assert not (run_dir / "second" / "checkpoints" / "iter_0000008").exists()

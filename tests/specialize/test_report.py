@@ -160,3 +160,9 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert failed.value.code == 2
     assert "unknown format" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # nothing written for a bad input
+
+
+def test_paper_rows_can_be_left_out(tmp_path):
+    text = compare(FILES, tmp_path, paper=False).read_text(encoding="utf-8")
+    assert "reported by the paper)*" not in text and "## Paper protocols" not in text
+    assert "| base |" in text
