@@ -15,6 +15,7 @@ About 10 minutes on 2 CPU cores. The trained checkpoint is reused unless ``--ret
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -51,6 +52,7 @@ def train(data: Path, steps: int, retrain: bool) -> Path:
     if (run_dir / "checkpoints" / "latest").is_file() and not retrain:
         print(f"reusing {run_dir} (--retrain to train again)")
         return run_dir
+    shutil.rmtree(run_dir, ignore_errors=True)  # from scratch, not resumed with other settings
     _run(
         [
             sys.executable,
