@@ -236,13 +236,10 @@ class Pipeline:
     # ---- steps
 
     def _train(self, step: StepConfig) -> None:
-        overrides = [*step.overrides, f"checkpoint.dir={self.step_dir(step)}"]
-        if step.init is not None:
-            overrides.append(f"init.checkpoint={self.checkpoint_of(step.init)}")
         nproc = step.nproc or self.cfg.nproc
         launch = [w.replace("{nproc}", str(nproc)) for w in (step.launch or self.cfg.launch)]
-        launch = [self.python if i == 0 and w == "python" else w for i, w in enumerate(launch)]
-        self._exec(step, [*launch, "-m", "specialize", "train", step.recipe, *overrides])
+        train = ["-m", "specialize", "train", step.recipe, *self._overrides(step)]
+        self._exec(step, [*self._interpreter(launch), *train])
         final = self.final_checkpoint(step)
         if final is None:
             raise StepFailed(
@@ -251,8 +248,7 @@ class Pipeline:
             )
 
     def _run(self, step: StepConfig) -> None:
-        words = [self.python if i == 0 and w == "python" else w for i, w in enumerate(step.command)]
-        self._exec(step, words)
+        self._exec(step, self._interpreter(step.command))
 
     def _eval(self, step: StepConfig) -> None:
         out = self.step_dir(step)
@@ -323,13 +319,21 @@ class Pipeline:
         if code != 0:
             raise StepFailed(f"step {step.name}: `{shlex.join(words)}` exited with {code}")
 
+    def _interpreter(self, words: list[str]) -> list[str]:
+        """A first word ``python`` is this interpreter."""
+        return [self.python, *words[1:]] if words and words[0] == "python" else list(words)
+
+    def _overrides(self, step: StepConfig, planned: bool = False) -> list[str]:
+        """The recipe overrides of a train step: its own, then its directory and init."""
+        overrides = [*step.overrides, f"checkpoint.dir={self.step_dir(step)}"]
+        if step.init is not None:
+            overrides.append(f"init.checkpoint={self.checkpoint_of(step.init, planned)}")
+        return overrides
+
     def _recipe(self, step: StepConfig):
         from specialize.config import load_config
 
-        overrides = [*step.overrides, f"checkpoint.dir={self.step_dir(step)}"]
-        if step.init is not None:
-            overrides.append(f"init.checkpoint={self.checkpoint_of(step.init, planned=True)}")
-        return load_config(step.recipe, overrides)
+        return load_config(step.recipe, self._overrides(step, planned=True))
 
     def final_checkpoint(self, step: StepConfig) -> Path | None:
         """The train step's last checkpoint if it exists (its last stage's, for staged recipes)."""
