@@ -496,6 +496,14 @@ def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
         raise ConfigError(
             f"model.num_query_groups={preset.query_groups}: must divide the {preset.num_attention_heads} attention heads"
         )
+    if cfg.model.layer_windows and (cfg.data.format == "sft" or cfg.data.reset_attention_mask):
+        # A window layer builds its own sliding-window causal mask and would drop the per-document
+        # mask, letting packed samples attend to each other.
+        raise ConfigError(
+            "model.layer_windows: window attention cannot be combined with per-document attention "
+            f"masks (data.format={cfg.data.format}, data.reset_attention_mask="
+            f"{cfg.data.reset_attention_mask}); windows are an inference option for long prompts"
+        )
     par = cfg.parallel
     for key in ("tensor", "pipeline"):
         if getattr(par, key) < 1:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -405,3 +406,12 @@ def test_perplexity_by_length(checks):
     assert set(checks["ppl"]) == {8, 16}
     assert checks["ppl"][16] == pytest.approx(checks["ppl_16_manual"], rel=1e-5)
     assert checks["ppl"][8] > 1000  # random init over a 152k vocabulary
+
+
+@pytest.mark.parametrize("data", ["data.format=sft", "data.reset_attention_mask=true"])
+def test_windows_with_document_masks_are_refused(data):
+    from specialize.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="model.layer_windows: window attention cannot be"):
+        nano = Path(__file__).resolve().parents[2] / "configs/base/qwen-nano.yaml"
+        load_config(nano, ["model.layer_windows=[64,null]", data])
