@@ -38,6 +38,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "EXCLUDED_DIRS",
@@ -236,22 +237,12 @@ def function_instructions(
     max_lines: int = 30,
     limit: int | None = None,
     *,
-    split: str = "train",
-    test_percent: int = 10,
-    include_methods: bool = False,
     system: str | None = None,
-    exclude: Iterable[str] = (),
+    **selection: Any,
 ) -> tuple[list[dict[str, list]], dict[str, int]]:
-    """Stage-1 SFT conversations ``{"messages": [...]}`` and the selection counts."""
-    samples, counts = collect_functions(
-        root,
-        max_lines,
-        limit,
-        split=split,
-        test_percent=test_percent,
-        include_methods=include_methods,
-        exclude=exclude,
-    )
+    """Stage-1 SFT conversations ``{"messages": [...]}`` and the selection counts; ``selection``:
+    the keyword options of ``collect_functions`` (split, test_percent, include_methods, exclude)."""
+    samples, counts = collect_functions(root, max_lines, limit, **selection)
     return [single_turn_chat(s, system) for s in samples], counts
 
 
@@ -260,23 +251,13 @@ def multi_turn_instructions(
     max_lines: int = 30,
     limit: int | None = None,
     *,
-    split: str = "train",
-    test_percent: int = 10,
-    include_methods: bool = False,
     min_doc_words: int = 5,
     system: str | None = None,
-    exclude: Iterable[str] = (),
+    **selection: Any,
 ) -> tuple[list[dict[str, list]], dict[str, int]]:
     """Stage-2 SFT conversations (two turns; docstrings of at least ``min_doc_words`` words)."""
     samples, counts = collect_functions(
-        root,
-        max_lines,
-        limit,
-        split=split,
-        test_percent=test_percent,
-        include_methods=include_methods,
-        min_doc_words=min_doc_words,
-        exclude=exclude,
+        root, max_lines, limit, min_doc_words=min_doc_words, **selection
     )
     return [multi_turn_chat(s, system) for s in samples], counts
 
