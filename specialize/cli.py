@@ -331,7 +331,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model = tokenizer = None
         if args.checkpoint is not None:
             from base.tokenizer import QwenTokenizer
-            from specialize import checkpoint
             from specialize.generate import load_model
 
             model, arch = load_model(args.checkpoint, args.tp, args.pp)
@@ -344,25 +343,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 model, tokenizer, spec, lengths, args.limit
             )
             if args.long_context:
-                from base.long_context import stored_options
-
-                trained = stored_options(checkpoint.resolve_checkpoint(args.checkpoint)).get(
-                    "train_seq_length"
-                ) or min(lengths)
-                for variant in [v.strip() for v in args.long_context.split(",") if v.strip()]:
-                    options = likelihood.variant_options(variant, arch.num_layers, trained)
-                    model = None  # one model in memory at a time
-                    model, _ = load_model(args.checkpoint, args.tp, args.pp, long_context=options)
-                    scores[f"{likelihood.NAME}[{variant}]"] = likelihood.evaluate_perplexity(
-                        model, tokenizer, spec, lengths, args.limit
-                    )
-                    tasks.append(f"{likelihood.NAME}[{variant}]")
+                variants = likelihood.evaluate_variants(
+                    args.checkpoint, args.tp, args.pp, args.long_context, tokenizer, spec,
+                    lengths, args.limit,
+                )  # fmt: skip
+                scores.update(variants)
+                tasks += list(variants)
                 if int(os.environ.get("RANK", "0")) == 0:
-                    prefix = Path(args.output).with_suffix(".perplexity")
                     table, chart = likelihood.write_length_table(
-                        {t: scores[t] for t in tasks if t.startswith(f"{likelihood.NAME}[")},
-                        prefix,
-                        f"{label or Path(args.output).stem}, trained at {trained} tokens",
+                        variants,
+                        Path(args.output).with_suffix(".perplexity"),
+                        label or Path(args.output).stem,
                     )
                     print(table.read_text(), end="")
                     print(f"chart: {chart}")

@@ -164,6 +164,35 @@ def variant_options(variant: str, num_layers: int, train_length: int) -> dict[st
     return options
 
 
+def evaluate_variants(
+    checkpoint: str,
+    tp: int,
+    pp: int,
+    variants: str,
+    tokenizer: Any,
+    spec: str | None,
+    lengths: Sequence[int],
+    limit: int | None,
+) -> dict[str, dict[str, Any]]:
+    """``perplexity[VARIANT]`` entries for comma-separated ``variants``, each measured on the
+    checkpoint loaded with that option set (one such model in memory at a time). The window and
+    the length past which NTK and LogN act are the checkpoint's training length."""
+    from base.long_context import stored_options
+    from specialize.checkpoint import ARCH_FILE, resolve_checkpoint
+    from specialize.generate import load_model
+
+    path = resolve_checkpoint(checkpoint)
+    num_layers = json.loads((path / ARCH_FILE).read_text())["num_layers"]
+    trained = stored_options(path).get("train_seq_length") or min(lengths)
+    entries: dict[str, dict[str, Any]] = {}
+    for variant in [v.strip() for v in variants.split(",") if v.strip()]:
+        options = variant_options(variant, num_layers, trained)
+        model = None  # the previous variant's model is freed before the next one loads
+        model, _ = load_model(path, tp, pp, long_context=options)
+        entries[f"{NAME}[{variant}]"] = evaluate_perplexity(model, tokenizer, spec, lengths, limit)
+    return entries
+
+
 def write_length_table(
     entries: dict[str, dict[str, Any]], out_prefix: Path, title: str
 ) -> tuple[Path, Path]:
