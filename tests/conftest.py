@@ -1,3 +1,4 @@
+import gzip
 import sysconfig
 import warnings
 from pathlib import Path
@@ -9,8 +10,15 @@ warnings.filterwarnings(
     "ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed"
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FIXTURES = Path(__file__).parent / "fixtures"
+GSM8K_TRAIN = FIXTURES / "gsm8k" / "train.jsonl.gz"  # MIT, see its README.md
+MATH401_SAMPLE = FIXTURES / "math401" / "sample.jsonl"  # Math401's schema, our own expressions
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def gsm8k_train_lines() -> list[str]:
+    """The JSONL lines of the GSM8K training split (7,473 problems)."""
+    return gzip.decompress(GSM8K_TRAIN.read_bytes()).decode("utf-8").splitlines()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,12 +5,11 @@ import json
 import pytest
 
 from math_qwen.answers import answers_match, extract_answer, normalize_number
-from tests.conftest import SHARED_DATA
+from tests.conftest import gsm8k_train_lines
 
 
 def test_extracts_the_gold_answer_of_every_gsm8k_training_solution():
-    lines = (SHARED_DATA / "gsm8k" / "train.jsonl").read_text(encoding="utf-8").splitlines()
-    records = [json.loads(line) for line in lines]
+    records = [json.loads(line) for line in gsm8k_train_lines()]
     assert len(records) == 7473
     wrong = []
     for record in records:

@@ -8,7 +8,7 @@ import pytest
 
 from math_qwen import graders
 from math_qwen.graders import GRADERS, last_quantity, parse_quantity
-from tests.conftest import SHARED_DATA
+from tests.conftest import MATH401_SAMPLE, gsm8k_train_lines
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "tasks"
 
@@ -25,7 +25,7 @@ def test_every_task_has_a_grader():
 
 
 def test_every_gsm8k_training_solution_grades_correct_against_itself():
-    records = _jsonl(SHARED_DATA / "gsm8k" / "train.jsonl")
+    records = [json.loads(line) for line in gsm8k_train_lines()]
     assert len(records) == 7473
     wrong = [r["answer"][-60:] for r in records if not graders.gsm8k(r, r["answer"])["correct"]]
     assert not wrong, wrong[:5]
@@ -99,8 +99,8 @@ def test_math_rejects_a_record_without_an_answer():
 
 
 def _math401_records():
-    records = _jsonl(SHARED_DATA / "math401" / "math401.jsonl")
-    assert len(records) == 401
+    records = _jsonl(MATH401_SAMPLE)
+    assert len(records) == 46
     return records
 
 

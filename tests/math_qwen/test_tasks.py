@@ -7,7 +7,7 @@ import datasets
 import pytest
 
 from specialize.tasks import HubSource, TaskError, get_task
-from tests.conftest import SHARED_DATA
+from tests.conftest import GSM8K_TRAIN, MATH401_SAMPLE
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "tasks"
 
@@ -24,7 +24,7 @@ def offline(monkeypatch):
 
 def test_gsm8k_loads_a_local_file_in_the_published_schema(offline):
     task = get_task("gsm8k")
-    records = task.load(SHARED_DATA / "gsm8k" / "train.jsonl")
+    records = task.load(GSM8K_TRAIN)
     assert len(records) == 7473
     assert all(set(r) == {"question", "answer"} for r in records)
     assert all("\n#### " in r["answer"] for r in records)
@@ -64,11 +64,11 @@ def test_math_record_without_solution_is_rejected(tmp_path):
         get_task("math").load(path)
 
 
-def test_math401_loads_the_401_expressions(offline):
+def test_math401_loads_its_expressions(offline):
     task = get_task("math401")
-    records = task.load(SHARED_DATA / "math401" / "math401.jsonl")
-    assert len(records) == 401
-    assert records[1] == {"query": "1+1=", "response": "2"}
+    records = task.load(MATH401_SAMPLE)
+    assert len(records) == 46
+    assert records[1] == {"query": "2+5=", "response": "7"}
     for r in records:
         float(r["response"])  # every target is a number
     assert task.reference_texts(records) == [r["query"] for r in records]
@@ -86,11 +86,11 @@ def test_math401_without_a_file_asks_for_one(offline):
 
 def test_math401_targets_as_completions_are_all_correct():
     task = get_task("math401")
-    records = task.load(SHARED_DATA / "math401" / "math401.jsonl")
+    records = task.load(MATH401_SAMPLE)
     grades = task.grade(records, [r["response"] for r in records], "chat")
     assert all(g.correct for g in grades)
-    assert grades[1].answer == "2" and grades[1].predicted == "2"
-    assert task.prompt(records[1], "base") == task.prompt(records[1], "chat") == "1+1="
+    assert grades[1].answer == "7" and grades[1].predicted == "7"
+    assert task.prompt(records[1], "base") == task.prompt(records[1], "chat") == "2+5="
     assert task.protocol("base").stop == ("\n",) and task.protocol("base").shots == 0
 
 

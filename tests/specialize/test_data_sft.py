@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import SHARED_DATA
+from tests.conftest import gsm8k_train_lines
 from tests.distributed import run_distributed
 
 SEQ = 256
 
 
 def _gsm8k_chats(path: Path, count: int, skip: int = 0) -> Path:
-    lines = (SHARED_DATA / "gsm8k" / "train.jsonl").read_text().splitlines()[skip : skip + count]
+    lines = gsm8k_train_lines()[skip : skip + count]
     with path.open("w") as f:
         for line in lines:
             record = json.loads(line)
@@ -167,7 +167,7 @@ def test_a_samples_logits_do_not_depend_on_its_neighbours(tmp_path) -> None:
     from specialize.data.sources import Source
 
     tok = QwenTokenizer.load()
-    lines = (SHARED_DATA / "gsm8k" / "train.jsonl").read_text().splitlines()[:30]
+    lines = gsm8k_train_lines()[:30]
     records = [json.loads(line) for line in lines]
     records = [{"prompt": r["question"], "response": r["answer"]} for r in records]
     length = [len(render(conversation(r), tok)[0]) for r in records]

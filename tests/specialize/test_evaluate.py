@@ -11,7 +11,7 @@ from code_qwen.execution import pass_at_k
 from specialize.cli import main
 from specialize.evaluate import FORMAT, EvalError, score_completions, write_results
 from specialize.tasks import get_task
-from tests.conftest import SHARED_DATA
+from tests.conftest import gsm8k_train_lines
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "tasks"
 GSM8K_LINES = 200
@@ -31,7 +31,7 @@ def humaneval():
 @pytest.fixture
 def gsm8k_file(tmp_path) -> Path:
     """The first 200 GSM8K training problems as a local data file in the published schema."""
-    lines = (SHARED_DATA / "gsm8k" / "train.jsonl").read_text().splitlines()[:GSM8K_LINES]
+    lines = gsm8k_train_lines()[:GSM8K_LINES]
     path = tmp_path / "gsm8k.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -365,9 +365,7 @@ def test_cli_generates_from_a_checkpoint_then_scores(tmp_path):
 
     ckpt = run_distributed(_save, str(tmp_path / "run"), world_size=1)
     data = tmp_path / "gsm8k.jsonl"
-    data.write_text(
-        "".join((SHARED_DATA / "gsm8k" / "train.jsonl").read_text().splitlines(True)[:2])
-    )
+    data.write_text("".join(line + "\n" for line in gsm8k_train_lines()[:2]))
     out = tmp_path / "results.json"
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run(
