@@ -20,14 +20,15 @@ UTS namespaces. The network namespace has only a loopback interface that is down
 reaches any host or the host's 127.0.0.1. In the mount namespace (private propagation, nothing
 leaks back) every mount is remounted read-only, ``/tmp`` and ``/dev/shm`` are fresh size-limited
 tmpfs (the host's ``/tmp`` is invisible), the working directory is a tmpfs holding the program,
-``/proc`` shows only the sandbox's processes, and ``hidden_paths`` are covered by empty tmpfs. P
-runs as a random unused uid (``uid_range``) with no supplementary groups, so RLIMIT_NPROC is
-enforced (it is not for root) and file permissions apply; an interpreter the uid cannot read
-(e.g. installed under ``/root``) is bind-mounted read-only into the private ``/tmp`` and
-``sys.path`` follows it. A fork bomb therefore stops at ``max_processes``. When P ends or times
-out, C kills every process left (as PID 1 it inherits all orphans, including those that called
-``setsid`` to leave the process group) before it reports the outcome, and its exit tears the
-namespaces down.
+``/proc`` shows only the sandbox's processes, and ``hidden_paths`` are covered by empty tmpfs
+(one below the private ``/tmp`` or ``/dev/shm``, e.g. a checkout under ``/tmp``, is already out of
+sight and does not exist there). P runs as a random unused uid (``uid_range``) with no
+supplementary groups, so RLIMIT_NPROC is enforced (it is not for root) and file permissions apply;
+an interpreter the uid cannot read (e.g. installed under ``/root``) is bind-mounted read-only into
+the private ``/tmp`` and ``sys.path`` follows it. A fork bomb therefore stops at
+``max_processes``. When P ends or times out, C kills every process left (as PID 1 it inherits all
+orphans, including those that called ``setsid`` to leave the process group) before it reports the
+outcome, and its exit tears the namespaces down.
 
 ``user-namespaces`` (the default for a non-root user where unprivileged user namespaces are
 allowed): the same namespaces and mounts inside a new user namespace that maps only the caller's
@@ -147,7 +148,8 @@ class SandboxConfig:
     uid_range: tuple[int, int] = (1_800_000_000, 1_816_777_216)
     """Half-open range of unused uids a root parent picks from at random per run."""
     hidden_paths: tuple[str, ...] = ()
-    """Directories covered by an empty read-only tmpfs in the namespace modes."""
+    """Directories covered by an empty read-only tmpfs in the namespace modes; those below the
+    private ``/tmp``, ``/dev/shm`` or working directory are absent there instead."""
     bind_paths: Mapping[str, str] = field(default_factory=dict)
     """Host directory -> path under the private ``/tmp`` where it is bind-mounted read-only
     (nosuid, nodev) in the namespace modes: exposes a toolchain the sandbox uid cannot reach
@@ -329,6 +331,9 @@ def _server():  # one self-contained function: it runs alone in a fresh interpre
         the interpreter directories moved for the sandbox uid (see moved_prefixes)."""
         # Private propagation first, so nothing below leaks into the host's mount namespace.
         mount(None, "/", None, ms_rec | ms_private)
+        # Resolved in the host's view, before any mount below changes what the names mean.
+        hidden = [os.path.realpath(path) for path in cfg["hidden_paths"]]
+        fresh = []  # replaced by an empty tmpfs: nothing of the host's below them is visible
         with open("/proc/self/mountinfo") as f:
             entries = [line.split() for line in f]
         for entry in entries:
@@ -343,12 +348,15 @@ def _server():  # one self-contained function: it runs alone in a fresh interpre
                     raise
         tmpfs = f"size={cfg['tmpfs_bytes']},mode=1777"
         if cfg["hide_tmp"]:
+            fresh.append(os.path.realpath("/tmp"))
             mount("tmpfs", "/tmp", "tmpfs", ms_nosuid | ms_nodev, tmpfs)
         if cfg["hide_tmp"] and workdir.startswith("/tmp/"):
             os.makedirs(workdir, mode=0o700)
         else:
+            fresh.append(os.path.realpath(workdir))
             mount("tmpfs", workdir, "tmpfs", ms_nosuid | ms_nodev, tmpfs)
         if os.path.isdir("/dev/shm"):
+            fresh.append(os.path.realpath("/dev/shm"))
             mount(
                 "tmpfs",
                 "/dev/shm",
@@ -366,7 +374,9 @@ def _server():  # one self-contained function: it runs alone in a fresh interpre
             os.makedirs(target, 0o755, exist_ok=True)
             mount(source, target, None, ms_bind | ms_rec)
             mount(None, target, None, ms_remount | ms_bind | ms_rdonly | ms_nosuid | ms_nodev)
-        for path in cfg["hidden_paths"]:
+        for path in hidden:
+            if any(path == top or path.startswith(top + "/") for top in fresh):
+                continue  # already out of sight, and no longer there to mount on
             mount(
                 "tmpfs",
                 path,

@@ -2,11 +2,14 @@
 this machine offers (skipped, with the reason, where a mode is unavailable)."""
 
 import errno
+import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import replace
@@ -258,15 +261,79 @@ def test_a_dead_fork_server_is_replaced():
     assert sb._server[0] is None  # closed by the with block
 
 
+def _below_a_fresh_mount(path: str, python: str = sys.base_prefix) -> bool:
+    """Whether the sandbox replaces an ancestor of ``path`` by an empty tmpfs: /dev/shm, and /tmp
+    unless the interpreter lives there."""
+    tmp = os.path.realpath("/tmp") + "/"
+    fresh = ["/dev/shm"] + ([] if os.path.realpath(python).startswith(tmp) else ["/tmp"])
+    return any(os.path.realpath(path).startswith(os.path.realpath(r) + "/") for r in fresh)
+
+
+def _seen_inside(sb: Sandbox, paths: list[str]) -> list[list[str] | None]:
+    """Each path's listing inside the sandbox, None where it does not exist there."""
+    result = sb.run(
+        f"import json, os\npaths = {paths!r}\n"
+        "print(json.dumps([sorted(os.listdir(p)) if os.path.exists(p) else None for p in paths]))"
+    )
+    assert result.status == PASSED, result.error or result.stderr  # the interpreter still works
+    return json.loads(result.stdout)
+
+
 def test_hidden_paths_are_empty_inside():
-    sb = sandbox(hidden_paths=(str(Path.cwd()), str(Path.home())))
+    paths = [str(Path.cwd()), str(Path.home())]
+    sb = sandbox(hidden_paths=tuple(paths))
     if sb.describe()["isolation"] == "basic":
         pytest.skip("hidden_paths needs a mount namespace")
-    result = sb.run(
-        f"import os\nprint(os.listdir({str(Path.cwd())!r}), os.listdir({str(Path.home())!r}))"
-    )
-    assert result.status == PASSED, result.stderr  # also: the interpreter still works
-    assert result.stdout == "[] []\n" and os.listdir(Path.cwd())
+    # Below the private /tmp (a checkout cloned there) a path does not exist at all.
+    assert _seen_inside(sb, paths) == [None if _below_a_fresh_mount(p) else [] for p in paths]
+    assert os.listdir(Path.cwd())
+
+
+@pytest.mark.parametrize("mode", ("auto", "user-namespaces"))
+@pytest.mark.parametrize("parent", ("/tmp", "/dev/shm"))
+def test_hidden_paths_below_the_private_tmp_or_dev_shm_are_out_of_sight(mode, parent):
+    """A hidden directory below a mount the sandbox replaces by a fresh tmpfs (a checkout cloned
+    under /tmp) no longer exists once that tmpfs is mounted: the run must not fail on it, and
+    neither it nor its files may be visible; a hidden directory elsewhere is still covered."""
+    if not os.path.isdir(parent) or not os.path.isdir("/var/tmp"):
+        pytest.skip(f"needs {parent} and /var/tmp")
+    probe = sandbox(mode)
+    if probe.describe()["isolation"] == "basic":
+        pytest.skip("hidden_paths needs a mount namespace")
+    below = Path(tempfile.mkdtemp(prefix="sandbox-hidden-", dir=parent))
+    kept = Path(tempfile.mkdtemp(prefix="sandbox-hidden-", dir="/var/tmp"))  # not replaced
+    try:
+        for secret in (below, kept):
+            (secret / "secret.txt").write_text("secret")
+        paths = [str(below), str(below / "secret.txt"), str(kept), str(kept / "secret.txt")]
+        with Sandbox(replace(probe.config, hidden_paths=(str(below), str(kept)))) as sb:
+            seen = _seen_inside(sb, paths)
+        if _below_a_fresh_mount(str(below)):
+            assert seen == [None, None, [], None]
+        else:  # /tmp is the host's when the interpreter lives there: covered like any path
+            assert seen == [[], None, [], None]
+        assert os.listdir(below) == os.listdir(kept) == ["secret.txt"]  # the host's are intact
+    finally:
+        shutil.rmtree(below)
+        shutil.rmtree(kept)
+
+
+def test_hidden_paths_below_tmp_are_covered_when_the_interpreter_keeps_tmp(tmp_path):
+    """An interpreter under /tmp keeps the host's /tmp visible: a hidden path below it is then
+    covered by an empty tmpfs like any other."""
+    probe = sandbox("user-namespaces")  # the caller's uid: no random uid that must read python
+    if not (os.path.realpath(tmp_path) + "/").startswith(os.path.realpath("/tmp") + "/"):
+        pytest.skip("pytest's temporary directory is not under /tmp")
+    python = tmp_path / "bin" / "python3"
+    python.parent.mkdir()
+    python.symlink_to(os.path.realpath(sys.executable))
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "secret.txt").write_text("secret")
+    assert not _below_a_fresh_mount(str(secret), python=str(python.parent))
+    config = replace(probe.config, python=str(python), hidden_paths=(str(secret),))
+    with Sandbox(config) as sb:
+        assert _seen_inside(sb, [str(secret), str(tmp_path)]) == [[], ["bin", "secret"]]
 
 
 UNPRIVILEGED_CALLER = """
@@ -342,6 +409,8 @@ def test_unprivileged_caller_gets_user_namespaces_or_basic_mode():
     namespaces = report["info"]["isolation"] == "user-namespaces"
     connect_error = errno.ENETUNREACH if namespaces else errno.EACCES  # no route, or seccomp
     write_error = errno.EROFS if namespaces else errno.EACCES  # read-only view, or permissions
+    if namespaces and _below_a_fresh_mount(repo, python=python):
+        write_error = errno.ENOENT  # a checkout under /tmp is not in the private /tmp at all
     assert report["hostile"].split() == ["refused", str(connect_error), "refused", str(write_error)]
     assert not report["arrived"] and report["bomb"] == "timeout"
     assert not (Path(repo) / token).exists()
