@@ -188,10 +188,9 @@ def _jsonl_rows(location: str) -> Iterator[tuple[str, Any]]:
                     yield f"{line_number}", RowError("invalid_json", message)
     except (OSError, EOFError, zlib.error) as e:
         # A truncated or corrupt .gz, or an I/O error: the lines before it were read and count.
-        yield (
-            f"{line_number + 1}",
-            RowError("unreadable", f"cannot read {location} on from line {line_number + 1}: {e}"),
-        )
+        stop = line_number + 1
+        detail = f"reading {location} stopped at line {stop}: {e} (the lines before were read)"
+        yield f"{stop}", RowError("unreadable", detail)
 
 
 def _datasets_rows(source: Source) -> Iterator[tuple[str, Any]]:
