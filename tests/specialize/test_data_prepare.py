@@ -510,3 +510,31 @@ def test_cli_prints_examples_and_refuses_changed_input_in_one_line(tmp_path: Pat
     rebuilt = subprocess.run([*cmd, "--rebuild"], env=env, capture_output=True, text=True)
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert read_manifest(out)["documents"] == 1 and "removed" not in rebuilt.stdout
+
+
+def test_shards_without_document_digests_are_checked_by_their_hash(
+    tmp_path: Path, tok: QwenTokenizer
+) -> None:
+    """Outputs written before shards recorded each input document's digest."""
+    sources = _numbered_sources(tmp_path / "src", 7)
+    out = tmp_path / "out"
+    prepare(sources, out, tok, _options(shard_documents=3))
+    for shard in range(3):
+        state = out / f"shard-{shard:05d}.state.npz"
+        with numpy.load(state) as arrays:
+            kept = {name: arrays[name] for name in ("digests", "bands")}
+        with open(state, "wb") as f:
+            numpy.savez(f, **kept)
+    assert prepare(sources, out, tok, _options(shard_documents=3))["documents"] == 7
+    (tmp_path / "src" / "f04.py").write_text("changed = True\n")
+    with pytest.raises(ChangedInputError, match="the input documents of shard-00001 changed"):
+        prepare(sources, out, tok, _options(shard_documents=3))
+
+
+def test_a_document_after_the_last_full_shard_is_a_change(tmp_path: Path, tok: QwenTokenizer):
+    sources = _numbered_sources(tmp_path / "src", 6)
+    out = tmp_path / "out"
+    prepare(sources, out, tok, _options(shard_documents=3))
+    (tmp_path / "src" / "f06.py").write_text("late = True\n")
+    with pytest.raises(ChangedInputError, match=r"0/f06.py is new \(after the 6 documents"):
+        prepare(sources, out, tok, _options(shard_documents=3))
