@@ -128,20 +128,36 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
             QwenTokenizer.load(args.tokenizer),
             options,
             progress=sys.stderr.isatty(),
+            rebuild=args.rebuild,
         )
     except (SourceError, TaskError, ValueError, FileNotFoundError) as e:
         print(f"data prepare: {e}", file=sys.stderr)
         return 2
-    removed = {reason: n for reason, n in manifest["removed"].items() if n}
     print(
         f"{args.output}: {manifest['documents']:,} of {manifest['input_documents']:,} documents, "
         f"{manifest['tokens']:,} tokens in {len(manifest['shards'])} shards"
     )
-    for reason, n in removed.items():
-        print(f"  removed {n:,} {reason}")
+    _print_removals("removed", manifest["removed"], manifest["removed_examples"], args.output)
     for language, counts in manifest["languages"].items():
         print(f"  {language}: {counts['documents']:,} documents, {counts['tokens']:,} tokens")
     return 0
+
+
+def _print_removals(verb: str, counts: dict, examples: dict, output: str) -> None:
+    """Each reason's count, with its first few examples as ``where: detail``."""
+    for reason, n in counts.items():
+        if not n:
+            continue
+        print(f"  {verb} {n:,} {reason}")
+        shown = examples.get(reason, [])[:3]
+        for example in shown:
+            if isinstance(example, str):
+                print(f"    {example}")
+            else:
+                where = example.get("document") or example.get("record")
+                print(f"    {where}: {example['detail']}")
+        if n > len(shown):
+            print(f"    ... {n - len(shown):,} more (examples in {output}/manifest.json)")
 
 
 def cmd_data_prepare_sft(args: argparse.Namespace) -> int:
@@ -177,8 +193,7 @@ def cmd_data_prepare_sft(args: argparse.Namespace) -> int:
         f"  tokens: {tokens['learned']:,} learned, {tokens['masked']:,} masked "
         f"({tokens['learned_fraction']:.1%} learned), {tokens['padding']:,} padding"
     )
-    for reason, n in manifest["skipped"].items():
-        print(f"  skipped {n:,} {reason}")
+    _print_removals("skipped", manifest["skipped"], manifest["skipped_examples"], args.output)
     if manifest["truncated"]:
         print(f"  truncated {manifest['truncated']:,}")
     return 0
@@ -477,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="filter, deduplicate, decontaminate and tokenize a corpus into Megatron shards",
         description="Sources: directories of source files (language by extension), single "
         "files, .jsonl/.jsonl.gz and .parquet files with a text field, or hf:NAME[:CONFIG][@SPLIT] "
-        "datasets. Re-running skips finished shards; an interrupted run resumes.",
+        "datasets. Re-running skips finished shards whose input documents are unchanged (changed "
+        "ones are an error, or replaced with --rebuild); an interrupted run resumes.",
     )
     prepare.add_argument("sources", nargs="+", help="directories, files or hf:NAME datasets")
     prepare.add_argument(
@@ -546,6 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prepare.add_argument(
         "--tokenizer", default=None, help="qwen.tiktoken path (default: the packaged one)"
+    )
+    prepare.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="discard an earlier output in the directory (from other inputs or options) and "
+        "prepare it anew",
     )
     prepare.set_defaults(func=cmd_data_prepare)
 

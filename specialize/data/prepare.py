@@ -3,16 +3,20 @@
 Output, a directory::
 
     OUT/shard-00000.bin, .idx   megatron-core indexed dataset (int32 ids, one document + EOD each)
-    OUT/shard-00000.state.npz   what later shards deduplicate against (digests, LSH band keys)
+    OUT/shard-00000.state.npz   what later shards deduplicate against (digests, LSH band keys),
+                                and every input document's digest (what a re-run checks)
     OUT/shard-00000.json        the shard's counts; written last, it marks the shard finished
     OUT/manifest.json           the whole run's counts, written when every shard is finished
+    OUT/.lock                   held by the run writing the directory
 
 The input documents are cut into shards of ``shard_documents`` in source order, so a shard's
 content depends only on the inputs and options. Workers (threads, or processes) read, filter and
 tokenize batches; the calling thread deduplicates in document order and writes. Re-running with the same
 inputs and options skips finished shards; an interrupted run resumes at its first unfinished shard
 and produces the same files as an uninterrupted one. Different options for an existing directory
-are an error.
+are an error, and so are changed input documents of finished shards (each shard records its
+documents' digests; a re-run reads and compares them), unless ``rebuild`` discards the old output.
+One run at a time writes a directory (``output.locked``).
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ import collections
 import concurrent.futures
 import hashlib
 import importlib.metadata
+import itertools
 import json
 import logging
 import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -45,6 +50,7 @@ from specialize.data.filters import (
     FilterSettings,
     build_filters,
 )
+from specialize.data.output import locked, writing
 from specialize.data.sources import DocumentRef, Source, SourceOptions, iter_documents
 from specialize.plugins import load_plugins
 
@@ -54,6 +60,7 @@ FORMAT = 2
 MANIFEST = "manifest.json"
 # Reasons a document is removed that no --filters choice turns off: there is no document.
 INPUT_REASONS = ("unreadable", "malformed", "empty", "undecodable")
+KEY_BYTES = 16  # a document's digest (dedup.digest)
 MAX_EXAMPLES = 20  # names kept per removal reason; the counts are always complete
 DEFAULT_DECONTAMINATION = ("humaneval",)  # the evaluation set available offline
 
@@ -120,16 +127,9 @@ class _Processor:
 
     def process(self, ref: DocumentRef) -> tuple:
         """(reason or None, detail, digest, tokens, band keys)."""
-        if ref.error is not None:
-            return ref.error[0], ref.error[1], b"", None, None
-        if ref.text is not None:
-            data = ref.text.encode("utf-8", "surrogatepass")
-        else:
-            try:
-                with open(ref.path, "rb") as f:
-                    data = f.read()
-            except OSError as e:
-                return "unreadable", e.strerror or str(e), b"", None, None
+        data, reason, detail = _read(ref)
+        if data is None:
+            return reason, detail, b"", None, None
         key = digest(data)
         if not data or data.isspace():
             return "empty", "", key, None, None
@@ -149,10 +149,32 @@ class _Processor:
         return None, "", key, ids, bands
 
 
-_worker: Optional[_Processor] = None  # a worker process's processor (set by its initializer)
+def _read(ref: DocumentRef) -> tuple[Optional[bytes], str, str]:
+    """(bytes, "", "") of a document, or (None, reason, detail) of input that is none."""
+    if ref.error is not None:
+        return None, ref.error[0], ref.error[1]
+    if ref.text is not None:
+        return ref.text.encode("utf-8", "surrogatepass"), "", ""
+    try:
+        with open(ref.path, "rb") as f:
+            return f.read(), "", ""
+    except OSError as e:
+        return None, "unreadable", e.strerror or str(e)
 
 
-def _init_worker(processor: _Processor) -> None:
+def _input_keys(batch: list[DocumentRef]) -> list[bytes]:
+    """What a shard's input hash takes of each document (as ``_Processor.process`` computes it)."""
+    keys = []
+    for ref in batch:
+        data = _read(ref)[0]
+        keys.append(b"" if data is None else digest(data))
+    return keys
+
+
+_worker: Optional[Callable] = None  # a worker process's processor (set by its initializer)
+
+
+def _init_worker(processor: Callable) -> None:
     global _worker
     _worker = processor
 
@@ -162,7 +184,7 @@ def _run_worker(batch: list[DocumentRef]) -> list[tuple]:
 
 
 def _ordered_map(
-    processor: _Processor,
+    processor: Callable[[list[DocumentRef]], list],
     items: Iterator[tuple[int, list[DocumentRef]]],
     workers: int,
     processes: bool,
@@ -217,8 +239,14 @@ class _ShardWriter:
         self.examples: dict[str, list[dict]] = collections.defaultdict(list)
         self.languages: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
         self.digests: list[bytes] = []
+        self.input_keys: list[bytes] = []  # every input document's, so a re-run can name a change
         self.bands: list[numpy.ndarray] = []
         self.lsh_bands = lsh_bands
+
+    def add_input(self, key: bytes) -> None:
+        self.input_documents += 1
+        self.inputs.update(key)
+        self.input_keys.append(key.ljust(KEY_BYTES, b"\0"))  # b"": input that is no document
 
     def remove(self, name: str, reason: str, detail: str) -> None:
         self.removed[reason] += 1
@@ -240,10 +268,15 @@ class _ShardWriter:
         self.builder.finalize(str(tmp_idx))
         self.builder.data_file.close()
         state = self.out_dir / f"{shard_name(self.index)}.state.npz"
-        digests = numpy.frombuffer(b"".join(self.digests), dtype=numpy.uint8).reshape(-1, 16)
+        digests = _key_array(self.digests)
         bands = numpy.stack(self.bands) if self.bands else numpy.empty((0, self.lsh_bands))
         with open(f"{state}.tmp", "wb") as f:
-            numpy.savez(f, digests=digests, bands=bands.astype(numpy.uint64))
+            numpy.savez(
+                f,
+                digests=digests,
+                bands=bands.astype(numpy.uint64),
+                inputs=_key_array(self.input_keys),
+            )
         os.replace(f"{state}.tmp", state)
         if self.documents:
             os.replace(self.tmp_bin, f"{self.prefix}.bin")
@@ -270,8 +303,15 @@ class _ShardWriter:
         return record
 
     def abort(self) -> None:
-        self.builder.data_file.close()
+        try:
+            self.builder.data_file.close()
+        except OSError:  # its last flush, after a full disk: the file goes anyway
+            pass
         self.tmp_bin.unlink(missing_ok=True)
+
+
+def _key_array(keys: list[bytes]) -> numpy.ndarray:
+    return numpy.frombuffer(b"".join(keys), dtype=numpy.uint8).reshape(-1, KEY_BYTES)
 
 
 def _write_json(path: Path, value: dict) -> None:
@@ -331,7 +371,7 @@ def _finished_shards(out_dir: Path, fingerprint: str) -> list[dict]:
         if record.get("fingerprint") != fingerprint:
             raise ValueError(
                 f"{out_dir} holds the output of `data prepare` with other sources or options "
-                f"({path} differs); write to a new directory or remove it"
+                f"({path} differs); write to a new directory, or replace it with --rebuild"
             )
         records.append(record)
     return records
@@ -344,6 +384,101 @@ def _clean_unfinished(out_dir: Path, first: int) -> None:
         if name.endswith(".tmp") or (name.startswith("shard-") and int(name[6:11]) >= first):
             path.unlink()
     (out_dir / MANIFEST).unlink(missing_ok=True)
+
+
+class ChangedInputError(ValueError):
+    """Finished shards were prepared from input documents that have changed since."""
+
+
+class _InputCheck:
+    """Compares the input documents, in order, with what the finished shards recorded: each
+    shard's count and combined hash, and (for shards written since they are kept) each
+    document's digest, so the first changed document can be named."""
+
+    def __init__(self, out_dir: Path, records: list[dict]) -> None:
+        self.out_dir, self.records = out_dir, records
+        self.shard, self.count, self.read = 0, 0, 0
+        self.hash = hashlib.sha256()
+        self.expected = self._recorded_keys(0)
+
+    def _recorded_keys(self, shard: int) -> Optional[bytes]:
+        if shard >= len(self.records):
+            return None
+        with numpy.load(self.out_dir / f"{shard_name(shard)}.state.npz") as state:
+            return state["inputs"].tobytes() if "inputs" in state.files else None
+
+    def _changed(self, what: str) -> ChangedInputError:
+        return ChangedInputError(
+            f"{self.out_dir} was prepared from other input: {what}; run the same command with "
+            "--rebuild to prepare it anew (or write to a new directory)"
+        )
+
+    def add(self, shard: int, name: str, key: bytes) -> None:
+        if shard != self.shard:
+            self.end_shard()
+        if shard >= len(self.records):
+            raise self._changed(f"{name} is new (after the {self.read} documents read before)")
+        record = self.records[shard]
+        at = self.count * KEY_BYTES
+        recorded = self.expected[at : at + KEY_BYTES] if self.expected is not None else None
+        if self.count >= record["input_documents"] or (
+            recorded is not None and recorded != key.ljust(KEY_BYTES, b"\0")
+        ):
+            raise self._changed(
+                f"{name} differs from the document read in its place before (it is new or "
+                f"changed, or the one before it was removed; in {shard_name(shard)})"
+            )
+        self.hash.update(key)
+        self.count += 1
+        self.read += 1
+
+    def end_shard(self) -> None:
+        record = self.records[self.shard]
+        name = shard_name(self.shard)
+        if self.count < record["input_documents"]:
+            raise self._changed(
+                f"input documents were removed ({name} was written from "
+                f"{record['input_documents']}, {self.count} are left)"
+            )
+        if self.hash.hexdigest() != record["inputs_sha256"]:
+            raise self._changed(f"the input documents of {name} changed")
+        self.shard, self.count = self.shard + 1, 0
+        self.hash = hashlib.sha256()
+        self.expected = self._recorded_keys(self.shard)
+
+    def finish(self) -> None:
+        while self.shard < len(self.records):
+            self.end_shard()
+
+
+def _check_inputs(
+    out_dir: Path,
+    sources: list[Source],
+    options: PrepareOptions,
+    finished: list[dict],
+    complete: bool,
+) -> None:
+    """Raise ChangedInputError unless the inputs of the ``finished`` shards are unchanged.
+
+    Reads and hashes those documents again (not the ones after them, unless the output is
+    ``complete``: then any further document is a change too).
+    """
+    start = time.perf_counter()
+    documents = iter_documents(sources, options.sources)
+    if not complete:
+        documents = itertools.islice(documents, len(finished) * options.shard_documents)
+    batches = _batches(documents, options.shard_documents, options.batch_documents, 0)
+    check = _InputCheck(out_dir, finished)
+    for shard, batch, keys in _ordered_map(_input_keys, batches, options.workers, False):
+        for ref, key in zip(batch, keys):
+            check.add(shard, ref.name, key)
+    check.finish()
+    logger.info(
+        "%s: the %d input documents of its finished shards are unchanged (checked in %.1f s)",
+        out_dir,
+        check.read,
+        time.perf_counter() - start,
+    )
 
 
 def _batches(
@@ -373,25 +508,45 @@ def prepare(
     tokenizer: QwenTokenizer,
     options: PrepareOptions,
     progress: bool = False,
+    rebuild: bool = False,
 ) -> dict:
-    """Write (or finish) the prepared dataset ``out_dir`` and return its manifest."""
+    """Write (or finish) the prepared dataset ``out_dir`` and return its manifest.
+
+    Finished shards are kept only if their input documents are unchanged (else ChangedInputError);
+    ``rebuild`` discards them instead.
+    """
     if not sources:
         raise ValueError("no sources given")
     if options.shard_documents < 1 or options.batch_documents < 1 or options.workers < 0:
         raise ValueError("shard_documents and batch_documents must be >= 1, workers >= 0")
     out_dir = Path(out_dir).expanduser().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with locked(out_dir, "data prepare"):
+        return _prepare(sources, out_dir, tokenizer, options, progress, rebuild)
+
+
+def _prepare(
+    sources: list[Source],
+    out_dir: Path,
+    tokenizer: QwenTokenizer,
+    options: PrepareOptions,
+    progress: bool,
+    rebuild: bool,
+) -> dict:
     load_plugins()  # the languages and corpus filters of the domain packages
 
     decontamination, decontamination_info = _decontamination_index(tokenizer, options)
     fingerprint = _fingerprint(sources, tokenizer, options, decontamination_info)
-    finished = _finished_shards(out_dir, fingerprint)
-    if finished and (out_dir / MANIFEST).is_file():
-        manifest = read_manifest(out_dir)
-        if manifest.get("fingerprint") == fingerprint:
+    finished = [] if rebuild else _finished_shards(out_dir, fingerprint)
+    if finished:
+        complete = (out_dir / MANIFEST).is_file()
+        if complete and read_manifest(out_dir).get("fingerprint") != fingerprint:
+            complete = False
+        _check_inputs(out_dir, sources, options, finished, complete)
+        if complete:
             logger.info("%s is complete (%d shards); nothing to do", out_dir, len(finished))
-            return manifest
-    _clean_unfinished(out_dir, len(finished))
+            return read_manifest(out_dir)
+    with writing(out_dir):
+        _clean_unfinished(out_dir, len(finished))
 
     minhasher = MinHasher(threshold=options.near_dedup_threshold)
     exact = EXACT_DEDUP in options.filters
@@ -421,31 +576,32 @@ def prepare(
         for shard, batch, results in _ordered_map(
             processor, batches, options.workers, options.processes
         ):
-            if writer is None or writer.index != shard:
-                if writer is not None:
-                    records.append(writer.publish())
-                writer = _ShardWriter(out_dir, shard, fingerprint, minhasher.bands)
-            tokens = writer.tokens
-            for ref, (reason, detail, key, ids, bands) in zip(batch, results):
-                writer.input_documents += 1
-                writer.inputs.update(key)
-                if reason is None and exact:
-                    if key in seen:
-                        reason = EXACT_DEDUP
+            with writing(out_dir):  # only the writes: a source's own errors are counted
+                if writer is None or writer.index != shard:
+                    if writer is not None:
+                        records.append(writer.publish())
+                    writer = _ShardWriter(out_dir, shard, fingerprint, minhasher.bands)
+                tokens = writer.tokens
+                for ref, (reason, detail, key, ids, bands) in zip(batch, results):
+                    writer.add_input(key)
+                    if reason is None and exact:
+                        if key in seen:
+                            reason = EXACT_DEDUP
+                        else:
+                            seen.add(key)
+                    if reason is None and near:
+                        if lsh.seen(bands):
+                            reason = NEAR_DEDUP
+                        else:
+                            lsh.add(bands)
+                    if reason is None:
+                        writer.keep(ref.language, key, ids, bands)
                     else:
-                        seen.add(key)
-                if reason is None and near:
-                    if lsh.seen(bands):
-                        reason = NEAR_DEDUP
-                    else:
-                        lsh.add(bands)
-                if reason is None:
-                    writer.keep(ref.language, key, ids, bands)
-                else:
-                    writer.remove(ref.name, reason, detail)
+                        writer.remove(ref.name, reason, detail)
             meter.update(len(batch), writer.tokens - tokens)
         if writer is not None:
-            records.append(writer.publish())
+            with writing(out_dir):
+                records.append(writer.publish())
             writer = None
     finally:
         meter.close()
@@ -458,7 +614,8 @@ def prepare(
             f"no documents to write from {', '.join(s.location for s in sources)}: "
             f"{manifest['input_documents']} read, removed: {manifest['removed']}"
         )
-    _write_json(out_dir / MANIFEST, manifest)
+    with writing(out_dir):
+        _write_json(out_dir / MANIFEST, manifest)
     _report(out_dir, manifest)
     return read_manifest(out_dir)  # as JSON has it (lists, not tuples), like a re-run returns
 

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from base.tokenizer import QwenTokenizer
 from specialize.config import ConfigError, DataConfig, RecipeConfig
+from specialize.data.sft_prepare import FORMAT as SFT_FORMAT
 
 if TYPE_CHECKING:
     from specialize.distributed import Topology
@@ -129,6 +130,11 @@ def _directory_prefixes(where: str, path: Path, tokenizer: QwenTokenizer) -> lis
     """The shard prefixes a prepared directory's manifest lists, after checking its tokenizer."""
     manifest = read_data_manifest(path, where)
     manifest_file = path / MANIFEST
+    if manifest.get("format") == SFT_FORMAT:
+        raise ConfigError(
+            f"{where} is SFT data (written by `data prepare-sft`), not pretraining data; "
+            "set data.format=sft to train on it"
+        )
     if manifest.get("format") != MANIFEST_FORMAT:
         raise ConfigError(
             f"{where}: {manifest_file} has format {manifest.get('format')!r}, this version reads "

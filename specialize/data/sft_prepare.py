@@ -11,6 +11,9 @@ Each sample keeps all its tokens; the training side shifts them into inputs and 
 so a sample of n tokens takes n - 1 of a sequence's ``seq_length`` positions. Without ``--pack``
 every sample is its own sequence (padded when read); with it, samples are packed first-fit
 decreasing into sequences, and the training side keeps attention inside each sample.
+
+Files are written as ``NAME.tmpPID`` and renamed when complete; one run at a time holds
+``OUT/.lock``, so the temporaries a killed run left are removed by the next.
 """
 
 from __future__ import annotations
@@ -23,13 +26,16 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy
 
 from base.tokenizer import QwenTokenizer
 from specialize.data.chat import DEFAULT_SYSTEM, MASK_POLICIES, ChatError, conversation, render
+from specialize.data.output import locked, writing
+from specialize.data.prepare import FORMAT as PRETRAIN_FORMAT
 from specialize.data.prepare import MAX_EXAMPLES, tool_version
-from specialize.data.sources import Source, iter_rows
+from specialize.data.sources import RowError, Source, iter_rows
 
 logger = logging.getLogger(__name__)
 
@@ -100,13 +106,39 @@ def prepare_sft(
     sources: list[Source], out_dir: str | os.PathLike, tokenizer: QwenTokenizer, options: SFTOptions
 ) -> dict:
     """Render, mask, filter and (optionally) pack every record; write ``out_dir``."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     options.check()
     if not sources:
         raise ValueError("no sources given")
     out = Path(out_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    with locked(out, "data prepare-sft"):
+        with writing(out):
+            _remove_temporaries(out)
+        return _prepare_sft(sources, out, tokenizer, options)
+
+
+def _temporaries(out: Path, pid: Optional[int] = None) -> list[Path]:
+    """The files a run (any run, or the one with ``pid``) writes before publishing them."""
+    names = [f"{n}{suffix}" for n in (TOKENS, LOSS_MASK) for suffix in (".bin", ".idx")]
+    names.append(MANIFEST)
+    found = []
+    for path in out.iterdir():
+        base, dot_tmp, number = path.name.rpartition(".tmp")
+        if base in names and dot_tmp and number.isdigit():
+            if pid is None or int(number) == pid:
+                found.append(path)
+    return found
+
+
+def _remove_temporaries(out: Path) -> None:
+    # Left by a run that was killed; the lock shows that none is writing here now.
+    for path in _temporaries(out):
+        logger.info("removing %s, left by an interrupted run", path)
+        path.unlink(missing_ok=True)
+
+
+def _prepare_sft(
+    sources: list[Source], out: Path, tokenizer: QwenTokenizer, options: SFTOptions
+) -> dict:
     samples: list[tuple[numpy.ndarray, numpy.ndarray]] = []
     skipped: collections.Counter = collections.Counter()
     examples: dict[str, list] = collections.defaultdict(list)
@@ -123,8 +155,8 @@ def prepare_sft(
         for where, row in iter_rows(source):
             records += 1
             name = f"{source.location}:{where}"
-            if isinstance(row, Exception):
-                skip(name, "invalid_json", str(row))
+            if isinstance(row, RowError):
+                skip(name, row.reason, str(row))
                 continue
             try:
                 messages = conversation(row)
@@ -152,21 +184,6 @@ def prepare_sft(
         bins = pack_first_fit(positions, options.seq_length)
     else:
         bins = [[i] for i in range(len(samples))]
-    tmp = f".tmp{os.getpid()}"
-    builders = {
-        TOKENS: IndexedDatasetBuilder(str(out / f"{TOKENS}.bin{tmp}"), dtype=numpy.int32),
-        LOSS_MASK: IndexedDatasetBuilder(str(out / f"{LOSS_MASK}.bin{tmp}"), dtype=numpy.uint8),
-    }
-    for members in bins:
-        lengths = [len(samples[i][0]) for i in members]
-        builders[TOKENS].add_document(numpy.concatenate([samples[i][0] for i in members]), lengths)
-        builders[LOSS_MASK].add_document(
-            numpy.concatenate([samples[i][1] for i in members]), lengths
-        )
-    for name, builder in builders.items():
-        builder.finalize(str(out / f"{name}.idx{tmp}"))
-        builder.data_file.close()
-
     learned = int(sum(int(mask[1:].sum()) for _, mask in samples))
     used = sum(positions)
     manifest = {
@@ -196,13 +213,15 @@ def prepare_sft(
         },
         "tool": {"name": "qwen-specialize", "version": tool_version()},
     }
-    # Publish: the manifest goes last, so a directory with one has complete data files.
-    (out / MANIFEST).unlink(missing_ok=True)
-    for name in (TOKENS, LOSS_MASK):
-        for suffix in (".bin", ".idx"):
-            os.replace(out / f"{name}{suffix}{tmp}", out / f"{name}{suffix}")
-    (out / f"{MANIFEST}{tmp}").write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(out / f"{MANIFEST}{tmp}", out / MANIFEST)
+    tmp = f".tmp{os.getpid()}"
+    try:
+        with writing(out):
+            _write_sequences(out, samples, bins, tmp)
+            _publish(out, manifest, tmp)
+    except BaseException:
+        for path in _temporaries(out, os.getpid()):
+            path.unlink(missing_ok=True)
+        raise
     if skipped:
         logger.warning(
             "skipped %d of %d records (%s); examples in %s",
@@ -214,6 +233,36 @@ def prepare_sft(
     return manifest
 
 
+def _write_sequences(
+    out: Path, samples: list[tuple[numpy.ndarray, numpy.ndarray]], bins: list[list[int]], tmp: str
+) -> None:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builders = {
+        TOKENS: IndexedDatasetBuilder(str(out / f"{TOKENS}.bin{tmp}"), dtype=numpy.int32),
+        LOSS_MASK: IndexedDatasetBuilder(str(out / f"{LOSS_MASK}.bin{tmp}"), dtype=numpy.uint8),
+    }
+    for members in bins:
+        lengths = [len(samples[i][0]) for i in members]
+        builders[TOKENS].add_document(numpy.concatenate([samples[i][0] for i in members]), lengths)
+        builders[LOSS_MASK].add_document(
+            numpy.concatenate([samples[i][1] for i in members]), lengths
+        )
+    for name, builder in builders.items():
+        builder.finalize(str(out / f"{name}.idx{tmp}"))
+        builder.data_file.close()
+
+
+def _publish(out: Path, manifest: dict, tmp: str) -> None:
+    # The manifest goes last, so a directory with one has complete data files.
+    (out / MANIFEST).unlink(missing_ok=True)
+    for name in (TOKENS, LOSS_MASK):
+        for suffix in (".bin", ".idx"):
+            os.replace(out / f"{name}{suffix}{tmp}", out / f"{name}{suffix}")
+    (out / f"{MANIFEST}{tmp}").write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(out / f"{MANIFEST}{tmp}", out / MANIFEST)
+
+
 def read_sft_manifest(path: str | os.PathLike) -> dict:
     manifest_file = Path(path) / MANIFEST
     if not manifest_file.is_file():
@@ -221,6 +270,11 @@ def read_sft_manifest(path: str | os.PathLike) -> dict:
             f"{path}: no {MANIFEST}; write it with `specialize data prepare-sft`"
         )
     manifest = json.loads(manifest_file.read_text())
+    if manifest.get("format") == PRETRAIN_FORMAT:
+        raise ValueError(
+            f"{path}: pretraining data (written by `data prepare`; data.format=pretrain reads "
+            "it), not SFT data from `data prepare-sft`"
+        )
     if manifest.get("format") != FORMAT:
         raise ValueError(
             f"{path}: not a `data prepare-sft` output (format {manifest.get('format')})"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,13 +119,21 @@ def _walk(index: int, root: Path, options: SourceOptions) -> Iterator[DocumentRe
     extensions = options.extensions if options.extensions is not None else known_extensions()
     errors: list[OSError] = []
     top = str(root)
-    for dirpath, dirnames, filenames in os.walk(top, onerror=errors.append):
-        while errors:  # a directory that cannot be listed: one counted entry, the walk goes on
+
+    def unlistable() -> Iterator[DocumentRef]:
+        # A directory that cannot be listed: one counted entry, named like the documents
+        # (relative to the source), and the walk goes on.
+        while errors:
             err = errors.pop()
-            where = os.path.relpath(err.filename or top, top)
+            where = os.path.relpath(err.filename or top, top).replace(os.sep, "/")
             yield DocumentRef(
-                f"{index}/{where}", UNKNOWN_LANGUAGE, error=("unreadable", f"directory: {err}")
+                f"{index}/{'' if where == '.' else where}",
+                UNKNOWN_LANGUAGE,
+                error=("unreadable", f"directory: {err}"),
             )
+
+    for dirpath, dirnames, filenames in os.walk(top, onerror=errors.append):
+        yield from unlistable()
         dirnames[:] = sorted(d for d in dirnames if d not in options.exclude_dirs)
         # Plain string joins: pathlib objects per file cost more than the rest of the walk.
         rel = os.path.relpath(dirpath, top)
@@ -134,15 +143,20 @@ def _walk(index: int, root: Path, options: SourceOptions) -> Iterator[DocumentRe
                 yield DocumentRef(
                     prefix + name, language_of(name), path=os.path.join(dirpath, name)
                 )
-    for err in errors:
-        yield DocumentRef(
-            f"{index}/{err.filename}", UNKNOWN_LANGUAGE, error=("unreadable", str(err))
-        )
+    yield from unlistable()  # the source directory itself, or the last one listed
+
+
+class RowError(ValueError):
+    """A JSONL line that is not a record; ``reason`` is how it is counted."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason  # unreadable | undecodable | invalid_json
 
 
 def iter_rows(source: Source) -> Iterator[tuple[str, Any]]:
-    """(where, record) of a JSONL, Parquet or datasets source; a line that is not JSON comes as
-    (where, ValueError) so the caller can count it and go on."""
+    """(where, record) of a JSONL, Parquet or datasets source; a line that is not a record comes
+    as (where, RowError) so the caller can count it and go on."""
     if source.kind == "jsonl":
         return _jsonl_rows(source.location)
     if source.kind in ("parquet", "hub"):
@@ -152,25 +166,31 @@ def iter_rows(source: Source) -> Iterator[tuple[str, Any]]:
 
 def _jsonl_rows(location: str) -> Iterator[tuple[str, Any]]:
     # Read here rather than through `datasets`: its JSON builder fails a whole file on one bad
-    # line and does not say which, while a corpus tool must count the line and go on.
-    opener = gzip.open if location.endswith(".gz") else open
-    with opener(location, "rt", encoding="utf-8", errors="strict") as f:
-        line_number = 0
-        while True:
-            line_number += 1
-            try:
-                line = f.readline()
-            except UnicodeDecodeError as e:
-                yield f"{line_number}", ValueError(f"not UTF-8: {e.reason}")
-                continue
-            if not line:
-                return
-            if not line.strip():
-                continue
-            try:
-                yield f"{line_number}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"{line_number}", ValueError(f"invalid JSON: {e.msg} at column {e.colno}")
+    # line and does not say which, while a corpus tool must count the line and go on. Bytes are
+    # split into lines before decoding: a text-mode reader loses its buffered lines (and the
+    # line count) on the first bad byte.
+    opener = gzip.open if location.lower().endswith(".gz") else open
+    line_number = 0
+    try:
+        with opener(location, "rb") as f:
+            for line_number, raw in enumerate(f, 1):
+                if raw.isspace():
+                    continue
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield f"{line_number}", RowError("undecodable", f"byte {e.start}: {e.reason}")
+                    continue
+                try:
+                    yield f"{line_number}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    message = f"invalid JSON: {e.msg} at column {e.colno}"
+                    yield f"{line_number}", RowError("invalid_json", message)
+    except (OSError, EOFError, zlib.error) as e:
+        # A truncated or corrupt .gz, or an I/O error: the lines before it were read and count.
+        stop = line_number + 1
+        detail = f"reading {location} stopped at line {stop}: {e} (the lines before were read)"
+        yield f"{stop}", RowError("unreadable", detail)
 
 
 def _datasets_rows(source: Source) -> Iterator[tuple[str, Any]]:
@@ -200,8 +220,9 @@ def _rows(
     first = True
     for where, row in rows:
         name = f"{index}/{os.path.basename(location)}:{where}"
-        if isinstance(row, Exception):
-            yield DocumentRef(name, UNKNOWN_LANGUAGE, error=("malformed", str(row)))
+        if isinstance(row, RowError):
+            reason = "malformed" if row.reason == "invalid_json" else row.reason
+            yield DocumentRef(name, UNKNOWN_LANGUAGE, error=(reason, str(row)))
             continue
         if first and isinstance(row, dict) and field not in row:
             # A wrong field name would otherwise drop every row, found out after hours.
@@ -210,9 +231,8 @@ def _rows(
                 f"{', '.join(map(str, row))}); choose the text field with --text-field"
             )
         first = False
-        text = row.get(field) if isinstance(row, dict) else None
-        if not isinstance(text, str):
-            detail = "not a JSON object" if not isinstance(row, dict) else f"{field!r} not a string"
+        detail = _not_a_document(row, field)
+        if detail:
             yield DocumentRef(name, UNKNOWN_LANGUAGE, error=("malformed", detail))
             continue
         language = None
@@ -221,4 +241,29 @@ def _rows(
         if not isinstance(language, str) or not language:
             path = row.get("path")
             language = language_of(path) if isinstance(path, str) else UNKNOWN_LANGUAGE
-        yield DocumentRef(name, language, text=text)
+        yield DocumentRef(name, language, text=row[field])
+
+
+def _not_a_document(row: Any, field: str) -> str:
+    """Why ``row`` holds no text in ``field`` ("" if it does)."""
+    if not isinstance(row, dict):
+        return f"not a JSON object but {_json_type(row)}"
+    if field not in row:
+        return f"no field {field!r} (fields: {', '.join(map(str, row)) or 'none'})"
+    if not isinstance(row[field], str):
+        return f"{field!r} is {_json_type(row[field])}, not a string"
+    return ""
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"

@@ -1,3 +1,5 @@
+import errno
+import gzip
 import json
 import os
 import signal
@@ -12,7 +14,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from base.tokenizer import QwenTokenizer
 from specialize.data.filters import resolve_filter_names
-from specialize.data.prepare import PrepareOptions, prepare, read_manifest
+from specialize.data.output import OutputError, locked
+from specialize.data.prepare import ChangedInputError, PrepareOptions, prepare, read_manifest
 from specialize.data.sources import Source, SourceOptions
 from specialize.plugins import load_plugins
 from tests.conftest import STDLIB
@@ -118,6 +121,7 @@ def test_every_filter_counts_its_removals(src: Path, tmp_path: Path, tok: QwenTo
     assert manifest["tokenizer"]["sha256"] == tok.sha256
     assert manifest["tool"] == {"name": "qwen-specialize", "version": "0.1.0"}
     assert sorted(p.name for p in out.iterdir()) == [
+        ".lock",
         "manifest.json",
         "shard-00000.bin",
         "shard-00000.idx",
@@ -343,3 +347,194 @@ def test_filter_names() -> None:
     assert resolve_filter_names("exact-dedup,size") == ["size", "exact-dedup"]
     with pytest.raises(ValueError, match="cannot be combined"):
         resolve_filter_names("none,size")
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(out.iterdir())}
+
+
+def _numbered_sources(root: Path, count: int) -> list[Source]:
+    root.mkdir()
+    for i in range(count):
+        (root / f"f{i:02d}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n")
+    return [Source("directory", str(root))]
+
+
+def test_bad_utf8_byte_in_jsonl_removes_only_its_line(tmp_path: Path, tok: QwenTokenizer) -> None:
+    lines = [json.dumps({"text": f"value_{i} = {i}\n"}).encode() for i in range(300)]
+    lines[150] = b'{"text": "caf\xe9 = 1"}'  # latin-1, line 151
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    manifest = prepare([Source("jsonl", str(path))], tmp_path / "out", tok, _options())
+    assert manifest["documents"] == 299 and manifest["input_documents"] == 300
+    assert manifest["removed"]["undecodable"] == 1 and manifest["removed"]["malformed"] == 0
+    [example] = manifest["removed_examples"]["undecodable"]
+    assert example["document"] == "0/corpus.jsonl:151"
+    assert _documents(tmp_path / "out")[150] == tok.encode("value_151 = 151\n") + [tok.eod]
+
+
+def test_truncated_gzip_source_counts_unreadable_and_keeps_what_was_read(
+    tmp_path: Path, tok: QwenTokenizer
+) -> None:
+    text = b"".join(json.dumps({"text": f"v{i} = {i}\n"}).encode() + b"\n" for i in range(4000))
+    packed = gzip.compress(text)
+    path = tmp_path / "corpus.jsonl.gz"
+    path.write_bytes(packed[: len(packed) // 2])
+    manifest = prepare([Source("jsonl", str(path))], tmp_path / "out", tok, _options())
+    assert manifest["removed"]["unreadable"] == 1
+    [example] = manifest["removed_examples"]["unreadable"]
+    read = manifest["documents"]
+    assert read > 100 and manifest["input_documents"] == read + 1
+    assert example["document"] == f"0/corpus.jsonl.gz:{read + 1}"
+    assert str(path) in example["detail"]
+
+
+@pytest.mark.parametrize("change", ["edited", "added", "removed"])
+def test_rerun_after_a_source_changed_is_refused_and_rebuild_replaces_it(
+    tmp_path: Path, tok: QwenTokenizer, change: str
+) -> None:
+    sources = _numbered_sources(tmp_path / "src", 7)
+    out = tmp_path / "out"
+    prepare(sources, out, tok, _options(shard_documents=3))
+    before = _files(out)
+    root = tmp_path / "src"
+    if change == "edited":
+        (root / "f04.py").write_text("def f4(x):\n    return -x\n")
+        expected = "0/f04.py differs from the document read in its place before"
+    elif change == "added":
+        (root / "f07.py").write_text("def f7(x):\n    return 7\n")
+        expected = "0/f07.py differs from the document read in its place before"
+    else:
+        (root / "f06.py").unlink()
+        expected = "input documents were removed"
+    with pytest.raises(ChangedInputError, match="--rebuild") as err:
+        prepare(sources, out, tok, _options(shard_documents=3))
+    assert expected in str(err.value) and str(out) in str(err.value)
+    assert _files(out) == before  # nothing touched
+    rebuilt = prepare(sources, out, tok, _options(shard_documents=3), rebuild=True)
+    fresh = prepare(sources, tmp_path / "fresh", tok, _options(shard_documents=3))
+    assert rebuilt == fresh and _files(out) == _files(tmp_path / "fresh")
+
+
+def test_resume_after_a_finished_shards_source_changed_is_refused(
+    tmp_path: Path, tok: QwenTokenizer
+) -> None:
+    sources = _numbered_sources(tmp_path / "src", 7)
+    out = tmp_path / "out"
+    prepare(sources, out, tok, _options(shard_documents=3))
+    for name in ("manifest.json", "shard-00002.json"):  # as if killed in the last shard
+        (out / name).unlink()
+    (tmp_path / "src" / "f01.py").write_text("changed = True\n")
+    with pytest.raises(ChangedInputError, match=r"0/f01.py differs .* in shard-00000\)"):
+        prepare(sources, out, tok, _options(shard_documents=3))
+
+
+def test_full_disk_is_one_error_and_the_resume_is_byte_identical(
+    tmp_path: Path, tok: QwenTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    sources = _numbered_sources(tmp_path / "src", 12)
+    add_document = IndexedDatasetBuilder.add_document
+    calls = []
+
+    def fill_up(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:  # the second document of shard 2
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return add_document(self, *args, **kwargs)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(IndexedDatasetBuilder, "add_document", fill_up)
+    with pytest.raises(OutputError) as err:
+        prepare(sources, out, tok, _options(shard_documents=3))
+    message = str(err.value)
+    assert "\n" not in message and str(out) in message and "No space left on device" in message
+    assert "run the same command again" in message
+    assert (
+        sorted(p.name for p in out.iterdir() if "shard-00002" in p.name or ".tmp" in p.name) == []
+    )
+    monkeypatch.setattr(IndexedDatasetBuilder, "add_document", add_document)
+    resumed = prepare(sources, out, tok, _options(shard_documents=3))
+    assert resumed == prepare(sources, tmp_path / "clean", tok, _options(shard_documents=3))
+    assert _files(out) == _files(tmp_path / "clean")
+
+
+def test_output_that_is_a_file_or_not_writable_is_one_error(
+    tmp_path: Path, tok: QwenTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sources = _numbered_sources(tmp_path / "src", 2)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    with pytest.raises(OutputError, match=f"output {a_file} is a file, not a directory"):
+        prepare(sources, a_file, tok, _options())
+    with pytest.raises(OutputError, match=f"cannot write {a_file / 'out'}: Not a directory"):
+        prepare(sources, a_file / "out", tok, _options())
+    # Root writes anywhere, so the read-only directory is what the kernel would say about it.
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    opener = os.open
+
+    def refuse(path, *args, **kwargs):
+        if str(path).startswith(str(read_only)):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return opener(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(OutputError, match="Permission denied; choose a writable output"):
+        prepare(sources, read_only, tok, _options())
+
+
+def test_a_second_prepare_on_the_same_output_is_refused(tmp_path: Path, tok: QwenTokenizer):
+    sources = _numbered_sources(tmp_path / "src", 2)
+    out = tmp_path / "out"
+    with locked(out, "data prepare"):  # what a run in progress holds
+        with pytest.raises(OutputError, match="is being written by another `data prepare`"):
+            prepare(sources, out, tok, _options())
+    assert prepare(sources, out, tok, _options())["documents"] == 2
+
+
+def test_cli_prints_examples_and_refuses_changed_input_in_one_line(tmp_path: Path) -> None:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"text": "a = 1\n"}) + "\n{broken\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "specialize", "data", "prepare", str(rows), "-o", str(out)]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert "removed 1 malformed\n    0/rows.jsonl:2: invalid JSON" in first.stdout
+    rows.write_text(json.dumps({"text": "b = 2\n"}) + "\n")
+    refused = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1 and "0/rows.jsonl:1 differs" in refused.stderr
+    rebuilt = subprocess.run([*cmd, "--rebuild"], env=env, capture_output=True, text=True)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert read_manifest(out)["documents"] == 1 and "removed" not in rebuilt.stdout
+
+
+def test_shards_without_document_digests_are_checked_by_their_hash(
+    tmp_path: Path, tok: QwenTokenizer
+) -> None:
+    """Outputs written before shards recorded each input document's digest."""
+    sources = _numbered_sources(tmp_path / "src", 7)
+    out = tmp_path / "out"
+    prepare(sources, out, tok, _options(shard_documents=3))
+    for shard in range(3):
+        state = out / f"shard-{shard:05d}.state.npz"
+        with numpy.load(state) as arrays:
+            kept = {name: arrays[name] for name in ("digests", "bands")}
+        with open(state, "wb") as f:
+            numpy.savez(f, **kept)
+    assert prepare(sources, out, tok, _options(shard_documents=3))["documents"] == 7
+    (tmp_path / "src" / "f04.py").write_text("changed = True\n")
+    with pytest.raises(ChangedInputError, match="the input documents of shard-00001 changed"):
+        prepare(sources, out, tok, _options(shard_documents=3))
+
+
+def test_a_document_after_the_last_full_shard_is_a_change(tmp_path: Path, tok: QwenTokenizer):
+    sources = _numbered_sources(tmp_path / "src", 6)
+    out = tmp_path / "out"
+    prepare(sources, out, tok, _options(shard_documents=3))
+    (tmp_path / "src" / "f06.py").write_text("late = True\n")
+    with pytest.raises(ChangedInputError, match=r"0/f06.py is new \(after the 6 documents"):
+        prepare(sources, out, tok, _options(shard_documents=3))

@@ -317,6 +317,15 @@ def test_directory_needs_a_manifest_with_shards(data, tok, tmp_path: Path) -> No
         build_pretrain_datasets(_cfg([path]), tok, 1, (10, 0, 0), tmp_path)
 
 
+def test_sft_data_as_pretraining_data_names_the_path_and_field(data, tok, tmp_path: Path):
+    path = _copy(data["two"], tmp_path / "sft")
+    _edit_manifest(path, format="sft-1")
+    with pytest.raises(ConfigError) as err:
+        build_pretrain_datasets(_cfg([data["one"], path]), tok, 1, (10, 0, 0), tmp_path)
+    assert f"data.paths[1]={str(path)!r} is SFT data" in str(err.value)
+    assert "set data.format=sft" in str(err.value)
+
+
 def test_missing_path(tmp_path: Path, tok) -> None:
     with pytest.raises(ConfigError, match=r"data.paths\[0\].*nothing.*missing nothing.bin"):
         build_pretrain_datasets(_cfg([tmp_path / "nothing"]), tok, 1, (10, 0, 0), tmp_path)

@@ -1,7 +1,9 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from base.tokenizer import QwenTokenizer
 from specialize.data.chat import conversation, render
+from specialize.data.output import OutputError, locked
 from specialize.data.sft_prepare import (
     SFTDataError,
     SFTOptions,
@@ -156,3 +159,97 @@ def test_cli_prepare_and_inspect(tmp_path: Path) -> None:
         text=True,
     )
     assert bad.returncode == 2 and "source not found" in bad.stderr
+
+
+def test_bad_utf8_byte_skips_only_its_record_as_undecodable(tmp_path: Path, tok) -> None:
+    lines = [json.dumps(_chat(f"What is {i} + 1?", f"{i + 1}")).encode() for i in range(300)]
+    lines[150] = lines[150].replace(b"What", b"Wh\xe4t")  # latin-1, line 151
+    data = tmp_path / "chats.jsonl"
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    manifest = prepare_sft([Source("jsonl", str(data))], tmp_path / "out", tok, SFTOptions(64))
+    assert manifest["records"] == 300 and manifest["samples"] == 299
+    assert manifest["skipped"] == {"undecodable": 1}
+    [example] = manifest["skipped_examples"]["undecodable"]
+    assert example["record"] == f"{data}:151"
+
+
+def test_pretraining_data_is_named_as_such(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 2, "shards": []}))
+    with pytest.raises(ValueError, match="pretraining data .*data.format=pretrain"):
+        read_sft_manifest(tmp_path)
+
+
+def test_a_second_prepare_sft_on_the_same_output_is_refused(tmp_path: Path, tok) -> None:
+    data = _write(tmp_path / "chats.jsonl", GOOD)
+    with locked(tmp_path / "out", "data prepare-sft"):
+        with pytest.raises(OutputError, match="being written by another `data prepare-sft`"):
+            prepare_sft([Source("jsonl", str(data))], tmp_path / "out", tok, SFTOptions(64))
+
+
+# Runs prepare-sft and stops it once its temporaries are written, just before it publishes them.
+_STOPPED_BEFORE_PUBLISHING = """
+import sys, time
+from base.tokenizer import QwenTokenizer
+from specialize.data import sft_prepare
+from specialize.data.sources import Source
+
+def stop(*args):
+    print("ready", flush=True)
+    time.sleep(600)
+
+sft_prepare._publish = stop
+sft_prepare.prepare_sft(
+    [Source("jsonl", sys.argv[1])], sys.argv[2], QwenTokenizer.load(), sft_prepare.SFTOptions(64)
+)
+"""
+
+
+def test_killed_prepare_sft_leaves_no_temporaries_after_the_next_run(tmp_path: Path, tok):
+    data = _write(tmp_path / "chats.jsonl", GOOD * 5)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    script = textwrap.dedent(_STOPPED_BEFORE_PUBLISHING)
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, str(data), str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout.readline() == "ready\n"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    left = sorted(p.name for p in out.iterdir() if ".tmp" in p.name)
+    assert left == [f"{n}.tmp{process.pid}" for n in ("loss_mask.bin", "loss_mask.idx")] + [
+        f"{n}.tmp{process.pid}" for n in ("tokens.bin", "tokens.idx")
+    ]
+    manifest = prepare_sft([Source("jsonl", str(data))], out, tok, SFTOptions(64))
+    clean = prepare_sft([Source("jsonl", str(data))], tmp_path / "clean", tok, SFTOptions(64))
+    assert manifest == clean
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        p.name for p in (tmp_path / "clean").iterdir()
+    )
+    for name in ("tokens.bin", "tokens.idx", "loss_mask.bin", "loss_mask.idx"):
+        assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+
+
+def test_cli_prints_the_first_skipped_records(tmp_path: Path) -> None:
+    data = _write(tmp_path / "chats.jsonl", [GOOD[0], "{broken", GOOD[1], "[1"] + ["{x"] * 3)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "specialize", "data", "prepare-sft", str(data)]
+        + ["-o", str(tmp_path / "out"), "--seq-len", "64"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    shown = [line.strip() for line in done.stdout.splitlines()]
+    at = shown.index("skipped 5 invalid_json")
+    assert [line.split(": ")[0] for line in shown[at + 1 : at + 4]] == [
+        f"{data}:{n}" for n in (2, 4, 5)
+    ]
+    assert "invalid JSON" in shown[at + 1]
+    assert shown[at + 4].startswith("... 2 more (examples in")

@@ -1,0 +1,66 @@
+"""The output directory of ``data prepare`` and ``data prepare-sft``: one writer at a time, and
+errors that name the directory instead of a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+LOCK = ".lock"
+
+
+class OutputError(ValueError):
+    """The output directory cannot be written; the message names it and says why."""
+
+
+def describe(out_dir: Path, error: OSError) -> str:
+    """One line for an OSError met while writing ``out_dir``."""
+    where = error.filename or out_dir
+    what = error.strerror or str(error)
+    if error.errno == errno.ENOSPC:
+        return (
+            f"cannot write {where}: {what}; free space and run the same command again "
+            "(finished work is kept)"
+        )
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {where}: {what}; choose a writable output directory (-o)"
+    return f"cannot write {where}: {what}"
+
+
+@contextlib.contextmanager
+def writing(out_dir: Path) -> Iterator[None]:
+    """Turn an OSError of the enclosed writes into an OutputError naming ``out_dir``."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(describe(out_dir, e)) from None
+
+
+@contextlib.contextmanager
+def locked(out_dir: Path, command: str) -> Iterator[None]:
+    """Create ``out_dir`` if needed and hold its lock while writing it.
+
+    The lock (``flock`` on ``OUT/.lock``) is released by the kernel when the process dies, so a
+    killed run never leaves the directory locked. The file stays: removing it would let a second
+    run lock a new file while a third still holds the old one.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"output {out_dir} is a file, not a directory; choose a directory (-o)")
+    with writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(
+                f"{out_dir} is being written by another `{command}` (it holds {out_dir / LOCK}); "
+                "wait for it to finish or write elsewhere"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
