@@ -412,10 +412,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
+    import shlex
+
     from specialize.pipeline import Pipeline, StepFailed, load_pipeline
 
     cfg = load_pipeline(args.pipeline, args.overrides)
-    pipeline = Pipeline(cfg)
+    rerun = shlex.join(["specialize", "pipeline", args.pipeline, *args.overrides])
+    pipeline = Pipeline(cfg, rerun=rerun)
     only = [s.strip() for s in args.only.split(",")] if args.only else None
     unknown = sorted(set(only or ()) - {s.name for s in cfg.steps})
     if unknown:
