@@ -295,11 +295,18 @@ class Pipeline:
             for path in self._data_paths(step):
                 inputs[f"data {path}"] = _manifest_identity(Path(path))
         elif step.kind == "eval":
+            from specialize import likelihood
+
             for label, source in step.models.items():
                 inputs[f"model {label}={source}"] = self._checkpoint_identity(source)
             for task, value in step.data.items():
-                for part in value.split(","):  # perplexity takes comma-separated directories
-                    inputs[f"data {task}={part}"] = _path_identity(Path(part))
+                # perplexity reads the text files of comma-separated paths (not, e.g., the
+                # __pycache__ an import may add to a source tree); other tasks read one file
+                many = task == likelihood.NAME
+                parts = [p.strip() for p in value.split(",") if p.strip()] if many else [value]
+                suffixes = likelihood.TEXT_SUFFIXES if many else None
+                for part in parts:
+                    inputs[f"data {task}={part}"] = _path_identity(Path(part), suffixes)
         elif step.kind == "compare":
             for path in self._compared(step):
                 inputs[f"results {path}"] = _path_identity(path)
@@ -564,14 +571,16 @@ def _manifest_identity(path: Path) -> str:
     return _path_identity(path / "manifest.json")
 
 
-def _path_identity(path: Path) -> str:
+def _path_identity(path: Path, suffixes: tuple[str, ...] | None = None) -> str:
     """``PATH sha256:DIGEST`` over the content of a file or a directory tree (relative names,
     sizes and bytes; no times, so a copy or a ``touch`` is the same input); ``missing`` if
-    ``path`` does not exist."""
+    ``path`` does not exist. ``suffixes``: only the tree's files with these suffixes count."""
     if not path.exists():
         return MISSING_INPUT
     digest = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    if suffixes is not None and not path.is_file():
+        files = [file for file in files if file.suffix in suffixes]
     for file in files:
         size = file.stat().st_size
         digest.update(f"{file.relative_to(path)}\0{size}\0".encode())

@@ -528,3 +528,84 @@ def test_step_finished_before_inputs_were_recorded_is_skipped_with_a_warning(
     _run(path)
     assert "step second: finished before inputs were recorded; not checked" in caplog.text
     assert fake.trainings == {"first": 1, "second": 1}
+
+
+@pytest.mark.slow
+def test_parent_retrained_as_advised_makes_its_finished_child_an_error(tmp_path, stdlib_shard):
+    """Real training: the parent's declaration changes, its error says to remove and re-run it;
+    done so, the child trained from the old parent is not skipped as "finished earlier"."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    common = (
+        f'"data.paths=[{stdlib_shard}]", data.seq_length=32, train.micro_batch_size=2, '
+        "train.global_batch_size=2, checkpoint.interval=2, logging.tensorboard=false, "
+        "logging.progress=false, train.eval_interval=0, schedule.warmup_steps=1, train.steps=2"
+    )
+    path = tmp_path / "p.yaml"
+    text = f"""\
+dir: {run_dir}
+steps:
+  - {{name: first, recipe: {NANO}, overrides: [{common}]}}
+  - {{name: second, recipe: {NANO}, init: first, overrides: [{common}]}}
+"""
+    path.write_text(text)
+    done = _launch(path)
+    out, _ = done.communicate(timeout=600)
+    assert done.returncode == 0, out
+    child = run_dir / "second" / "checkpoints" / "iter_0000002" / "metadata.json"
+    child_bytes = child.read_bytes()
+
+    path.write_text(
+        text.replace(
+            f"{common}]}}\n  - {{name: second",
+            f"{common}, optimizer.lr=5.0e-4]}}\n  - {{name: second",
+        )
+    )
+    done = _launch(path)
+    out, _ = done.communicate(timeout=300)
+    assert done.returncode == 2 and "step first: its declaration changed" in out
+    advice = out.split("to run it again: ", 1)[1].splitlines()[0]
+    assert advice == (
+        f"rm -r {run_dir}/first {run_dir}/.pipeline/first.json && specialize pipeline {path}"
+    )
+    shutil.rmtree(run_dir / "first")
+    (run_dir / ".pipeline" / "first.json").unlink()
+
+    done = _launch(path)
+    out, _ = done.communicate(timeout=600)
+    assert done.returncode == 2, out
+    parent = run_dir / "first" / "checkpoints" / "iter_0000002"
+    assert "step first (train): starting" in out and (parent / "metadata.json").is_file()
+    assert (
+        f"config error: step second: its inputs changed since it finished (init first is now {parent} sha256:"
+        in out
+    )
+    assert "finished earlier; skipping" not in out
+    assert child.read_bytes() == child_bytes  # the child's checkpoint is left as it was
+
+
+def test_changed_eval_text_is_an_error_but_an_added_pycache_is_not(tmp_path, monkeypatch):
+    fake = FakeSteps(monkeypatch)
+    path = _small_pipeline(tmp_path)
+    texts = [tmp_path / "texts-a", tmp_path / "texts-b"]
+    for text in texts:
+        text.mkdir()
+        (text / "module.py").write_text("x = 1\n")
+    spec = ",".join(map(str, texts))
+    path.write_text(
+        path.read_text().replace(
+            "tasks: [perplexity]}", f'tasks: [perplexity], data: {{perplexity: "{spec}"}}}}'
+        )
+    )
+    _run(path)
+    (texts[1] / "__pycache__").mkdir()  # an import of the held-out code writes bytecode
+    (texts[1] / "__pycache__" / "module.cpython-311.pyc").write_bytes(b"\x00" * 16)
+    _run(path)
+    assert len(fake.evaluated) == 2
+    (texts[1] / "module.py").write_text("x = 2\n")
+    with pytest.raises(
+        ConfigError,
+        match=rf"step scores: its inputs changed since it finished \(data perplexity={texts[1]} ",
+    ):
+        _run(path)
