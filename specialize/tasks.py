@@ -77,6 +77,13 @@ class Grade:
     """Gold answer as the grader read it (math); None for code."""
     predicted: str | None = None
     """Answer read from the completion (math); None when it has none, or for code."""
+    reason: str | None = None
+    """Why it did not pass, when more can be said than ``status``: for a program run, e.g.
+    ``failed: AssertionError``, ``failed: killed by signal 9``, ``timed out``, ``error: ...``;
+    for a grader that could not read the record, its error."""
+    stderr: str | None = None
+    """The last lines of the program's stderr (bounded), for a code completion that did not
+    pass."""
 
     @property
     def correct(self) -> bool:

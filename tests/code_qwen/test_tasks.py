@@ -108,6 +108,15 @@ def test_mbpp_gold_code_passes_in_the_sandbox_and_broken_code_fails():
     assert [g.status for g in grades] == ["passed"] * 3
     (bad,) = task.grade(records[:1], ["def remove_Occ(s, ch):\n    return s"], "base")
     assert bad.status == "failed" and bad.answer is None and bad.predicted is None
+    assert bad.reason == "failed: AssertionError" and bad.stderr.endswith("AssertionError")
+
+
+def test_mbpp_grade_of_a_crashing_program_keeps_its_error():
+    task = get_task("mbpp")
+    record = task.load(FIXTURES / "mbpp.jsonl")[0]
+    (crash,) = task.grade([record], ["def remove_Occ(s, ch):\n    return undefined_name"], "base")
+    assert crash.reason == "failed: NameError: name 'undefined_name' is not defined"
+    assert "Traceback (most recent call last)" in crash.stderr
 
 
 def test_mbpp_completions_are_cut_at_done_and_chat_markers_dropped():

@@ -107,4 +107,4 @@ def test_a_record_the_grader_cannot_read_is_an_error_verdict():
     task = get_task("gsm8k")
     (grade,) = task.grade([{"question": "?", "answer": "no final answer"}], ["5"], "chat")
     assert grade.status == "error" and not grade.correct
-    assert "GSM8K record without a final answer" in grade.predicted
+    assert "GSM8K record without a final answer" in grade.reason and grade.predicted is None

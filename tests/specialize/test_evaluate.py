@@ -310,7 +310,7 @@ def test_cli_scores_completions_into_a_results_file(tmp_path, gsm8k_file, capsys
     }
     assert set(results["tasks"]) == {"mbpp", "gsm8k"}
     for result in results["tasks"].values():
-        assert set(result) == {"protocol", "data", "metrics", "counts", "samples"}
+        assert set(result) == {"protocol", "data", "metrics", "counts", "samples", "coverage"}
         assert set(result["protocol"]) == {
             "mode",
             "shots",
@@ -338,12 +338,15 @@ def test_cli_scores_completions_into_a_results_file(tmp_path, gsm8k_file, capsys
                 "answer",
                 "predicted",
                 "correct",
+                "reason",
+                "stderr",
             }
     mbpp_result = results["tasks"]["mbpp"]
     assert mbpp_result["metrics"] == {"pass@1": 1.0} and mbpp_result["protocol"]["timeout"] == 3.0
     assert mbpp_result["protocol"]["stop"][0] == "[DONE]"
     gsm8k_result = results["tasks"]["gsm8k"]
     assert gsm8k_result["counts"]["missing"] == GSM8K_LINES - 10
+    assert gsm8k_result["coverage"]["with_completions"] == 10
     assert gsm8k_result["protocol"]["timeout"] is None
     assert gsm8k_result["data"] == {
         "source": str(gsm8k_file),
@@ -422,3 +425,147 @@ def test_cli_errors_are_a_message_and_exit_code_2(tmp_path, capsys):
     assert exited.value.code == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+# ---- coverage, limits, failure reasons, task listing ----
+
+
+def humaneval_subset(tmp_path: Path, humaneval: list[dict], n: int) -> Path:
+    path = tmp_path / f"he{n}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in humaneval[:n]))
+    return path
+
+
+def test_completions_for_no_record_of_a_task_are_an_error_naming_file_and_task(tmp_path, capsys):
+    with pytest.raises(
+        EvalError,
+        match=r"^/dev/null: no completion for any record of humaneval; it has no completions",
+    ):
+        score_completions(["humaneval"], "/dev/null")
+    other = write_completions(tmp_path / "mbpp-only.jsonl", [("mbpp", 11, "x"), ("mbpp", 12, "y")])
+    with pytest.raises(
+        EvalError,
+        match=rf"^{re.escape(str(other))}: no completion for any record of math; it has "
+        r"completions of mbpp \(2\) only$",
+    ):
+        score_completions(["math"], other, {"math": FIXTURES / "math500.jsonl"})
+
+    with pytest.raises(
+        EvalError,
+        match=r": no completion for any record of math; it has completions of mbpp \(2\) only$",
+    ):
+        score_completions(
+            ["mbpp", "math"],
+            other,
+            {"mbpp": FIXTURES / "mbpp.jsonl", "math": FIXTURES / "math500.jsonl"},
+        )
+
+    out = tmp_path / "r.json"
+    argv = ["eval", "--score", str(other), "--tasks", "humaneval", "-o", str(out)]
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"eval: {other}: no completion for any record of humaneval; it has completions of mbpp (2) only\n"
+    )
+    assert not out.exists()
+
+
+def test_partly_covered_task_is_scored_with_a_warning_and_the_coverage_recorded(tmp_path, caplog):
+    data = FIXTURES / "math500.jsonl"
+    records = get_task("math").load(data)
+    assert len(records) == 3
+    path = write_completions(tmp_path / "part.jsonl", [("math", records[0]["unique_id"], "x")])
+    result = score_completions(["math"], path, {"math": data})["tasks"]["math"]
+    assert f"math: 1 of 3 problems have completions in {path}; the other 2 count as wrong" in (
+        caplog.text
+    )
+    assert result["coverage"] == {"records": 3, "with_completions": 1, "completions": str(path)}
+    assert result["counts"]["missing"] == 2
+
+    caplog.clear()
+    full = [("math", r["unique_id"], r["solution"]) for r in records]
+    result = score_completions(
+        ["math"], write_completions(tmp_path / "all.jsonl", full), {"math": data}
+    )
+    assert result["tasks"]["math"]["coverage"]["with_completions"] == 3
+    assert "problems have completions" not in caplog.text
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_limit_below_one_is_a_one_line_error(tmp_path, capsys, limit):
+    with pytest.raises(EvalError, match=rf"^--limit {limit}: must be at least 1"):
+        score_completions(["humaneval"], "/dev/null", limit=limit)
+    argv = ["eval", "--score", "/dev/null", "--tasks", "humaneval", f"--limit={limit}"]
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "-o", str(tmp_path / "r.json")])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"eval: --limit {limit}: must be at least 1") and err.count("\n") == 1
+
+
+def test_failed_code_samples_keep_the_sandbox_reason_and_the_end_of_stderr(tmp_path, humaneval):
+    subset = humaneval_subset(tmp_path, humaneval, 4)
+    noisy = (
+        "    import sys\n    for i in range(100):\n        print(f'line {i}', file=sys.stderr)\n"
+    )
+    noisy += "    raise ValueError('after 100 lines')\n"
+    items = [
+        ("humaneval-codex", humaneval[0]["task_id"], humaneval[0]["canonical_solution"]),
+        ("humaneval-codex", humaneval[1]["task_id"], "    return []\n"),
+        ("humaneval-codex", humaneval[2]["task_id"], "    return 1 / 0\n"),
+        ("humaneval-codex", humaneval[3]["task_id"], noisy),
+    ]
+    path = write_completions(tmp_path / "c.jsonl", items)
+    result = score_completions(["humaneval-codex"], path, {"humaneval-codex": subset}, workers=2)
+    samples = result["tasks"]["humaneval-codex"]["samples"]
+    passed, wrong, crashed, loud = samples
+    assert passed["status"] == "passed" and passed["reason"] is None and passed["stderr"] is None
+    assert wrong["status"] == "failed" and wrong["reason"] == "failed: AssertionError"
+    assert wrong["stderr"].startswith("Traceback") and "assert candidate(" in wrong["stderr"]
+    assert crashed["reason"] == "failed: ZeroDivisionError: division by zero"
+    assert crashed["stderr"].endswith("ZeroDivisionError: division by zero")
+    assert loud["reason"] == "failed: ValueError: after 100 lines"
+    # Bounded: the last 20 lines, at most 2 KB, marked as cut.
+    lines = loud["stderr"].splitlines()
+    assert lines[0] == "..." and len(lines) == 21 and len(loud["stderr"]) <= 2048 + 4
+    assert lines[-1] == "ValueError: after 100 lines"
+    assert "line 99\n" in loud["stderr"] and "line 0\n" not in loud["stderr"]
+
+
+def test_timed_out_code_sample_says_so(tmp_path, humaneval):
+    subset = humaneval_subset(tmp_path, humaneval, 1)
+    items = [("humaneval-codex", humaneval[0]["task_id"], "    while True:\n        pass\n")]
+    path = write_completions(tmp_path / "c.jsonl", items)
+    result = score_completions(["humaneval-codex"], path, {"humaneval-codex": subset})
+    (sample,) = result["tasks"]["humaneval-codex"]["samples"]
+    assert sample["status"] == "timeout" and sample["reason"] == "timed out"
+
+
+def test_eval_help_lists_the_registered_tasks_with_their_modes(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    listing = out.split("tasks (--tasks; modes for --mode):\n", 1)[1].splitlines()
+    rows = {line.split()[0]: line for line in listing}
+    assert {"perplexity", "humaneval", "mbpp", "gsm8k", "math", "math401"} <= set(rows)
+    assert re.search(
+        r"^  humaneval +base, chat +HumanEval: 164 Python functions", rows["humaneval"]
+    )
+    assert "needs a checkpoint" in rows["perplexity"]
+
+
+def test_building_the_command_line_does_not_import_the_plugins():
+    """The task listing is made only for `eval --help`: other commands stay cheap to start."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from specialize.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('code_qwen', 'math_qwen')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

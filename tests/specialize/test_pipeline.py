@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,8 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from specialize.cli import main
 from specialize.config import ConfigError
-from specialize.pipeline import load_pipeline, merge_results
+from specialize.pipeline import Pipeline, StepFailed, load_pipeline, merge_results
 
 ROOT = Path(__file__).resolve().parents[2]
 NANO = ROOT / "configs/base/qwen-nano.yaml"
@@ -252,3 +254,358 @@ def test_paper_pipelines_resolve_to_the_paper_recipes(name, tmp_path):
         assert pipeline._recipe(trains[0]).data.seq_length == 1024
     evals = [s for s in cfg.steps if s.kind == "eval"]
     assert {s.mode for s in evals} == {"base", "chat"}
+
+
+# ---- references checked before anything runs
+
+
+def _bad_pipeline(tmp_path: Path, steps: str) -> Path:
+    path = tmp_path / "p.yaml"
+    note = tmp_path / "ran.txt"
+    path.write_text(
+        f"dir: {tmp_path}/run\nsteps:\n"
+        f"  - {{name: note, kind: run, command: [touch, {note}]}}\n{steps}\n"
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    "steps, message",
+    [
+        (
+            f"  - {{name: a, recipe: {NANO}, init: nothing}}",
+            r"steps\[1\] \(a\): init 'nothing' is no earlier step \(note\)",
+        ),
+        (
+            f"  - {{name: a, recipe: {NANO}, init: b}}\n  - {{name: b, recipe: {NANO}, init: a}}",
+            r"steps\[1\] \(a\): init 'b' is a later step",
+        ),
+        (f"  - {{name: a, recipe: {NANO}, init: a}}", r"\(a\): init 'a' is the step itself"),
+        (
+            "  - {name: e, kind: eval, models: {m: later}, tasks: [gsm8k]}\n"
+            f"  - {{name: later, recipe: {NANO}}}",
+            r"steps\[1\] \(e\): model m 'later' is a later step",
+        ),
+        (
+            "  - {name: e, kind: eval, models: {m: typo}, tasks: [gsm8k]}",
+            r"\(e\): model m 'typo' is no earlier step",
+        ),
+        (
+            "  - {name: e, kind: eval, models: {m: ./ckpt}, tasks: [gsm8k], limit: 0}",
+            r"\(e\): limit 0 must be at least 1",
+        ),
+    ],
+)
+def test_init_or_model_naming_a_missing_or_later_step_is_rejected_before_anything_runs(
+    tmp_path, capsys, steps, message
+):
+    path = _bad_pipeline(tmp_path, steps)
+    with pytest.raises(ConfigError, match=message):
+        load_pipeline(path)
+    with pytest.raises(SystemExit) as exited:
+        main(["pipeline", str(path)])
+    assert exited.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "ran.txt").exists()  # the first step did not run
+
+
+def test_checkpoint_paths_stay_allowed_as_init_and_models(tmp_path):
+    (tmp_path / "base").mkdir()
+    steps = (
+        f"  - {{name: a, recipe: {NANO}, init: {tmp_path}/made-by-a-run-step}}\n"
+        f"  - {{name: e, kind: eval, models: {{b: {tmp_path}/base, a: a}}, tasks: [gsm8k]}}"
+    )
+    cfg = load_pipeline(_bad_pipeline(tmp_path, steps))
+    assert cfg.steps[1].init == f"{tmp_path}/made-by-a-run-step"
+
+
+# ---- changed inputs: steps run by stand-ins (the bookkeeping is what is tested, not training)
+
+
+class FakeSteps:
+    """Stands in for torchrun and `specialize eval`: a training writes a final checkpoint whose
+    bytes differ per training (as a real retraining's do), an eval writes a results file whose
+    score depends on the checkpoint; `run` and `compare` steps run for real."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.trainings: dict[str, int] = {}
+        self.evaluated: list[str] = []
+        self.fail_eval_of: str | None = None
+        real_exec = Pipeline._exec
+
+        def fake_exec(pipeline, step, words):
+            if step.kind == "train":
+                return self.train(pipeline, step)
+            if step.kind == "eval":
+                return self.eval(words)
+            return real_exec(pipeline, step, words)
+
+        monkeypatch.setattr(Pipeline, "_exec", fake_exec)
+        monkeypatch.setattr("specialize.pipeline.signal.signal", lambda *args: None)
+
+    def train(self, pipeline, step) -> None:
+        from specialize.config import derive, iteration_dir
+
+        cfg = pipeline._recipe(step)
+        final = iteration_dir(cfg.checkpoint.dir, derive(cfg, 1).steps)
+        final.mkdir(parents=True)
+        count = self.trainings[step.name] = self.trainings.get(step.name, 0) + 1
+        (final / "metadata.json").write_text(json.dumps({"training": count}))
+        (final / "weights.distcp").write_bytes(os.urandom(64))
+        (final / "lineage.json").write_text(json.dumps({"init": cfg.init.checkpoint}))
+
+    def eval(self, words: list[str]) -> None:
+        label = words[words.index("--label") + 1]
+        if label == self.fail_eval_of:
+            raise StepFailed(f"eval of {label} killed")
+        checkpoint = Path(words[words.index("eval") + 1])
+        score = len((checkpoint / "weights.distcp").read_bytes()) + sum(os.urandom(1))
+        out = Path(words[words.index("-o") + 1])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "format": "specialize-eval-1",
+            "model": {"label": label, "checkpoint": str(checkpoint)},
+            "tasks": {"perplexity": {"metrics": {"perplexity": float(score)}}},
+        }
+        out.write_text(json.dumps(doc))
+        self.evaluated.append(label)
+
+
+def _small_pipeline(tmp_path: Path) -> Path:
+    """data (a run step writing a manifest) -> first -> second (from first) -> eval -> report."""
+    run_dir = tmp_path / "run"
+    source = tmp_path / "source.txt"
+    source.write_text("version 1")
+    write_manifest = (
+        "import pathlib, sys; out = pathlib.Path(sys.argv[2]); out.mkdir(parents=True); "
+        "(out / 'manifest.json').write_text(pathlib.Path(sys.argv[1]).read_text())"
+    )
+    data = run_dir / "data"
+    common = (
+        f'"data.paths=[{data}]", train.steps=2, train.micro_batch_size=2, '
+        "train.global_batch_size=2, schedule.warmup_steps=1"
+    )
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        f"""\
+dir: {run_dir}
+steps:
+  - {{name: data, kind: run, command: [python, -c, "{write_manifest}", {source}, {data}]}}
+  - {{name: first, recipe: {NANO}, overrides: [{common}]}}
+  - {{name: second, recipe: {NANO}, init: first, overrides: [{common}]}}
+  - {{name: scores, kind: eval, models: {{first: first, second: second}}, tasks: [perplexity]}}
+  - {{name: report, kind: compare, paper: false}}
+"""
+    )
+    return path
+
+
+def _run(path: Path) -> Pipeline:
+    pipeline = Pipeline(load_pipeline(path), rerun=f"specialize pipeline {path}")
+    pipeline.run()
+    return pipeline
+
+
+def _remove(pipeline, name: str) -> None:
+    """What the error messages say to do before running a step again."""
+    import shutil
+
+    shutil.rmtree(pipeline.root / name)
+    (pipeline.root / ".pipeline" / f"{name}.json").unlink()
+
+
+def test_retrained_parent_stops_each_step_that_used_it_until_that_step_is_run_again(
+    tmp_path, monkeypatch
+):
+    fake = FakeSteps(monkeypatch)
+    path = _small_pipeline(tmp_path)
+    pipeline = _run(path)
+    assert fake.trainings == {"first": 1, "second": 1} and fake.evaluated == ["first", "second"]
+    first = pipeline.root / "first" / "checkpoints" / "iter_0000002"
+    second = pipeline.root / "second"
+
+    _remove(pipeline, "first")  # first trained again: second was trained from the old one
+    with pytest.raises(ConfigError) as error:
+        _run(path)
+    message = str(error.value)
+    assert fake.trainings == {"first": 2, "second": 1}  # second neither skipped nor retrained
+    assert message.startswith("step second: its inputs changed since it finished (init first is ")
+    assert re.search(
+        rf"now {first} sha256:[0-9a-f]{{12}}, was {first} sha256:[0-9a-f]{{12}}\)", message
+    )
+    assert message.endswith(
+        f"to run it again: rm -r {second} {pipeline.root}/.pipeline/second.json && "
+        f"specialize pipeline {path}"
+    )
+    assert "\n" not in message
+
+    _remove(pipeline, "second")  # as told; now the eval of the old checkpoints is stale
+    with pytest.raises(
+        ConfigError,
+        match=r"step scores: its inputs changed since it finished "
+        r"\(model first=first is now .*; model second=second is now ",
+    ):
+        _run(path)
+    assert fake.trainings == {"first": 2, "second": 2} and len(fake.evaluated) == 2
+
+    _remove(pipeline, "scores")  # and then the report of the old scores
+    with pytest.raises(
+        ConfigError,
+        match=r"step report: its inputs changed since it finished "
+        rf"\(results {pipeline.root}/scores/first.json is now ",
+    ):
+        _run(path)
+    assert len(fake.evaluated) == 4
+
+    _remove(pipeline, "report")
+    _run(path)
+    lineage = json.loads((pipeline.root / "lineage.json").read_text())
+    steps = {s["name"]: s for s in lineage["steps"]}
+    assert steps["second"]["inputs"]["init first"] == steps["scores"]["inputs"]["model first=first"]
+    _run(path)  # everything finished and consistent: all skipped
+    assert fake.trainings == {"first": 2, "second": 2} and len(fake.evaluated) == 4
+
+
+def test_changed_training_data_manifest_is_an_error_naming_the_step(tmp_path, monkeypatch):
+    FakeSteps(monkeypatch)
+    path = _small_pipeline(tmp_path)
+    pipeline = _run(path)
+    (tmp_path / "source.txt").write_text("version 2")
+    _remove(pipeline, "data")  # the data prepared again from a changed source
+    with pytest.raises(
+        ConfigError,
+        match=rf"step first: its inputs changed since it finished "
+        rf"\(data {pipeline.root}/data is now .*/manifest.json sha256:",
+    ):
+        _run(path)
+
+
+def test_touched_or_moved_inputs_are_the_same_inputs(tmp_path, monkeypatch):
+    import shutil
+
+    fake = FakeSteps(monkeypatch)
+    path = _small_pipeline(tmp_path)
+    pipeline = _run(path)
+    for file in pipeline.root.rglob("*"):
+        os.utime(file, (1, 1))
+    _run(path)
+    # The whole directory moved elsewhere and run from there.
+    moved = tmp_path / "moved"
+    shutil.move(pipeline.root, moved)
+    Pipeline(load_pipeline(path, [f"dir={moved}"])).run()
+    assert fake.trainings == {"first": 1, "second": 1} and len(fake.evaluated) == 2
+
+
+def test_interrupted_step_whose_input_changed_is_an_error_not_resumed(tmp_path, monkeypatch):
+    fake = FakeSteps(monkeypatch)
+    path = _small_pipeline(tmp_path)
+    fake.fail_eval_of = "second"  # scores stops after writing the results of first
+    with pytest.raises(StepFailed):
+        _run(path)
+    fake.fail_eval_of = None
+    pipeline = Pipeline(load_pipeline(path))
+    _remove(pipeline, "second")  # second trained again while scores was half done
+    with pytest.raises(
+        ConfigError,
+        match=r"step scores: its inputs changed since it started "
+        r"\(model second=second is now .*\); to run it again: rm -r "
+        rf"{pipeline.root}/scores {pipeline.root}/.pipeline/scores.started.json",
+    ):
+        _run(path)
+    assert fake.evaluated == ["first"]
+
+
+def test_step_finished_before_inputs_were_recorded_is_skipped_with_a_warning(
+    tmp_path, monkeypatch, caplog
+):
+    fake = FakeSteps(monkeypatch)
+    path = _small_pipeline(tmp_path)
+    pipeline = _run(path)
+    marker = pipeline.root / ".pipeline" / "second.json"
+    marker.write_text(
+        json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "inputs"})
+    )
+    _run(path)
+    assert "step second: finished before inputs were recorded; not checked" in caplog.text
+    assert fake.trainings == {"first": 1, "second": 1}
+
+
+@pytest.mark.slow
+def test_parent_retrained_as_advised_makes_its_finished_child_an_error(tmp_path, stdlib_shard):
+    """Real training: the parent's declaration changes, its error says to remove and re-run it;
+    done so, the child trained from the old parent is not skipped as "finished earlier"."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    common = (
+        f'"data.paths=[{stdlib_shard}]", data.seq_length=32, train.micro_batch_size=2, '
+        "train.global_batch_size=2, checkpoint.interval=2, logging.tensorboard=false, "
+        "logging.progress=false, train.eval_interval=0, schedule.warmup_steps=1, train.steps=2"
+    )
+    path = tmp_path / "p.yaml"
+    text = f"""\
+dir: {run_dir}
+steps:
+  - {{name: first, recipe: {NANO}, overrides: [{common}]}}
+  - {{name: second, recipe: {NANO}, init: first, overrides: [{common}]}}
+"""
+    path.write_text(text)
+    done = _launch(path)
+    out, _ = done.communicate(timeout=600)
+    assert done.returncode == 0, out
+    child = run_dir / "second" / "checkpoints" / "iter_0000002" / "metadata.json"
+    child_bytes = child.read_bytes()
+
+    path.write_text(
+        text.replace(
+            f"{common}]}}\n  - {{name: second",
+            f"{common}, optimizer.lr=5.0e-4]}}\n  - {{name: second",
+        )
+    )
+    done = _launch(path)
+    out, _ = done.communicate(timeout=300)
+    assert done.returncode == 2 and "step first: its declaration changed" in out
+    advice = out.split("to run it again: ", 1)[1].splitlines()[0]
+    assert advice == (
+        f"rm -r {run_dir}/first {run_dir}/.pipeline/first.json && specialize pipeline {path}"
+    )
+    shutil.rmtree(run_dir / "first")
+    (run_dir / ".pipeline" / "first.json").unlink()
+
+    done = _launch(path)
+    out, _ = done.communicate(timeout=600)
+    assert done.returncode == 2, out
+    parent = run_dir / "first" / "checkpoints" / "iter_0000002"
+    assert "step first (train): starting" in out and (parent / "metadata.json").is_file()
+    assert (
+        f"config error: step second: its inputs changed since it finished (init first is now {parent} sha256:"
+        in out
+    )
+    assert "finished earlier; skipping" not in out
+    assert child.read_bytes() == child_bytes  # the child's checkpoint is left as it was
+
+
+def test_changed_eval_text_is_an_error_but_an_added_pycache_is_not(tmp_path, monkeypatch):
+    fake = FakeSteps(monkeypatch)
+    path = _small_pipeline(tmp_path)
+    texts = [tmp_path / "texts-a", tmp_path / "texts-b"]
+    for text in texts:
+        text.mkdir()
+        (text / "module.py").write_text("x = 1\n")
+    spec = ",".join(map(str, texts))
+    path.write_text(
+        path.read_text().replace(
+            "tasks: [perplexity]}", f'tasks: [perplexity], data: {{perplexity: "{spec}"}}}}'
+        )
+    )
+    _run(path)
+    (texts[1] / "__pycache__").mkdir()  # an import of the held-out code writes bytecode
+    (texts[1] / "__pycache__" / "module.cpython-311.pyc").write_bytes(b"\x00" * 16)
+    _run(path)
+    assert len(fake.evaluated) == 2
+    (texts[1] / "module.py").write_text("x = 2\n")
+    with pytest.raises(
+        ConfigError,
+        match=rf"step scores: its inputs changed since it finished \(data perplexity={texts[1]} ",
+    ):
+        _run(path)
