@@ -226,7 +226,11 @@ def verify_checkpoint(path: str | Path) -> None:
                 f"{path}: {name} is {file.stat().st_size} bytes, {size} when saved"
             )
     for name, (_, digest) in recorded.items():
-        if _sha256(path / name) != digest:
+        try:
+            actual = _sha256(path / name)
+        except OSError as e:
+            raise CheckpointError(f"{path}: {name} cannot be read ({e.strerror})") from None
+        if actual != digest:
             raise CheckpointError(f"{path}: {name} differs from the checksum recorded at save")
     _verified[key] = signature
 
@@ -253,20 +257,18 @@ def _set_aside(path: Path) -> Path:
     return target
 
 
-def _refuse_to_overwrite(path: Path) -> None:
-    """A save of an iteration that exists: an error if it is intact, else set it aside (rank 0)."""
+def _make_way_for(path: Path) -> str | None:
+    """Before a save of an existing iteration (rank 0): set a corrupt or incomplete checkpoint
+    there aside; an intact one is never overwritten, so return the refusal."""
     try:
         if not (path / "metadata.json").is_file():
             raise CheckpointError(f"{path}: metadata.json is missing (an incomplete checkpoint)")
         verify_checkpoint(path)
     except CheckpointError as e:
-        if dist.get_rank() == 0:
-            target = _set_aside(path)
-            log.warning("%s; moved it to %s to save this iteration again", e, target)
-        return
-    raise CheckpointError(
-        f"{path} exists; a save never overwrites a checkpoint (resume from it, or move it away)"
-    )
+        target = _set_aside(path)
+        log.warning("%s; moved it to %s to save this iteration again", e, target)
+        return None
+    return f"{path} exists; a save never overwrites a checkpoint (resume from it, or move it away)"
 
 
 # ----------------------------------------------------------------------------- writer processes
@@ -427,8 +429,10 @@ def save(engine: Engine, iteration: int, consumed_samples: int, parent: str | No
     final = iteration_dir(run_dir, iteration)
     partial = final.parent / f".{final.name}.partial"
     rank0 = dist.get_rank() == 0
-    if final.exists():  # every rank decides alike, before anything collective
-        _refuse_to_overwrite(final)
+    refusal = [_make_way_for(final) if rank0 and final.exists() else None]
+    dist.broadcast_object_list(refusal, src=0)  # every rank stops, or none
+    if refusal[0] is not None:
+        raise CheckpointError(refusal[0])
     if rank0:
         # Saves are sequential: any partial directory here is from an interrupted run.
         for stale in final.parent.glob(".iter_*.partial"):

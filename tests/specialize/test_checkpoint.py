@@ -218,27 +218,16 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def _loads_of_altered_checkpoints(rank: int, world_size: int, tmp: str) -> dict:
+def _loads_of_altered_checkpoints(rank: int, world_size: int, tmp: str, shard: str) -> dict:
     from specialize import checkpoint
 
     warnings = _Collect()
     logging.getLogger(LOGGER).addHandler(warnings)
-    engine = _nano_engine(f"{tmp}/run")
-    saved = checkpoint.save(engine, 1, 0)
+    trainer = _train(_common(f"{tmp}/run", shard), "train.steps=1")
+    engine, saved = trainer.engine, trainer.last_checkpoint
     converted = checkpoint.save_weights(
         engine.model[0], Path(tmp, "converted"), engine.preset, {"source": "test"}, []
     )
-    recorded = {
-        p.name: sorted(json.loads((p / "checksums.json").read_text())["files"])
-        for p in (saved, converted)
-    }
-    altered = {}
-    for path in (saved, converted):
-        largest = max(path.glob("*.distcp"), key=lambda p: p.stat().st_size)
-        with open(largest, "r+b") as f:  # 4 MB of garbage in the middle, the size unchanged
-            f.seek(largest.stat().st_size // 2 - (2 << 20))
-            f.write(os.urandom(4 << 20))
-        altered[path.name] = largest.name
     loads = {
         "load_for_resume": lambda: checkpoint.load_for_resume(engine, saved),
         "load_weights": lambda: checkpoint.load_weights(engine, saved),
@@ -250,6 +239,19 @@ def _loads_of_altered_checkpoints(rank: int, world_size: int, tmp: str) -> dict:
             engine.model[0], converted, engine.preset
         ),
     }
+    for load in loads.values():  # intact, each loads
+        load()
+    recorded = {
+        p.name: sorted(json.loads((p / "checksums.json").read_text())["files"])
+        for p in (saved, converted)
+    }
+    altered = {}
+    for path in (saved, converted):
+        largest = max(path.glob("*.distcp"), key=lambda p: p.stat().st_size)
+        with open(largest, "r+b") as f:  # 4 MB of garbage in the middle, the size unchanged
+            f.seek(largest.stat().st_size // 2 - (2 << 20))
+            f.write(os.urandom(4 << 20))
+        altered[path.name] = largest.name
     errors = {}
     for name, load in loads.items():
         try:
@@ -258,7 +260,7 @@ def _loads_of_altered_checkpoints(rank: int, world_size: int, tmp: str) -> dict:
         except checkpoint.CheckpointError as e:
             errors[name] = str(e)
     # One written before checksums existed still loads, with a warning.
-    older = checkpoint.save(engine, 2, 0)
+    older = checkpoint.save(engine, 2, trainer.consumed_samples)
     (older / "checksums.json").unlink()
     checkpoint.load_weights(engine, older)
     return {
@@ -271,21 +273,19 @@ def _loads_of_altered_checkpoints(rank: int, world_size: int, tmp: str) -> dict:
     }
 
 
-def test_altered_distcp_is_refused_by_every_load(tmp_path: Path):
-    out = run_distributed(_loads_of_altered_checkpoints, str(tmp_path), world_size=1)
+def test_altered_distcp_is_refused_by_every_load(tmp_path: Path, stdlib_shard):
+    out = run_distributed(_loads_of_altered_checkpoints, str(tmp_path), stdlib_shard, world_size=1)
     saved, converted = out["saved"], out["converted"]
-    # Every file of the directory is covered, the metadata and lineage as well as the shards.
-    for name in (Path(saved).name, Path(converted).name):
-        files = out["recorded"][name]
-        assert {".metadata", "common.pt", "metadata.json", "lineage.json", "arch.json"} <= set(
-            files
-        )
-        assert sum(f.endswith(".distcp") for f in files) >= 1
-    assert "config.yaml" in out["recorded"][Path(saved).name]
     for load, error in out["errors"].items():
         path = converted if load.endswith("converted") else saved
         altered = out["altered"][Path(path).name]
         assert error == f"{path}: {altered} differs from the checksum recorded at save", load
+    # Every file of the directory is covered, the metadata and lineage as well as the shards.
+    for name in (Path(saved).name, Path(converted).name):
+        files = set(out["recorded"][name])
+        assert {".metadata", "common.pt", "metadata.json", "lineage.json", "arch.json"} <= files
+        assert sum(f.endswith(".distcp") for f in files) >= 1
+    assert "config.yaml" in out["recorded"][Path(saved).name]
     older = str(Path(saved).parent / "iter_0000002")
     assert any(older in w and "no checksums.json" in w for w in out["warnings"])
 
