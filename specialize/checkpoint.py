@@ -34,7 +34,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -458,9 +458,17 @@ def save(engine: Engine, iteration: int, consumed_samples: int, parent: str | No
 
 
 def save_weights(
-    model: torch.nn.Module, out: Path, arch: QwenPreset, report: dict, extra_files: list[Path]
+    model: torch.nn.Module,
+    out: Path,
+    arch: QwenPreset,
+    report: dict,
+    extra_files: list[Path],
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """A weights-only checkpoint of a single-process model (conversion), written atomically."""
+    """A weights-only checkpoint of a single-process model (conversion), written atomically.
+
+    ``write_extra(directory)`` may add files (e.g. ``long_context.json``) before the checksums,
+    which cover every file, are recorded."""
     out = Path(out)
     partial = out.parent / f".{out.name}.partial"
     if partial.exists():
@@ -475,6 +483,8 @@ def save_weights(
     (partial / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
     for file in extra_files:
         shutil.copyfile(file, partial / Path(file).name)
+    if write_extra is not None:
+        write_extra(partial)
     write_checksums(partial)
     if out.exists():
         out.rmdir()  # empty (checked by the caller)

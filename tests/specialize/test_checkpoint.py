@@ -226,7 +226,12 @@ def _loads_of_altered_checkpoints(rank: int, world_size: int, tmp: str, shard: s
     trainer = _train(_common(f"{tmp}/run", shard), "train.steps=1")
     engine, saved = trainer.engine, trainer.last_checkpoint
     converted = checkpoint.save_weights(
-        engine.model[0], Path(tmp, "converted"), engine.preset, {"source": "test"}, []
+        engine.model[0],
+        Path(tmp, "converted"),
+        engine.preset,
+        {"source": "test"},
+        [],
+        write_extra=lambda directory: (directory / "long_context.json").write_text("{}"),
     )
     loads = {
         "load_for_resume": lambda: checkpoint.load_for_resume(engine, saved),
@@ -286,6 +291,7 @@ def test_altered_distcp_is_refused_by_every_load(tmp_path: Path, stdlib_shard):
         assert {".metadata", "common.pt", "metadata.json", "lineage.json", "arch.json"} <= files
         assert sum(f.endswith(".distcp") for f in files) >= 1
     assert "config.yaml" in out["recorded"][Path(saved).name]
+    assert "long_context.json" in out["recorded"][Path(converted).name]
     older = str(Path(saved).parent / "iter_0000002")
     assert any(older in w and "no checksums.json" in w for w in out["warnings"])
 
