@@ -275,14 +275,16 @@ def _make_way_for(path: Path) -> str | None:
 
 # dist_checkpointing's torch_dist save forks one writer process per file and hosts their results
 # queue in a spawned Manager process. Killed mid-save, the trainer left both behind (the writers
-# with the trainer's memory, blocked forever on a queue lock). A sync save needs no Manager: the
-# results are put and read in this process. The writers are told to die with the trainer.
+# with the trainer's memory, blocked forever on a queue lock). Saves here are synchronous, so the
+# results are put and read in this very process and need no Manager (the queue is megatron-core
+# 0.16.1's ``filesystem_async._results_queue``); the writers are told to die with the trainer.
 _PR_SET_PDEATHSIG = 1
 _saving_pid: int | None = None  # set while this process runs a save: its forks are its writers
 _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
 def _die_with_saving_parent() -> None:
+    """In a child forked during a save (a writer): be killed when the saving process dies."""
     global _saving_pid
     parent, _saving_pid = _saving_pid, None
     if parent is None or _prctl is None:
