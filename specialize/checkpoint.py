@@ -10,18 +10,31 @@ Layout of a run directory::
 A checkpoint is written to ``.iter_NNNNNNN.partial`` and renamed when every rank has finished, so
 an interrupted save never looks complete. Model and optimizer tensors are saved as sharded tensors
 (any TP/PP/DP can load them); RNG states are per (PP, TP) rank and restored when the layout matches.
+
+Every checkpoint records the size and SHA-256 of each of its files in ``checksums.json``; every load
+verifies them first. ``latest`` is a hint: a run resumes from its newest complete checkpoint whose
+files verify, skipping (with a warning) a corrupt newer one, which a later save of that iteration
+moves aside to ``iter_NNNNNNN.corrupt-<time>``. A save never overwrites an existing checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import queue
 import random
+import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +43,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 from base.presets import QwenPreset
 from specialize import config as config_mod
@@ -46,6 +60,10 @@ OPTIMIZER_METADATA = {
 }
 LATEST = "latest"
 ARCH_FILE = "arch.json"
+CHECKSUMS = "checksums.json"
+# What dist_checkpointing's torch_dist format cannot load without (checked when no checksums exist).
+_REQUIRED_FILES = ("metadata.json", "common.pt", ".metadata")
+_ITERATION_NAME = re.compile(r"iter_(\d+)")  # not .iter_*.partial, not iter_*.corrupt-*
 # Written by a staged run into each stage's run directory; lineage records copy it.
 STAGE_FILE = "stage.json"
 # Fields that must agree between a checkpoint and the model loading it (the context length may not).
@@ -66,27 +84,228 @@ class CheckpointError(RuntimeError):
 
 
 def find_latest(run_dir: str | Path) -> Path | None:
+    """The checkpoint a run resumes from: its newest complete one whose files verify.
+
+    ``latest`` is only a hint (deleted, or stale after a kill between a save's rename and its
+    marker): every complete ``iter_*`` directory counts. A corrupt newer one is skipped with a
+    warning, since resuming from an older one re-trains the same steps; if none verifies, the
+    newest corrupt one is named in a CheckpointError."""
     root = checkpoint_root(run_dir)
-    marker = root / LATEST
-    if not marker.is_file():
-        return None
-    path = root / marker.read_text().strip()
-    if not (path / "metadata.json").is_file():
-        raise CheckpointError(f"{marker} names {path}, which is not a complete checkpoint")
-    return path
+    intact, corrupt = _newest_intact(root)
+    if corrupt:
+        if intact is None:
+            raise CheckpointError(
+                f"{corrupt[0][1]}; {root} holds no earlier intact checkpoint to resume from "
+                f"(move {corrupt[0][0].name} aside to train from the start)"
+            )
+        for _, reason in corrupt:
+            _warn(f"{reason}; resuming from {intact}, the newest intact checkpoint")
+    elif intact is not None:
+        _check_marker(root, intact)
+    elif (root / LATEST).is_file():
+        _warn(f"{root / LATEST} names {_marker(root)}, but {root} holds no complete checkpoint")
+    return intact
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory (its newest checkpoint)."""
+    """A checkpoint directory, or a run directory (its newest complete checkpoint, which must
+    verify: a run directory named for init, eval or export never silently means an older one)."""
     path = Path(path)
     if (path / "metadata.json").is_file():
         return path
-    latest = find_latest(path) if path.is_dir() else None
-    if latest is None:
+    root = checkpoint_root(path)
+    intact, corrupt = _newest_intact(root) if path.is_dir() else (None, [])
+    if corrupt:
+        earlier = f"; the previous checkpoint {intact} verifies: name it instead" if intact else ""
+        raise CheckpointError(f"{corrupt[0][1]}{earlier}")
+    if intact is None:
         raise CheckpointError(
-            f"{path}: not a checkpoint (no metadata.json) and no {checkpoint_root(path) / LATEST}"
+            f"{path}: not a checkpoint (no metadata.json) and no complete checkpoint in {root}"
         )
-    return latest
+    _check_marker(root, intact)
+    return intact
+
+
+def _complete_checkpoints(root: Path) -> list[Path]:
+    """``iter_*`` directories that a save finished (renamed from ``.partial``), newest first."""
+    if not root.is_dir():
+        return []
+    found = [
+        (int(match.group(1)), path)
+        for path in root.iterdir()
+        if (match := _ITERATION_NAME.fullmatch(path.name)) and (path / "metadata.json").is_file()
+    ]
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def _newest_intact(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint that verifies, and the (path, reason) of newer corrupt ones."""
+    corrupt = []
+    for path in _complete_checkpoints(root):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            corrupt.append((path, str(e)))
+            continue
+        return path, corrupt
+    return None, corrupt
+
+
+def _marker(root: Path) -> str | None:
+    marker = root / LATEST
+    return marker.read_text().strip() if marker.is_file() else None
+
+
+def _check_marker(root: Path, found: Path) -> None:
+    named = _marker(root)
+    if named is None:
+        _warn(f"{root / LATEST} is missing; using {found}, the newest complete checkpoint")
+    elif named != found.name:
+        _warn(f"{root / LATEST} names {named}; using {found}, the newest intact checkpoint")
+
+
+_warned: set[str] = set()
+
+
+def _warn(message: str) -> None:
+    """Log once per process, on rank 0 (every rank finds the same)."""
+    if message in _warned or (dist.is_initialized() and dist.get_rank() != 0):
+        return
+    _warned.add(message)
+    log.warning(message)
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def write_checksums(path: Path) -> None:
+    """Record the size and SHA-256 of every file of a checkpoint directory (written last)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    record = {
+        "algorithm": "sha256",
+        "files": {
+            str(p.relative_to(path)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in files
+        },
+    }
+    (path / CHECKSUMS).write_text(json.dumps(record, indent=2) + "\n")
+
+
+# Verified checkpoints and the (name, size, mtime, inode) of their files then: each is hashed once
+# per process although the resume path reaches it through find_latest and then a load.
+_verified: dict[Path, tuple] = {}
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise CheckpointError naming the checkpoint and its first missing, truncated or altered
+    file. One written before checksums were recorded is only checked for its structure."""
+    path = Path(path)
+    record_file = path / CHECKSUMS
+    if not record_file.is_file():
+        for name in _REQUIRED_FILES:
+            if not (path / name).is_file():
+                raise CheckpointError(f"{path}: {name} is missing (not a complete checkpoint)")
+        _warn(f"{path}: no {CHECKSUMS} (written by an older version); its files are not verified")
+        return
+    key, signature = path.resolve(), _file_signature(path)
+    if _verified.get(key) == signature:
+        return
+    try:
+        files = json.loads(record_file.read_text())["files"]
+        recorded = {
+            name: (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()
+        }
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{record_file}: unreadable ({type(e).__name__}: {e})") from None
+    for name, (size, _) in recorded.items():  # sizes first: a truncation is found without hashing
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        if file.stat().st_size != size:
+            raise CheckpointError(
+                f"{path}: {name} is {file.stat().st_size} bytes, {size} when saved"
+            )
+    for name, (_, digest) in recorded.items():
+        try:
+            actual = _sha256(path / name)
+        except OSError as e:
+            raise CheckpointError(f"{path}: {name} cannot be read ({e.strerror})") from None
+        if actual != digest:
+            raise CheckpointError(f"{path}: {name} differs from the checksum recorded at save")
+    _verified[key] = signature
+
+
+def _file_signature(path: Path) -> tuple:
+    stats = ((p, p.stat()) for p in sorted(path.rglob("*")) if p.is_file())
+    return tuple((str(p), s.st_size, s.st_mtime_ns, s.st_ino) for p, s in stats)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a corrupt checkpoint out of the way of a new save of its iteration (never delete)."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    os.replace(path, target)
+    return target
+
+
+def _make_way_for(path: Path) -> str | None:
+    """Before a save of an existing iteration (rank 0): set a corrupt or incomplete checkpoint
+    there aside; an intact one is never overwritten, so return the refusal."""
+    try:
+        if not (path / "metadata.json").is_file():
+            raise CheckpointError(f"{path}: metadata.json is missing (an incomplete checkpoint)")
+        verify_checkpoint(path)
+    except CheckpointError as e:
+        target = _set_aside(path)
+        log.warning("%s; moved it to %s to save this iteration again", e, target)
+        return None
+    return f"{path} exists; a save never overwrites a checkpoint (resume from it, or move it away)"
+
+
+# ----------------------------------------------------------------------------- writer processes
+
+# dist_checkpointing's torch_dist save forks one writer process per file and hosts their results
+# queue in a spawned Manager process. Killed mid-save, the trainer left both behind (the writers
+# with the trainer's memory, blocked forever on a queue lock). Saves here are synchronous, so the
+# results are put and read in this very process and need no Manager (the queue is megatron-core
+# 0.16.1's ``filesystem_async._results_queue``); the writers are told to die with the trainer.
+_PR_SET_PDEATHSIG = 1
+_saving_pid: int | None = None  # set while this process runs a save: its forks are its writers
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+def _die_with_saving_parent() -> None:
+    """In a child forked during a save (a writer): be killed when the saving process dies."""
+    global _saving_pid
+    parent, _saving_pid = _saving_pid, None
+    if parent is None or _prctl is None:
+        return
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+os.register_at_fork(after_in_child=_die_with_saving_parent)
+
+
+@contextlib.contextmanager
+def _writers_die_with_this_process() -> Iterator[None]:
+    global _saving_pid
+    filesystem_async._results_queue = queue.Queue()
+    _saving_pid = os.getpid()
+    try:
+        yield
+    finally:
+        _saving_pid = None
 
 
 # ----------------------------------------------------------------------------- state
@@ -212,47 +431,63 @@ def save(engine: Engine, iteration: int, consumed_samples: int, parent: str | No
     final = iteration_dir(run_dir, iteration)
     partial = final.parent / f".{final.name}.partial"
     rank0 = dist.get_rank() == 0
+    refusal = [_make_way_for(final) if rank0 and final.exists() else None]
+    dist.broadcast_object_list(refusal, src=0)  # every rank stops, or none
+    if refusal[0] is not None:
+        raise CheckpointError(refusal[0])
     if rank0:
         # Saves are sequential: any partial directory here is from an interrupted run.
         for stale in final.parent.glob(".iter_*.partial"):
             shutil.rmtree(stale)
         partial.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(
-        _sharded_state(engine, iteration, consumed_samples, is_loading=False), str(partial)
-    )
+    with _writers_die_with_this_process():
+        dist_checkpointing.save(
+            _sharded_state(engine, iteration, consumed_samples, is_loading=False), str(partial)
+        )
     dist.barrier()
     if rank0:
         (partial / "config.yaml").write_text(config_mod.to_yaml(engine.cfg))
         write_architecture(partial, engine.preset)
         record = lineage_record(engine, iteration, consumed_samples, parent)
         (partial / "lineage.json").write_text(json.dumps(record, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
+        write_checksums(partial)
         os.replace(partial, final)
         _write_atomic(final.parent / LATEST, final.name + "\n")
-        _prune(final.parent, engine.cfg.checkpoint.keep_last)
+        _prune(final.parent, engine.cfg.checkpoint.keep_last, iteration)
     dist.barrier()
     return final
 
 
 def save_weights(
-    model: torch.nn.Module, out: Path, arch: QwenPreset, report: dict, extra_files: list[Path]
+    model: torch.nn.Module,
+    out: Path,
+    arch: QwenPreset,
+    report: dict,
+    extra_files: list[Path],
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """A weights-only checkpoint of a single-process model (conversion), written atomically."""
+    """A weights-only checkpoint of a single-process model (conversion), written atomically.
+
+    ``write_extra(directory)`` may add files (e.g. ``long_context.json``) before the checksums,
+    which cover every file, are recorded."""
     out = Path(out)
     partial = out.parent / f".{out.name}.partial"
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     module = getattr(model, "module", model)
-    dist_checkpointing.save({"model": module.sharded_state_dict()}, str(partial))
+    with _writers_die_with_this_process():
+        dist_checkpointing.save({"model": module.sharded_state_dict()}, str(partial))
     write_architecture(partial, arch)
     (partial / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
     lineage = {"parent": report.get("source"), "git_commit": git_commit(), "conversion": report}
     (partial / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
     for file in extra_files:
         shutil.copyfile(file, partial / Path(file).name)
+    if write_extra is not None:
+        write_extra(partial)
+    write_checksums(partial)
     if out.exists():
         out.rmdir()  # empty (checked by the caller)
     os.replace(partial, out)
@@ -265,11 +500,17 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def _prune(root: Path, keep_last: int, saved: int | None = None) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints up to the one just ``saved``; newer ones
+    (corrupt, skipped by a resume) wait to be set aside when their iteration is saved again."""
     if keep_last <= 0:
         return
-    done = sorted(p for p in root.glob("iter_*") if (p / "metadata.json").is_file())
-    for old in done[:-keep_last]:
+    done = [
+        path
+        for path in _complete_checkpoints(root)
+        if saved is None or int(_ITERATION_NAME.fullmatch(path.name).group(1)) <= saved
+    ]
+    for old in done[keep_last:]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -302,8 +543,8 @@ def check_architecture(path: Path, arch: QwenPreset) -> None:
 
 def load_for_resume(engine: Engine, path: Path) -> tuple[int, int]:
     """Restore model, optimizer, scheduler, RNG; returns (iteration, consumed_samples)."""
-    check_architecture(path, engine.preset)
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    _check_before_load(path, engine.preset)
+    common = _load_common(path)
     same_layout = common.get("layout") == _layout()
     state = _sharded_state(engine, 0, 0, is_loading=True)
     if not same_layout:
@@ -315,7 +556,7 @@ def load_for_resume(engine: Engine, path: Path) -> tuple[int, int]:
             common.get("layout"),
             _layout(),
         )
-    loaded = dist_checkpointing.load(state, str(path), strict="assume_ok_unexpected")
+    loaded = _load(state, path)
     _load_model(engine, loaded)
     _load_optimizer_state(engine, loaded["optimizer"])
     engine.scheduler.load_state_dict(loaded["scheduler"])
@@ -329,8 +570,8 @@ def load_weights_and_optimizer(engine: Engine, path: Path) -> None:
     """Load a checkpoint's weights and optimizer state (AdamW moments and step counts), for a
     stage that keeps its predecessor's optimizer. The schedule, iteration and RNG start fresh, and
     the optimizer's settings (LR bounds, betas, eps, weight decay) stay this run's own."""
-    check_architecture(path, engine.preset)
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    _check_before_load(path, engine.preset)
+    common = _load_common(path)
     if "scheduler" not in common:  # written by save(), not by save_weights()
         raise CheckpointError(
             f"{path}: holds no optimizer state (a weights-only checkpoint?); a stage starting "
@@ -340,7 +581,7 @@ def load_weights_and_optimizer(engine: Engine, path: Path) -> None:
     state["optimizer"] = engine.optimizer.sharded_state_dict(
         state, is_loading=True, metadata=OPTIMIZER_METADATA
     )
-    loaded = dist_checkpointing.load(state, str(path), strict="assume_ok_unexpected")
+    loaded = _load(state, path)
     _load_model(engine, loaded)
     _load_optimizer_state(engine, loaded["optimizer"])
     engine.scheduler.step(increment=0)  # this run's LR and weight decay at its step 0
@@ -363,20 +604,36 @@ def _load_optimizer_state(engine: Engine, state: dict) -> None:
 
 def load_weights(engine: Engine, path: Path) -> None:
     """Load only the model weights of a checkpoint (``init``): optimizer and schedule start fresh."""
-    check_architecture(path, engine.preset)
-    state = _model_state(engine)
-    loaded = dist_checkpointing.load(state, str(path), strict="assume_ok_unexpected")
+    _check_before_load(path, engine.preset)
+    loaded = _load(_model_state(engine), path)
     _load_model(engine, loaded)
 
 
 def load_model_weights(model: torch.nn.Module, path: Path, arch: QwenPreset) -> None:
     """Load a checkpoint's weights into one single-process model (conversion, export)."""
-    check_architecture(path, arch)
+    _check_before_load(path, arch)
     module = getattr(model, "module", model)
-    loaded = dist_checkpointing.load(
-        {"model": module.sharded_state_dict()}, str(path), strict="assume_ok_unexpected"
-    )
+    loaded = _load({"model": module.sharded_state_dict()}, path)
     module.load_state_dict(loaded["model"], strict=True)
+
+
+def _check_before_load(path: Path, arch: QwenPreset) -> None:
+    verify_checkpoint(path)
+    check_architecture(path, arch)
+
+
+def _load_common(path: Path) -> dict:
+    try:
+        return dist_checkpointing.load_common_state_dict(str(path))
+    except Exception as e:  # torch's message names neither the checkpoint nor the fault
+        raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {e})") from e
+
+
+def _load(state: dict, path: Path) -> dict:
+    try:
+        return dist_checkpointing.load(state, str(path), strict="assume_ok_unexpected")
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {e})") from e
 
 
 def _load_model(engine: Engine, loaded: dict) -> None:

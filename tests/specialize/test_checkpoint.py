@@ -1,7 +1,16 @@
-"""Checkpoint directory rules: only complete checkpoints count, the newest N are kept."""
+"""Checkpoint directory rules: only complete checkpoints count, the newest N are kept, a save never
+overwrites one, every load verifies the files' checksums, a corrupt newest checkpoint is skipped
+on resume, and a killed save leaves no writer process behind."""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,16 +22,33 @@ from specialize.checkpoint import (
     iteration_dir,
     resolve_checkpoint,
 )
+from tests.distributed import run_distributed
+
+ROOT = Path(__file__).resolve().parents[2]
+NANO = str(ROOT / "configs/base/qwen-nano.yaml")
+LOGGER = "specialize.checkpoint"
 
 
-def _fake_checkpoint(run: Path, iteration: int) -> Path:
+def _fake_checkpoint(run: Path, iteration: int, checksums: bool = True) -> Path:
+    """A directory shaped like a torch_dist checkpoint (what the directory rules look at)."""
+    from specialize.checkpoint import write_checksums
+
     path = iteration_dir(run, iteration)
     path.mkdir(parents=True)
     (path / "metadata.json").write_text("{}")
+    (path / "common.pt").write_bytes(b"common")
+    (path / ".metadata").write_bytes(b"metadata")
+    (path / "__0_0.distcp").write_bytes(bytes(range(256)) * 64)
+    if checksums:
+        write_checksums(path)
     return path
 
 
-def test_latest_names_only_complete_checkpoints(tmp_path: Path):
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == LOGGER]
+
+
+def test_latest_names_only_complete_checkpoints(tmp_path: Path, caplog):
     assert find_latest(tmp_path) is None
     done = _fake_checkpoint(tmp_path, 10)
     (done.parent / ".iter_0000020.partial").mkdir()  # an interrupted save
@@ -30,9 +56,10 @@ def test_latest_names_only_complete_checkpoints(tmp_path: Path):
     assert find_latest(tmp_path) == done
     assert resolve_checkpoint(tmp_path) == done  # a run directory resolves to its newest checkpoint
     assert resolve_checkpoint(done) == done
-    (done.parent / "latest").write_text("iter_0000020\n")
-    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
-        find_latest(tmp_path)
+    (done.parent / "latest").write_text("iter_0000020\n")  # a marker is a hint, not the truth
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert find_latest(tmp_path) == done
+    assert any("names iter_0000020" in w and str(done) in w for w in _warnings(caplog))
 
 
 def test_resolve_rejects_a_directory_without_checkpoints(tmp_path: Path):
@@ -61,3 +88,388 @@ def test_a_checkpoint_of_another_architecture_is_refused(tmp_path: Path):
     message = str(e.value)
     assert "holds a qwen-nano model but this run builds qwen-tiny" in message
     assert "hidden_size: 32 in the checkpoint, 128 here" in message and "model.preset" in message
+
+
+# ----------------------------------------------------------------------------- the latest marker
+
+
+def test_missing_latest_marker_finds_the_newest_complete_checkpoint(tmp_path: Path, caplog):
+    for iteration in (2, 5, 10):
+        newest = _fake_checkpoint(tmp_path, iteration)
+    root = newest.parent
+    (root / ".iter_0000011.partial").mkdir()  # an interrupted save does not count
+    (root / "iter_0000012.corrupt-20240101T000000").mkdir()  # nor one set aside
+    (root / "iter_0000012.corrupt-20240101T000000" / "metadata.json").write_text("{}")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert find_latest(tmp_path) == newest
+        assert resolve_checkpoint(tmp_path) == newest
+    assert any(f"{root / 'latest'} is missing" in w for w in _warnings(caplog))
+
+
+def test_stale_latest_marker_loses_to_a_newer_complete_checkpoint(tmp_path: Path, caplog):
+    """A kill between a save's rename and its marker leaves the marker one checkpoint behind; a
+    resume from it would reach the newer iteration and have to overwrite it."""
+    older = _fake_checkpoint(tmp_path, 5)
+    newer = _fake_checkpoint(tmp_path, 10)
+    (older.parent / "latest").write_text(older.name + "\n")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert find_latest(tmp_path) == newer
+    assert any("names iter_0000005" in w for w in _warnings(caplog))
+
+
+def test_keep_last_keeps_checkpoints_newer_than_the_one_saved(tmp_path: Path):
+    """Resumed from iter_8 past a corrupt iter_10, saving iter_9 must not prune iter_8 and keep
+    the corrupt one (it is set aside when iter_10 is saved again)."""
+    for iteration in (7, 8, 9, 10):
+        _fake_checkpoint(tmp_path, iteration)
+    root = iteration_dir(tmp_path, 0).parent
+    _prune(root, keep_last=2, saved=9)
+    assert sorted(p.name for p in root.iterdir()) == [
+        "iter_0000008",
+        "iter_0000009",
+        "iter_0000010",
+    ]
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+def test_checksums_name_the_altered_file(tmp_path: Path):
+    from specialize.checkpoint import verify_checkpoint
+
+    path = _fake_checkpoint(tmp_path, 1)
+    verify_checkpoint(path)
+    data = bytearray((path / "__0_0.distcp").read_bytes())
+    data[100:200] = bytes(100)  # same size: only the hash tells
+    (path / "__0_0.distcp").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as e:
+        verify_checkpoint(path)
+    assert str(e.value) == f"{path}: __0_0.distcp differs from the checksum recorded at save"
+
+
+def test_checkpoint_without_checksums_is_used_with_a_warning(tmp_path: Path, caplog):
+    from specialize.checkpoint import verify_checkpoint
+
+    path = _fake_checkpoint(tmp_path, 1, checksums=False)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        verify_checkpoint(path)
+        assert find_latest(tmp_path) == path
+    assert any("no checksums.json" in w and str(path) in w for w in _warnings(caplog))
+    (path / ".metadata").unlink()  # still, what cannot load is found before torch's traceback
+    with pytest.raises(CheckpointError, match=r"\.metadata is missing"):
+        verify_checkpoint(path)
+
+
+# ----------------------------------------------------------------------------- corrupt newest
+
+
+@pytest.mark.parametrize("fault", ["truncated distcp", "missing .metadata"])
+def test_corrupt_newest_checkpoint_falls_back_on_resume_with_a_warning(
+    tmp_path: Path, caplog, fault: str
+):
+    previous = _fake_checkpoint(tmp_path, 5)
+    newest = _fake_checkpoint(tmp_path, 10)
+    (newest.parent / "latest").write_text(newest.name + "\n")
+    if fault == "truncated distcp":
+        os.truncate(newest / "__0_0.distcp", 1000)
+    else:
+        (newest / ".metadata").unlink()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert find_latest(tmp_path) == previous
+    (warning,) = [w for w in _warnings(caplog) if str(newest) in w]
+    assert ("__0_0.distcp" if fault == "truncated distcp" else ".metadata") in warning
+    assert f"resuming from {previous}" in warning
+    # Named explicitly (init=, eval, export), a run directory never silently means an older one.
+    with pytest.raises(CheckpointError) as e:
+        resolve_checkpoint(tmp_path)
+    assert str(newest) in str(e.value) and f"previous checkpoint {previous}" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_corrupt_only_checkpoint_stops_with_one_line_naming_it(tmp_path: Path):
+    only = _fake_checkpoint(tmp_path, 10)
+    (only / ".metadata").unlink()
+    with pytest.raises(CheckpointError) as e:
+        find_latest(tmp_path)
+    message = str(e.value)
+    assert message.startswith(f"{only}: .metadata is missing") and "\n" not in message
+    assert "no earlier intact checkpoint" in message
+
+
+# ----------------------------------------------------------------------------- with a real model
+
+
+def _nano_engine(run_dir: str):
+    from specialize.config import derive, load_config
+    from specialize.distributed import init_distributed
+    from specialize.engine import Engine
+
+    cfg = load_config(NANO, [f"checkpoint.dir={run_dir}", "data.paths=[unused]", "train.steps=20"])
+    topo = init_distributed(cfg.parallel)
+    return Engine.build(cfg, topo, derive(cfg, topo.world_size))
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _loads_of_altered_checkpoints(rank: int, world_size: int, tmp: str, shard: str) -> dict:
+    from specialize import checkpoint
+
+    warnings = _Collect()
+    logging.getLogger(LOGGER).addHandler(warnings)
+    trainer = _train(_common(f"{tmp}/run", shard), "train.steps=1")
+    engine, saved = trainer.engine, trainer.last_checkpoint
+    converted = checkpoint.save_weights(
+        engine.model[0],
+        Path(tmp, "converted"),
+        engine.preset,
+        {"source": "test"},
+        [],
+        write_extra=lambda directory: (directory / "long_context.json").write_text("{}"),
+    )
+    loads = {
+        "load_for_resume": lambda: checkpoint.load_for_resume(engine, saved),
+        "load_weights": lambda: checkpoint.load_weights(engine, saved),
+        "load_weights_and_optimizer": lambda: checkpoint.load_weights_and_optimizer(engine, saved),
+        "load_model_weights": lambda: checkpoint.load_model_weights(
+            engine.model[0], saved, engine.preset
+        ),
+        "load_model_weights converted": lambda: checkpoint.load_model_weights(
+            engine.model[0], converted, engine.preset
+        ),
+    }
+    for load in loads.values():  # intact, each loads
+        load()
+    recorded = {
+        p.name: sorted(json.loads((p / "checksums.json").read_text())["files"])
+        for p in (saved, converted)
+    }
+    altered = {}
+    for path in (saved, converted):
+        largest = max(path.glob("*.distcp"), key=lambda p: p.stat().st_size)
+        with open(largest, "r+b") as f:  # 4 MB of garbage in the middle, the size unchanged
+            f.seek(largest.stat().st_size // 2 - (2 << 20))
+            f.write(os.urandom(4 << 20))
+        altered[path.name] = largest.name
+    errors = {}
+    for name, load in loads.items():
+        try:
+            load()
+            errors[name] = None
+        except checkpoint.CheckpointError as e:
+            errors[name] = str(e)
+    # One written before checksums existed still loads, with a warning.
+    older = checkpoint.save(engine, 2, trainer.consumed_samples)
+    (older / "checksums.json").unlink()
+    checkpoint.load_weights(engine, older)
+    return {
+        "saved": str(saved),
+        "converted": str(converted),
+        "recorded": recorded,
+        "altered": altered,
+        "errors": errors,
+        "warnings": warnings.messages,
+    }
+
+
+def test_altered_distcp_is_refused_by_every_load(tmp_path: Path, stdlib_shard):
+    out = run_distributed(_loads_of_altered_checkpoints, str(tmp_path), stdlib_shard, world_size=1)
+    saved, converted = out["saved"], out["converted"]
+    for load, error in out["errors"].items():
+        path = converted if load.endswith("converted") else saved
+        altered = out["altered"][Path(path).name]
+        assert error == f"{path}: {altered} differs from the checksum recorded at save", load
+    # Every file of the directory is covered, the metadata and lineage as well as the shards.
+    for name in (Path(saved).name, Path(converted).name):
+        files = set(out["recorded"][name])
+        assert {".metadata", "common.pt", "metadata.json", "lineage.json", "arch.json"} <= files
+        assert sum(f.endswith(".distcp") for f in files) >= 1
+    assert "config.yaml" in out["recorded"][Path(saved).name]
+    assert "long_context.json" in out["recorded"][Path(converted).name]
+    older = str(Path(saved).parent / "iter_0000002")
+    assert any(older in w and "no checksums.json" in w for w in out["warnings"])
+
+
+def _train(common: list[str], *overrides: str):
+    from specialize.config import load_config
+    from specialize.run import train
+
+    return train(load_config(NANO, [*common, *overrides]))
+
+
+def _common(run_dir: str, shard: str) -> list[str]:
+    return [
+        f"checkpoint.dir={run_dir}",
+        f"data.paths=[{shard}]",
+        "data.split=95,5,0",
+        "data.seq_length=32",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=2",
+        "schedule.warmup_steps=0",
+        "checkpoint.interval=1",
+        "logging.progress=false",
+        "logging.tensorboard=false",
+    ]
+
+
+def _files(root: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _runs_without_latest_marker(rank: int, world_size: int, tmp: str, shard: str) -> dict:
+    from specialize import checkpoint
+
+    common = _common(f"{tmp}/run", shard) + ["checkpoint.keep_last=0"]
+    _train(common, "train.steps=3")
+    root = checkpoint.checkpoint_root(f"{tmp}/run")
+    (root / checkpoint.LATEST).unlink()
+    before = _files(root)
+    second = _train(common, "train.steps=4")
+    after = _files(root)
+    try:
+        checkpoint.save(second.engine, 2, second.consumed_samples)
+        refused = None
+    except checkpoint.CheckpointError as e:
+        refused = str(e)
+    return {
+        "start": second.start_step,
+        "unchanged": all(after.get(name) == stat for name, stat in before.items()),
+        "checkpoints": sorted(p.name for p in root.glob("iter_*")),
+        "refused": refused,
+        "iter2": str(root / "iter_0000002"),
+    }
+
+
+def test_deleted_latest_marker_resumes_and_never_overwrites(tmp_path: Path, stdlib_shard):
+    out = run_distributed(_runs_without_latest_marker, str(tmp_path), stdlib_shard, world_size=1)
+    assert out["start"] == 3  # resumed from iter_3, not step 1 again
+    assert out["unchanged"]  # iter_1..3 are the same files as before
+    assert out["checkpoints"] == [f"iter_{i:07d}" for i in (1, 2, 3, 4)]
+    assert out["refused"] is not None and out["refused"].startswith(f"{out['iter2']} exists")
+    assert "never overwrites" in out["refused"]
+
+
+def _resume_past_a_corrupt_checkpoint(rank: int, world_size: int, tmp: str, shard: str) -> dict:
+    from specialize import checkpoint
+
+    warnings = _Collect()
+    logging.getLogger(LOGGER).addHandler(warnings)
+    common = _common(f"{tmp}/run", shard) + ["checkpoint.keep_last=2"]
+    first = _train(common, "train.steps=3")
+    root = checkpoint.checkpoint_root(f"{tmp}/run")
+    shard_file = max((root / "iter_0000003").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    size = shard_file.stat().st_size
+    os.truncate(shard_file, size // 2)
+    second = _train(common, "train.steps=3")
+    aside = sorted(root.glob("iter_0000003.corrupt-*"))
+    checkpoint.verify_checkpoint(root / "iter_0000003")  # the new one is intact
+    return {
+        "first": first.history,
+        "second": second.history,
+        "start": second.start_step,
+        "resumed_from": str(second.resumed_from),
+        "checkpoints": sorted(p.name for p in root.glob("iter_*")),
+        "aside_shard_size": (aside[0] / shard_file.name).stat().st_size if aside else None,
+        "truncated_size": size // 2,
+        "warnings": warnings.messages,
+        "root": str(root),
+        "shard": shard_file.name,
+    }
+
+
+def test_corrupt_newest_checkpoint_resumes_from_previous_and_is_set_aside(
+    tmp_path: Path, stdlib_shard
+):
+    out = run_distributed(
+        _resume_past_a_corrupt_checkpoint, str(tmp_path), stdlib_shard, world_size=1
+    )
+    root = Path(out["root"])
+    assert out["start"] == 2 and out["resumed_from"] == str(root / "iter_0000002")
+    assert out["second"] == out["first"][2:]  # step 3 again, bit for bit
+    corrupt = str(root / "iter_0000003")
+    assert any(
+        w.startswith(f"{corrupt}: {out['shard']} is ") and "resuming from" in w
+        for w in out["warnings"]
+    )
+    # The corrupt checkpoint is kept under another name, as it was; the pruning kept iter_2.
+    (aside,) = [n for n in out["checkpoints"] if ".corrupt-" in n]
+    assert out["aside_shard_size"] == out["truncated_size"]
+    assert sorted(set(out["checkpoints"]) - {aside}) == ["iter_0000002", "iter_0000003"]
+    assert any(aside in w and "moved it" in w for w in out["warnings"])
+
+
+# ----------------------------------------------------------------------------- a killed save
+
+
+def _save_held_in_its_writers(run_dir: str, pids_dir: str) -> None:
+    """Run in a subprocess: a save whose writer processes record their pid and wait."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import (
+        FileSystemWriterAsync,
+    )
+
+    from specialize import checkpoint
+
+    write = FileSystemWriterAsync.write_preloaded_data
+
+    def held(*args, **kwargs):
+        Path(pids_dir, str(os.getpid())).write_text("")
+        time.sleep(300)
+        return write(*args, **kwargs)
+
+    FileSystemWriterAsync.write_preloaded_data = staticmethod(held)
+    checkpoint.save(_nano_engine(run_dir), 1, 0)
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.slow
+def test_killed_save_leaves_no_writer_process(tmp_path: Path):
+    import psutil
+
+    pids_dir = tmp_path / "writers"
+    pids_dir.mkdir()
+    code = (
+        "from tests.specialize.test_checkpoint import _save_held_in_its_writers as f; "
+        f"f({str(tmp_path / 'run')!r}, {str(pids_dir)!r})"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    saver = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)
+    descendants: set[int] = set()
+    try:
+        deadline = time.monotonic() + 300
+        while not any(pids_dir.iterdir()):
+            assert saver.poll() is None, "the saving process ended before its writers started"
+            assert time.monotonic() < deadline, "no writer started"
+            time.sleep(0.2)
+        descendants = {p.pid for p in psutil.Process(saver.pid).children(recursive=True)}
+        os.kill(saver.pid, signal.SIGKILL)
+        saver.wait()
+        writers = {int(p.name) for p in pids_dir.iterdir()}  # with any forked after the listing
+        assert saver.pid not in writers  # the writes run in processes of their own
+        descendants |= writers
+        deadline = time.monotonic() + 10
+        while any(map(_alive, descendants)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        survivors = [pid for pid in descendants if _alive(pid)]
+        assert not survivors, f"processes of the killed save still run: {survivors}"
+    finally:
+        for pid in descendants | {saver.pid}:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
