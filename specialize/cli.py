@@ -261,7 +261,15 @@ def cmd_convert_import(args: argparse.Namespace) -> int:
 
     from specialize.convert import import_hf
 
-    report = _convert(import_hf, args.hf, args.output, tp=args.tp, pp=args.pp, dtype=args.dtype)
+    report = _convert(
+        import_hf,
+        args.hf,
+        args.output,
+        tp=args.tp,
+        pp=args.pp,
+        dtype=args.dtype,
+        allow_nonfinite=args.allow_nonfinite,
+    )
     if report is None:
         return 2
     print(json.dumps(report, indent=2))
@@ -282,6 +290,7 @@ def cmd_convert_export(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_verify(args: argparse.Namespace) -> int:
+    from base.hf_checkpoint import HFCheckpointError
     from specialize.convert import verify
     from specialize.distributed import shutdown
     from specialize.verify import ParityError
@@ -292,6 +301,9 @@ def cmd_convert_verify(args: argparse.Namespace) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"parity check FAILED: {e}", file=sys.stderr)
         return 1
+    except HFCheckpointError as e:
+        print(f"conversion error: {e}", file=sys.stderr)
+        return 2
     finally:
         shutdown()
     if int(os.environ.get("RANK", "0")) == 0:
@@ -674,6 +686,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("bf16", "fp32"),
         default=None,
         help="cast (default: keep the stored dtype)",
+    )
+    imp.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="import tensors holding NaN/Inf (default: refuse them, naming the first)",
     )
     imp.set_defaults(func=cmd_convert_import)
     exp = convert.add_parser("export", help="megatron-core checkpoint -> Hugging Face directory")

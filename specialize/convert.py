@@ -8,13 +8,23 @@ carry global shapes: any TP/PP loads it. Nothing is written unless every tensor 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import pickle
+import shutil
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from base.hf_checkpoint import (
     HFCheckpointError,
+    HFModel,
+    iter_file_tensors,
+    matching_preset,
     qwen2_tensors,
     qwen_v1_long_context_config,
     read_config,
@@ -67,9 +77,20 @@ def qwen2_shapes(arch: QwenPreset) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def recipe_model_fields(arch: QwenPreset) -> dict[str, object]:
+    """``model.*`` fields of a recipe that builds ``arch``: the preset of its shape and what differs
+    from it (so a qwen-nano checkpoint is built, and named, as qwen-nano), else every field."""
+    fields = architecture_overrides(arch)
+    preset = matching_preset(arch)
+    if preset is None:
+        return fields
+    preset_fields = architecture_overrides(preset)
+    return {"preset": preset.name, **{k: v for k, v in fields.items() if preset_fields[k] != v}}
+
+
 def layout_config(arch: QwenPreset, tp: int, pp: int) -> RecipeConfig:
     """A validated config that builds ``arch`` at TP x PP (raises ConfigError when it does not fit)."""
-    overrides = (f"model.{k}={v}" for k, v in architecture_overrides(arch).items())
+    overrides = (f"model.{k}={v}" for k, v in recipe_model_fields(arch).items())
     return load_config(
         None, ["train.steps=1", f"parallel.tensor={tp}", f"parallel.pipeline={pp}", *overrides]
     )
@@ -94,10 +115,26 @@ def _target_dtype(source: torch.dtype, requested: str | None) -> tuple[str, str]
     return requested, note
 
 
+def _check_output(out: Path) -> None:
+    """The output must be a new or empty directory: never overwrite, never write into a file."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise HFCheckpointError(f"{existing}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()):
+        raise HFCheckpointError(f"{out}: exists and is not empty")
+
+
 def import_hf(
-    hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype: str | None = None
+    hf_dir: str | Path,
+    out: str | Path,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: str | None = None,
+    allow_nonfinite: bool = False,
 ) -> dict:
-    """Convert; returns the report (also written to ``OUT/conversion.json``)."""
+    """Convert; returns the report (also written to ``OUT/conversion.json``).
+
+    A tensor holding NaN or Inf is refused unless ``allow_nonfinite`` (then counted and reported)."""
     from specialize import checkpoint
     from specialize.distributed import init_distributed, seed_all
 
@@ -105,19 +142,24 @@ def import_hf(
     model_info = read_config(hf_dir)
     arch = model_info.arch
     built_dtype, dtype_note = _target_dtype(model_info.dtype, dtype)
-    overrides = architecture_overrides(arch)
     try:  # the layout this checkpoint is meant for must divide the model
         recipe = layout_config(arch, tp, pp)
     except ConfigError as e:
         raise HFCheckpointError(f"--tp {tp} --pp {pp} do not fit {hf_dir}: {e}") from None
-    if out.exists() and any(out.iterdir()):
-        raise HFCheckpointError(f"{out}: exists and is not empty")
+    _check_output(out)
 
     init_distributed(ParallelConfig())  # one process: the checkpoint's tensors are global anyway
     seed_all(0)
     model = build_model(arch, ModelOptions(spec="local", dtype=built_dtype, initialize=False))
     params = dict(model.named_parameters())
-    _fill(model_info, arch, params)
+    nonfinite: list[str] = []
+    _fill(model_info, arch, params, nonfinite if allow_nonfinite else None)
+    if nonfinite:
+        log.warning(
+            "%d tensors hold NaN/Inf values, imported as they are (--allow-nonfinite): %s",
+            len(nonfinite),
+            ", ".join(nonfinite[:5]) + (" ..." if len(nonfinite) > 5 else ""),
+        )
 
     tokenizer_file = hf_dir / QwenTokenizer.VOCAB_FILE
     tokenizer = QwenTokenizer.load(tokenizer_file if tokenizer_file.is_file() else None)
@@ -129,10 +171,10 @@ def import_hf(
         "dtype": dtype_note,
         "suggested_layout": {"tensor": tp, "pipeline": pp},
         "tokenizer": {"file": str(tokenizer.vocab_file), "sha256": tokenizer.sha256},
-        "recipe_model": {"preset": recipe.model.preset, **overrides}
-        if arch.name == "custom"
-        else {"preset": arch.name},
+        "recipe_model": {"preset": recipe.model.preset, **recipe_model_fields(arch)},
     }
+    if nonfinite:
+        report["nonfinite_tensors"] = nonfinite
     checkpoint.save_weights(model, out, arch, report, extra_files=[tokenizer.vocab_file])
     if (
         model_info.long_context is not None
@@ -141,14 +183,44 @@ def import_hf(
     return report
 
 
-def _fill(model_info, arch: QwenPreset, params: dict[str, torch.nn.Parameter]) -> None:
+def _finite_tensors(
+    model_info: HFModel, nonfinite: list[str] | None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors as stored, each checked for NaN/Inf as it streams in: an error
+    naming the first one, or (``nonfinite`` given) its name appended there."""
+    for file, name, tensor in iter_file_tensors(model_info.path):
+        if tensor.is_floating_point():
+            bad = _count_nonfinite(tensor)
+            if bad and nonfinite is None:
+                raise HFCheckpointError(
+                    f"{file}: tensor {name} holds {bad} NaN/Inf values of {tensor.numel()} "
+                    "(--allow-nonfinite imports them anyway)"
+                )
+            if bad:
+                nonfinite.append(name)
+        yield name, tensor
+
+
+def _count_nonfinite(tensor: torch.Tensor, chunk: int = 2**24) -> int:
+    """NaN and Inf values, counted in chunks: a mask of the whole embedding would cost a quarter of
+    its size on top of the one tensor import holds."""
+    flat = tensor.reshape(-1)
+    return sum(int((~torch.isfinite(part)).sum()) for part in flat.split(chunk))
+
+
+def _fill(
+    model_info: HFModel,
+    arch: QwenPreset,
+    params: dict[str, torch.nn.Parameter],
+    nonfinite: list[str] | None = None,
+) -> None:
     """Stream HF tensors into the parameters; every shape and every tensor accounted for."""
     sources = megatron_sources(arch)
     needed_by = {hf: mg for mg, (names, _) in sources.items() for hf in names}
     shapes = qwen2_shapes(arch)
     pending: dict[str, torch.Tensor] = {}
     filled: set[str] = set()
-    for name, tensor in qwen2_tensors(model_info):
+    for name, tensor in qwen2_tensors(model_info, _finite_tensors(model_info, nonfinite)):
         if name not in needed_by:
             raise HFCheckpointError(
                 f"{name}: unexpected tensor (shape {tuple(tensor.shape)}) for a {arch.name} model"
@@ -229,58 +301,151 @@ def _stored_dtype(ckpt: Path) -> torch.dtype:
     return metadata["embedding.word_embeddings.weight"].dtype
 
 
+def _read_architecture(ckpt: Path) -> QwenPreset:
+    from specialize.checkpoint import ARCH_FILE, CheckpointError
+
+    arch_file = ckpt / ARCH_FILE
+    if not arch_file.is_file():
+        raise CheckpointError(f"{ckpt}: no {ARCH_FILE}; cannot tell the architecture")
+    try:
+        record = json.loads(arch_file.read_text())
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        record.pop("query_groups", None)
+        return QwenPreset(**record)
+    except (ValueError, TypeError) as e:  # bad JSON; missing or unknown fields
+        raise CheckpointError(f"{arch_file}: not an architecture record ({e})") from None
+
+
+# Files of a dist_checkpointing (torch_dist) checkpoint that megatron reads before any tensor; a
+# missing common.pt even fails inside megatron with an AttributeError, so look first.
+_CHECKPOINT_INDEX_FILES = (".metadata", "common.pt")
+
+
+@contextlib.contextmanager
+def _damaged_checkpoint_is_an_error(ckpt: Path) -> Iterator[None]:
+    """Turn what a truncated, missing or garbled checkpoint file raises while megatron/torch load
+    it into a CheckpointError naming the checkpoint (other errors pass through)."""
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint import CheckpointException
+
+    from specialize.checkpoint import CheckpointError
+
+    damaged = (OSError, EOFError, pickle.UnpicklingError, json.JSONDecodeError)
+    for name in _CHECKPOINT_INDEX_FILES:
+        if not (ckpt / name).is_file():
+            raise CheckpointError(f"{ckpt}: {name} is missing; the checkpoint is incomplete")
+    if not zipfile.is_zipfile(ckpt / "common.pt"):  # a torch.save archive; truncation breaks it
+        raise CheckpointError(f"{ckpt}: common.pt is truncated or corrupt")
+    try:
+        yield
+    except CheckpointException as e:  # torch's per-rank wrapper around the read errors
+        causes = [exc for exc, _ in e.failures.values()]
+        if not causes or not all(isinstance(c, damaged) for c in causes):
+            raise
+        raise CheckpointError(f"{ckpt}: cannot read its tensors ({_describe(causes[0])})") from None
+    except (*damaged, CheckpointingException) as e:
+        raise CheckpointError(f"{ckpt}: cannot be loaded ({_describe(e)})") from None
+
+
+def _describe(error: BaseException) -> str:
+    text = " ".join(str(error).split())  # one line
+    hint = "; a file is truncated" if isinstance(error, EOFError) else ""
+    return f"{type(error).__name__}: {text}{hint}" if text else f"{type(error).__name__}{hint}"
+
+
+def _default_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def export_hf(
     ckpt: str | Path, out: str | Path, fmt: str = "qwen2", max_shard_bytes: int = 5 * 2**30
 ) -> dict:
     """Write a Hugging Face directory: safetensors shards (+ index), config, generation config, tokenizer."""
-    import json
-    import os
-    import shutil
+    from specialize import checkpoint
 
+    if fmt not in ("qwen2", "qwen"):
+        raise HFCheckpointError(f"--format {fmt}: must be qwen2 or qwen")
+    ckpt, out = checkpoint.resolve_checkpoint(ckpt), Path(out)
+    _check_output(out)
+    arch = _read_architecture(ckpt)
+    model, dtype = _load_for_export(ckpt, arch)
+
+    partial = out.parent / f".{out.name}.partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    try:
+        partial.mkdir(parents=True)
+    except OSError as e:
+        raise HFCheckpointError(f"{out}: cannot create ({e.strerror})") from None
+    try:
+        shards, tensors = _write_hf_directory(
+            model, arch, ckpt, partial, fmt, dtype, max_shard_bytes
+        )
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written is left behind
+        raise
+    if out.exists():
+        out.rmdir()  # empty (checked above)
+    os.replace(partial, out)
+    return {
+        "checkpoint": str(ckpt),
+        "format": fmt,
+        "dtype": TORCH_DTYPE_NAMES[dtype],
+        "shards": shards,
+        "tensors": tensors,
+    }
+
+
+def _load_for_export(ckpt: Path, arch: QwenPreset) -> tuple[torch.nn.Module, torch.dtype]:
+    from specialize import checkpoint
+    from specialize.distributed import init_distributed, seed_all
+
+    init_distributed(ParallelConfig())
+    seed_all(0)
+    with _damaged_checkpoint_is_an_error(ckpt):
+        dtype = _stored_dtype(ckpt)
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+        model = build_model(arch, ModelOptions(spec="local", dtype=name, initialize=False))
+        checkpoint.load_model_weights(model, ckpt, arch)
+    return model, dtype
+
+
+def _write_hf_directory(
+    model: torch.nn.Module,
+    arch: QwenPreset,
+    ckpt: Path,
+    partial: Path,
+    fmt: str,
+    dtype: torch.dtype,
+    max_shard_bytes: int,
+) -> tuple[int, int]:
+    """Fill ``partial``; returns (shards, tensors)."""
     from safetensors.torch import save_file
 
     from base.hf_checkpoint import qwen2_to_qwen_v1_names
     from base.hf_mapping import megatron_to_hf
     from base.hf_tokenizer import write_hf_tokenizer
-    from specialize import checkpoint
-    from specialize.distributed import init_distributed, seed_all
 
-    if fmt not in ("qwen2", "qwen"):
-        raise HFCheckpointError(f"--format {fmt}: must be qwen2 or qwen")
-    ckpt, out = checkpoint.resolve_checkpoint(ckpt), Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise HFCheckpointError(f"{out}: exists and is not empty")
-    arch_file = ckpt / checkpoint.ARCH_FILE
-    if not arch_file.is_file():
-        raise HFCheckpointError(f"{ckpt}: no {checkpoint.ARCH_FILE}; cannot tell the architecture")
-    record = json.loads(arch_file.read_text())
-    record.pop("query_groups", None)
-    arch = QwenPreset(**record)
-    dtype = _stored_dtype(ckpt)
-
-    init_distributed(ParallelConfig())
-    seed_all(0)
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
-    model = build_model(arch, ModelOptions(spec="local", dtype=name, initialize=False))
-    checkpoint.load_model_weights(model, ckpt, arch)
     weights = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
     tensors = megatron_to_hf(weights, arch)
     if fmt == "qwen":
         tensors = qwen2_to_qwen_v1_names(tensors, arch)
 
-    partial = out.parent / f".{out.name}.partial"
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
     # Each shard is written as soon as it is full and then dropped: peak memory is the model plus
     # one shard. Files are renamed once the shard count (part of the name) is known.
     written: list[tuple[Path, list[str]]] = []
     shard: dict[str, torch.Tensor] = {}
     size = total = 0
+    mode = _default_file_mode()
 
     def flush() -> None:
         file = partial / f"shard-{len(written):05d}.tmp"
         save_file(shard, str(file), metadata={"format": "pt"})
+        file.chmod(mode)  # safetensors writes a 0600 temporary file and renames it
         written.append((file, list(shard)))
         shard.clear()
 
@@ -320,16 +485,7 @@ def export_hf(
     tokenizer = QwenTokenizer.load(vocab if vocab.is_file() else None)
     shutil.copyfile(tokenizer.vocab_file, partial / QwenTokenizer.VOCAB_FILE)
     write_hf_tokenizer(tokenizer, partial, arch.max_position_embeddings)  # vocab.json + merges.txt
-    if out.exists():
-        out.rmdir()  # empty (checked above)
-    os.replace(partial, out)
-    return {
-        "checkpoint": str(ckpt),
-        "format": fmt,
-        "dtype": TORCH_DTYPE_NAMES[dtype],
-        "shards": shards,
-        "tensors": len(weight_map),
-    }
+    return shards, len(weight_map)
 
 
 # ----------------------------------------------------------------------------- verify
@@ -339,11 +495,14 @@ def verify(
     hf_dir: str | Path, ckpt: str | Path, tp: int = 1, pp: int = 1, tolerance: float = 1e-4
 ) -> list[str]:
     """Load ``ckpt`` at TP/PP (this process is one rank of a TP x PP world) and compare with ``hf_dir``."""
+    from specialize.checkpoint import resolve_checkpoint
     from specialize.generate import WorldSizeError, load_model
     from specialize.verify import compare
 
+    read_config(hf_dir)  # a bad reference directory is an error before any model is built
     try:
-        model, _ = load_model(ckpt, tp, pp)
+        with _damaged_checkpoint_is_an_error(resolve_checkpoint(ckpt)):
+            model, _ = load_model(ckpt, tp, pp)
     except WorldSizeError as e:
         raise HFCheckpointError(f"verify: {e}") from None
     return compare(model, str(hf_dir), tolerance)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -328,3 +329,229 @@ def test_bf16_round_trip_keeps_dtype_and_bits(tmp_path):
     for name, tensor in reference.state_dict().items():
         assert written[name].dtype == torch.bfloat16 and torch.equal(written[name], tensor), name
     assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def _cli(rank: int, world_size: int, commands: list[list[str]], umask: int | None = None) -> list:
+    """(exit code, stderr) of ``specialize`` commands run in this process."""
+    import contextlib
+    import io
+    import os
+
+    from specialize.cli import main
+
+    if umask is not None:
+        os.umask(umask)
+    stderr, results = io.StringIO(), []
+    with contextlib.redirect_stderr(stderr):
+        for argv in commands:
+            start = len(stderr.getvalue())
+            try:
+                main(argv)
+                code = 0
+            except SystemExit as e:
+                code = e.code
+            results.append((code, stderr.getvalue()[start:]))
+    return results
+
+
+def _error_line(stderr: str) -> str:
+    """The one user-facing error line (and no traceback) of a refused command."""
+    assert "Traceback" not in stderr, stderr
+    lines = [
+        line
+        for line in stderr.splitlines()
+        if line.startswith(("conversion error: ", "checkpoint error: "))
+    ]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def _nothing_written(out: Path) -> bool:
+    return not out.exists() and not (out.parent / f".{out.name}.partial").exists()
+
+
+def test_import_refuses_truncated_or_nonfinite_weights_and_bad_config_writing_nothing(tmp_path):
+    """A safetensors file cut to half its size used to import as zeros (exit 0); NaN/Inf weights
+    imported silently; a config.json of the wrong types gave a traceback."""
+    from safetensors.torch import load_file, save_file
+
+    arch = get_preset("qwen-nano")
+    reference = hf_model(arch)
+    good = tmp_path / "good"
+    reference.save_pretrained(good)
+
+    def variant(name: str) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        for file in good.iterdir():
+            (path / file.name).write_bytes(file.read_bytes())
+        return path
+
+    truncated = variant("truncated")
+    weights_file = truncated / "model.safetensors"
+    os.truncate(weights_file, weights_file.stat().st_size // 2)
+
+    nonfinite = variant("nonfinite")
+    weights = load_file(nonfinite / "model.safetensors")
+    poisoned = {
+        "model.layers.0.mlp.up_proj.weight": float("nan"),
+        "model.norm.weight": float("inf"),
+    }
+    for name, value in poisoned.items():
+        weights[name][0] = value
+    save_file(weights, nonfinite / "model.safetensors")
+
+    bad_config = variant("bad-config")
+    config = json.loads((bad_config / "config.json").read_text())
+    (bad_config / "config.json").write_text(json.dumps({**config, "hidden_size": "32"}))
+
+    v1_bin = tmp_path / "v1-bin"
+    write_qwen_v1(reference, arch, v1_bin)
+    bin_file = v1_bin / "pytorch_model.bin"
+    os.truncate(bin_file, bin_file.stat().st_size // 2)
+
+    def imported(source: Path, *flags: str) -> list[str]:
+        out = tmp_path / f"out-{source.name}{''.join(flags)}"
+        return ["convert", "import", "--hf", str(source), "-o", str(out), *flags]
+
+    cases = [truncated, nonfinite, bad_config, v1_bin]
+    results = run_distributed(
+        _cli,
+        [imported(c) for c in cases] + [imported(nonfinite, "--allow-nonfinite")],
+        world_size=1,
+    )
+    for source, (code, _) in zip(cases, results):
+        assert code == 2, source.name
+        assert _nothing_written(tmp_path / f"out-{source.name}"), source.name
+    lines = {source.name: _error_line(stderr) for source, (_, stderr) in zip(cases, results)}
+
+    assert lines["truncated"].startswith(f"conversion error: {weights_file}: tensor ")
+    named = lines["truncated"].split(": tensor ")[1].split(":")[0]
+    assert named in reference.state_dict() and "truncated" in lines["truncated"]
+    assert lines["nonfinite"].startswith(f"conversion error: {nonfinite / 'model.safetensors'}: ")
+    named = lines["nonfinite"].split(": tensor ")[1].split(" ")[0]
+    assert named in poisoned and "NaN/Inf" in lines["nonfinite"]
+    assert (
+        f"{bad_config / 'config.json'}: 'hidden_size' must be a positive integer"
+        in lines["bad-config"]
+    )
+    assert (
+        lines["v1-bin"].startswith(f"conversion error: {bin_file}: ")
+        and "truncated" in lines["v1-bin"]
+    )
+
+    code, stderr = results[-1]  # --allow-nonfinite: imported, counted, recorded
+    assert code == 0
+    assert "2 tensors hold NaN/Inf values" in stderr
+    report = json.loads(
+        (tmp_path / "out-nonfinite--allow-nonfinite" / "conversion.json").read_text()
+    )
+    assert sorted(report["nonfinite_tensors"]) == sorted(poisoned)
+
+
+def _damage(ckpt: Path, name: str, fn) -> Path:
+    import shutil
+
+    copy = ckpt.parent / f"ckpt-{name}"
+    shutil.copytree(ckpt, copy)
+    fn(copy)
+    return copy
+
+
+def test_export_or_verify_of_a_damaged_checkpoint_or_to_a_file_is_one_line_exit_2(tmp_path):
+    """Each used to end in a torch/megatron traceback (exit 1) that did not name the checkpoint."""
+    hf_model(get_preset("qwen-nano")).save_pretrained(tmp_path / "hf")
+    ckpt = tmp_path / "ckpt"
+    run_distributed(_import, str(tmp_path / "hf"), str(ckpt), world_size=1)
+
+    def truncate(file: str):
+        return lambda c: os.truncate(c / file, (c / file).stat().st_size // 2)
+
+    def remove(file: str):
+        return lambda c: (c / file).unlink()
+
+    distcp = sorted(p.name for p in ckpt.glob("*.distcp"))[-1]
+    damaged = {
+        "truncated-distcp": _damage(ckpt, "truncated-distcp", truncate(distcp)),
+        "missing-distcp": _damage(ckpt, "missing-distcp", remove(distcp)),
+        "truncated-index": _damage(ckpt, "truncated-index", truncate(".metadata")),
+        "missing-index": _damage(ckpt, "missing-index", remove(".metadata")),
+        "truncated-common": _damage(ckpt, "truncated-common", truncate("common.pt")),
+        "missing-common": _damage(ckpt, "missing-common", remove("common.pt")),
+        "missing-arch": _damage(ckpt, "missing-arch", remove("arch.json")),
+        "garbled-arch": _damage(
+            ckpt, "garbled-arch", lambda c: (c / "arch.json").write_text('{"hidden_size": 32}')
+        ),
+        "missing-metadata": _damage(ckpt, "missing-metadata", remove("metadata.json")),
+    }
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me\n")
+    commands = [
+        ["convert", "export", str(c), "-o", str(tmp_path / f"hf-{n}")] for n, c in damaged.items()
+    ]
+    not_json = tmp_path / "hf-not-json"
+    not_json.mkdir()
+    (not_json / "config.json").write_text("{")
+    verify = ["convert", "verify", "--hf"]
+    commands += [
+        ["convert", "export", str(ckpt), "-o", str(a_file)],
+        ["convert", "export", str(ckpt), "-o", str(a_file / "inside")],
+        [*verify, str(tmp_path / "hf"), "--ckpt", str(damaged["truncated-distcp"])],
+        [*verify, str(not_json), "--ckpt", str(ckpt)],
+    ]
+    results = run_distributed(_cli, commands, world_size=1)
+
+    for (name, copy), (code, stderr) in zip(damaged.items(), results):
+        line = _error_line(stderr)
+        assert code == 2, (name, stderr)
+        assert line.startswith(f"checkpoint error: {copy}"), (name, line)
+        assert _nothing_written(tmp_path / f"hf-{name}"), name
+    into_file, under_file, verify_damaged, verify_not_json = results[len(damaged) :]
+    for code, stderr in (into_file, under_file):
+        assert code == 2
+        assert _error_line(stderr) == f"conversion error: {a_file}: exists and is not a directory"
+    assert a_file.read_text() == "keep me\n"
+    code, stderr = verify_damaged
+    assert code == 2
+    assert _error_line(stderr).startswith(f"checkpoint error: {damaged['truncated-distcp']}: ")
+    code, stderr = verify_not_json
+    assert code == 2
+    assert _error_line(stderr).startswith(f"conversion error: {not_json / 'config.json'}: ")
+
+
+def test_exported_files_get_the_umask_mode_not_0600(tmp_path):
+    """safetensors writes a 0600 temporary file and renames it: the weights were private while
+    the config beside them was not."""
+    umask = 0o027  # neither 0600 nor the usual 0644 comes out of it by accident
+    hf_model(get_preset("qwen-nano")).save_pretrained(tmp_path / "hf")
+    ckpt, out = tmp_path / "ckpt", tmp_path / "exported"
+    commands = [
+        ["convert", "import", "--hf", str(tmp_path / "hf"), "-o", str(ckpt)],
+        ["convert", "export", str(ckpt), "-o", str(out)],
+    ]
+    results = run_distributed(_cli, commands, umask, world_size=1)
+    assert [code for code, _ in results] == [0, 0], results
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert "model.safetensors" in modes
+    assert modes == dict.fromkeys(modes, 0o640), modes
+
+
+def test_layout_of_a_preset_shaped_checkpoint_is_named_after_the_preset():
+    """A qwen-nano checkpoint was built (and named in messages) as qwen-tiny+custom."""
+    import dataclasses
+
+    from specialize.convert import layout_config, recipe_model_fields
+
+    nano = get_preset("qwen-nano")
+    assert layout_config(nano, 1, 1).model.architecture() == nano
+    assert recipe_model_fields(nano) == {"preset": "qwen-nano"}
+
+    longer_rope = dataclasses.replace(nano, name="qwen-nano+custom", rotary_base=1e6)
+    assert layout_config(longer_rope, 1, 1).model.architecture() == longer_rope
+    assert recipe_model_fields(longer_rope) == {"preset": "qwen-nano", "rotary_base": 1e6}
+
+    other = dataclasses.replace(nano, name="custom", hidden_size=64)
+    built = layout_config(other, 1, 1).model.architecture()
+    assert dataclasses.replace(built, name="custom") == dataclasses.replace(
+        other, num_query_groups=4
+    )
