@@ -188,7 +188,7 @@ class DataConfig:
     seq_length: int = 2048
     """Tokens per training sequence (the paper: 2048 base pretraining, 8192 Code-Qwen)."""
     cache_dir: Optional[str] = None
-    """Where GPTDataset writes its sample indices (default: ``<checkpoint.dir>/data_cache``)."""
+    """Where GPTDataset writes its sample indices, in a subdirectory named after the data's manifests (default: ``<checkpoint.dir>/data_cache``)."""
     reset_position_ids: bool = False
     """Restart position ids after each end-of-document token."""
     reset_attention_mask: bool = False

@@ -57,7 +57,9 @@ class SpikeGuard:
             return
         hint = f"train.spike_factor={self.factor:g}; 0 disables the check"
         if not math.isfinite(weights_after):
-            raise SpikeError(f"step {step}: the update made the weights {weights_after}; stopping")
+            raise SpikeError(
+                f"step {step}: the update made the norm of the weights {weights_after}; stopping"
+            )
         low, high = sorted((weights_before, weights_after))
         if high > self.factor * low:
             raise SpikeError(

@@ -254,6 +254,22 @@ def test_lr_explosion_stops_before_a_checkpoint_of_exploded_weights(tmp_path, st
     assert no_warmup["saved"] == [] and no_warmup["error"].startswith("SpikeError: step 1: ")
 
 
+def test_cli_reports_a_diverged_run_in_one_line(tmp_path, stdlib_shard):
+    root = Path(__file__).resolve().parents[2]
+    overrides = _overrides(str(tmp_path / "run"), stdlib_shard) + _TINY_STEPS[:3]
+    overrides += ["train.steps=3", "schedule.warmup_steps=0", "optimizer.lr=1e6"]
+    out = subprocess.run(
+        [sys.executable, "-m", "specialize", "train", "configs/base/qwen-nano.yaml", *overrides],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("training stopped: step 1: the update changed the norm of the weights")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def _normal_run(rank: int, world_size: int, tmp: str, shard: str) -> dict:
     from specialize.config import load_config
     from specialize.run import train
