@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -47,15 +48,21 @@ LOCK_FILE = ".lock"
 @contextlib.contextmanager
 def run_directory_lock(run_dir: str | Path) -> Iterator[None]:
     """Hold an exclusive lock on a run directory: a second run on it fails at once, naming the
-    process that holds it (written into the lock file). The lock dies with its process, so a
-    killed run leaves nothing to clean up."""
+    process that holds it (written into the lock file).
+
+    A POSIX record lock (``lockf``), not ``flock``: it belongs to this process alone, so the
+    processes megatron-core forks to write checkpoints do not inherit it and cannot keep the
+    directory locked after the run died; the kernel releases it when the process ends, so a
+    killed run leaves nothing to clean up. NFS implements it across nodes."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process"
             raise checkpoint.CheckpointError(
                 f"{run_dir} is in use by another training run ({holder}); wait for it to end or "
