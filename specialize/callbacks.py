@@ -180,6 +180,9 @@ class Checkpointer(Callback):
     def _save(self, trainer: Trainer, step: int) -> None:
         from specialize import checkpoint
 
+        if trainer.diverged is not None:
+            # The weights after a non-finite or spiking step are not a state to continue from.
+            raise RuntimeError(f"refusing to save step {step}: {trainer.diverged}")
         path = checkpoint.save(
             trainer.engine, step, trainer.consumed_samples, parent=trainer.parent
         )

@@ -389,11 +389,10 @@ def git_commit() -> str:
         return "unknown"
 
 
-def lineage_record(
-    engine: Engine, iteration: int, consumed_samples: int, parent: str | None
-) -> dict:
+def data_manifest_records(paths: list[str]) -> dict:
+    """What pins the data of each ``data.paths`` entry, as lineage records it."""
     manifests = {}
-    for data_path in engine.cfg.data.paths:
+    for data_path in paths:
         path = Path(data_path) / "manifest.json"  # a `data prepare(-sft)` directory; else None
         if not path.is_file():
             manifests[data_path] = None
@@ -410,6 +409,13 @@ def lineage_record(
             "tokens": manifest.get("tokens"),
             "tokenizer_sha256": (manifest.get("tokenizer") or {}).get("sha256"),
         }
+    return manifests
+
+
+def lineage_record(
+    engine: Engine, iteration: int, consumed_samples: int, parent: str | None
+) -> dict:
+    manifests = data_manifest_records(engine.cfg.data.paths)
     stage_file = Path(engine.cfg.checkpoint.dir) / STAGE_FILE
     return {
         "name": engine.cfg.name,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from specialize.config import (
     ConfigError,
+    check_machine,
     derive,
     describe,
     load_config,
@@ -40,7 +41,9 @@ def _setup_logging() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.recipe, args.overrides)
+    # A dry run plans a run whose init may not be imported yet; the summary marks it missing.
+    cfg = load_config(args.recipe, args.overrides, require_paths=not args.dry_run)
+    check_machine(cfg, planning=args.dry_run)
     if args.dry_run:
         world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
         if cfg.stages:
@@ -68,6 +71,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                 if trainer.history:
                     print(_result(trainer))
                 print(f"checkpoint: {trainer.last_checkpoint}")
+    except FloatingPointError as e:  # a non-finite or spiking step stopped the run, unsaved
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"training stopped: {e}", file=sys.stderr)
+        return 1
     finally:
         shutdown()
     return 0

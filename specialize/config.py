@@ -23,10 +23,11 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from base.presets import QwenPreset, get_preset
+from base.presets import PRESETS, QwenPreset, get_preset
 
 ARCHITECTURE_FIELDS = (
     "hidden_size",
@@ -134,7 +135,14 @@ class ModelConfig:
         changed = {k: v for k, v in overrides.items() if getattr(preset, k) != v}
         if not changed:
             return preset
-        return dataclasses.replace(preset, name=f"{preset.name}+custom", **changed)
+        custom = dataclasses.replace(preset, name=f"{preset.name}+custom", **changed)
+        # Overrides that rebuild another preset's shape (an imported qwen-nano under the default
+        # qwen-tiny recipe) name that preset, not a custom model.
+        shape = architecture_overrides(custom)
+        return next(
+            (p for p in PRESETS.values() if architecture_overrides(p) == shape),
+            custom,
+        )
 
 
 @dataclass
@@ -180,7 +188,7 @@ class DataConfig:
     seq_length: int = 2048
     """Tokens per training sequence (the paper: 2048 base pretraining, 8192 Code-Qwen)."""
     cache_dir: Optional[str] = None
-    """Where GPTDataset writes its sample indices (default: ``<checkpoint.dir>/data_cache``)."""
+    """Where GPTDataset writes its sample indices, in a subdirectory named after the data's manifests (default: ``<checkpoint.dir>/data_cache``)."""
     reset_position_ids: bool = False
     """Restart position ids after each end-of-document token."""
     reset_attention_mask: bool = False
@@ -189,6 +197,8 @@ class DataConfig:
     """Exclude end-of-document tokens from the loss."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
+    allow_changed: bool = False
+    """Resume although a ``data.paths`` directory changed since the checkpoint was written (its ``manifest.json`` hash, as the checkpoint's ``lineage.json`` records it): warn and train on the new data. Default: refuse, saying which path changed."""
 
 
 @dataclass
@@ -240,6 +250,10 @@ class TrainConfig:
     """Global batches per validation."""
     exit_after_steps: Optional[int] = None
     """Stop (after checkpointing) once this step is reached, without changing the schedule; for staged runs and tests."""
+    spike_factor: float = 10.0
+    """Stop the run, without saving, when a step's loss or gradient norm exceeds this many times its mean over the previous ``spike_window`` steps, or when a step multiplies (or divides) the norm of the weights by more than this; 0 disables. Loss and gradient norm are checked once the window holds min(5, spike_window) steps of this launch, so the volatile first steps of a run (and of a resume) are not compared against a mean of one or two; non-finite values always stop the run."""
+    spike_window: int = 20
+    """Steps in the running mean that ``spike_factor`` compares the loss and gradient norm with."""
 
 
 @dataclass
@@ -387,11 +401,30 @@ def _merge(schema: DictConfig, node: Any, where: str) -> DictConfig:
         raise ConfigError(f"{where}: {key + ': ' if key else ''}{reason}") from None
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RecipeConfig:
+def _parse_override(item: str, key: str, value: str) -> DictConfig:
+    """``key=value`` as a config node; a value YAML cannot read is an error naming the override."""
+    try:
+        return OmegaConf.from_dotlist([f"{key}={value}"])
+    except yaml.YAMLError as e:
+        where = getattr(e, "context", None)
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        reason = f"{where}: {what}" if where else what
+    except OmegaConfBaseException as e:
+        reason = str(e).splitlines()[0]
+    raise ConfigError(
+        f"override {item!r}: cannot read the value {value!r} ({reason}); a list is written "
+        "[a,b], a string starting with [ or { needs quotes"
+    )
+
+
+def load_config(
+    path: str | os.PathLike | None, overrides: list[str] = (), require_paths: bool = True
+) -> RecipeConfig:
     """Build a validated ``RecipeConfig`` from a recipe file plus ``key=value`` overrides.
 
     A recipe value ``???`` marks a field the user must give (e.g. ``init: {checkpoint: ???}``);
-    leaving it unset is an error naming the field.
+    leaving it unset is an error naming the field. ``require_paths=False`` accepts an init
+    checkpoint that does not exist yet (``missing_paths`` lists it), for planning a run.
     """
     cfg = OmegaConf.structured(RecipeConfig)
     if path is not None:
@@ -409,8 +442,12 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Re
         if _STAGE_ITEM.match(key):
             _update_stage(cfg, key, value, item)
             continue
-        dotted = OmegaConf.from_dotlist([f"{key}={value}"])
-        cfg = _merge(cfg, dotted, f"override {item!r}")
+        cfg = _merge(cfg, _parse_override(item, key, value), f"override {item!r}")
+    try:
+        OmegaConf.resolve(cfg)  # e.g. an interpolation ${...} that names no field
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"{key or path}: {str(e).splitlines()[0]}") from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         given = " ".join("init=PATH" if k == "init.checkpoint" else f"{k}=VALUE" for k in missing)
@@ -425,7 +462,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Re
         if path is not None and str(e).startswith("stages["):  # say which file declares the stage
             raise ConfigError(f"{path}: {e}") from None
         raise
-    check_paths(recipe)
+    if require_paths:
+        check_paths(recipe)
     return recipe
 
 
@@ -440,7 +478,7 @@ def _update_stage(cfg: DictConfig, key: str, value: str, item: str) -> None:
         raise ConfigError(
             f"override {item!r}: no stages[{index}]; the recipe declares {len(cfg.stages)} stage(s)"
         )
-    parsed = OmegaConf.from_dotlist([f"value={value}"])["value"]
+    parsed = _parse_override(item, "value", value)["value"]
     try:
         OmegaConf.update(cfg, key, parsed, merge=True)
     except (OmegaConfBaseException, IndexError) as e:
@@ -461,19 +499,73 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
-def check_paths(cfg: RecipeConfig) -> None:
-    """The files a recipe names must exist: above all the init checkpoint (never a silent random
-    init). Separate from ``validate`` because a later stage's init is written by the stage before."""
+def missing_paths(cfg: RecipeConfig) -> dict[str, str]:
+    """The files a recipe names that are not there: dotted field -> error message."""
+    problems = {}
     if cfg.init.checkpoint is not None and not Path(cfg.init.checkpoint).exists():
-        raise ConfigError(
+        problems["init.checkpoint"] = (
             f"init.checkpoint={cfg.init.checkpoint!r}: no such checkpoint. Refusing to start from "
             "random weights; fix the path or remove init to train from scratch on purpose."
         )
     if cfg.init.verify_against is not None:
         if not (Path(cfg.init.verify_against) / "config.json").is_file():
-            raise ConfigError(
+            problems["init.verify_against"] = (
                 f"init.verify_against={cfg.init.verify_against!r}: no config.json there"
             )
+    return problems
+
+
+def check_paths(cfg: RecipeConfig) -> None:
+    """The files a recipe names must exist: above all the init checkpoint (never a silent random
+    init). Separate from ``validate`` because a later stage's init is written by the stage before,
+    and a dry run plans a run whose init is yet to be imported."""
+    problems = missing_paths(cfg)
+    if problems:
+        raise ConfigError(next(iter(problems.values())))
+
+
+def _missing_lines(cfg: RecipeConfig, indent: str = "") -> list[str]:
+    """``--dry-run`` lines marking the paths the run will need but that do not exist yet."""
+    return [
+        f"{indent}# MISSING {key}={_get(cfg, key)}: does not exist yet; the run refuses to start "
+        "until it does"
+        for key in missing_paths(cfg)
+    ]
+
+
+def _transformer_engine_available() -> bool:
+    """As ``base.model.transformer_engine_available``, which imports megatron-core."""
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def check_machine(cfg: RecipeConfig, planning: bool = False) -> None:
+    """What this machine must offer the run.
+
+    ``model.spec=auto`` means this machine's layers, so FP8 with an ``auto`` spec that resolves to
+    ``local`` here is refused also when only planning (``--dry-run``). An explicit
+    ``model.spec=te`` may be planned anywhere (a GPU recipe on a laptop) and is checked when the
+    run starts."""
+    if cfg.model.spec == "local" or (planning and cfg.model.spec == "te"):
+        return  # local runs anywhere; FP8 with local is refused by validate
+    if _transformer_engine_available():
+        return
+    import torch
+
+    lacks = "CUDA but no transformer_engine" if torch.cuda.is_available() else "no CUDA"
+    if cfg.model.spec == "te":
+        raise ConfigError(
+            f"model.spec=te: needs CUDA and transformer_engine (pip install -e '.[gpu]'); this "
+            f"machine has {lacks}; use model.spec=local or auto"
+        )
+    if cfg.precision.dtype == "fp8":
+        raise ConfigError(
+            "precision.dtype=fp8: needs Transformer Engine on CUDA; model.spec=auto resolves to "
+            f"local on this machine ({lacks}); use bf16 or fp32 here"
+        )
 
 
 def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
@@ -503,6 +595,11 @@ def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
             "model.layer_windows: window attention cannot be combined with per-document attention "
             f"masks (data.format={cfg.data.format}, data.reset_attention_mask="
             f"{cfg.data.reset_attention_mask}); windows are an inference option for long prompts"
+        )
+    if cfg.precision.dtype == "fp8" and cfg.model.spec == "local":
+        raise ConfigError(
+            "precision.dtype=fp8: needs the Transformer Engine layer spec on CUDA (model.spec=te "
+            "or auto); model.spec=local has no FP8 GEMMs"
         )
     par = cfg.parallel
     for key in ("tensor", "pipeline"):
@@ -539,6 +636,15 @@ def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
         raise ConfigError("train: set exactly one of train.steps and train.tokens")
     if train.steps is not None and train.steps < 1:
         raise ConfigError(f"train.steps={train.steps}: must be >= 1")
+    if not train.spike_factor >= 0:
+        raise ConfigError(f"train.spike_factor={train.spike_factor}: must be >= 0 (0 disables)")
+    if train.spike_factor and train.spike_factor <= 1:
+        raise ConfigError(
+            f"train.spike_factor={train.spike_factor}: must be > 1 (a multiple of the running "
+            "mean), or 0 to disable the check"
+        )
+    if train.spike_window < 1:
+        raise ConfigError(f"train.spike_window={train.spike_window}: must be >= 1")
     sched = cfg.schedule
     if sched.warmup_steps is not None and sched.warmup_fraction is not None:
         raise ConfigError("schedule: set at most one of warmup_steps and warmup_fraction")
@@ -626,8 +732,10 @@ def derive(cfg: RecipeConfig, world_size: int) -> Derived:
 def summary(cfg: RecipeConfig, derived: Derived, world_size: int) -> str:
     """The resolved config and its derived numbers, as ``--dry-run`` prints them."""
     total_tokens = derived.steps * derived.tokens_per_step
+    missing = "".join(line + "\n" for line in _missing_lines(cfg))
     return (
         f"{to_yaml(cfg)}\n"
+        f"{missing}"
         f"# derived for {world_size} process(es)\n"
         f"data_parallel: {derived.data_parallel}\n"
         f"micro_batches_per_step: {derived.micro_batches}\n"
@@ -934,7 +1042,11 @@ def stages_summary(cfg: RecipeConfig, world_size: int) -> str:
     """A staged recipe and, per stage, its derived numbers and LR curve, as ``--dry-run``
     prints them."""
     stages = resolve_stages(cfg)
-    lines = [to_yaml(cfg), f"# {len(stages)} stages, derived for {world_size} process(es)"]
+    lines = [
+        to_yaml(cfg),
+        *_missing_lines(cfg),
+        f"# {len(stages)} stages, derived for {world_size} process(es)",
+    ]
     previous_lr: Optional[float] = None  # the LR the stage before ended at
     for stage in stages:
         derived = stage.derive(world_size)
@@ -942,6 +1054,8 @@ def stages_summary(cfg: RecipeConfig, world_size: int) -> str:
         own = derived.steps - stage.start_step
         if stage.index == 1:
             init = c.init.checkpoint or "none (random initialization)"
+            if "init.checkpoint" in missing_paths(c):
+                init += " (MISSING: does not exist yet; the run refuses to start until it does)"
         else:
             init = f"{c.init.checkpoint} (final checkpoint of stage {stage.index - 1})"
         lines += [

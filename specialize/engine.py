@@ -235,6 +235,21 @@ class Engine:
         )
 
     @torch.no_grad()
+    def weight_norm(self) -> float:
+        """L2 norm of the model's weights, the same number on every rank: each rank's parameters
+        summed over the world. Copies held by several ranks (data-parallel replicas, norms
+        replicated across tensor-parallel ranks) count once per holder, the same at every step,
+        so ratios between steps are exact."""
+        squares = [
+            torch.linalg.vector_norm(p.detach(), dtype=torch.float32) ** 2
+            for chunk in self.model
+            for p in chunk.parameters()
+        ]
+        total = torch.stack(squares).sum() if squares else torch.zeros((), device=self.topo.device)
+        torch.distributed.all_reduce(total)
+        return total.sqrt().item()
+
+    @torch.no_grad()
     def evaluate(self, data_iterators: list, num_batches: int) -> float:
         for chunk in self.model:
             chunk.eval()

@@ -7,10 +7,18 @@ interrupted one resumes from its own newest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
+import hashlib
 import json
 import logging
+import os
 import re
+import socket
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +38,62 @@ from specialize.config import (
 from specialize.data.pretrain import TrainingData, build_pretrain_datasets
 from specialize.distributed import Topology, init_distributed, seed_all
 from specialize.engine import Engine
-from specialize.trainer import Trainer
+from specialize.trainer import Trainer, check_same_data
 
 log = logging.getLogger("specialize")
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_directory_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on a run directory: a second run on it fails at once, naming the
+    process that holds it (written into the lock file).
+
+    A POSIX record lock (``lockf``), not ``flock``: it belongs to this process alone, so the
+    processes megatron-core forks to write checkpoints do not inherit it and cannot keep the
+    directory locked after the run died; the kernel releases it when the process ends, so a
+    killed run leaves nothing to clean up. NFS implements it across nodes."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process"
+            raise checkpoint.CheckpointError(
+                f"{run_dir} is in use by another training run ({holder}); wait for it to end or "
+                "set checkpoint.dir to another directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def exclusive_run(run_dir: str | Path, topo: Topology) -> Iterator[None]:
+    """``run_directory_lock`` held by rank 0 for the whole run (ranks on other nodes share the
+    directory, so one holder is enough); the outcome is broadcast, so when rank 0 cannot take the
+    lock every rank raises the same error instead of waiting for it in a collective."""
+    with contextlib.ExitStack() as stack:
+        refusal = [None]
+        if topo.rank == 0:
+            try:
+                stack.enter_context(run_directory_lock(run_dir))
+            except (checkpoint.CheckpointError, OSError) as e:
+                refusal = [
+                    str(e) if isinstance(e, checkpoint.CheckpointError) else f"{run_dir}: {e}"
+                ]
+        dist.broadcast_object_list(refusal, src=0)
+        if refusal[0] is not None:
+            raise checkpoint.CheckpointError(refusal[0])
+        yield
 
 
 class PretrainData(TrainingData):
@@ -45,6 +106,9 @@ class PretrainData(TrainingData):
         global_batch = cfg.train.global_batch_size
         eval_samples = cfg.train.eval_steps * global_batch if cfg.train.eval_interval else 0
         cache_dir = Path(cfg.data.cache_dir or Path(cfg.checkpoint.dir) / "data_cache")
+        # GPTDataset keys its index cache by shard path, not content: data replaced in place
+        # (data.allow_changed) must not reuse the old data's sample indices.
+        cache_dir = cache_dir / _data_digest(cfg.data.paths)
         # Rank 0 writes GPTDataset's index cache; the others then read it instead of racing it.
         for turn in (True, False):
             if (topo.rank == 0) == turn:
@@ -56,6 +120,12 @@ class PretrainData(TrainingData):
                     cache_dir,
                 )
             dist.barrier()
+
+
+def _data_digest(paths: list[str]) -> str:
+    """A short name for the data of ``paths`` as their manifests pin it."""
+    records = checkpoint.data_manifest_records(paths)
+    return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_data(cfg: RecipeConfig, topo: Topology, derived: Derived, tokenizer: QwenTokenizer):
@@ -88,20 +158,20 @@ def _run(
     derived: Derived,
     tokenizer: QwenTokenizer,
     stage: Stage | None = None,
+    on_accepted: Callable[[], None] | None = None,
 ) -> Trainer:
-    """Train one recipe (or stage) to its end, resuming from its own checkpoints."""
+    """Train one recipe (or stage) to its end, resuming from its own checkpoints.
+
+    The run directory's ``config.yaml`` (and ``stage.json``) are written, and ``on_accepted``
+    called on rank 0, only once the restore accepted the run's checkpoint: a refused resume
+    leaves the records of the run that wrote the checkpoints."""
     # Seeded per stage: a stage starts the same whether or not its predecessor ran in this launch.
     seed_all(cfg.train.seed)
     if topo.rank == 0:
-        run_dir = Path(cfg.checkpoint.dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        if stage is not None:
-            (run_dir / checkpoint.STAGE_FILE).write_text(json.dumps(_stage_record(stage), indent=2))
         log.info(
             "%s: %s on %d process(es) (TP=%d PP=%d DP=%d), %d steps of %d tokens",
             stage.label if stage is not None else cfg.name,
-            cfg.model.preset,
+            cfg.model.architecture().name,
             topo.world_size,
             cfg.parallel.tensor,
             cfg.parallel.pipeline,
@@ -112,6 +182,15 @@ def _run(
     engine = Engine.build(cfg, topo, derived)
     data = build_data(cfg, topo, derived, tokenizer)
     trainer = Trainer(cfg, topo, derived, engine, data, stage=stage)
+    trainer.restore()
+    if topo.rank == 0:
+        run_dir = Path(cfg.checkpoint.dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        if stage is not None:
+            (run_dir / checkpoint.STAGE_FILE).write_text(json.dumps(_stage_record(stage), indent=2))
+        if on_accepted is not None:
+            on_accepted()
     trainer.fit()
     return trainer
 
@@ -128,7 +207,8 @@ def train(cfg: RecipeConfig) -> Trainer | None:
     check_data_and_vocab(cfg, tokenizer)
     topo = init_distributed(cfg.parallel)
     derived = derive(cfg, topo.world_size)
-    return _run(cfg, topo, derived, tokenizer)
+    with exclusive_run(cfg.checkpoint.dir, topo):
+        return _run(cfg, topo, derived, tokenizer)
 
 
 @dataclass
@@ -152,20 +232,36 @@ def train_stages(cfg: RecipeConfig) -> list[StageRun]:
     topo = init_distributed(cfg.parallel)
     # Every stage's numbers are checked before the first one trains for hours.
     derived = [stage.derive(topo.world_size) for stage in stages]
-    if topo.rank == 0:
-        Path(cfg.checkpoint.dir).mkdir(parents=True, exist_ok=True)
+    with exclusive_run(cfg.checkpoint.dir, topo):
+        return _train_stages(cfg, stages, derived, topo, tokenizer)
+
+
+def _train_stages(
+    cfg: RecipeConfig,
+    stages: list[Stage],
+    derived: list[Derived],
+    topo: Topology,
+    tokenizer: QwenTokenizer,
+) -> list[StageRun]:
+    def write_recipe() -> None:  # once the first stage to train accepted its start
         (Path(cfg.checkpoint.dir) / "config.yaml").write_text(to_yaml(cfg))
+
     runs: list[StageRun] = []
     for stage, stage_derived in zip(stages, derived):
         latest = _checked_latest(stage)
         if latest is not None and latest == stage.final_checkpoint:
+            # Skipping is keeping what the stage trained: on the data the recipe names now.
+            check_same_data(stage.cfg, latest, warn=topo.rank == 0, what=stage.label)
             if topo.rank == 0:
                 log.info("%s: finished earlier (%s); skipping", stage.label, latest)
             runs.append(StageRun(stage, stage_derived, None))
             continue
         if runs and runs[-1].trainer is not None:
             runs[-1].trainer.release()
-        trainer = _run(stage.cfg, topo, stage_derived, tokenizer, stage)
+        first = not any(run.trainer is not None for run in runs)
+        trainer = _run(
+            stage.cfg, topo, stage_derived, tokenizer, stage, write_recipe if first else None
+        )
         runs.append(StageRun(stage, stage_derived, trainer))
         if not trainer.finished:
             if topo.rank == 0:

@@ -7,18 +7,144 @@ optimizer state, or the optimizer, schedule position and step count.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+from collections import deque
 from pathlib import Path
 
 import torch.distributed as dist
 
 from specialize import checkpoint
 from specialize.callbacks import Callback, Checkpointer, ConsoleLogger, TensorBoardLogger
-from specialize.config import Derived, RecipeConfig, Stage
+from specialize.config import ConfigError, Derived, RecipeConfig, Stage
 from specialize.distributed import Topology
-from specialize.engine import Engine
+from specialize.engine import Engine, StepResult
 
 log = logging.getLogger("specialize")
+
+
+class SpikeError(FloatingPointError):
+    """A step whose loss, gradient norm or weights left the range of the steps before it."""
+
+
+class SpikeGuard:
+    """Stops a diverging run at the step where it shows (``train.spike_factor``, ``spike_window``).
+
+    Loss and gradient norm are compared with their mean over the previous steps of this launch,
+    once there are a few of them: the first steps of a run (and of a resume) are volatile, and a
+    mean of one step says little. The norm of the weights is compared with its value before the
+    step, which exists from the first step on: an exploding update (a far too high LR) shows
+    there one step before the loss sees it, so the weights it made are never saved.
+    """
+
+    MIN_STEPS = 5
+
+    def __init__(self, factor: float, window: int) -> None:
+        self.factor = factor
+        self.losses: deque[float] = deque(maxlen=window)
+        self.grad_norms: deque[float] = deque(maxlen=window)
+        self.checked = 0  # steps whose loss and gradient norm were compared with a mean
+
+    @property
+    def enabled(self) -> bool:
+        return self.factor > 0
+
+    def check(
+        self, step: int, result: StepResult, weights_before: float, weights_after: float
+    ) -> None:
+        if not self.enabled:
+            return
+        hint = f"train.spike_factor={self.factor:g}; 0 disables the check"
+        if not math.isfinite(weights_after):
+            raise SpikeError(
+                f"step {step}: the update made the norm of the weights {weights_after}; stopping"
+            )
+        low, high = sorted((weights_before, weights_after))
+        if high > self.factor * low:
+            raise SpikeError(
+                f"step {step}: the update changed the norm of the weights {high / max(low, 1e-30):.3g}"
+                f"-fold ({weights_before:.4g} -> {weights_after:.4g}); stopping without saving "
+                f"({hint}; see optimizer.lr)"
+            )
+        if len(self.losses) >= min(self.MIN_STEPS, self.losses.maxlen):
+            self.checked += 1
+            for name, value, history in (
+                ("loss", result.loss, self.losses),
+                ("gradient norm", result.grad_norm, self.grad_norms),
+            ):
+                mean = sum(history) / len(history)
+                if mean > 0 and value > self.factor * mean:
+                    raise SpikeError(
+                        f"step {step}: {name} {value:.4g} is {value / mean:.3g} times its mean "
+                        f"{mean:.4g} over the previous {len(history)} steps; stopping without "
+                        f"saving ({hint})"
+                    )
+        self.losses.append(result.loss)
+        self.grad_norms.append(result.grad_norm)
+
+
+def data_changes(recorded: dict, current: dict) -> list[str]:
+    """How the data of ``data.paths`` differs from what a checkpoint's lineage recorded
+    (``checkpoint.data_manifest_records``), entry by entry in order; empty when it is the same."""
+    before, after = list(recorded.items()), list(current.items())
+    changes = []
+    for i in range(max(len(before), len(after))):
+        if i >= len(after):
+            changes.append(f"{before[i][0]} is no longer listed")
+        elif i >= len(before):
+            changes.append(f"{after[i][0]} was added")
+        else:
+            (old_path, old), (path, new) = before[i], after[i]
+            if _manifest_hash(old) != _manifest_hash(new):
+                was = f" (was {old_path})" if old_path != path else ""
+                changes.append(f"{path}{was} changed: {_describe_change(old, new)}")
+    return changes
+
+
+def _manifest_hash(record: dict | None) -> str | None:
+    return None if record is None else record.get("manifest_sha256")
+
+
+def _describe_change(old: dict | None, new: dict | None) -> str:
+    if old is None or new is None:
+        return "it had no manifest.json then" if old is None else "it has no manifest.json now"
+    parts = [f"manifest sha256 {old['manifest_sha256'][:12]} -> {new['manifest_sha256'][:12]}"]
+    for key in ("documents", "sequences", "tokens"):
+        if old.get(key) != new.get(key):
+            parts.append(f"{key} {old.get(key)} -> {new.get(key)}")
+    return ", ".join(parts)
+
+
+def check_same_data(cfg: RecipeConfig, path: Path, warn: bool, what: str = "") -> None:
+    """Refuse to continue checkpoint ``path`` on other data than its lineage records, unless
+    ``data.allow_changed`` (then warn, if ``warn``). ``what`` prefixes the message (a stage)."""
+    lineage_file = path / "lineage.json"
+    lineage = json.loads(lineage_file.read_text()) if lineage_file.is_file() else {}
+    recorded = lineage.get("data_manifests")
+    if recorded is None:
+        if warn:
+            log.warning("%s records no data manifests; cannot check its data is unchanged", path)
+        return
+    changes = data_changes(recorded, checkpoint.data_manifest_records(cfg.data.paths))
+    if not changes:
+        return
+    prefix = f"{what}: " if what else ""
+    if cfg.data.allow_changed:
+        if warn:
+            log.warning(
+                "%sdata.paths changed since %s was written (data.allow_changed=true: continuing "
+                "on the new data): %s",
+                prefix,
+                path,
+                "; ".join(changes),
+            )
+        return
+    more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
+    raise ConfigError(
+        f"{prefix}data.paths: {changes[0]}{more}, since {path} was trained on it; set "
+        "data.allow_changed=true to continue on the new data, or use another checkpoint.dir"
+    )
 
 
 class Trainer:
@@ -45,17 +171,28 @@ class Trainer:
         self.history: list[float] = []
         self.lrs: list[float] = []  # StepResult.lr of each step of this launch
         self.validation: list[tuple[int, float]] = []
+        self.restored = False
+        self.guard = SpikeGuard(cfg.train.spike_factor, cfg.train.spike_window)
+        self.diverged: str | None = None
+        """Why the run stopped at a non-finite or spiking step; nothing may be saved after it."""
+        self._weight_norm: float | None = None
 
     @property
     def is_rank0(self) -> bool:
         return self.topo.rank == 0
 
     def restore(self) -> None:
-        """Resume from the run's newest checkpoint, else start from ``init``, else start fresh."""
+        """Resume from the run's newest checkpoint, else start from ``init``, else start fresh.
+
+        Raises (on every rank) when the checkpoint belongs to another model or was trained on
+        other data; the caller writes the run's records only after this succeeded."""
         latest = (
             checkpoint.find_latest(self.cfg.checkpoint.dir) if self.cfg.checkpoint.resume else None
         )
         if latest is not None:
+            # Continuing is only a resume on the data the checkpoint was trained on; an init
+            # checkpoint (below) legitimately comes from other data.
+            check_same_data(self.cfg, latest, warn=self.is_rank0)
             self.start_step, self.consumed_samples = checkpoint.load_for_resume(self.engine, latest)
             self.resumed_from = latest
             self.parent = str(latest)
@@ -71,8 +208,10 @@ class Trainer:
                 self._verify(self.cfg.init.verify_against)
         elif self.is_rank0:
             log.info(
-                "no init checkpoint: training %s from random initialization", self.cfg.model.preset
+                "no init checkpoint: training %s from random initialization",
+                self.engine.preset.name,
             )
+        self.restored = True
 
     def _start_from(self, path: Path) -> str:
         """Load what this run keeps of its init checkpoint; returns what that was."""
@@ -101,7 +240,9 @@ class Trainer:
             log.info("parity with %s holds:\n%s", hf_dir, "\n".join(lines))
 
     def fit(self) -> list[float]:
-        self.restore()
+        """Train to the end (or ``exit_after_steps``); restores first unless ``restore`` ran."""
+        if not self.restored:
+            self.restore()
         train_iterators = self.data.train_iterators(self.consumed_samples)
         step = self.step = self.start_step
         for cb in self.callbacks:
@@ -112,7 +253,7 @@ class Trainer:
         if self.cfg.train.exit_after_steps is not None:
             stop_at = min(stop_at, self.cfg.train.exit_after_steps)
         while step < stop_at:
-            result = self.engine.train_step(train_iterators, step + 1)
+            result = self._train_step(train_iterators, step + 1)
             step += 1
             self.step = step
             self.consumed_samples += self.cfg.train.global_batch_size
@@ -127,6 +268,23 @@ class Trainer:
             cb.on_train_end(self, step)
         dist.barrier()
         return self.history
+
+    def _train_step(self, train_iterators: list, step: int) -> StepResult:
+        """One step, stopped (on every rank alike) when it is non-finite or spikes."""
+        try:
+            if self.guard.enabled and self._weight_norm is None:
+                self._weight_norm = self.engine.weight_norm()
+            result = self.engine.train_step(train_iterators, step)
+            if self.guard.enabled:
+                before, self._weight_norm = self._weight_norm, self.engine.weight_norm()
+                self.guard.check(step, result, before, self._weight_norm)
+        except FloatingPointError as e:
+            self.diverged = str(e)
+            newest = self.last_checkpoint or self.resumed_from
+            if newest is not None:
+                raise type(e)(f"{e}. Newest checkpoint: {newest}") from None
+            raise
+        return result
 
     @property
     def finished(self) -> bool:

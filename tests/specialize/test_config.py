@@ -347,3 +347,91 @@ def test_cosine_warmup_follows_a_half_cosine_then_the_decay():
         assert curve[step] == pytest.approx(expected, rel=1e-9), step
     assert curve[3] < 1e-3 * 3 / 8  # below the linear ramp early on
     assert all(curve[step] == pytest.approx(1e-3) for step in range(8, 21))
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "data.paths=[x",
+            "override 'data.paths=[x': cannot read the value '[x' (while parsing a flow "
+            "sequence: did not find expected ',' or ']')",
+        ),
+        ("optimizer={lr", "override 'optimizer={lr': cannot read the value '{lr'"),
+        ("data.cache_dir=${nope}", "data.cache_dir: Interpolation key 'nope' not found"),
+    ],
+)
+def test_malformed_override_is_a_config_error_naming_it(override: str, message: str):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/base/qwen-nano.yaml", [override])
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    out = subprocess.run(
+        [sys.executable, "-m", "specialize", "config", "configs/base/qwen-nano.yaml", override],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and out.stderr == f"config error: {e.value}\n"
+
+
+def _dry_run(argv: list[str], capsys) -> tuple[int, str, str]:
+    from specialize.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", *argv, "--dry-run"])
+    out = capsys.readouterr()
+    return exit_.value.code, out.out, out.err
+
+
+def test_dry_run_refuses_fp8_this_machine_cannot_run(monkeypatch, capsys):
+    import specialize.config
+
+    monkeypatch.setattr(specialize.config, "_transformer_engine_available", lambda: False)
+    code, _, err = _dry_run(["configs/base/qwen-nano.yaml", "precision.dtype=fp8"], capsys)
+    assert code == 2 and err.startswith(
+        "config error: precision.dtype=fp8: needs Transformer Engine on CUDA; model.spec=auto "
+        "resolves to local on this machine"
+    )
+    local = ["configs/base/qwen-nano.yaml", "precision.dtype=fp8", "model.spec=local"]
+    code, _, err = _dry_run(local, capsys)
+    assert code == 2 and "precision.dtype=fp8: needs the Transformer Engine layer spec" in err
+    # A recipe that names the te spec is planned for a GPU machine from anywhere.
+    gpu = ["configs/base/qwen-7b.yaml", "precision.dtype=fp8", "--world-size", "8"]
+    code, out, _ = _dry_run(gpu, capsys)
+    assert code == 0 and "  dtype: fp8" in out and "\ntokens_per_step: " in out
+    # Where Transformer Engine runs, auto resolves to it and fp8 is planned.
+    monkeypatch.setattr(specialize.config, "_transformer_engine_available", lambda: True)
+    code, out, _ = _dry_run(["configs/base/qwen-nano.yaml", "precision.dtype=fp8"], capsys)
+    assert code == 0 and "  dtype: fp8" in out
+
+
+def test_dry_run_plans_with_an_init_not_yet_imported(tmp_path: Path, capsys):
+    missing = tmp_path / "imported/qwen-7b"
+    recipe, world = "configs/code_qwen/7b-cpt.yaml", ["--world-size", "64"]
+    code, out, _ = _dry_run([recipe, f"init={missing}", *world], capsys)
+    assert code == 0
+    assert f"# MISSING init.checkpoint={missing}: does not exist yet; the run refuses" in out
+    assert "tokens_per_step: 4194304" in out
+    # The run itself still refuses it.
+    with pytest.raises(ConfigError, match="no such checkpoint. Refusing to start from random"):
+        load_config(recipe, [f"init={missing}"])
+    code, out, _ = _dry_run([recipe, f"init={tmp_path}", *world], capsys)
+    assert code == 0 and "MISSING" not in out
+
+
+def test_overrides_that_build_another_preset_are_named_after_it():
+    from base.presets import get_preset
+    from specialize.config import architecture_overrides
+
+    nano = get_preset("qwen-nano")
+    shape = [f"model.{k}={v}" for k, v in architecture_overrides(nano).items()]
+    cfg = load_config(None, ["train.steps=1", "model.preset=qwen-tiny", *shape])
+    assert cfg.model.architecture() == nano and cfg.model.architecture().name == "qwen-nano"
+    # Stating a preset's own shape (its query groups, implicit in Qwen v1) keeps its name.
+    same = load_config(None, ["train.steps=1", "model.num_query_groups=4"])
+    assert same.model.architecture().name == "qwen-tiny"
+    # A shape no preset has stays custom.
+    other = load_config(
+        None, ["train.steps=1", "model.preset=qwen-tiny", *shape[:1], "model.num_layers=6"]
+    )
+    assert other.model.architecture().name == "qwen-tiny+custom"

@@ -67,3 +67,33 @@ def test_te_spec_step_on_gpu(dtype):
     assert out["param_dtype"] == "torch.bfloat16"
     assert all(math.isfinite(x) for x in out["losses"] + out["grad_norms"])
     assert out["losses"][-1] < out["losses"][0]
+
+
+def _weight_norms(rank: int, world_size: int) -> list[list[float]]:
+    import torch.distributed as dist
+
+    from specialize.config import derive, load_config
+    from specialize.distributed import init_distributed, seed_all
+    from specialize.engine import Engine
+
+    overrides = ["data.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=2"]
+    cfg = load_config("configs/base/qwen-nano.yaml", [*overrides, "parallel.tensor=2"])
+    topo = init_distributed(cfg.parallel)
+    seed_all(cfg.train.seed)
+    engine = Engine.build(cfg, topo, derive(cfg, topo.world_size))
+    local = sum(float(p.detach().float().pow(2).sum()) for p in engine.model[0].parameters())
+    before = engine.weight_norm()
+    engine.train_step([random_batches(32, 2)], 1)
+    engine.train_step([random_batches(32, 2)], 2)  # step 1 applies LR 0 (warmup)
+    norms = [None] * world_size
+    dist.all_gather_object(norms, [local, before, engine.weight_norm()])
+    return norms
+
+
+def test_weight_norm_is_the_same_on_every_rank():
+    """The spike check stops every rank at the same step only if they all see the same norm."""
+    (local0, before0, after0), (local1, before1, after1) = run_distributed(_weight_norms)
+    assert local0 != local1  # each tensor-parallel rank holds other shards ...
+    assert (before0, after0) == (before1, after1)  # ... yet the norm is the world's
+    assert before0 == pytest.approx(math.sqrt(local0 + local1), rel=1e-4)  # fp32 sums
+    assert after0 != before0

@@ -337,3 +337,93 @@ def test_two_stages_train_skip_and_resume(tmp_path: Path, stdlib_shard: str):
     assert lineage["parent"] == str(resumed / "iter_0000003")
     more_lineage = json.loads((stages / "4-more/checkpoints/iter_0000004/lineage.json").read_text())
     assert more_lineage["parent"] == str(stages / "3-keep/checkpoints/iter_0000002")
+
+
+def test_dry_run_of_stages_marks_an_init_not_yet_imported(tmp_path: Path):
+    missing = tmp_path / "imported"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "specialize",
+            "train",
+            str(_recipe(tmp_path)),
+            f"init={missing}",
+            "--dry-run",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"  init: {missing} (MISSING: does not exist yet; the run refuses" in out.stdout
+    assert f"# MISSING init.checkpoint={missing}: does not exist yet" in out.stdout
+
+
+SHORT_STAGES = [
+    "data.seq_length=32",
+    "stages[0].train.steps=2",
+    "stages[0].schedule.warmup_steps=0",
+    "stages[1].train.steps=2",
+    "stages[1].schedule.warmup_steps=0",
+]
+
+
+def _changed_stage_runs(rank: int, world_size: int, recipe: str, tmp: str, other: str) -> dict:
+    import shutil
+
+    from specialize.checkpoint import CheckpointError
+    from specialize.run import train_stages
+
+    tmp_dir = Path(tmp)
+    run_dir = tmp_dir / "run"
+
+    def attempt(*overrides: str) -> str:
+        cfg = load_config(recipe, [f"checkpoint.dir={run_dir}", *SHORT_STAGES, *overrides])
+        try:
+            runs = train_stages(cfg)
+        except (ConfigError, CheckpointError) as e:
+            return f"{type(e).__name__}: {e}"
+        return " ".join("skipped" if r.trainer is None else "trained" for r in runs)
+
+    def records() -> dict[str, str]:
+        files = [run_dir / "config.yaml", *sorted(run_dir.glob("stages/*/stage.json"))]
+        files += sorted(run_dir.glob("stages/*/config.yaml"))
+        return {str(f.relative_to(run_dir)): f.read_text() for f in files}
+
+    out = {"first": attempt()}
+    before = records()
+    # Stage 2 is longer now (so it resumes) on another model: its checkpoint refuses it.
+    out["other_model"] = attempt("model.preset=qwen-tiny", "stages[1].train.steps=3")
+    out["records_kept"] = records() == before and len(before) == 5
+    shutil.rmtree(tmp_dir / "data")
+    shutil.copytree(other, tmp_dir / "data")
+    out["changed_data"] = attempt()
+    out["records_kept_after_data"] = records() == before
+    out["allowed"] = attempt("data.allow_changed=true")
+    return out
+
+
+def test_stages_refuse_changed_data_and_keep_their_records(tmp_path: Path, stdlib_shard: str):
+    import shutil
+    import sysconfig
+
+    from tests.specialize.test_trainer import _prepare
+
+    data = tmp_path / "data"
+    shutil.copytree(stdlib_shard, data)
+    other = tmp_path / "other"
+    _prepare([str(Path(sysconfig.get_paths()["stdlib"]) / "json")], other)
+    recipe = _recipe(tmp_path, str(data))
+    out = run_distributed(_changed_stage_runs, str(recipe), str(tmp_path), str(other), world_size=1)
+    assert out["first"] == "trained trained"
+    assert out["other_model"].startswith("CheckpointError: ")
+    assert "holds a qwen-nano model but this run builds qwen-tiny" in out["other_model"]
+    # The refused launches rewrote neither the recipe's config.yaml nor a stage's records.
+    assert out["records_kept"] and out["records_kept_after_data"]
+    # A finished stage is kept only on the data it was trained on.
+    assert out["changed_data"].startswith(
+        f"ConfigError: stage 1/2 'code': data.paths: {data} changed: manifest sha256 "
+    )
+    assert "set data.allow_changed=true" in out["changed_data"]
+    assert out["allowed"] == "skipped skipped"

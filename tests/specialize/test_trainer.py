@@ -1,6 +1,17 @@
-"""Training on real tokens: the loss falls, resume is bitwise exact, NaN stops the run."""
+"""Training on real tokens: the loss falls, resume is bitwise exact, NaN and spikes stop the run
+before anything is saved, a resume refuses changed data, and a run directory has one run at a
+time."""
 
 from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -120,6 +131,7 @@ def _nan_run(rank: int, world_size: int, tmp: str, shard: str) -> str:
         "optimizer.lr=1e30",
         "optimizer.min_lr=0",
         "optimizer.clip_grad=0",
+        "train.spike_factor=0",  # the spike check would stop it a step before the NaN
     ]
     try:
         train(load_config("configs/base/qwen-nano.yaml", overrides))
@@ -180,3 +192,379 @@ def test_init_loads_weights_and_records_lineage(tmp_path, stdlib_shard):
     assert (Path(out["child_ckpt"]) / "config.yaml").is_file()
     latest = (Path(out["child_ckpt"]).parent / "latest").read_text().strip()
     assert latest == Path(out["child_ckpt"]).name
+
+
+# ----------------------------------------------------------------------------- spikes
+
+_TINY_STEPS = [
+    "data.seq_length=32",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=2",
+    "checkpoint.interval=1",
+]
+
+
+def _max_abs_weight(path: Path) -> float:
+    """The largest weight magnitude in a qwen-nano checkpoint (loaded in this process)."""
+    from base.model import ModelOptions, build_model
+    from base.presets import get_preset
+    from specialize import checkpoint
+
+    arch = get_preset("qwen-nano")
+    model = build_model(arch, ModelOptions(spec="local", initialize=False))
+    checkpoint.load_model_weights(model, path, arch)
+    return max(p.detach().abs().max().item() for p in model.parameters())
+
+
+def _explosion_runs(rank: int, world_size: int, tmp: str, shard: str) -> dict:
+    from specialize.config import load_config
+    from specialize.run import train
+
+    out = {}
+    # With warmup, megatron's schedule applies LR 0 at step 1 and 2e5 at step 2; without, 1e6 at
+    # step 1. Either way the first update at that LR explodes the weights.
+    for name, warmup in (("warmup", []), ("no_warmup", ["schedule.warmup_steps=0"])):
+        run_dir = Path(tmp) / name
+        overrides = _overrides(str(run_dir), shard) + _TINY_STEPS + warmup
+        overrides += ["train.steps=6", "optimizer.lr=1e6", "optimizer.min_lr=0"]
+        try:
+            train(load_config("configs/base/qwen-nano.yaml", overrides))
+            error = "no error"
+        except FloatingPointError as e:
+            error = f"{type(e).__name__}: {e}"
+        saved = sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*"))
+        out[name] = {
+            "error": error,
+            "saved": saved,
+            "max_abs": [_max_abs_weight(run_dir / "checkpoints" / ckpt) for ckpt in saved],
+        }
+    return out
+
+
+def test_lr_explosion_stops_before_a_checkpoint_of_exploded_weights(tmp_path, stdlib_shard):
+    out = run_distributed(_explosion_runs, str(tmp_path), stdlib_shard, world_size=1)
+    warmup, no_warmup = out["warmup"], out["no_warmup"]
+    # Step 1 (LR 0) is saved with its sane weights (norms start at 1, the rest near 0); the
+    # step-2 update is caught before its save.
+    assert warmup["saved"] == ["iter_0000001"] and warmup["max_abs"][0] <= 1.0, warmup
+    assert warmup["error"].startswith("SpikeError: step 2: the update changed the norm of the ")
+    assert "train.spike_factor=10" in warmup["error"]
+    assert "Newest checkpoint: " in warmup["error"] and warmup["error"].endswith("iter_0000001")
+    # Without warmup the first step explodes: nothing is saved at all.
+    assert no_warmup["saved"] == [] and no_warmup["error"].startswith("SpikeError: step 1: ")
+
+
+def test_cli_reports_a_diverged_run_in_one_line(tmp_path, stdlib_shard):
+    root = Path(__file__).resolve().parents[2]
+    overrides = _overrides(str(tmp_path / "run"), stdlib_shard) + _TINY_STEPS[:3]
+    overrides += ["train.steps=3", "schedule.warmup_steps=0", "optimizer.lr=1e6"]
+    out = subprocess.run(
+        [sys.executable, "-m", "specialize", "train", "configs/base/qwen-nano.yaml", *overrides],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("training stopped: step 1: the update changed the norm of the weights")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _normal_run(rank: int, world_size: int, tmp: str, shard: str) -> dict:
+    from specialize.config import load_config
+    from specialize.run import train
+
+    overrides = _overrides(f"{tmp}/normal", shard) + [
+        "train.steps=25",
+        "data.seq_length=32",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=2",
+        "schedule.warmup_steps=3",
+        "optimizer.lr=3e-3",
+    ]
+    trainer = train(load_config("configs/base/qwen-nano.yaml", overrides))
+    return {"steps": len(trainer.history), "checked": trainer.guard.checked}
+
+
+def test_spike_check_does_not_stop_a_normal_run(tmp_path, stdlib_shard):
+    out = run_distributed(_normal_run, str(tmp_path), stdlib_shard, world_size=1)
+    # Every step after the first five was compared with the running mean, and none stopped it.
+    assert out == {"steps": 25, "checked": 20}
+
+
+def _result(loss: float, grad_norm: float = 1.0):
+    from specialize.engine import StepResult
+
+    return StepResult(loss=loss, grad_norm=grad_norm, lr=1e-3, num_tokens=64)
+
+
+def test_spike_guard_stops_on_a_loss_or_grad_norm_spike_naming_step_value_and_mean():
+    from specialize.trainer import SpikeError, SpikeGuard
+
+    guard = SpikeGuard(factor=3.0, window=4)
+    # The first steps have no (meaningful) mean: a large jump there is not a spike.
+    for step, loss in enumerate([10.0, 2.0, 50.0, 2.0], start=1):
+        guard.check(step, _result(loss), 100.0, 100.0)
+    assert guard.checked == 0
+    guard.check(5, _result(2.0), 100.0, 100.0)  # window [10, 2, 50, 2]: mean 16
+    guard.check(6, _result(2.0), 100.0, 100.0)
+    with pytest.raises(SpikeError) as e:  # window [50, 2, 2, 2]: mean 14
+        guard.check(7, _result(43.0), 100.0, 100.0)
+    assert str(e.value).startswith("step 7: loss 43 is 3.07 times its mean 14 over the previous 4")
+    with pytest.raises(SpikeError, match=r"^step 8: gradient norm 40 is 40 times its mean 1 "):
+        guard.check(8, _result(2.0, grad_norm=40.0), 100.0, 100.0)
+    # The weights' norm is compared from the first step on, growing or shrinking.
+    for before, after in ((100.0, 301.0), (100.0, 33.0), (100.0, float("nan"))):
+        with pytest.raises(SpikeError, match=r"^step 1: the update "):
+            SpikeGuard(factor=3.0, window=4).check(1, _result(2.0), before, after)
+    off = SpikeGuard(factor=0.0, window=4)
+    for step in range(1, 10):
+        off.check(step, _result(10.0**step, grad_norm=10.0**step), 1.0, 10.0**step)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.spike_factor=0.5", "train.spike_factor=0.5: must be > 1"),
+        ("train.spike_factor=-1", "train.spike_factor=-1.0: must be >= 0"),
+        ("train.spike_window=0", "train.spike_window=0: must be >= 1"),
+    ],
+)
+def test_spike_settings_are_checked(override, message):
+    from specialize.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(None, ["train.steps=1", override])
+
+
+def test_checkpointer_refuses_to_save_after_a_diverged_step(monkeypatch):
+    from types import SimpleNamespace
+
+    from specialize import checkpoint
+    from specialize.callbacks import Checkpointer
+
+    saved = []
+    monkeypatch.setattr(checkpoint, "save", lambda *args, **kwargs: saved.append(args))
+    trainer = SimpleNamespace(diverged="step 3: loss is nan; stopping", consumed_samples=6)
+    with pytest.raises(RuntimeError, match="refusing to save step 3: step 3: loss is nan"):
+        Checkpointer()._save(trainer, 3)
+    assert saved == []
+
+
+# ----------------------------------------------------------------------------- refused resumes
+
+
+def _prepare(sources: list[str], out: Path) -> None:
+    from base.tokenizer import QwenTokenizer
+    from specialize.data.prepare import PrepareOptions, prepare
+    from specialize.data.sources import Source, SourceOptions
+
+    prepare(
+        [Source("directory", s) for s in sources],
+        out,
+        QwenTokenizer.load(),
+        PrepareOptions(SourceOptions(extensions=(".py",)), filters=(), workers=0),
+    )
+
+
+def _attempt(run) -> str:
+    """What a training call did: its error, or how many steps it trained."""
+    from specialize.checkpoint import CheckpointError
+    from specialize.config import ConfigError
+
+    try:
+        trainer = run()
+    except (ConfigError, CheckpointError) as e:
+        return f"{type(e).__name__}: {e}"
+    return f"trained {len(trainer.history)} steps from step {trainer.start_step}"
+
+
+def _refused_resumes(rank: int, world_size: int, tmp: str, shard: str, other: str) -> dict:
+    from specialize.config import load_config
+    from specialize.run import train
+
+    tmp = Path(tmp)
+    data, run_dir = tmp / "data", tmp / "run"
+    shutil.copytree(shard, data)
+
+    def run(*extra: str):
+        overrides = (
+            _overrides(str(run_dir), str(data))
+            + _TINY_STEPS
+            + ["train.steps=4", "schedule.warmup_steps=1", *extra]
+        )
+        return lambda: train(load_config("configs/base/qwen-nano.yaml", overrides))
+
+    out = {"first": _attempt(run("train.exit_after_steps=2"))}
+    config = (run_dir / "config.yaml").read_text()
+    out["other_architecture"] = _attempt(run("model.preset=qwen-tiny", "optimizer.lr=1.5e-3"))
+    out["config_after_architecture"] = (run_dir / "config.yaml").read_text() == config
+    shutil.rmtree(data)  # the data is replaced by other data at the same path
+    shutil.copytree(other, data)
+    out["changed_data"] = _attempt(run("optimizer.lr=1.5e-3"))
+    out["config_after_data"] = (run_dir / "config.yaml").read_text() == config
+    out["saved_after_refusals"] = sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*"))
+    out["allowed"] = _attempt(run("data.allow_changed=true"))
+    out["lineage"] = json.loads((run_dir / "checkpoints/iter_0000004/lineage.json").read_text())
+    # Starting another run from this one is not a resume: other data is what init is for.
+    child = _overrides(str(tmp / "child"), shard) + _TINY_STEPS
+    child += ["train.steps=1", "schedule.warmup_steps=0"]
+    out["init"] = _attempt(
+        lambda: train(load_config("configs/base/qwen-nano.yaml", [*child, f"init={run_dir}"]))
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def refused_resumes(tmp_path_factory, stdlib_shard) -> dict:
+    import sysconfig
+
+    tmp = tmp_path_factory.mktemp("refused")
+    other = tmp / "other"
+    _prepare([str(Path(sysconfig.get_paths()["stdlib"]) / "json")], other)
+    manifests = {
+        name: json.loads((Path(path) / "manifest.json").read_text())
+        for name, path in (("old", stdlib_shard), ("new", other))
+    }
+    out = run_distributed(_refused_resumes, str(tmp), stdlib_shard, str(other), world_size=1)
+    return {**out, "manifests": manifests, "data": str(tmp / "data")}
+
+
+def test_resume_refuses_data_replaced_since_the_checkpoint(refused_resumes):
+    out = refused_resumes
+    old, new = out["manifests"]["old"], out["manifests"]["new"]
+    message = out["changed_data"]
+    assert message.startswith(f"ConfigError: data.paths: {out['data']} changed: manifest sha256 ")
+    assert f"tokens {old['tokens']} -> {new['tokens']}" in message
+    assert f"documents {old['documents']} -> {new['documents']}" in message
+    assert "iter_0000002 was trained on it; set data.allow_changed=true" in message
+    assert "\n" not in message
+    assert out["saved_after_refusals"] == ["iter_0000001", "iter_0000002"]
+    # Allowed: it continues on the new data, and the new checkpoint records the new manifest.
+    assert out["allowed"] == "trained 2 steps from step 2"
+    assert out["lineage"]["data_manifests"][out["data"]]["tokens"] == new["tokens"]
+    assert out["init"] == "trained 1 steps from step 0"
+
+
+def test_refused_resume_leaves_the_run_config_alone(refused_resumes):
+    out = refused_resumes
+    assert out["first"] == "trained 2 steps from step 0"
+    assert out["other_architecture"].startswith("CheckpointError: ")
+    assert "holds a qwen-nano model but this run builds qwen-tiny" in out["other_architecture"]
+    assert out["config_after_architecture"] and out["config_after_data"]
+
+
+# ----------------------------------------------------------------------------- one run at a time
+
+
+def _busy_run(rank: int, world_size: int, tmp: str, shard: str) -> str:
+    from specialize.checkpoint import CheckpointError
+    from specialize.config import load_config
+    from specialize.run import train
+
+    signal.alarm(300)  # a rank left waiting for the other would hang the test: kill it instead
+    overrides = (
+        _overrides(f"{tmp}/busy", shard)
+        + _TINY_STEPS
+        + ["train.steps=2", "schedule.warmup_steps=0", "train.micro_batch_size=1"]
+    )
+    try:
+        train(load_config("configs/base/qwen-nano.yaml", overrides))
+    except CheckpointError as e:
+        return str(e)
+    raise AssertionError(f"rank {rank} trained in a run directory another process holds")
+
+
+def test_busy_run_directory_stops_every_rank(tmp_path, stdlib_shard):
+    from specialize.run import run_directory_lock
+
+    with run_directory_lock(tmp_path / "busy"):
+        message = run_distributed(_busy_run, str(tmp_path), stdlib_shard, world_size=2)
+    assert message.startswith(
+        f"{tmp_path}/busy is in use by another training run (pid {os.getpid()} on "
+    )
+    assert not (tmp_path / "busy" / "config.yaml").exists()
+
+
+def _try_lock(run_dir: Path) -> str:
+    """Whether another process can take the run directory's lock now."""
+    code = (
+        "import sys\n"
+        "from specialize.run import run_directory_lock\n"
+        "with run_directory_lock(sys.argv[1]):\n"
+        "    print('locked')\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(run_dir)], cwd=root, capture_output=True, text=True
+    )
+    return out.stdout.strip() or out.stderr.strip().splitlines()[-1]
+
+
+def test_run_directory_lock_is_not_inherited_by_forked_processes(tmp_path):
+    """megatron-core forks checkpoint writers; one that outlives its run must not keep the lock."""
+    import multiprocessing
+
+    from specialize.run import run_directory_lock
+
+    with run_directory_lock(tmp_path):
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        child.start()
+        held = _try_lock(tmp_path)
+    try:
+        assert child.is_alive()
+        free = _try_lock(tmp_path)
+    finally:
+        child.kill()
+        child.join()
+    assert "is in use by another training run" in held
+    assert free == "locked"
+
+
+def test_second_train_on_a_run_directory_fails_fast_naming_the_holder(tmp_path, stdlib_shard):
+    root = Path(__file__).resolve().parents[2]
+    run_dir = tmp_path / "run"
+
+    def command(lr: str, steps: int) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "specialize",
+            "train",
+            "configs/base/qwen-nano.yaml",
+            *_overrides(str(run_dir), stdlib_shard),
+            *_TINY_STEPS[:3],
+            f"train.steps={steps}",
+            f"optimizer.lr={lr}",
+            "optimizer.min_lr=0",
+        ]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(
+        command("1.0e-3", 100_000),
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "config.yaml").is_file():  # written once the first run started
+            assert first.poll() is None and time.monotonic() < deadline, (
+                "the first run did not start"
+            )
+            time.sleep(0.5)
+        config = (run_dir / "config.yaml").read_text()
+        second = subprocess.run(
+            command("7.0e-4", 10), cwd=root, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert first.poll() is None  # the first run was not disturbed
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"checkpoint error: {run_dir} is in use by another training run (pid {first.pid} on "
+    ), second.stderr
+    assert (run_dir / "config.yaml").read_text() == config and "lr: 0.001" in config
