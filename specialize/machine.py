@@ -1,0 +1,100 @@
+"""The machine a run is on: what decides its CPU numbers, and how fast it is.
+
+On CPU, the kernels torch and MKL pick depend on the processor's instruction set (AVX2, AVX-512,
+AMX) and on the thread count; each choice sums in its own order, so weights trained on two
+machines differ in the last bits and a long run can end at different scores. ``describe`` records
+what decides that; ``measure_speed`` gives a number a run's duration scales with.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+# Environment variables that pin the kernels (see the README's "Reproducing the demo numbers").
+KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe() -> dict:
+    """The processor, torch's kernel set and the variables that pin it."""
+    import torch
+
+    return {
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "kernel_variables": {k: os.environ[k] for k in KERNEL_VARIABLES if k in os.environ},
+    }
+
+
+def measure_speed(seconds: float = 1.0) -> dict:
+    """One-thread fp32 matrix multiply GFLOP/s (what CPU training time follows) and the Qwen
+    tokenizer's tokens/s (what data preparation follows), each measured for about ``seconds``."""
+    import torch
+
+    from base.tokenizer import QwenTokenizer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        a = torch.randn(512, 512, generator=generator)
+        b = torch.randn(512, 512, generator=generator)
+        a @ b  # warm-up: the first call loads and dispatches the kernel
+        count, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            a @ b
+            count += 1
+        gflops = 2 * 512**3 * count / elapsed / 1e9
+    finally:
+        torch.set_num_threads(threads)
+
+    tokenizer = QwenTokenizer.load()
+    text = Path(__file__).read_text() * 4
+    tokens, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        tokens += len(tokenizer.encode(text))
+    return {
+        "matmul_gflops_1thread": round(gflops, 1),
+        "tokenizer_tokens_per_s": round(tokens / elapsed),
+    }
+
+
+def summary(record: dict) -> str:
+    """One line for logs and reports."""
+    line = (
+        f"{record['cpu']} ({record['logical_cpus']} CPUs, torch {record['torch_cpu_capability']}"
+        f", {record['torch_threads']} threads)"
+    )
+    if "matmul_gflops_1thread" in record:
+        line += (
+            f"; fp32 matmul {record['matmul_gflops_1thread']:.1f} GFLOP/s on one thread, "
+            f"tokenizer {record['tokenizer_tokens_per_s']:,} tokens/s"
+        )
+    if record["kernel_variables"]:
+        pinned = ", ".join(f"{k}={v}" for k, v in record["kernel_variables"].items())
+        line += f"; {pinned}"
+    return line
+
+
+def main() -> None:
+    print(summary({**describe(), **measure_speed()}))
+
+
+if __name__ == "__main__":
+    main()
