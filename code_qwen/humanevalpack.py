@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from code_qwen.tasks import CHAT_STOP, _CodeTask, extract_code
+from code_qwen.tasks import CHAT_STOP, _CodeTask, extract_code, run_grade
 from specialize.sandbox import ERROR, Program, RunResult, Sandbox, SandboxConfig
 from specialize.tasks import Grade, HubSource, Protocol, TaskError, check_mode, register, truncate
 
@@ -317,7 +317,7 @@ class HumanEvalPackTask(_CodeTask):
     ) -> list[Grade]:
         """Each assembled program compiled and run in the sandbox; without the language's
         toolchain every sample is an ``error`` (see ``grade_runs`` for the message)."""
-        return [Grade(run.status) for run in self.grade_runs(records, completions, mode, workers)]
+        return [run_grade(run) for run in self.grade_runs(records, completions, mode, workers)]
 
     def grade_runs(
         self,

@@ -102,3 +102,16 @@ def test_program_assembly_follows_the_harness() -> None:
     assert go["import"] not in program.split(")\n", 2)[2]
     cpp = assemble(records("cpp")[0], "x", "cpp", "base")
     assert cpp.index("#include<algorithm>") < cpp.index("using namespace std;")
+
+
+def test_failed_and_errored_samples_keep_their_reason() -> None:
+    task = HUMANEVALPACK["python"]
+    rec = records("python")[0]
+    (failed,) = task.grade([rec], [WRONG["python"]], "base")
+    assert failed.status == "failed"
+    assert failed.reason.startswith("failed: AssertionError")
+    assert "AssertionError" in failed.stderr
+    missing = dataclasses.replace(HUMANEVALPACK["cpp"], search_path="")
+    (errored,) = missing.grade(records("cpp")[:1], ["x"], "base")
+    assert errored.status == "error"
+    assert "not found" in errored.reason
