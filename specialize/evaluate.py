@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from specialize import machine
 from specialize.tasks import STATUSES, Task, TaskError, check_mode, get_task
 
 FORMAT = "specialize-eval-1"
@@ -108,6 +109,8 @@ def results_document(
         "format": FORMAT,
         "model": {"label": label, "checkpoint": checkpoint, "source": source},
         "versions": versions(),
+        # Where the model ran: CPU kernels can move generated scores in the last digits.
+        "machine": machine.describe() if source == "generated" else None,
         "tasks": dict(tasks),
     }
 

@@ -92,8 +92,21 @@ def summary(record: dict) -> str:
     return line
 
 
-def main() -> None:
-    print(summary({**describe(), **measure_speed()}))
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog="python -m specialize.machine", description="This machine and its CPU speed."
+    )
+    parser.add_argument("-o", "--output", help="also write the record as JSON here")
+    parser.add_argument("--seconds", type=float, default=1.0, help="per measurement")
+    args = parser.parse_args(argv)
+    record = {**describe(), **measure_speed(args.seconds)}
+    print(summary(record))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

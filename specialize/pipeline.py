@@ -116,6 +116,10 @@ class PipelineConfig:
     to know a step's step count before it runs."""
     steps: list[StepConfig] = field(default_factory=list)
     """The steps, run in order."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment variables set for every step's command, e.g. the CPU demo's kernel pins
+    (``ATEN_CPU_CAPABILITY``, ``MKL_CBWR``, ...) that make its numbers the same on any x86-64
+    machine with AVX2. Recorded in ``lineage.json``; not part of a step's declaration."""
 
 
 def _register_resolvers() -> None:
@@ -440,7 +444,7 @@ class Pipeline:
         the pipeline itself is interrupted, the command is stopped before the pipeline exits."""
         log.info("step %s: %s", step.name, shlex.join(words))
         # ``python`` inside a shell command is this interpreter too (its bin directory first).
-        env = dict(os.environ)
+        env = {**os.environ, **self.cfg.env}
         env["PATH"] = os.pathsep.join([str(Path(self.python).parent), env.get("PATH", "")])
         process = subprocess.Popen(words, env=env)
         try:
@@ -535,7 +539,12 @@ class Pipeline:
                 entry["models"] = step.models
                 entry["results"] = [str(self.step_dir(step) / f"{m}.json") for m in step.models]
             steps.append(entry)
-        doc = {"pipeline": self.cfg.name, "git_commit": git_commit(), "steps": steps}
+        doc = {
+            "pipeline": self.cfg.name,
+            "git_commit": git_commit(),
+            "env": self.cfg.env,
+            "steps": steps,
+        }
         path = self.root / "lineage.json"
         path.write_text(json.dumps(doc, indent=2) + "\n")
         return path

@@ -8,6 +8,7 @@ different data are flagged, and missing/timeout/error counts are listed next to 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ class Results:
     source: str
     tasks: dict[str, dict[str, Any]]
     """Task name -> the file's task entry (protocol, data, metrics, counts)."""
+    machine: dict[str, Any] | None = None
+    """Where the completions were generated (None: scored from completions made elsewhere)."""
 
 
 def load_results(path: str | os.PathLike[str]) -> Results:
@@ -75,6 +78,7 @@ def load_results(path: str | os.PathLike[str]) -> Results:
         checkpoint=model.get("checkpoint"),
         source=str(model.get("source", "")),
         tasks=tasks,
+        machine=doc.get("machine"),
     )
 
 
@@ -146,6 +150,24 @@ def differences(results: list[Results], task: str) -> list[str]:
     return found
 
 
+def machine_differences(results: list[Results]) -> list[str]:
+    """``label=machine`` for each result when the results' generating machines differ in what
+    decides CPU numerics (processor, torch's kernel set, pinned kernel variables)."""
+    keyed = {}
+    for r in results:
+        if r.machine:
+            m = r.machine
+            pins = ",".join(
+                f"{k}={v}" for k, v in sorted((m.get("kernel_variables") or {}).items())
+            )
+            keyed[r.label] = f"{m.get('cpu')} {m.get('torch_cpu_capability')}" + (
+                f" {pins}" if pins else ""
+            )
+    if len(set(keyed.values())) < 2:
+        return []
+    return [f"{label}={key}" for label, key in keyed.items()]
+
+
 def _unique_labels(results: list[Results]) -> list[Results]:
     labels = [r.label for r in results]
     return [
@@ -155,7 +177,7 @@ def _unique_labels(results: list[Results]) -> list[Results]:
 
 
 def _relabel(result: Results, label: str) -> Results:
-    return Results(result.path, label, result.checkpoint, result.source, result.tasks)
+    return dataclasses.replace(result, label=label)
 
 
 def _plain(value: Any) -> str:
@@ -264,6 +286,12 @@ def render_markdown(
                     f"- **{task}** / {r.label}: {', '.join(lost)} of {counts.get('total', '?')} "
                     "(scored as failures)."
                 )
+    machines = machine_differences(results)
+    if machines:
+        warnings.append(
+            f"- Generated on different CPU kernels ({'; '.join(machines)}): scores may differ "
+            "from a run on one machine in the last digits, not in kind."
+        )
     out += warnings or ["None: every task ran with the same protocol and data in all results."]
 
     if charts:

@@ -298,7 +298,8 @@ def test_cli_scores_completions_into_a_results_file(tmp_path, gsm8k_file, capsys
     assert "gsm8k (base, 8-shot): accuracy 0.0500" in printed and str(out) in printed
 
     results = json.loads(out.read_text())
-    assert set(results) == {"format", "model", "versions", "tasks"}
+    assert set(results) == {"format", "model", "versions", "machine", "tasks"}
+    assert results["machine"] is None  # scored here, generated elsewhere
     assert results["format"] == FORMAT
     assert results["model"] == {"label": "model-a", "checkpoint": None, "source": "scored"}
     assert set(results["versions"]) == {
@@ -569,3 +570,13 @@ def test_building_the_command_line_does_not_import_the_plugins():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_generated_results_record_the_machine_they_ran_on():
+    import torch
+
+    from specialize.evaluate import results_document
+
+    generated = results_document({}, "m", None, "generated")
+    assert generated["machine"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert results_document({}, "m", None, "scored")["machine"] is None

@@ -1,5 +1,7 @@
 """The machine record: what decides CPU numbers, and a speed a run's duration scales with."""
 
+import json
+
 import torch
 
 from specialize import machine
@@ -23,3 +25,10 @@ def test_measure_speed_is_positive_and_leaves_the_thread_count_alone():
     assert torch.get_num_threads() == threads
     line = machine.summary({**machine.describe(), **speed})
     assert "GFLOP/s" in line and "tokens/s" in line
+
+
+def test_command_line_writes_the_record(tmp_path, capsys):
+    machine.main(["--seconds", "0.05", "-o", str(tmp_path / "m" / "machine.json")])
+    record = json.loads((tmp_path / "m" / "machine.json").read_text())
+    assert record["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine.summary(record) in capsys.readouterr().out

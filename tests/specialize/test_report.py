@@ -166,3 +166,22 @@ def test_paper_rows_can_be_left_out(tmp_path):
     text = compare(FILES, tmp_path, paper=False).read_text(encoding="utf-8")
     assert "reported by the paper)*" not in text and "## Paper protocols" not in text
     assert "| base |" in text
+
+
+def _with_machine(path: Path, out: Path, cpu: str, capability: str) -> Path:
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc["machine"] = {"cpu": cpu, "torch_cpu_capability": capability, "kernel_variables": {}}
+    out.write_text(json.dumps(doc), encoding="utf-8")
+    return out
+
+
+def test_results_generated_on_different_cpu_kernels_are_flagged(tmp_path):
+    base = _with_machine(FILES[0], tmp_path / "base.json", "Xeon", "AVX512")
+    same = _with_machine(FILES[1], tmp_path / "code.json", "Xeon", "AVX512")
+    text = compare([base, same], tmp_path / "same").read_text(encoding="utf-8")
+    assert "different CPU kernels" not in text
+    other = _with_machine(FILES[1], tmp_path / "code.json", "EPYC", "AVX2")
+    text = compare([base, other], tmp_path / "other").read_text(encoding="utf-8")
+    assert (
+        "Generated on different CPU kernels (qwen-7b=Xeon AVX512; code-qwen-7b=EPYC AVX2)" in text
+    )
