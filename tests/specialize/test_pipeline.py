@@ -609,3 +609,26 @@ def test_changed_eval_text_is_an_error_but_an_added_pycache_is_not(tmp_path, mon
         match=rf"step scores: its inputs changed since it finished \(data perplexity={texts[1]} ",
     ):
         _run(path)
+
+
+def test_env_reaches_every_step_and_is_recorded_in_the_lineage(tmp_path):
+    run_dir = tmp_path / "run"
+    path = tmp_path / "env.yaml"
+    write = "import os, pathlib, sys; pathlib.Path(sys.argv[1]).write_text(os.environ['MKL_CBWR'])"
+    path.write_text(
+        f"""\
+dir: {run_dir}
+env: {{MKL_CBWR: AVX2}}
+steps:
+  - name: shell
+    kind: run
+    command: [sh, -c, "python -c \\"{write}\\" {run_dir}/shell.txt"]
+  - name: direct
+    kind: run
+    command: [python, -c, "{write}", "{run_dir}/direct.txt"]
+"""
+    )
+    Pipeline(load_pipeline(path)).run()
+    assert (run_dir / "shell.txt").read_text() == "AVX2"
+    assert (run_dir / "direct.txt").read_text() == "AVX2"
+    assert json.loads((run_dir / "lineage.json").read_text())["env"] == {"MKL_CBWR": "AVX2"}
