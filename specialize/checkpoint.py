@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import queue
 import random
 import re
@@ -34,6 +35,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -629,17 +631,47 @@ def _check_before_load(path: Path, arch: QwenPreset) -> None:
 
 
 def _load_common(path: Path) -> dict:
-    try:
+    with damaged_is_an_error(path):
         return dist_checkpointing.load_common_state_dict(str(path))
-    except Exception as e:  # torch's message names neither the checkpoint nor the fault
-        raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {e})") from e
 
 
 def _load(state: dict, path: Path) -> dict:
-    try:
+    with damaged_is_an_error(path):
         return dist_checkpointing.load(state, str(path), strict="assume_ok_unexpected")
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {e})") from e
+
+
+# What a truncated, missing or garbled checkpoint file raises inside megatron/torch loading.
+_DAMAGED = (OSError, EOFError, pickle.UnpicklingError, json.JSONDecodeError)
+
+
+@contextlib.contextmanager
+def damaged_is_an_error(path: Path) -> Iterator[None]:
+    """Turn what a damaged checkpoint raises while megatron/torch read it into a CheckpointError
+    naming the checkpoint; other errors (ours) pass through with their traceback. Checksums find
+    most damage before this; it covers checkpoints written without them."""
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint import CheckpointException
+
+    for name in _REQUIRED_FILES:  # megatron fails on a missing common.pt with an AttributeError
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path}: {name} is missing (not a complete checkpoint)")
+    if not zipfile.is_zipfile(path / "common.pt"):  # a torch.save archive; truncation breaks it
+        raise CheckpointError(f"{path}: common.pt is truncated or corrupt")
+    try:
+        yield
+    except CheckpointException as e:  # torch's per-rank wrapper (a BaseException) around them
+        causes = [error for error, _ in e.failures.values()]
+        if not causes or not all(isinstance(c, _DAMAGED) for c in causes):
+            raise
+        raise CheckpointError(f"{path}: cannot read its tensors ({_describe(causes[0])})") from None
+    except (*_DAMAGED, CheckpointingException) as e:
+        raise CheckpointError(f"{path}: cannot be loaded ({_describe(e)})") from None
+
+
+def _describe(error: BaseException) -> str:
+    text = " ".join(str(error).split())  # one line
+    hint = "; a file is truncated" if isinstance(error, EOFError) else ""
+    return f"{type(error).__name__}: {text}{hint}" if text else f"{type(error).__name__}{hint}"
 
 
 def _load_model(engine: Engine, loaded: dict) -> None:

@@ -8,13 +8,10 @@ carry global shapes: any TP/PP loads it. Nothing is written unless every tensor 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import pickle
 import shutil
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -175,11 +172,16 @@ def import_hf(
     }
     if nonfinite:
         report["nonfinite_tensors"] = nonfinite
-    checkpoint.save_weights(model, out, arch, report, extra_files=[tokenizer.vocab_file])
-    if (
-        model_info.long_context is not None
-    ):  # Qwen v1's use_dynamic_ntk / use_logn_attn / seq_length
-        write_long_context(out, model_info.long_context)
+    long_context = model_info.long_context  # Qwen v1's use_dynamic_ntk / use_logn_attn / seq_length
+    checkpoint.save_weights(
+        model,
+        out,
+        arch,
+        report,
+        extra_files=[tokenizer.vocab_file],
+        # Written before the checksums are, so they cover it.
+        write_extra=None if long_context is None else lambda d: write_long_context(d, long_context),
+    )
     return report
 
 
@@ -297,7 +299,10 @@ def _stored_dtype(ckpt: Path) -> torch.dtype:
     in fp32 whatever the model dtype, so the norms do not say)."""
     from megatron.core import dist_checkpointing
 
-    metadata = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    from specialize.checkpoint import damaged_is_an_error
+
+    with damaged_is_an_error(ckpt):
+        metadata = dist_checkpointing.load_tensors_metadata(str(ckpt))
     return metadata["embedding.word_embeddings.weight"].dtype
 
 
@@ -315,43 +320,6 @@ def _read_architecture(ckpt: Path) -> QwenPreset:
         return QwenPreset(**record)
     except (ValueError, TypeError) as e:  # bad JSON; missing or unknown fields
         raise CheckpointError(f"{arch_file}: not an architecture record ({e})") from None
-
-
-# Files of a dist_checkpointing (torch_dist) checkpoint that megatron reads before any tensor; a
-# missing common.pt even fails inside megatron with an AttributeError, so look first.
-_CHECKPOINT_INDEX_FILES = (".metadata", "common.pt")
-
-
-@contextlib.contextmanager
-def _damaged_checkpoint_is_an_error(ckpt: Path) -> Iterator[None]:
-    """Turn what a truncated, missing or garbled checkpoint file raises while megatron/torch load
-    it into a CheckpointError naming the checkpoint (other errors pass through)."""
-    from megatron.core.dist_checkpointing.core import CheckpointingException
-    from torch.distributed.checkpoint import CheckpointException
-
-    from specialize.checkpoint import CheckpointError
-
-    damaged = (OSError, EOFError, pickle.UnpicklingError, json.JSONDecodeError)
-    for name in _CHECKPOINT_INDEX_FILES:
-        if not (ckpt / name).is_file():
-            raise CheckpointError(f"{ckpt}: {name} is missing; the checkpoint is incomplete")
-    if not zipfile.is_zipfile(ckpt / "common.pt"):  # a torch.save archive; truncation breaks it
-        raise CheckpointError(f"{ckpt}: common.pt is truncated or corrupt")
-    try:
-        yield
-    except CheckpointException as e:  # torch's per-rank wrapper around the read errors
-        causes = [exc for exc, _ in e.failures.values()]
-        if not causes or not all(isinstance(c, damaged) for c in causes):
-            raise
-        raise CheckpointError(f"{ckpt}: cannot read its tensors ({_describe(causes[0])})") from None
-    except (*damaged, CheckpointingException) as e:
-        raise CheckpointError(f"{ckpt}: cannot be loaded ({_describe(e)})") from None
-
-
-def _describe(error: BaseException) -> str:
-    text = " ".join(str(error).split())  # one line
-    hint = "; a file is truncated" if isinstance(error, EOFError) else ""
-    return f"{type(error).__name__}: {text}{hint}" if text else f"{type(error).__name__}{hint}"
 
 
 def _default_file_mode() -> int:
@@ -406,11 +374,10 @@ def _load_for_export(ckpt: Path, arch: QwenPreset) -> tuple[torch.nn.Module, tor
 
     init_distributed(ParallelConfig())
     seed_all(0)
-    with _damaged_checkpoint_is_an_error(ckpt):
-        dtype = _stored_dtype(ckpt)
-        name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
-        model = build_model(arch, ModelOptions(spec="local", dtype=name, initialize=False))
-        checkpoint.load_model_weights(model, ckpt, arch)
+    dtype = _stored_dtype(ckpt)
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    model = build_model(arch, ModelOptions(spec="local", dtype=name, initialize=False))
+    checkpoint.load_model_weights(model, ckpt, arch)
     return model, dtype
 
 
@@ -495,14 +462,12 @@ def verify(
     hf_dir: str | Path, ckpt: str | Path, tp: int = 1, pp: int = 1, tolerance: float = 1e-4
 ) -> list[str]:
     """Load ``ckpt`` at TP/PP (this process is one rank of a TP x PP world) and compare with ``hf_dir``."""
-    from specialize.checkpoint import resolve_checkpoint
     from specialize.generate import WorldSizeError, load_model
     from specialize.verify import compare
 
     read_config(hf_dir)  # a bad reference directory is an error before any model is built
     try:
-        with _damaged_checkpoint_is_an_error(resolve_checkpoint(ckpt)):
-            model, _ = load_model(ckpt, tp, pp)
+        model, _ = load_model(ckpt, tp, pp)
     except WorldSizeError as e:
         raise HFCheckpointError(f"verify: {e}") from None
     return compare(model, str(hf_dir), tolerance)

@@ -176,6 +176,8 @@ def test_import_matches_transformers_at_tp1_tp2_pp2(tmp_path, layout, arch, over
 
         options = stored_options(tmp_path / "ckpt")
         assert options["rope_scaling"] == "dynamic-ntk" and options["logn_attention"] is True
+        checksums = json.loads((tmp_path / "ckpt" / "checksums.json").read_text())["files"]
+        assert "long_context.json" in checksums  # the options are verified like the weights
         config = json.loads((v1 / "config.json").read_text())
         assert (config["use_dynamic_ntk"], config["use_logn_attn"]) == (True, True)
         assert config["seq_length"] == arch.max_position_embeddings
