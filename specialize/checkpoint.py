@@ -128,6 +128,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return intact
 
 
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's finished checkpoints, newest first (not verified)."""
+    return _complete_checkpoints(checkpoint_root(run_dir))
+
+
 def _complete_checkpoints(root: Path) -> list[Path]:
     """``iter_*`` directories that a save finished (renamed from ``.partial``), newest first."""
     if not root.is_dir():
@@ -429,7 +434,7 @@ def lineage_record(
         "data_manifests": manifests,
         "git_commit": git_commit(),
         "layout": _layout(),
-        "preset": engine.cfg.model.preset,
+        "preset": engine.preset.name,  # the shape's preset, or NAME+custom
     }
 
 

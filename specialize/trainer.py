@@ -186,6 +186,14 @@ class Trainer:
 
         Raises (on every rank) when the checkpoint belongs to another model or was trained on
         other data; the caller writes the run's records only after this succeeded."""
+        if not self.cfg.checkpoint.resume:
+            existing = checkpoint.complete_checkpoints(self.cfg.checkpoint.dir)
+            if existing:  # refused now rather than at the first save, which would collide
+                raise checkpoint.CheckpointError(
+                    f"checkpoint.resume=false, but {self.cfg.checkpoint.dir} holds checkpoints "
+                    f"(newest {existing[0].name}) and a run never overwrites them; choose another "
+                    "checkpoint.dir or move them away"
+                )
         latest = (
             checkpoint.find_latest(self.cfg.checkpoint.dir) if self.cfg.checkpoint.resume else None
         )

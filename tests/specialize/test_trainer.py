@@ -399,6 +399,8 @@ def _refused_resumes(rank: int, world_size: int, tmp: str, shard: str, other: st
     config = (run_dir / "config.yaml").read_text()
     out["other_architecture"] = _attempt(run("model.preset=qwen-tiny", "optimizer.lr=1.5e-3"))
     out["config_after_architecture"] = (run_dir / "config.yaml").read_text() == config
+    out["no_resume"] = _attempt(run("checkpoint.resume=false", "optimizer.lr=1.5e-3"))
+    out["config_after_no_resume"] = (run_dir / "config.yaml").read_text() == config
     shutil.rmtree(data)  # the data is replaced by other data at the same path
     shutil.copytree(other, data)
     out["changed_data"] = _attempt(run("optimizer.lr=1.5e-3"))
@@ -452,6 +454,15 @@ def test_refused_resume_leaves_the_run_config_alone(refused_resumes):
     assert out["other_architecture"].startswith("CheckpointError: ")
     assert "holds a qwen-nano model but this run builds qwen-tiny" in out["other_architecture"]
     assert out["config_after_architecture"] and out["config_after_data"]
+
+
+def test_fresh_start_over_existing_checkpoints_is_refused_before_training(refused_resumes):
+    out = refused_resumes
+    assert out["no_resume"].startswith("CheckpointError: checkpoint.resume=false, but ")
+    assert "(newest iter_0000002) and a run never overwrites them" in out["no_resume"]
+    assert out["config_after_no_resume"]
+    assert out["saved_after_refusals"] == ["iter_0000001", "iter_0000002"]
+    assert out["lineage"]["preset"] == "qwen-nano"
 
 
 # ----------------------------------------------------------------------------- one run at a time
