@@ -212,7 +212,11 @@ def read_config(path: str | Path) -> HFModel:
             f"{config_file}: unsupported architecture {architectures or model_type!r}; "
             "expected QWenLMHeadModel (Qwen v1) or Qwen2ForCausalLM"
         )
-    declared = config.get("torch_dtype") or config.get("dtype")
+    key = "torch_dtype" if config.get("torch_dtype") is not None else "dtype"
+    declared = config.get(key)
+    if dtype is None and declared is not None and str(declared) not in _DTYPES:
+        # A dtype we cannot name would otherwise become fp32 without a word.
+        raise _ConfigFields(config_file, config).error(key, declared, " or ".join(_DTYPES))
     dtype = dtype or _DTYPES.get(str(declared), torch.float32)
     return HFModel(
         path=path,

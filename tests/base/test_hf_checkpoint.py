@@ -241,6 +241,11 @@ BAD_CONFIGS = {
         lambda c: c.update(use_dynamic_ntk="yes"),
         "'use_dynamic_ntk' must be true or false, got 'yes'",
     ),
+    "unknown torch_dtype": (
+        _qwen2_config,
+        lambda c: c.update(torch_dtype="float8_e4m3"),
+        "'torch_dtype' must be bfloat16 or float16 or float32, got 'float8_e4m3'",
+    ),
     "v1 negative seq_length": (
         _qwen_v1_config,
         lambda c: c.update(seq_length=-1),
