@@ -632,3 +632,22 @@ steps:
     assert (run_dir / "shell.txt").read_text() == "AVX2"
     assert (run_dir / "direct.txt").read_text() == "AVX2"
     assert json.loads((run_dir / "lineage.json").read_text())["env"] == {"MKL_CBWR": "AVX2"}
+
+
+def test_checkpoint_identity_follows_every_byte_its_checksums_recorded(tmp_path):
+    from specialize.checkpoint import write_checksums
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "metadata.json").write_text("{}")
+    shard = ckpt / "__0_0.distcp"
+    shard.write_bytes(bytes(6 << 20))
+    write_checksums(ckpt)
+    pipeline = Pipeline(load_pipeline(_small_pipeline(tmp_path)))
+    before = pipeline._checkpoint_identity(str(ckpt))
+    data = bytearray(shard.read_bytes())
+    data[3 << 20] = 1  # the middle of a large shard: its first and last MiB alone would miss it
+    shard.write_bytes(bytes(data))
+    write_checksums(ckpt)  # as a save records it
+    after = pipeline._checkpoint_identity(str(ckpt))
+    assert before.split(" sha256:")[1] != after.split(" sha256:")[1]
