@@ -41,8 +41,8 @@ log = logging.getLogger("specialize")
 KINDS = ("train", "run", "eval", "compare")
 STATE_DIR = ".pipeline"
 MISSING_INPUT = "missing"
-# Inputs without recorded checksums (data files, older checkpoints): files up to this size are
-# hashed whole, larger ones by their size and first and last MiB, so a 7B check stays cheap.
+# Files up to this size are hashed whole; larger ones (checkpoint shards) by their size and their
+# first and last MiB, which any retraining changes, so checking a 7B checkpoint stays cheap.
 WHOLE_FILE_BYTES = 4 << 20
 EDGE_BYTES = 1 << 20
 
@@ -350,7 +350,7 @@ class Pipeline:
 
     def _checkpoint_identity(self, source: str) -> str:
         """``PATH sha256:DIGEST`` of the checkpoint a train step's final one or a path names."""
-        from specialize.checkpoint import CHECKSUMS, CheckpointError, resolve_checkpoint
+        from specialize.checkpoint import CheckpointError, resolve_checkpoint
 
         try:
             if source in {s.name for s in self.cfg.steps}:
@@ -359,14 +359,6 @@ class Pipeline:
                 path = resolve_checkpoint(source)
         except (StepFailed, CheckpointError):
             return MISSING_INPUT
-        checksums = path / CHECKSUMS
-        if checksums.is_file():  # every file's SHA-256, recorded at save: exact and cheap
-            try:
-                files = json.loads(checksums.read_text())["files"]
-            except (OSError, ValueError, KeyError, TypeError):
-                return _path_identity(path)  # loading it will say what is wrong
-            canonical = json.dumps(files, sort_keys=True).encode()
-            return f"{path} sha256:{hashlib.sha256(canonical).hexdigest()}"
         return _path_identity(path)
 
     def _data_paths(self, step: StepConfig) -> list[str]:
