@@ -460,11 +460,33 @@ def _damage(ckpt: Path, name: str, fn) -> Path:
     return copy
 
 
-def test_export_or_verify_of_a_damaged_checkpoint_or_to_a_file_is_one_line_exit_2(tmp_path):
+# Neither 0600 nor the usual 0644 comes out of this umask by accident.
+EXPORT_UMASK = 0o027
+
+
+@pytest.fixture(scope="module")
+def nano_exported(tmp_path_factory) -> Path:
+    """A qwen-nano HF model imported (``ckpt``) and exported (``exported``) under EXPORT_UMASK."""
+    root = tmp_path_factory.mktemp("nano")
+    hf_model(get_preset("qwen-nano")).save_pretrained(root / "hf")
+    commands = [
+        ["convert", "import", "--hf", str(root / "hf"), "-o", str(root / "ckpt")],
+        ["convert", "export", str(root / "ckpt"), "-o", str(root / "exported")],
+    ]
+    results = run_distributed(_cli, commands, EXPORT_UMASK, world_size=1)
+    assert [code for code, _ in results] == [0, 0], results
+    return root
+
+
+def test_export_or_verify_of_a_damaged_checkpoint_or_to_a_file_is_one_line_exit_2(
+    tmp_path, nano_exported
+):
     """Each used to end in a torch/megatron traceback (exit 1) that did not name the checkpoint."""
-    hf_model(get_preset("qwen-nano")).save_pretrained(tmp_path / "hf")
+    import shutil
+
+    shutil.copytree(nano_exported / "hf", tmp_path / "hf")
     ckpt = tmp_path / "ckpt"
-    run_distributed(_import, str(tmp_path / "hf"), str(ckpt), world_size=1)
+    shutil.copytree(nano_exported / "ckpt", ckpt)
 
     def truncate(file: str):
         return lambda c: os.truncate(c / file, (c / file).stat().st_size // 2)
@@ -521,21 +543,12 @@ def test_export_or_verify_of_a_damaged_checkpoint_or_to_a_file_is_one_line_exit_
     assert _error_line(stderr).startswith(f"conversion error: {not_json / 'config.json'}: ")
 
 
-def test_exported_files_get_the_umask_mode_not_0600(tmp_path):
+def test_exported_files_get_the_umask_mode_not_0600(nano_exported):
     """safetensors writes a 0600 temporary file and renames it: the weights were private while
     the config beside them was not."""
-    umask = 0o027  # neither 0600 nor the usual 0644 comes out of it by accident
-    hf_model(get_preset("qwen-nano")).save_pretrained(tmp_path / "hf")
-    ckpt, out = tmp_path / "ckpt", tmp_path / "exported"
-    commands = [
-        ["convert", "import", "--hf", str(tmp_path / "hf"), "-o", str(ckpt)],
-        ["convert", "export", str(ckpt), "-o", str(out)],
-    ]
-    results = run_distributed(_cli, commands, umask, world_size=1)
-    assert [code for code, _ in results] == [0, 0], results
-    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (nano_exported / "exported").iterdir()}
     assert "model.safetensors" in modes
-    assert modes == dict.fromkeys(modes, 0o640), modes
+    assert modes == dict.fromkeys(modes, 0o666 & ~EXPORT_UMASK), modes
 
 
 def test_layout_of_a_preset_shaped_checkpoint_is_named_after_the_preset():
