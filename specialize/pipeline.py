@@ -250,9 +250,21 @@ class Pipeline:
         return self.root / STATE_DIR / f"{step.name}.started.json"
 
     def run(self, only: list[str] | None = None) -> None:
+        from specialize.lock import LockHeld, exclusive
+
         self.root.mkdir(parents=True, exist_ok=True)
         # SIGTERM (a scheduler's stop) unwinds like Ctrl-C, so the running step is stopped too.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        try:
+            with exclusive(self.root):  # two pipelines on one directory would race every step
+                self._run_steps(only)
+        except LockHeld as e:
+            raise ConfigError(
+                f"{self.root} is in use by another pipeline ({e.holder}); wait for it to end or "
+                "set dir= to another directory"
+            ) from None
+
+    def _run_steps(self, only: list[str] | None) -> None:
         for step in self.cfg.steps:
             if only and step.name not in only:
                 continue

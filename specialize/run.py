@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import re
-import socket
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +20,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from base.tokenizer import QwenTokenizer
-from specialize import checkpoint
+from specialize import checkpoint, lock
 from specialize.config import (
     ConfigError,
     Derived,
@@ -42,38 +37,23 @@ from specialize.trainer import Trainer, check_same_data
 
 log = logging.getLogger("specialize")
 
-LOCK_FILE = ".lock"
+LOCK_FILE = lock.LOCK_FILE
 
 
 @contextlib.contextmanager
 def run_directory_lock(run_dir: str | Path) -> Iterator[None]:
-    """Hold an exclusive lock on a run directory: a second run on it fails at once, naming the
-    process that holds it (written into the lock file).
-
-    A POSIX record lock (``lockf``), not ``flock``: it belongs to this process alone, so the
-    processes megatron-core forks to write checkpoints do not inherit it and cannot keep the
-    directory locked after the run died; the kernel releases it when the process ends, so a
-    killed run leaves nothing to clean up. NFS implements it across nodes."""
+    """Hold the run directory's lock (``specialize.lock``): a second run on it fails at once,
+    naming the process that holds it."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EACCES, errno.EAGAIN):
-                raise
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process"
-            raise checkpoint.CheckpointError(
-                f"{run_dir} is in use by another training run ({holder}); wait for it to end or "
-                "set checkpoint.dir to another directory"
-            ) from None
-        os.ftruncate(fd, 0)
-        started = time.strftime("%Y-%m-%d %H:%M:%S")
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+        with lock.exclusive(run_dir):
+            yield
+    except lock.LockHeld as e:
+        raise checkpoint.CheckpointError(
+            f"{run_dir} is in use by another training run ({e.holder}); wait for it to end or "
+            "set checkpoint.dir to another directory"
+        ) from None
 
 
 @contextlib.contextmanager

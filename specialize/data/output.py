@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
-LOCK = ".lock"
+from specialize.lock import LOCK_FILE, LockHeld, exclusive
+
+LOCK = LOCK_FILE
 
 
 class OutputError(ValueError):
@@ -42,25 +42,16 @@ def writing(out_dir: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def locked(out_dir: Path, command: str) -> Iterator[None]:
-    """Create ``out_dir`` if needed and hold its lock while writing it.
-
-    The lock (``flock`` on ``OUT/.lock``) is released by the kernel when the process dies, so a
-    killed run never leaves the directory locked. The file stays: removing it would let a second
-    run lock a new file while a third still holds the old one.
-    """
+    """Create ``out_dir`` if needed and hold its lock (``specialize.lock``) while writing it."""
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"output {out_dir} is a file, not a directory; choose a directory (-o)")
     with writing(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutputError(
-                f"{out_dir} is being written by another `{command}` (it holds {out_dir / LOCK}); "
-                "wait for it to finish or write elsewhere"
-            ) from None
-        yield
-    finally:
-        os.close(fd)
+        with exclusive(out_dir):
+            yield
+    except LockHeld as e:
+        raise OutputError(
+            f"{out_dir} is being written by another `{command}` ({e.holder}; it holds "
+            f"{out_dir / LOCK}); wait for it to finish or write elsewhere"
+        ) from None

@@ -14,11 +14,12 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from base.tokenizer import QwenTokenizer
 from specialize.data.filters import resolve_filter_names
-from specialize.data.output import OutputError, locked
+from specialize.data.output import OutputError
 from specialize.data.prepare import ChangedInputError, PrepareOptions, prepare, read_manifest
 from specialize.data.sources import Source, SourceOptions
 from specialize.plugins import load_plugins
 from tests.conftest import STDLIB
+from tests.locking import held_by_another_process
 
 load_plugins()
 REPO = Path(__file__).resolve().parents[2]
@@ -488,7 +489,7 @@ def test_output_that_is_a_file_or_not_writable_is_one_error(
 def test_a_second_prepare_on_the_same_output_is_refused(tmp_path: Path, tok: QwenTokenizer):
     sources = _numbered_sources(tmp_path / "src", 2)
     out = tmp_path / "out"
-    with locked(out, "data prepare"):  # what a run in progress holds
+    with held_by_another_process(out):  # a run in progress
         with pytest.raises(OutputError, match="is being written by another `data prepare`"):
             prepare(sources, out, tok, _options())
     assert prepare(sources, out, tok, _options())["documents"] == 2

@@ -11,7 +11,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from base.tokenizer import QwenTokenizer
 from specialize.data.chat import conversation, render
-from specialize.data.output import OutputError, locked
+from specialize.data.output import OutputError
 from specialize.data.sft_prepare import (
     SFTDataError,
     SFTOptions,
@@ -20,6 +20,7 @@ from specialize.data.sft_prepare import (
     read_sft_manifest,
 )
 from specialize.data.sources import Source
+from tests.locking import held_by_another_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -181,7 +182,7 @@ def test_pretraining_data_is_named_as_such(tmp_path: Path) -> None:
 
 def test_a_second_prepare_sft_on_the_same_output_is_refused(tmp_path: Path, tok) -> None:
     data = _write(tmp_path / "chats.jsonl", GOOD)
-    with locked(tmp_path / "out", "data prepare-sft"):
+    with held_by_another_process(tmp_path / "out"):  # a run in progress
         with pytest.raises(OutputError, match="being written by another `data prepare-sft`"):
             prepare_sft([Source("jsonl", str(data))], tmp_path / "out", tok, SFTOptions(64))
 

@@ -651,3 +651,21 @@ def test_checkpoint_identity_follows_every_byte_its_checksums_recorded(tmp_path)
     write_checksums(ckpt)  # as a save records it
     after = pipeline._checkpoint_identity(str(ckpt))
     assert before.split(" sha256:")[1] != after.split(" sha256:")[1]
+
+
+def test_a_second_pipeline_on_the_same_directory_is_refused_naming_the_holder(tmp_path):
+    from tests.locking import held_by_another_process
+
+    run_dir = tmp_path / "run"
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        f"dir: {run_dir}\nsteps:\n  - {{name: note, kind: run, command: [python, -c, pass]}}\n"
+    )
+    with held_by_another_process(run_dir) as pid:
+        with pytest.raises(
+            ConfigError, match=rf"{run_dir} is in use by another pipeline \(pid {pid} "
+        ):
+            Pipeline(load_pipeline(path)).run()
+    assert not (run_dir / ".pipeline" / "note.json").exists()
+    Pipeline(load_pipeline(path)).run()
+    assert (run_dir / ".pipeline" / "note.json").is_file()

@@ -479,46 +479,6 @@ def test_busy_run_directory_stops_every_rank(tmp_path, stdlib_shard):
     assert not (tmp_path / "busy" / "config.yaml").exists()
 
 
-def _try_lock(run_dir: Path) -> str:
-    """Whether another process can take the run directory's lock now (a bare interpreter: the
-    lock is the kernel's, so the check needs no import of the project)."""
-    from specialize.run import LOCK_FILE
-
-    code = (
-        "import fcntl, os, sys\n"
-        "fd = os.open(sys.argv[1], os.O_RDWR)\n"
-        "try:\n"
-        "    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
-        "    print('locked')\n"
-        "except OSError:\n"
-        "    print('busy')\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(run_dir / LOCK_FILE)], capture_output=True, text=True
-    )
-    return out.stdout.strip() or out.stderr.strip().splitlines()[-1]
-
-
-def test_run_directory_lock_is_not_inherited_by_forked_processes(tmp_path):
-    """megatron-core forks checkpoint writers; one that outlives its run must not keep the lock."""
-    import multiprocessing
-
-    from specialize.run import run_directory_lock
-
-    with run_directory_lock(tmp_path):
-        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
-        child.start()
-        held = _try_lock(tmp_path)
-    try:
-        assert child.is_alive()
-        free = _try_lock(tmp_path)
-    finally:
-        child.kill()
-        child.join()
-    assert held == "busy"
-    assert free == "locked"
-
-
 def test_second_train_on_a_run_directory_fails_fast_naming_the_holder(tmp_path, stdlib_shard):
     root = Path(__file__).resolve().parents[2]
     run_dir = tmp_path / "run"
