@@ -86,6 +86,10 @@ class StepConfig:
     """eval: tensor-parallel size."""
     pp: int = 1
     """eval: pipeline-parallel size."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment variables for this step's command, over the pipeline's ``env`` (e.g. the
+    thread count of a one-process eval step). Recorded in ``lineage.json``; not part of the
+    step's declaration."""
     results: list[str] = field(default_factory=list)
     """compare: eval steps whose results to compare (default: every eval step before it)."""
     base: Optional[str] = None
@@ -456,7 +460,7 @@ class Pipeline:
         the pipeline itself is interrupted, the command is stopped before the pipeline exits."""
         log.info("step %s: %s", step.name, shlex.join(words))
         # ``python`` inside a shell command is this interpreter too (its bin directory first).
-        env = {**os.environ, **self.cfg.env}
+        env = {**os.environ, **self.cfg.env, **step.env}
         env["PATH"] = os.pathsep.join([str(Path(self.python).parent), env.get("PATH", "")])
         process = subprocess.Popen(words, env=env)
         try:
@@ -516,10 +520,11 @@ class Pipeline:
     def _fingerprint(self, step: StepConfig) -> str:
         # Fields left at their defaults are not part of it, so a new field does not invalidate
         # steps that finished before it existed.
+        # The environment is how a step runs, not what it is (see ``env``).
         record = {
             f.name: getattr(step, f.name)
             for f in dataclasses.fields(step)
-            if getattr(step, f.name) != _default(f)
+            if getattr(step, f.name) != _default(f) and f.name != "env"
         }
         if step.recipe is not None:  # the recipe's content counts, not just its name
             record["recipe_sha256"] = _recipe_hash(Path(step.recipe))
@@ -550,6 +555,8 @@ class Pipeline:
             elif step.kind == "eval":
                 entry["models"] = step.models
                 entry["results"] = [str(self.step_dir(step) / f"{m}.json") for m in step.models]
+            if step.env:
+                entry["env"] = step.env
             steps.append(entry)
         doc = {
             "pipeline": self.cfg.name,

@@ -614,11 +614,13 @@ def test_changed_eval_text_is_an_error_but_an_added_pycache_is_not(tmp_path, mon
 def test_env_reaches_every_step_and_is_recorded_in_the_lineage(tmp_path):
     run_dir = tmp_path / "run"
     path = tmp_path / "env.yaml"
-    write = "import os, pathlib, sys; pathlib.Path(sys.argv[1]).write_text(os.environ['MKL_CBWR'])"
-    path.write_text(
-        f"""\
+    write = (
+        "import os, pathlib, sys; "
+        "pathlib.Path(sys.argv[1]).write_text(os.environ['MKL_CBWR'] + os.environ['OMP_NUM_THREADS'])"
+    )
+    text = f"""\
 dir: {run_dir}
-env: {{MKL_CBWR: AVX2}}
+env: {{MKL_CBWR: AVX2, OMP_NUM_THREADS: "1"}}
 steps:
   - name: shell
     kind: run
@@ -626,12 +628,19 @@ steps:
   - name: direct
     kind: run
     command: [python, -c, "{write}", "{run_dir}/direct.txt"]
+    env: {{OMP_NUM_THREADS: "2"}}
 """
-    )
+    path.write_text(text)
     Pipeline(load_pipeline(path)).run()
-    assert (run_dir / "shell.txt").read_text() == "AVX2"
-    assert (run_dir / "direct.txt").read_text() == "AVX2"
-    assert json.loads((run_dir / "lineage.json").read_text())["env"] == {"MKL_CBWR": "AVX2"}
+    assert (run_dir / "shell.txt").read_text() == "AVX21"
+    assert (run_dir / "direct.txt").read_text() == "AVX22"  # the step's own over the pipeline's
+    lineage = json.loads((run_dir / "lineage.json").read_text())
+    assert lineage["env"] == {"MKL_CBWR": "AVX2", "OMP_NUM_THREADS": "1"}
+    assert lineage["steps"][1]["env"] == {"OMP_NUM_THREADS": "2"}
+    # How a step runs is not what it is: another thread count does not make it a changed step.
+    path.write_text(text.replace('env: {OMP_NUM_THREADS: "2"}', 'env: {OMP_NUM_THREADS: "3"}'))
+    Pipeline(load_pipeline(path)).run()
+    assert (run_dir / "direct.txt").read_text() == "AVX22"  # finished earlier: skipped
 
 
 def test_checkpoint_identity_follows_every_byte_its_checksums_recorded(tmp_path):
