@@ -47,11 +47,13 @@ def locked(out_dir: Path, command: str) -> Iterator[None]:
         raise OutputError(f"output {out_dir} is a file, not a directory; choose a directory (-o)")
     with writing(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with exclusive(out_dir):
-            yield
-    except LockHeld as e:
-        raise OutputError(
-            f"{out_dir} is being written by another `{command}` ({e.holder}; it holds "
-            f"{out_dir / LOCK}); wait for it to finish or write elsewhere"
-        ) from None
+    with contextlib.ExitStack() as stack:
+        try:
+            with writing(out_dir):  # the lock file is the first write
+                stack.enter_context(exclusive(out_dir))
+        except LockHeld as e:
+            raise OutputError(
+                f"{out_dir} is being written by another `{command}` ({e.holder}; it holds "
+                f"{out_dir / LOCK}); wait for it to finish or write elsewhere"
+            ) from None
+        yield
