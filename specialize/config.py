@@ -173,6 +173,10 @@ class ParallelConfig:
     """Shard optimizer states across data-parallel ranks (ZeRO-1, megatron-core DistributedOptimizer)."""
     backend: str = "auto"
     """Process-group backend: ``nccl``, ``gloo`` or ``auto`` (nccl with CUDA, else gloo)."""
+    overlap_grad_reduce: Optional[bool] = None
+    """Overlap the data-parallel gradient reduce(-scatter) with the backward pass (megatron-core DDP); unset: on with CUDA, off on CPU."""
+    overlap_param_gather: Optional[bool] = None
+    """Overlap the distributed optimizer's parameter all-gather with the next forward pass; unset: on with CUDA and ``distributed_optimizer``, off otherwise."""
 
 
 @dataclass
