@@ -181,7 +181,10 @@ def test_gate_at_tp2_with_and_without_sequence_parallel(checkpoints):
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_gate_with_transformer_engine_and_sequence_parallel_on_two_gpus(checkpoints):
-    # TE's fp32 kernels (fused RMSNorm and RoPE) sum in other orders than transformers' eager code.
-    out = run_distributed(_gate, checkpoints, "te", 1e-3)
-    _check_gate(out, checkpoints, 1e-3)
+    # TE runs fp32 GEMMs in TF32 (NVIDIA/TransformerEngine,
+    # transformer_engine/common/gemm/cublaslt_gemm.cu @ d0067d0da6cb01811b8072a7d304f0e00344ce2b:
+    # "Use TF32 only for pure FP32 GEMM"): ~1e-3 relative on hidden states of up to ~25 here,
+    # while the perturbed layer is off by more than 2.
+    out = run_distributed(_gate, checkpoints, "te", 0.1)
+    _check_gate(out, checkpoints, 0.1)
     assert out[True]["device"].startswith("cuda")
