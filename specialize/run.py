@@ -30,7 +30,7 @@ from specialize.config import (
     resolve_stages,
     to_yaml,
 )
-from specialize.data.pretrain import TrainingData, build_pretrain_datasets
+from specialize.data.pretrain import TrainingData, build_pretrain_datasets, document_attention
 from specialize.distributed import Topology, init_distributed, seed_all
 from specialize.engine import Engine
 from specialize.trainer import Trainer, check_same_data
@@ -98,6 +98,7 @@ class PretrainData(TrainingData):
                     cfg.train.seed,
                     (derived.steps * global_batch, eval_samples, 0),
                     cache_dir,
+                    thd=document_attention(cfg) == "thd",
                 )
             dist.barrier()
 
