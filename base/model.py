@@ -10,7 +10,6 @@ options (dynamic NTK RoPE, LogN attention, layer-wise windows) are off by defaul
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +22,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from base import spec as layer_specs
 from base.long_context import check_options, install_dynamic_ntk, with_long_context
 from base.presets import QwenPreset
 
@@ -32,21 +32,19 @@ class PrecisionError(RuntimeError):
 
 
 def transformer_engine_available() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+    return layer_specs.transformer_engine_available()
 
 
 def resolve_spec(spec: str) -> str:
-    """``auto`` → ``te`` where CUDA and Transformer Engine are present, else ``local``."""
-    if spec == "auto":
-        return "te" if transformer_engine_available() else "local"
-    if spec == "te" and not transformer_engine_available():
+    """``auto`` → ``te`` where CUDA and a usable Transformer Engine are present, else ``local``;
+    ``te`` on a machine that cannot run it is an error saying why (``base.spec.why_not_te``)."""
+    resolved = layer_specs.resolve_spec(spec)
+    if resolved == "te" and (problem := layer_specs.why_not_te()) is not None:
         raise PrecisionError(
-            "model.spec=te needs CUDA and transformer_engine (pip install -e '.[gpu]'); "
-            "use model.spec=local or auto on this machine"
+            f"model.spec=te: Transformer Engine is not usable here ({problem}); use "
+            "model.spec=local or auto on this machine"
         )
-    if spec not in ("te", "local"):
-        raise ValueError(f"model.spec={spec!r}: must be te, local or auto")
-    return spec
+    return resolved
 
 
 @dataclass(frozen=True)
@@ -94,10 +92,10 @@ def transformer_config_kwargs(preset: QwenPreset, opts: ModelOptions) -> dict:
     if opts.spec not in ("te", "local"):
         raise ValueError(f"spec must be resolved to te or local, got {opts.spec!r}")
     if opts.dtype == "fp8" and opts.spec != "te":
+        why = layer_specs.why_not_te() or "the local spec has no FP8 GEMMs"
         raise PrecisionError(
             "precision.dtype=fp8 needs the Transformer Engine layer spec on CUDA "
-            "(model.spec=te, pip install -e '.[gpu]'); this machine has "
-            + ("CUDA but no transformer_engine" if torch.cuda.is_available() else "no CUDA")
+            f"(model.spec=te, pip install -e '.[gpu]'); {why}"
         )
     on_gpu = opts.spec == "te"
     low_precision = opts.dtype in ("bf16", "fp8")

@@ -435,6 +435,11 @@ def lineage_record(
         "git_commit": git_commit(),
         "layout": _layout(),
         "preset": engine.preset.name,  # the shape's preset, or NAME+custom
+        # What `auto` chose depends on the machine; a resume on another one is checked against it.
+        "model_spec": {
+            "requested": engine.cfg.model.spec,
+            "resolved": engine.cfg.model.resolved_spec(),
+        },
     }
 
 

@@ -27,6 +27,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from base import spec as layer_specs
 from base.presets import PRESETS, QwenPreset, get_preset
 
 ARCHITECTURE_FIELDS = (
@@ -71,7 +72,7 @@ class ModelConfig:
     preset: str = "qwen-tiny"
     """Architecture preset from ``base.presets`` (qwen-1.8b, qwen-7b, qwen-14b from the paper; tiny CPU presets)."""
     spec: str = "auto"
-    """Layer implementation: ``te`` (Transformer Engine fused kernels), ``local`` (plain PyTorch), ``auto`` (te when CUDA and TE import, else local)."""
+    """Layer implementation: ``te`` (Transformer Engine fused kernels), ``local`` (plain PyTorch), ``auto`` (te where there is CUDA and a Transformer Engine in megatron-core's version range that imports, else local). ``--dry-run`` and the run log show the choice and why; each checkpoint's ``lineage.json`` records it, and resuming where ``auto`` chooses otherwise is refused."""
     tokenizer: Optional[str] = None
     """Path to ``qwen.tiktoken`` or a directory holding it; default: the copy shipped in the ``dashscope`` package."""
     hidden_dropout: float = 0.0
@@ -108,6 +109,12 @@ class ModelConfig:
     """Sliding attention window per layer, one entry per layer (null or 0: full attention); a token attends to itself and the window-1 tokens before it. The paper uses short windows in lower layers, long in higher."""
     train_seq_length: Optional[int] = None
     """The length the model was trained at (Qwen's ``seq_length``), past which dynamic-ntk and LogN act; default: ``data.seq_length``."""
+
+    def resolved_spec(self, te_available: Optional[bool] = None) -> str:
+        """``te`` or ``local``: ``spec`` on this machine (``te_available`` None) or on one with
+        (True) or without (False) a usable Transformer Engine. Layers, data and plans follow
+        this; ``spec`` itself is what was asked for."""
+        return layer_specs.resolve_spec(self.spec, te_available)
 
     def check_long_context(self, num_layers: int) -> None:
         """Raise a ``ConfigError`` naming the first invalid long-context field."""
@@ -537,15 +544,6 @@ def _missing_lines(cfg: RecipeConfig, indent: str = "") -> list[str]:
     ]
 
 
-def _transformer_engine_available() -> bool:
-    """As ``base.model.transformer_engine_available``, which imports megatron-core."""
-    import importlib.util
-
-    import torch
-
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
-
-
 def check_machine(cfg: RecipeConfig, planning: bool = False) -> None:
     """What this machine must offer the run.
 
@@ -555,20 +553,63 @@ def check_machine(cfg: RecipeConfig, planning: bool = False) -> None:
     run starts."""
     if cfg.model.spec == "local" or (planning and cfg.model.spec == "te"):
         return  # local runs anywhere; FP8 with local is refused by validate
-    if _transformer_engine_available():
+    problem = layer_specs.why_not_te()
+    if problem is None:
         return
-    import torch
-
-    lacks = "CUDA but no transformer_engine" if torch.cuda.is_available() else "no CUDA"
     if cfg.model.spec == "te":
         raise ConfigError(
-            f"model.spec=te: needs CUDA and transformer_engine (pip install -e '.[gpu]'); this "
-            f"machine has {lacks}; use model.spec=local or auto"
+            f"model.spec=te: Transformer Engine is not usable on this machine ({problem}); use "
+            "model.spec=local or auto"
         )
     if cfg.precision.dtype == "fp8":
         raise ConfigError(
             "precision.dtype=fp8: needs Transformer Engine on CUDA; model.spec=auto resolves to "
-            f"local on this machine ({lacks}); use bf16 or fp32 here"
+            f"local on this machine ({problem}); use bf16 or fp32 here"
+        )
+
+
+def spec_note(cfg: RecipeConfig) -> str:
+    """The layer spec a run of ``cfg`` uses here, and why, for ``--dry-run`` and the run log."""
+    spec = cfg.model.resolved_spec()
+    if cfg.model.spec != "auto":
+        return spec
+    why = layer_specs.why_not_te()
+    return f"{spec} (model.spec=auto{'; Transformer Engine not used: ' + why if why else ''})"
+
+
+def _packed_sft_paths(data: DataConfig) -> list[str]:
+    """The ``data.paths`` whose SFT manifest says they were prepared with ``--pack`` (paths not
+    written yet, or not SFT data, are left to the data loader to report)."""
+    packed = []
+    for path in data.paths:
+        try:
+            manifest = json.loads((Path(path) / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+        options = manifest.get("options") if isinstance(manifest, dict) else None
+        if isinstance(options, dict) and options.get("pack"):
+            packed.append(path)
+    return packed
+
+
+def _check_thd_batches(cfg: RecipeConfig) -> None:
+    """With the te spec, packed SFT sequences and documents under ``data.reset_attention_mask``
+    are kept apart by THD ``PackedSeqParams`` (TE's causal attention ignores a dense mask), and a
+    THD micro-batch holds one sequence."""
+    if cfg.model.resolved_spec() != "te" or cfg.train.micro_batch_size == 1:
+        return
+    spec = "model.spec=te" if cfg.model.spec == "te" else "model.spec=auto (te on this machine)"
+    mbs = f"train.micro_batch_size={cfg.train.micro_batch_size}"
+    if cfg.data.format == "pretrain" and cfg.data.reset_attention_mask:
+        raise ConfigError(
+            f"{mbs}: data.reset_attention_mask with {spec} keeps documents apart in the THD "
+            "layout, one sequence per micro-batch; set it to 1 (raise global_batch_size instead)"
+        )
+    packed = _packed_sft_paths(cfg.data) if cfg.data.format == "sft" else []
+    if packed:
+        raise ConfigError(
+            f"{mbs}: packed SFT data ({packed[0]}) with {spec} keeps samples apart in the THD "
+            "layout, one packed sequence per micro-batch; set it to 1"
         )
 
 
@@ -600,6 +641,7 @@ def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
             f"masks (data.format={cfg.data.format}, data.reset_attention_mask="
             f"{cfg.data.reset_attention_mask}); windows are an inference option for long prompts"
         )
+    _check_thd_batches(cfg)
     if cfg.precision.dtype == "fp8" and cfg.model.spec == "local":
         raise ConfigError(
             "precision.dtype=fp8: needs the Transformer Engine layer spec on CUDA (model.spec=te "
@@ -741,6 +783,7 @@ def summary(cfg: RecipeConfig, derived: Derived, world_size: int) -> str:
         f"{to_yaml(cfg)}\n"
         f"{missing}"
         f"# derived for {world_size} process(es)\n"
+        f"layer_spec: {spec_note(cfg)}\n"
         f"data_parallel: {derived.data_parallel}\n"
         f"micro_batches_per_step: {derived.micro_batches}\n"
         f"tokens_per_step: {derived.tokens_per_step}\n"
@@ -1050,6 +1093,7 @@ def stages_summary(cfg: RecipeConfig, world_size: int) -> str:
         to_yaml(cfg),
         *_missing_lines(cfg),
         f"# {len(stages)} stages, derived for {world_size} process(es)",
+        f"layer_spec: {spec_note(cfg)}",
     ]
     previous_lr: Optional[float] = None  # the LR the stage before ended at
     for stage in stages:

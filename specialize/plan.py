@@ -592,7 +592,7 @@ class PlanResult:
 
 def workload(cfg) -> Workload:
     """The numbers a plan needs from a (single-stage) ``RecipeConfig``."""
-    spec, train = cfg.model.spec, cfg.train
+    spec, train = cfg.model.resolved_spec(te_available=True), cfg.train
     tokens_per_step = train.global_batch_size * cfg.data.seq_length
     steps = train.steps if train.steps is not None else math.ceil(train.tokens / tokens_per_step)
     return Workload(
@@ -602,7 +602,7 @@ def workload(cfg) -> Workload:
         steps=steps,
         dtype=cfg.precision.dtype,
         # Flash attention (TE's fused attention) with the te spec; on GPUs `auto` resolves to te.
-        flash_attention=spec in ("te", "auto"),
+        flash_attention=spec == "te",
         hidden_dropout=cfg.model.hidden_dropout > 0,
         attention_dropout=cfg.model.attention_dropout > 0,
     )

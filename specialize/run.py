@@ -17,8 +17,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
+from base import spec as layer_specs
 from base.tokenizer import QwenTokenizer
 from specialize import checkpoint, lock
 from specialize.config import (
@@ -28,9 +30,10 @@ from specialize.config import (
     Stage,
     derive,
     resolve_stages,
+    spec_note,
     to_yaml,
 )
-from specialize.data.pretrain import TrainingData, build_pretrain_datasets
+from specialize.data.pretrain import TrainingData, build_pretrain_datasets, document_attention
 from specialize.distributed import Topology, init_distributed, seed_all
 from specialize.engine import Engine
 from specialize.trainer import Trainer, check_same_data
@@ -98,8 +101,31 @@ class PretrainData(TrainingData):
                     cfg.train.seed,
                     (derived.steps * global_batch, eval_samples, 0),
                     cache_dir,
+                    thd=document_attention(cfg) == "thd",
                 )
             dist.barrier()
+
+
+def check_layer_spec(cfg: RecipeConfig, topo: Topology) -> None:
+    """Every rank must build the same layers: ``model.spec=auto`` is resolved by each rank on its
+    own machine, so a node whose Transformer Engine is missing or broken in a te world is an error
+    naming it, not a model built two ways. Rank 0 logs the spec, as a warning when ``auto`` left
+    Transformer Engine out on a CUDA machine."""
+    spec = cfg.model.resolved_spec()
+    why = layer_specs.why_not_te() if spec == "local" and cfg.model.spec == "auto" else None
+    ranks: list = [None] * topo.world_size
+    dist.all_gather_object(ranks, (spec, why))
+    other = next((r for r, (s, _) in enumerate(ranks) if s != ranks[0][0]), None)
+    if other is not None:  # only `auto` differs between machines
+        local = 0 if ranks[0][0] == "local" else other  # the rank that left TE out
+        raise ConfigError(
+            f"model.spec=auto resolves to {ranks[0][0]} on rank 0 but to {ranks[other][0]} on "
+            f"rank {other} (rank {local}: {ranks[local][1]}); install the same Transformer "
+            "Engine on every node, or set model.spec=local"
+        )
+    if topo.rank == 0:
+        left_out = cfg.model.spec == "auto" and spec == "local" and torch.cuda.is_available()
+        log.log(logging.WARNING if left_out else logging.INFO, "layer spec: %s", spec_note(cfg))
 
 
 def _data_digest(paths: list[str]) -> str:
@@ -186,6 +212,7 @@ def train(cfg: RecipeConfig) -> Trainer | None:
     tokenizer = QwenTokenizer.load(cfg.model.tokenizer)
     check_data_and_vocab(cfg, tokenizer)
     topo = init_distributed(cfg.parallel)
+    check_layer_spec(cfg, topo)
     derived = derive(cfg, topo.world_size)
     with exclusive_run(cfg.checkpoint.dir, topo):
         return _run(cfg, topo, derived, tokenizer)
@@ -210,6 +237,7 @@ def train_stages(cfg: RecipeConfig) -> list[StageRun]:
         with stage.errors():
             check_data_and_vocab(stage.cfg, tokenizer)
     topo = init_distributed(cfg.parallel)
+    check_layer_spec(cfg, topo)
     # Every stage's numbers are checked before the first one trains for hours.
     derived = [stage.derive(topo.world_size) for stage in stages]
     with exclusive_run(cfg.checkpoint.dir, topo):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from base import spec as layer_specs
 from specialize import checkpoint
 from specialize.callbacks import Callback, Checkpointer, ConsoleLogger, TensorBoardLogger
 from specialize.config import ConfigError, Derived, RecipeConfig, Stage
@@ -147,6 +148,33 @@ def check_same_data(cfg: RecipeConfig, path: Path, warn: bool, what: str = "") -
     )
 
 
+def check_same_spec(cfg: RecipeConfig, path: Path, warn: bool) -> None:
+    """Refuse to continue checkpoint ``path`` with other layers than its lineage records when
+    ``model.spec=auto`` chose them (a resume on another kind of machine); an explicit spec is
+    followed, with a warning (if ``warn``)."""
+    lineage_file = path / "lineage.json"
+    lineage = json.loads(lineage_file.read_text()) if lineage_file.is_file() else {}
+    recorded = (lineage.get("model_spec") or {}).get("resolved")
+    now = cfg.model.resolved_spec()
+    if recorded is None or recorded == now:
+        return
+    if cfg.model.spec == "auto":
+        why = layer_specs.why_not_te()
+        raise ConfigError(
+            f"model.spec=auto resolves to {now} on this machine"
+            + (f" ({why})" if why else "")
+            + f", but {path} was trained with the {recorded} layer spec; resume it where auto "
+            f"resolves to {recorded}, or set model.spec={now} to continue with the {now} layers"
+        )
+    if warn:
+        log.warning(
+            "%s was trained with the %s layer spec; continuing with model.spec=%s",
+            path,
+            recorded,
+            now,
+        )
+
+
 class Trainer:
     def __init__(
         self,
@@ -201,6 +229,7 @@ class Trainer:
             # Continuing is only a resume on the data the checkpoint was trained on; an init
             # checkpoint (below) legitimately comes from other data.
             check_same_data(self.cfg, latest, warn=self.is_rank0)
+            check_same_spec(self.cfg, latest, warn=self.is_rank0)
             self.start_step, self.consumed_samples = checkpoint.load_for_resume(self.engine, latest)
             self.resumed_from = latest
             self.parent = str(latest)

@@ -5,9 +5,12 @@ plus Megatron indexed shards ``shard-NNNNN.bin``/``.idx``) or a bare Megatron pr
 (``PREFIX.bin``/``.idx`` from other tools). megatron-core's ``GPTDataset`` (one shard) or
 ``BlendedDataset`` (several) turns the documents into shuffled ``seq_length`` windows; each item is
 a dict of ``tokens``, ``labels``, ``loss_mask``, ``position_ids``, with
-``data.reset_attention_mask`` also ``attention_mask`` (True = masked), and for a blend
-``dataset_id`` (the shard a sample came from). The checks here catch what megatron-core would turn
-into a hang or a silently short dataset.
+``data.reset_attention_mask`` also the document boundaries, and for a blend ``dataset_id`` (the
+shard a sample came from). The boundaries are ``attention_mask`` (True = masked, GPTDataset's
+block-diagonal causal mask) with the local spec, and ``cu_seqlens`` (a document ends after each
+``<|endoftext|>``, padded with -1) with Transformer Engine, whose causal attention ignores a dense
+mask; the forward step turns ``cu_seqlens`` into THD ``PackedSeqParams``. The checks here catch
+what megatron-core would turn into a hang or a silently short dataset.
 """
 
 from __future__ import annotations
@@ -263,12 +266,57 @@ def _process_group() -> Iterator[None]:
         torch.distributed.destroy_process_group()
 
 
+def document_attention(cfg: RecipeConfig) -> str:
+    """How a pretraining sample's documents are kept apart: ``causal`` (they are not, without
+    ``data.reset_attention_mask``), ``mask`` (local spec) or ``thd`` (te spec). Under THD, RoPE
+    counts positions from each document's start whatever ``data.reset_position_ids`` says; with
+    attention confined to the document only relative positions enter, so the scores are the same."""
+    if not cfg.data.reset_attention_mask:
+        return "causal"
+    return "thd" if cfg.model.resolved_spec() == "te" else "mask"
+
+
+def document_cu_seqlens(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """Where the documents of a window start and end: [0, ..., len(tokens)], padded with -1 to
+    ``len(tokens) + 1`` entries (a fixed shape for the collate). A document ends after its
+    ``eod`` token, as in GPTDataset's mask (``_get_ltor_masks_and_position_ids``)."""
+    length = tokens.numel()
+    ends = (tokens == eod).nonzero().flatten() + 1
+    inner = ends[ends < length].to(torch.int32)
+    bounds = torch.cat(
+        [
+            torch.zeros(1, dtype=torch.int32, device=tokens.device),
+            inner,
+            torch.full((1,), length, dtype=torch.int32, device=tokens.device),
+        ]
+    )
+    cu_seqlens = torch.full((length + 1,), -1, dtype=torch.int32, device=tokens.device)
+    cu_seqlens[: bounds.numel()] = bounds
+    return cu_seqlens
+
+
+class DocumentBoundaries(Dataset):
+    """A pretraining dataset's samples with ``cu_seqlens`` (see ``document_cu_seqlens``)."""
+
+    def __init__(self, dataset: Dataset, eod: int) -> None:
+        self.dataset, self.eod = dataset, eod
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.dataset[index])
+        item["cu_seqlens"] = document_cu_seqlens(item["tokens"], self.eod)
+        return item
+
+
 def _gpt_config(
     data_cfg: DataConfig,
     tokenizer: QwenTokenizer,
     seed: int,
     cache_dir: Path,
     blend: tuple[list[str], Optional[list[float]]],
+    thd: bool = False,
 ) -> GPTDatasetConfig:
     return GPTDatasetConfig(
         random_seed=seed,
@@ -280,9 +328,9 @@ def _gpt_config(
         reset_position_ids=data_cfg.reset_position_ids,
         reset_attention_mask=data_cfg.reset_attention_mask,
         eod_mask_loss=data_cfg.eod_mask_loss,
-        # Without document resets the model applies its own causal mask; a dense per-sample
-        # [1, s, s] mask would only cost memory.
-        create_attention_mask=data_cfg.reset_attention_mask,
+        # Without document resets the model applies its own causal mask, and with THD boundaries
+        # TE builds its own per document; a dense per-sample [1, s, s] mask would only cost memory.
+        create_attention_mask=data_cfg.reset_attention_mask and not thd,
     )
 
 
@@ -292,8 +340,13 @@ def build_pretrain_datasets(
     seed: int,
     num_samples: tuple[int, int, int],
     cache_dir: Path,
+    *,
+    thd: bool = False,
 ) -> tuple[Dataset, Optional[Dataset], Optional[Dataset]]:
     """Train, validation and test datasets with at least ``num_samples`` samples each.
+
+    With ``thd`` (``document_attention`` of the run), ``data.reset_attention_mask`` gives each
+    sample ``cu_seqlens`` instead of a dense ``attention_mask``.
 
     A split with 0 requested samples is not built (None). Every shard is split by documents in
     ``data.split`` ratios; a shard left without documents in a split (the small last shard of a
@@ -348,7 +401,7 @@ def build_pretrain_datasets(
                 # each shard and caps the split there, so a longer run would run dry.
                 weights = blend_weights(in_split, data_cfg.weights)
             blend = ([s.prefix for s in in_split], weights)
-            config = _gpt_config(data_cfg, tokenizer, seed, cache_dir, blend)
+            config = _gpt_config(data_cfg, tokenizer, seed, cache_dir, blend, thd)
             # The other splits keep their bookends (so this one keeps its documents) but are
             # not built.
             config.split_matrix = [b if k == i else None for k, b in enumerate(split_matrix)]
@@ -360,6 +413,8 @@ def build_pretrain_datasets(
                 raise RuntimeError(
                     f"the {name} dataset has {got} samples, {num_samples[i]} were requested"
                 )
+            if thd and data_cfg.reset_attention_mask:
+                datasets[i] = DocumentBoundaries(datasets[i], tokenizer.eod)
     return datasets[0], datasets[1], datasets[2]
 
 

@@ -113,15 +113,10 @@ class _Subset(Dataset):
 
 
 def sft_attention(cfg: RecipeConfig) -> str:
-    """How packed samples are kept apart: THD with TE, a dense mask with the local spec."""
-    if cfg.model.spec == "te":
-        if cfg.train.micro_batch_size != 1:
-            raise ConfigError(
-                f"train.micro_batch_size={cfg.train.micro_batch_size}: packed SFT with the te "
-                "spec uses the THD layout, one packed sequence per micro-batch; set it to 1"
-            )
-        return "thd"
-    return "mask"
+    """How packed samples are kept apart: THD with TE (whose causal attention ignores a dense
+    mask), a dense mask with the local spec. ``validate`` holds THD to one sequence per
+    micro-batch."""
+    return "thd" if cfg.model.resolved_spec() == "te" else "mask"
 
 
 def open_sft(cfg: RecipeConfig, tokenizer: QwenTokenizer) -> torch.utils.data.ConcatDataset:

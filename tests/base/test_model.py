@@ -107,12 +107,30 @@ def test_recompute_mapping():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_fp8_and_te_without_cuda_are_clear_errors():
     with pytest.raises(
-        PrecisionError, match="precision.dtype=fp8 needs the Transformer Engine layer spec"
+        PrecisionError,
+        match=r"precision.dtype=fp8 needs the Transformer Engine layer spec .*; no CUDA device$",
     ):
         transformer_config_kwargs(get_preset("qwen-tiny"), ModelOptions(spec="local", dtype="fp8"))
-    with pytest.raises(PrecisionError, match="model.spec=te needs CUDA and transformer_engine"):
+    with pytest.raises(
+        PrecisionError, match=r"model.spec=te: Transformer Engine is not usable here \(no CUDA"
+    ):
         resolve_spec("te")
     assert resolve_spec("auto") == "local"
+
+
+def test_resolve_spec_follows_the_one_transformer_engine_check(monkeypatch):
+    import base.spec
+
+    monkeypatch.setattr(base.spec, "why_not_te", lambda: "import failed: undefined symbol")
+    assert resolve_spec("auto") == "local" and resolve_spec("local") == "local"
+    with pytest.raises(PrecisionError) as e:
+        resolve_spec("te")
+    assert str(e.value) == (
+        "model.spec=te: Transformer Engine is not usable here (import failed: undefined symbol); "
+        "use model.spec=local or auto on this machine"
+    )
+    monkeypatch.setattr(base.spec, "why_not_te", lambda: None)
+    assert resolve_spec("auto") == resolve_spec("te") == "te"
 
 
 def _build_nano(rank: int, world_size: int) -> dict:

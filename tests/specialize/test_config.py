@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -383,14 +384,20 @@ def _dry_run(argv: list[str], capsys) -> tuple[int, str, str]:
     return exit_.value.code, out.out, out.err
 
 
-def test_dry_run_refuses_fp8_this_machine_cannot_run(monkeypatch, capsys):
-    import specialize.config
+def _machine(monkeypatch, why_not_te: str | None) -> None:
+    """Simulate a machine where Transformer Engine is usable (None) or not, for the reason given."""
+    import base.spec
 
-    monkeypatch.setattr(specialize.config, "_transformer_engine_available", lambda: False)
+    monkeypatch.setattr(base.spec, "why_not_te", lambda: why_not_te)
+
+
+def test_dry_run_refuses_fp8_this_machine_cannot_run(monkeypatch, capsys):
+    _machine(monkeypatch, "import failed: undefined symbol")
     code, _, err = _dry_run(["configs/base/qwen-nano.yaml", "precision.dtype=fp8"], capsys)
-    assert code == 2 and err.startswith(
+    assert code == 2 and err == (
         "config error: precision.dtype=fp8: needs Transformer Engine on CUDA; model.spec=auto "
-        "resolves to local on this machine"
+        "resolves to local on this machine (import failed: undefined symbol); use bf16 or fp32 "
+        "here\n"
     )
     local = ["configs/base/qwen-nano.yaml", "precision.dtype=fp8", "model.spec=local"]
     code, _, err = _dry_run(local, capsys)
@@ -400,9 +407,91 @@ def test_dry_run_refuses_fp8_this_machine_cannot_run(monkeypatch, capsys):
     code, out, _ = _dry_run(gpu, capsys)
     assert code == 0 and "  dtype: fp8" in out and "\ntokens_per_step: " in out
     # Where Transformer Engine runs, auto resolves to it and fp8 is planned.
-    monkeypatch.setattr(specialize.config, "_transformer_engine_available", lambda: True)
+    _machine(monkeypatch, None)
     code, out, _ = _dry_run(["configs/base/qwen-nano.yaml", "precision.dtype=fp8"], capsys)
-    assert code == 0 and "  dtype: fp8" in out
+    assert code == 0 and "  dtype: fp8" in out and "\nlayer_spec: te (model.spec=auto)\n" in out
+
+
+def test_model_spec_te_on_a_machine_without_it_says_why(monkeypatch):
+    from specialize.config import check_machine
+
+    _machine(monkeypatch, "transformer_engine 2.13.0 is outside megatron-core 0.16.1's range")
+    cfg = load_config(ROOT / "configs/base/qwen-7b.yaml")
+    check_machine(cfg, planning=True)  # a GPU recipe is planned anywhere
+    with pytest.raises(ConfigError) as e:
+        check_machine(cfg)
+    assert str(e.value) == (
+        "model.spec=te: Transformer Engine is not usable on this machine (transformer_engine "
+        "2.13.0 is outside megatron-core 0.16.1's range); use model.spec=local or auto"
+    )
+
+
+@pytest.mark.parametrize(
+    "why_not_te, spec",
+    [(None, "te"), ("no CUDA device", "local"), ("import failed: undefined symbol", "local")],
+)
+def test_auto_resolves_once_and_every_reader_sees_it(monkeypatch, tmp_path, why_not_te, spec):
+    from types import SimpleNamespace
+
+    from specialize.checkpoint import lineage_record
+    from specialize.config import summary
+    from specialize.data.pretrain import document_attention
+    from specialize.data.sft import sft_attention
+    from specialize.engine import model_options
+    from specialize.plan import workload
+
+    _machine(monkeypatch, why_not_te)
+    overrides = ["train.steps=1", "train.micro_batch_size=1", "data.reset_attention_mask=true"]
+    cfg = load_config(None, [*overrides, f"checkpoint.dir={tmp_path}"])
+    assert cfg.model.spec == "auto" and cfg.model.resolved_spec() == spec
+    assert model_options(cfg).spec == spec
+    attention = {"te": "thd", "local": "mask"}[spec]
+    assert sft_attention(cfg) == document_attention(cfg) == attention
+    monkeypatch.setattr("specialize.checkpoint._layout", lambda: {})  # needs process groups
+    engine = SimpleNamespace(cfg=cfg, preset=cfg.model.architecture())
+    record = lineage_record(engine, iteration=1, consumed_samples=8, parent=None)
+    assert record["model_spec"] == {"requested": "auto", "resolved": spec}
+    note = "" if why_not_te is None else f"; Transformer Engine not used: {why_not_te}"
+    assert f"\nlayer_spec: {spec} (model.spec=auto{note})\n" in summary(cfg, derive(cfg, 1), 1)
+    # A plan is for GPUs with Transformer Engine, wherever it is made: auto is te there.
+    assert workload(cfg).flash_attention
+    assert not workload(load_config(None, ["train.steps=1", "model.spec=local"])).flash_attention
+
+
+def _sft_data(path: Path, pack: bool) -> Path:
+    path.mkdir()
+    manifest = {"format": "sft-1", "options": {"pack": pack, "seq_length": 2048}}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def test_thd_batches_hold_one_sequence_checked_at_validation(monkeypatch, tmp_path, capsys):
+    packed, unpacked = _sft_data(tmp_path / "p", True), _sft_data(tmp_path / "u", False)
+    sft = ["train.steps=1", "data.format=sft", "train.micro_batch_size=2"]
+    documents = ["train.steps=1", "data.reset_attention_mask=true", "train.micro_batch_size=4"]
+    _machine(monkeypatch, None)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [*sft, f"data.paths=[{unpacked},{packed}]"])
+    assert str(e.value) == (
+        f"train.micro_batch_size=2: packed SFT data ({packed}) with model.spec=auto (te on this "
+        "machine) keeps samples apart in the THD layout, one packed sequence per micro-batch; set "
+        "it to 1"
+    )
+    code, _, err = _dry_run(["configs/base/qwen-nano.yaml", *documents], capsys)
+    assert code == 2 and err == (
+        "config error: train.micro_batch_size=4: data.reset_attention_mask with model.spec=auto "
+        "(te on this machine) keeps documents apart in the THD layout, one sequence per "
+        "micro-batch; set it to 1 (raise global_batch_size instead)\n"
+    )
+    with pytest.raises(ConfigError, match="with model.spec=te keeps documents apart"):
+        load_config(None, [*documents, "model.spec=te"])
+    # One sequence per micro-batch, unpacked samples and data not written yet are fine.
+    load_config(None, [*sft[:-1], f"data.paths=[{packed}]", "train.micro_batch_size=1"])
+    load_config(None, [*sft, f"data.paths=[{unpacked},{tmp_path / 'later'}]"])
+    # The local spec's dense masks take any micro-batch size.
+    _machine(monkeypatch, "no CUDA device")
+    load_config(None, [*sft, f"data.paths=[{packed}]"])
+    load_config(None, documents)
 
 
 def test_dry_run_plans_with_an_init_not_yet_imported(tmp_path: Path, capsys):

@@ -172,6 +172,42 @@ def test_document_resets(data, tok, tmp_path: Path) -> None:
     assert not item["attention_mask"][0, p, p - 1]
 
 
+def test_document_resets_with_transformer_engine_give_thd_boundaries(data, tok, tmp_path) -> None:
+    """TE's causal attention ignores a dense mask; its documents are ``cu_seqlens`` instead, the
+    same blocks as GPTDataset's mask."""
+    from specialize.step import packed_seq_params
+
+    cfg = _cfg([data["one"]], reset_attention_mask=True)
+    masked, _, _ = build_pretrain_datasets(cfg, tok, 1, (200, 0, 0), tmp_path / "mask")
+    thd, _, _ = build_pretrain_datasets(cfg, tok, 1, (200, 0, 0), tmp_path / "thd", thd=True)
+    several = 0
+    for i in range(20):
+        reference, item = masked[i], thd[i]
+        assert "attention_mask" not in item and torch.equal(item["tokens"], reference["tokens"])
+        cu_seqlens = item["cu_seqlens"]
+        assert cu_seqlens.shape == (SEQ + 1,) and cu_seqlens.dtype == torch.int32
+        bounds = cu_seqlens[cu_seqlens >= 0]
+        assert torch.all(cu_seqlens[len(bounds) :] == -1)
+        # A document ends after each <|endoftext|>: the forward step's THD parameters ...
+        eods = (item["tokens"] == tok.eod).nonzero().flatten() + 1
+        expected = [0, *[int(e) for e in eods if e < SEQ], SEQ]
+        params = packed_seq_params(cu_seqlens[None])
+        assert params.qkv_format == "thd" and params.cu_seqlens_q.tolist() == expected
+        assert params.max_seqlen_q == max(b - a for a, b in zip(expected, expected[1:]))
+        # ... and GPTDataset's mask (True = masked) are the same block-diagonal causal pattern.
+        segment = torch.repeat_interleave(
+            torch.arange(len(expected) - 1), torch.tensor(expected).diff()
+        )
+        allowed = torch.tril(torch.ones(SEQ, SEQ, dtype=torch.bool))
+        allowed &= segment[:, None] == segment[None, :]
+        assert torch.equal(reference["attention_mask"][0], ~allowed)
+        several += len(expected) > 3
+    assert several, "some sample should hold several documents"
+    # Micro-batches of one sequence carry [1, SEQ + 1] boundaries to the forward step.
+    batch = next(build_dataloader(thd, 1, 0, 0, 1, 0))
+    assert batch["cu_seqlens"].shape == (1, SEQ + 1)
+
+
 def test_deterministic_and_seeded(data, tok, tmp_path: Path) -> None:
     cfg = _cfg([data["two"]])
     first, _, _ = build_pretrain_datasets(cfg, tok, 7, (50, 0, 0), tmp_path)

@@ -75,6 +75,34 @@ def test_items_shift_per_sample_and_confine_attention(prepared) -> None:
     assert bounds[0] == 0 and bounds[-1] == SEQ and len(bounds) == last - first + 2
 
 
+@pytest.mark.parametrize("why_not_te", [None, "no CUDA device"])
+def test_the_batch_builder_follows_the_resolved_spec(prepared, monkeypatch, why_not_te) -> None:
+    """``model.spec=auto`` on a machine with Transformer Engine keeps packed samples apart by
+    ``cu_seqlens`` (THD), since TE's causal attention would ignore a dense mask."""
+    import base.spec
+    from base.tokenizer import QwenTokenizer
+    from specialize.config import ConfigError, load_config
+    from specialize.data.sft import open_sft
+
+    monkeypatch.setattr(base.spec, "why_not_te", lambda: why_not_te)
+    paths = f"data.paths=[{prepared['packed']},{prepared['unpacked']}]"
+    overrides = ["train.steps=1", "data.format=sft", f"data.seq_length={SEQ}", paths]
+    cfg = load_config(None, [*overrides, "train.micro_batch_size=1"])
+    assert cfg.model.spec == "auto"
+    packed, unpacked = open_sft(cfg, QwenTokenizer.load()).datasets
+    if why_not_te is None:
+        assert packed.attention == "thd" and "attention_mask" not in packed[0]
+        bounds = packed[0]["cu_seqlens"][packed[0]["cu_seqlens"] >= 0]
+        assert bounds[0] == 0 and bounds[-1] == SEQ and len(bounds) > 2
+        with pytest.raises(ConfigError, match=r"^train.micro_batch_size=2: packed SFT data"):
+            load_config(None, [*overrides, "train.micro_batch_size=2"])
+    else:
+        assert packed.attention == "mask" and "cu_seqlens" not in packed[0]
+        assert packed[0]["attention_mask"].shape == (1, SEQ, SEQ)
+        load_config(None, [*overrides, "train.micro_batch_size=2"])
+    assert unpacked.attention == "causal"  # one sample per sequence: the causal mask suffices
+
+
 def test_packed_seq_params_from_a_micro_batch() -> None:
     from specialize.step import packed_seq_params
 

@@ -383,6 +383,19 @@ def _refused_resumes(rank: int, world_size: int, tmp: str, shard: str, other: st
     out["config_after_architecture"] = (run_dir / "config.yaml").read_text() == config
     out["no_resume"] = _attempt(run("checkpoint.resume=false", "optimizer.lr=1.5e-3"))
     out["config_after_no_resume"] = (run_dir / "config.yaml").read_text() == config
+    # As if the checkpoint came from a machine where model.spec=auto chose Transformer Engine.
+    from specialize.checkpoint import write_checksums
+
+    newest = run_dir / "checkpoints/iter_0000002"
+    written = (newest / "lineage.json").read_text()
+    out["model_spec"] = json.loads(written)["model_spec"]
+    lineage = {**json.loads(written), "model_spec": {"requested": "auto", "resolved": "te"}}
+    (newest / "lineage.json").write_text(json.dumps(lineage))
+    write_checksums(newest)
+    out["other_spec"] = _attempt(run("optimizer.lr=1.5e-3"))
+    out["config_after_spec"] = (run_dir / "config.yaml").read_text() == config
+    (newest / "lineage.json").write_text(written)
+    write_checksums(newest)
     shutil.rmtree(data)  # the data is replaced by other data at the same path
     shutil.copytree(other, data)
     out["changed_data"] = _attempt(run("optimizer.lr=1.5e-3"))
@@ -436,6 +449,37 @@ def test_refused_resume_leaves_the_run_config_alone(refused_resumes):
     assert out["other_architecture"].startswith("CheckpointError: ")
     assert "holds a qwen-nano model but this run builds qwen-tiny" in out["other_architecture"]
     assert out["config_after_architecture"] and out["config_after_data"]
+
+
+def test_resume_refuses_layers_auto_chose_otherwise_on_another_machine(refused_resumes):
+    import torch
+
+    out = refused_resumes
+    assert out["model_spec"] == {"requested": "auto", "resolved": "local"}  # what was recorded
+    message = out["other_spec"]
+    why = "" if torch.cuda.is_available() else " (no CUDA device)"
+    assert message.startswith(
+        f"ConfigError: model.spec=auto resolves to local on this machine{why}"
+    )
+    assert message.endswith(
+        "iter_0000002 was trained with the te layer spec; resume it where auto resolves to te, or "
+        "set model.spec=local to continue with the local layers"
+    )
+    assert out["config_after_spec"]  # a refused resume leaves the run's records alone
+
+
+def test_an_explicit_spec_continues_a_checkpoint_of_other_layers(tmp_path, caplog):
+    from specialize.config import load_config
+    from specialize.trainer import check_same_spec
+
+    lineage = {"model_spec": {"requested": "auto", "resolved": "te"}}
+    (tmp_path / "lineage.json").write_text(json.dumps(lineage))
+    check_same_spec(load_config(None, ["train.steps=1", "model.spec=local"]), tmp_path, warn=True)
+    assert f"{tmp_path} was trained with the te layer spec; continuing with model.spec=local" in (
+        caplog.text
+    )
+    (tmp_path / "lineage.json").write_text("{}")  # written before lineage recorded the spec
+    check_same_spec(load_config(None, ["train.steps=1"]), tmp_path, warn=True)
 
 
 def test_fresh_start_over_existing_checkpoints_is_refused_before_training(refused_resumes):
