@@ -26,7 +26,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from torch.utils.data import Dataset
 
 from base.tokenizer import QwenTokenizer
-from specialize.config import ConfigError, Derived, RecipeConfig
+from specialize.config import ConfigError, Derived, RecipeConfig, check_sft_micro_batch
 from specialize.data.pretrain import SPLITS, TrainingData, _parse_split
 from specialize.data.sft_prepare import LOSS_MASK, TOKENS, read_sft_manifest
 from specialize.distributed import Topology
@@ -115,11 +115,7 @@ class _Subset(Dataset):
 def sft_attention(cfg: RecipeConfig) -> str:
     """How packed samples are kept apart: THD with TE, a dense mask with the local spec."""
     if cfg.model.spec == "te":
-        if cfg.train.micro_batch_size != 1:
-            raise ConfigError(
-                f"train.micro_batch_size={cfg.train.micro_batch_size}: packed SFT with the te "
-                "spec uses the THD layout, one packed sequence per micro-batch; set it to 1"
-            )
+        check_sft_micro_batch(cfg.model.spec, cfg.data.format, cfg.train.micro_batch_size)
         return "thd"
     return "mask"
 
