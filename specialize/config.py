@@ -613,6 +613,105 @@ def _check_thd_batches(cfg: RecipeConfig) -> None:
         )
 
 
+def check_sft_micro_batch(spec: str, data_format: str, micro_batch_size: int) -> None:
+    """Packed SFT with the te spec feeds TE's THD attention one packed sequence per micro-batch."""
+    if data_format == "sft" and spec == "te" and micro_batch_size != 1:
+        raise ConfigError(
+            f"train.micro_batch_size={micro_batch_size}: packed SFT with the te spec uses the THD "
+            "layout, one packed sequence per micro-batch; set it to 1"
+        )
+
+
+def check_layout(
+    preset: QwenPreset,
+    *,
+    tensor: int,
+    pipeline: int,
+    virtual_pipeline: Optional[int],
+    sequence_parallel: bool,
+    micro_batch_size: int,
+    global_batch_size: int,
+    seq_length: int,
+    spec: str,
+    dtype: str,
+    data_format: str,
+    world_size: Optional[int] = None,
+) -> None:
+    """The rules a parallel layout must follow, for ``validate`` and ``specialize plan`` alike.
+
+    Both call this one function, so the planner only recommends layouts the trainer accepts.
+    ``spec`` is the layer spec the run builds: ``te`` or ``local``, or ``auto`` when the machine is
+    not known yet (then only the rules that hold for both apply). ``world_size`` adds the checks
+    that need the process count."""
+    if dtype == "fp8" and spec == "local":
+        raise ConfigError(
+            "precision.dtype=fp8: needs the Transformer Engine layer spec on CUDA (model.spec=te "
+            "or auto); model.spec=local has no FP8 GEMMs"
+        )
+    for key, size in (("tensor", tensor), ("pipeline", pipeline)):
+        if size < 1:
+            raise ConfigError(f"parallel.{key}={size}: must be >= 1")
+    if preset.num_attention_heads % tensor:
+        raise ConfigError(
+            f"parallel.tensor={tensor}: must divide the {preset.num_attention_heads} attention "
+            f"heads of {preset.name}"
+        )
+    if preset.query_groups % tensor:
+        raise ConfigError(
+            f"parallel.tensor={tensor}: must divide the {preset.query_groups} key/value heads of "
+            f"{preset.name}"
+        )
+    if preset.ffn_hidden_size % tensor:
+        raise ConfigError(
+            f"parallel.tensor={tensor}: must divide ffn_hidden_size={preset.ffn_hidden_size} of "
+            f"{preset.name}"
+        )
+    if preset.num_layers % (pipeline * (virtual_pipeline or 1)):
+        raise ConfigError(
+            f"parallel.pipeline={pipeline}"
+            + (f" x virtual_pipeline={virtual_pipeline}" if virtual_pipeline else "")
+            + f": must divide the {preset.num_layers} layers of {preset.name}"
+        )
+    if virtual_pipeline is not None and pipeline < 2:
+        raise ConfigError("parallel.virtual_pipeline: needs parallel.pipeline >= 2")
+    if sequence_parallel:
+        if tensor < 2:
+            raise ConfigError("parallel.sequence_parallel: needs parallel.tensor >= 2")
+        if spec == "local":  # megatron-core's torch RMSNorm asserts it is not sequence-parallel
+            raise ConfigError("parallel.sequence_parallel: needs the te spec, not model.spec=local")
+        if seq_length % tensor:  # the embedding output is split along the sequence
+            raise ConfigError(
+                f"parallel.sequence_parallel: data.seq_length={seq_length} must be a multiple of "
+                f"parallel.tensor={tensor}"
+            )
+    if micro_batch_size < 1 or global_batch_size < 1:
+        raise ConfigError("train.micro_batch_size and train.global_batch_size must be >= 1")
+    check_sft_micro_batch(spec, data_format, micro_batch_size)
+    if world_size is None:
+        return
+    model_parallel = tensor * pipeline
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"parallel: tensor x pipeline = {model_parallel} does not divide the {world_size} "
+            "processes"
+        )
+    data_parallel = world_size // model_parallel
+    if global_batch_size % (micro_batch_size * data_parallel):
+        raise ConfigError(
+            f"train.global_batch_size={global_batch_size}: must be a multiple of "
+            f"micro_batch_size x data-parallel size = {micro_batch_size} x {data_parallel}"
+        )
+    micro_batches = global_batch_size // (micro_batch_size * data_parallel)
+    # megatron-core's interleaved schedule runs micro-batches in groups of PP (its default
+    # microbatch_group_size_per_vp_stage) and raises unless the groups come out whole.
+    if virtual_pipeline is not None and micro_batches % pipeline:
+        raise ConfigError(
+            f"parallel.virtual_pipeline: needs micro-batches per step ({micro_batches} = "
+            f"global_batch_size / (micro_batch_size x data-parallel size)) to be a multiple of "
+            f"parallel.pipeline={pipeline}"
+        )
+
+
 def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
     """Checks that span fields. ``world_size`` adds the checks that need the process count.
 
@@ -642,42 +741,21 @@ def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
             f"{cfg.data.reset_attention_mask}); windows are an inference option for long prompts"
         )
     _check_thd_batches(cfg)
-    if cfg.precision.dtype == "fp8" and cfg.model.spec == "local":
-        raise ConfigError(
-            "precision.dtype=fp8: needs the Transformer Engine layer spec on CUDA (model.spec=te "
-            "or auto); model.spec=local has no FP8 GEMMs"
-        )
-    par = cfg.parallel
-    for key in ("tensor", "pipeline"):
-        if getattr(par, key) < 1:
-            raise ConfigError(f"parallel.{key}={getattr(par, key)}: must be >= 1")
-    if preset.num_attention_heads % par.tensor:
-        raise ConfigError(
-            f"parallel.tensor={par.tensor}: must divide the {preset.num_attention_heads} attention "
-            f"heads of {preset.name}"
-        )
-    if preset.query_groups % par.tensor:
-        raise ConfigError(
-            f"parallel.tensor={par.tensor}: must divide the {preset.query_groups} key/value heads of {preset.name}"
-        )
-    if preset.ffn_hidden_size % par.tensor:
-        raise ConfigError(
-            f"parallel.tensor={par.tensor}: must divide ffn_hidden_size={preset.ffn_hidden_size} of {preset.name}"
-        )
-    stages = par.pipeline * (par.virtual_pipeline or 1)
-    if preset.num_layers % stages:
-        raise ConfigError(
-            f"parallel.pipeline={par.pipeline}"
-            + (f" x virtual_pipeline={par.virtual_pipeline}" if par.virtual_pipeline else "")
-            + f": must divide the {preset.num_layers} layers of {preset.name}"
-        )
-    if par.virtual_pipeline is not None and par.pipeline < 2:
-        raise ConfigError("parallel.virtual_pipeline: needs parallel.pipeline >= 2")
-    if par.sequence_parallel and par.tensor < 2:
-        raise ConfigError("parallel.sequence_parallel: needs parallel.tensor >= 2")
-    train = cfg.train
-    if train.micro_batch_size < 1 or train.global_batch_size < 1:
-        raise ConfigError("train.micro_batch_size and train.global_batch_size must be >= 1")
+    par, train = cfg.parallel, cfg.train
+    check_layout(
+        preset,
+        tensor=par.tensor,
+        pipeline=par.pipeline,
+        virtual_pipeline=par.virtual_pipeline,
+        sequence_parallel=par.sequence_parallel,
+        micro_batch_size=train.micro_batch_size,
+        global_batch_size=train.global_batch_size,
+        seq_length=cfg.data.seq_length,
+        spec=cfg.model.spec,
+        dtype=cfg.precision.dtype,
+        data_format=cfg.data.format,
+        world_size=world_size,
+    )
     if (train.steps is None) == (train.tokens is None):
         raise ConfigError("train: set exactly one of train.steps and train.tokens")
     if train.steps is not None and train.steps < 1:
@@ -710,18 +788,6 @@ def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
             raise ConfigError("init.verify_against: needs init.checkpoint (the weights to verify)")
         if par.virtual_pipeline is not None:
             raise ConfigError("init.verify_against: not available with parallel.virtual_pipeline")
-    if world_size is not None:
-        model_parallel = par.tensor * par.pipeline
-        if world_size % model_parallel:
-            raise ConfigError(
-                f"parallel: tensor x pipeline = {model_parallel} does not divide the {world_size} processes"
-            )
-        data_parallel = world_size // model_parallel
-        if train.global_batch_size % (train.micro_batch_size * data_parallel):
-            raise ConfigError(
-                f"train.global_batch_size={train.global_batch_size}: must be a multiple of "
-                f"micro_batch_size x data-parallel size = {train.micro_batch_size} x {data_parallel}"
-            )
 
 
 # ----------------------------------------------------------------------------- derived numbers

@@ -49,32 +49,75 @@ Memory per rank, for the pipeline stage that needs the most (all terms in bytes)
   gradient is materialized in the parameter dtype before DDP's hook adds it to ``main_grad``; the
   largest, alive at the activation peak (start of the backward), is the output layer's (or the
   embedding's dense) ``V·h/t`` on the first/last stage.
-- **runtime**: a fixed ``2 GiB`` on a GPU for the CUDA context, NCCL buffers and cuBLAS workspaces
-  (assumed, not modeled); 0 in the CPU check. A layout *fits* when the total is at most
-  ``headroom`` (default 90%) of the GPU's memory, leaving the rest for allocator fragmentation.
+- **runtime**: a fixed ``3 GiB`` on a GPU (0 in the CPU check): the CUDA context with cuBLAS and
+  TE workspaces (~0.5 GiB) and NCCL's buffers for the communicators megatron-core uses (TP, DP, PP,
+  model-parallel), ~0.6 GiB each (NVIDIA/nccl#964 measures 544-688 MB per communicator on A100;
+  NVLink SHARP on H100 takes more, NVIDIA/nccl#864, which NeMo's launcher turns off with
+  ``NCCL_NVLS_ENABLE=0``).
+- **margin**: a layout *fits* when the total is at most ``headroom`` (default 90%) of the GPU's
+  memory. The total is what the run allocates at its peak; the other 10% (8 GiB on an 80 GiB GPU)
+  stay free for what the caching allocator holds on top of that (freed blocks it keeps, blocks too
+  fragmented to reuse) and for what the estimate leaves out (below). ``--headroom`` sets it.
 
 Not modeled: the interleaved (virtual) pipeline schedule, FP8 activation savings (FP8 activations
 are counted as bf16, an upper bound), GQA-specific kernels, temporary buffers of the optimizer step.
 
-Time per step ``= tokens_per_step × F / (gpus × peak × mfu) × (1 + bubble)``: ``F`` are the FLOPs
-executed per token, ``6·N + 6·L·h·s`` (fwd + bwd over all parameters ``N``, plus the attention
-scores and values, ``12·L·h·s`` halved for the causal mask) — the same count the training console
-uses for its MFU (``specialize/callbacks.py``), so an MFU read off a run can be given as ``--mfu``.
-Selective recompute adds the attention forward, ``2·L·h·s``; full recompute a whole forward of the
-layers, ``2·N_layers + 2·L·h·s`` (about ``8·N`` in all). ``mfu`` (default 0.40, BF16) is the
-fraction of the dense BF16 peak achieved on those FLOPs. The 1F1B bubble is ``(p - 1)/m``. FP8
-runs the GEMM FLOPs (all but the ``L·h·s`` attention terms, which Flash Attention keeps in bf16)
-``fp8_speedup`` times faster; the default 1.3 is the FP8/BF16 peak ratio (2.0 on H100/H200) × 0.65,
-close to the gains in the references (torchtitan Llama3.1-8B +Float8: 1.28×; Megatron-Bridge
-Llama3-8B FP8 744 vs Qwen3-8B BF16 513 TFLOP/s/GPU, different setups: 1.45×). A100 has no FP8: asking for it is an error.
-Totals: steps (``train.steps``, or ``ceil(train.tokens / tokens_per_step)``) × step time;
-GPU-hours = hours × gpus.
+Communication, per step and rank, from the bytes each collective moves and the bus bandwidth ``B``
+of the slowest link in its group (nccl-tests' definition, NVIDIA/nccl-tests doc/PERFORMANCE.md @
+03a204a1f38aaea17f1a777885bb2d9600ba7eff: a ring all-reduce of ``S`` bytes over ``n`` ranks takes
+``S·2(n-1)/n / B``, a reduce-scatter or all-gather of ``S`` bytes in all ``S·(n-1)/n / B``).
+megatron-core orders ranks TP first, then DP, then PP, so a TP group spans ``t`` consecutive ranks
+and a DP group ``t·d``. Within one 8-GPU node ``B`` is the GPU's NVLink bandwidth per direction
+(``GPUSpec``). A group spanning nodes has ``k`` ranks on each (``8/t`` for a DP group); its rings
+leave every node once per channel and NCCL spreads the channels over those ranks' NICs, so ``B =
+min(NVLink, k × NIC)``: the full node's NICs for TP=1, one NIC (50 GB/s on H100) for TP=8.
 
-The recommendation searches TP in {1, 2, 4, 8} dividing the heads, query groups and FFN (TP within
-one 8-GPU node), PP dividing the layers, micro-batches 1, 2, 4, ... that divide the global batch
-per data-parallel rank, and recompute none/selective/full, with sequence parallelism whenever
-TP > 1 and the distributed optimizer on; it picks the fastest layout that fits (MFU is assumed
-independent of TP, so ties go to smaller TP, then smaller PP, then the larger micro-batch).
+- **TP**: each layer all-reduces an ``e·s·b·h`` activation twice in the forward (attention and MLP
+  outputs) and twice in the backward (their input gradients); with sequence parallelism each
+  all-reduce becomes a reduce-scatter plus an all-gather, the same bytes. Full recompute repeats the
+  forward's two. The first stage adds the embedding's all-reduce, the last the output layer's. Over
+  the ``m`` micro-batches: ``tp_comm = (L/p·(4 + 2·full) + ends) · e·(gbs·s/d)·h · 2(t-1)/t / B``.
+  It runs on the critical path (megatron-core's TP communication overlap is not turned on), an upper
+  bound: the backward's input-gradient all-reduce partly hides under the weight-gradient GEMM.
+- **DP gradients**: DDP reduces the fp32 ``main_grad`` buffer (``grad_reduce_in_fp32``), ``4·P_r``
+  bytes: a reduce-scatter with the distributed optimizer, an all-reduce without.
+- **DP parameters**: the distributed optimizer all-gathers the updated parameters, ``P_r × 2``
+  bytes (bf16/fp8; ``× 4`` in fp32).
+
+With ``parallel.overlap_grad_reduce`` the gradient reduction runs bucket by bucket during the last
+micro-batch's backward and costs only what does not fit under it, ``max(0, grad_comm - bwd)``, with
+``bwd`` that micro-batch's backward compute; with ``parallel.overlap_param_gather`` the all-gather
+hides under the first micro-batch's forward the same way, ``max(0, param_comm - fwd)``. Off, each
+adds fully. Unset, both are on (the trainer's default on CUDA, and plans are for GPUs; the
+parameter all-gather only exists with the distributed optimizer). Not modeled: pipeline
+send/receive (small, and overlapped by 1F1B), the cross-entropy's per-token all-reduces, the
+latency of small messages, link efficiency below the datasheet figure (nccl-tests typically reach
+80-90% of it: plans err fast on communication).
+
+Time per step ``= (compute + tp_comm) × (1 + bubble) + exposed DP communication``, with
+``compute = tokens_per_step × F / (gpus × peak × mfu)``: ``F`` are the FLOPs executed per token,
+``6·N + 6·L·h·s`` (fwd + bwd over all parameters ``N``, plus the attention scores and values,
+``12·L·h·s`` halved for the causal mask) — the same count the training console uses for its MFU
+(``specialize/callbacks.py``). Selective recompute adds the attention forward, ``2·L·h·s``; full
+recompute a whole forward of the layers, ``2·N_layers + 2·L·h·s`` (about ``8·N`` in all). ``mfu``
+(default 0.40, BF16) is the fraction of the dense BF16 peak the compute achieves on those FLOPs,
+the compute alone: an MFU read off a run also paid for the run's exposed communication, so giving
+it as ``--mfu`` counts that twice (a pessimistic plan). The 1F1B bubble is
+``(p - 1)/m``. FP8 runs the GEMM FLOPs (all but the ``L·h·s`` attention terms, which Flash Attention
+keeps in bf16) ``fp8_speedup`` times faster; the default 1.3 is the FP8/BF16 peak ratio (2.0 on
+H100/H200) × 0.65, close to the gains in the references (torchtitan Llama3.1-8B +Float8: 1.28×;
+Megatron-Bridge Llama3-8B FP8 744 vs Qwen3-8B BF16 513 TFLOP/s/GPU, different setups: 1.45×). A100
+has no FP8: asking for it is an error. Totals: steps (``train.steps``, or
+``ceil(train.tokens / tokens_per_step)``) × step time; GPU-hours = hours × gpus.
+
+The recommendation searches TP in {1, 2, 4, 8} (TP within one 8-GPU node), every PP, micro-batches
+1, 2, 4, ..., recompute none/selective/full and sequence parallelism on/off, with the distributed
+optimizer on; every candidate is checked by ``specialize.config.check_layout``, the function the
+trainer's config validation runs (heads, query groups and FFN divisible by TP, layers by PP, the
+global batch by micro-batch × DP, sequence parallelism only with TP > 1 and the te spec, packed SFT
+with the te spec at micro-batch 1, FP8 only with the te spec), so a recommended layout is one the
+trainer accepts. It picks the fastest layout that fits (ties go to smaller TP, then smaller PP, then
+the larger micro-batch, then less recompute, then SP on).
 """
 
 from __future__ import annotations
@@ -86,13 +129,15 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from base.presets import QwenPreset
+from specialize.config import ConfigError, check_layout, load_config, stage_configs
 
 GiB = 1024**3
 DEFAULT_MFU = 0.40
 DEFAULT_HEADROOM = 0.90
 FP8_EFFICIENCY = 0.65
 """Fraction of the FP8/BF16 peak ratio realized on GEMMs (default speedup 2.0 × 0.65 = 1.3)."""
-GPU_RUNTIME_BYTES = 2 * GiB
+GPU_RUNTIME_BYTES = 3 * GiB
+GPUS_PER_NODE = 8
 RECOMPUTE = ("none", "selective", "full")
 DTYPES = ("fp32", "bf16", "fp8")
 
@@ -112,12 +157,20 @@ class GPUSpec:
     """Dense FP8 peak; None: no FP8 tensor cores."""
     tf32_tflops: float
     """Dense TF32 peak (used for fp32 recipes)."""
+    nvlink_gbps: float
+    """NVLink bandwidth per GPU and direction, GB/s (half the datasheet's bidirectional figure)."""
+    network_gbps: float
+    """Inter-node bandwidth per GPU and direction, GB/s (one InfiniBand NIC per GPU, as in DGX)."""
 
 
+# NVLink: H100/H200 SXM 900 GB/s, A100 SXM 600 GB/s bidirectional (NVIDIA datasheets,
+# nvidia.com/en-us/data-center/{h100,h200,a100}). Network: DGX H100/H200 have one 400 Gb/s NDR
+# ConnectX-7 per GPU (docs.nvidia.com/dgx/dgxh100-user-guide/introduction-to-dgxh100.html), DGX
+# A100 one 200 Gb/s HDR ConnectX-6 (docs.nvidia.com/dgx/dgxa100-user-guide).
 GPUS: dict[str, GPUSpec] = {
-    "h100": GPUSpec("H100", 80 * GiB, 989.0, 1979.0, 494.5),
-    "h200": GPUSpec("H200", 140 * GiB, 989.0, 1979.0, 494.5),
-    "a100": GPUSpec("A100", 80 * GiB, 312.0, None, 156.0),
+    "h100": GPUSpec("H100", 80 * GiB, 989.0, 1979.0, 494.5, 450.0, 50.0),
+    "h200": GPUSpec("H200", 140 * GiB, 989.0, 1979.0, 494.5, 450.0, 50.0),
+    "a100": GPUSpec("A100", 80 * GiB, 312.0, None, 156.0, 300.0, 25.0),
 }
 
 
@@ -295,6 +348,76 @@ def estimate_memory(
     return worst
 
 
+# ----------------------------------------------------------------------------- communication
+
+
+@dataclass(frozen=True)
+class CommEstimate:
+    """Seconds per step one rank spends in collectives, at its links' bus bandwidth."""
+
+    tp: float = 0.0
+    """TP all-reduces (with SP: reduce-scatters and all-gathers) of the layers' activations."""
+    grad: float = 0.0
+    """DP gradient reduce-scatter (distributed optimizer) or all-reduce."""
+    param: float = 0.0
+    """The distributed optimizer's parameter all-gather."""
+    overlap_grad_reduce: bool = False
+    """The gradient reduction hides under the last micro-batch's backward."""
+    overlap_param_gather: bool = False
+    """The parameter all-gather hides under the first micro-batch's forward."""
+
+
+def group_bandwidth(gpu: GPUSpec, ranks: int, span: int) -> float:
+    """Bus bandwidth (bytes/s) of a group of ``ranks`` spread evenly over ``span`` consecutive
+    ranks: NVLink within a node; across nodes each node's ring segment leaves through the NICs of
+    the group's members on that node (NCCL spreads its channels over them), up to NVLink speed."""
+    if span <= GPUS_PER_NODE:
+        return gpu.nvlink_gbps * 1e9
+    per_node = max(1, ranks * GPUS_PER_NODE // span)
+    return min(gpu.nvlink_gbps, per_node * gpu.network_gbps) * 1e9
+
+
+def estimate_comm(
+    preset: QwenPreset,
+    seq_len: int,
+    global_batch: int,
+    gpu: GPUSpec,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    dp: int = 1,
+    dtype: str = "bf16",
+    recompute: str = "none",
+    distributed_optimizer: bool = False,
+    overlap_grad_reduce: bool = True,
+    overlap_param_gather: bool = True,
+) -> CommEstimate:
+    """TP and DP communication per step of the pipeline stage that moves the most (module doc)."""
+    e = _act_bytes(dtype)
+    tokens = global_batch * seq_len // dp  # this rank's m micro-batches of s·b tokens
+    per_layer = 4 + (2 if recompute == "full" else 0)
+    collectives, params = 0, 0
+    for stage in sorted({0, pp - 1}):
+        ends = int(stage == 0) + int(stage == pp - 1)  # embedding, output layer
+        collectives = max(collectives, preset.num_layers // pp * per_layer + ends)
+        params = max(params, stage_params(preset, tp, pp, stage)[0])
+    tp_bytes = collectives * e * tokens * preset.hidden_size
+    tp_seconds = tp_bytes * 2 * (tp - 1) / tp / group_bandwidth(gpu, tp, tp)
+    ring = (dp - 1) / dp  # reduce-scatter / all-gather; an all-reduce moves twice as much
+    dp_bandwidth = group_bandwidth(gpu, dp, tp * dp)
+    grad = 4 * params * (ring if distributed_optimizer else 2 * ring) / dp_bandwidth
+    param = 0.0
+    if distributed_optimizer:
+        param = params * (4 if dtype == "fp32" else 2) * ring / dp_bandwidth
+    return CommEstimate(
+        tp=tp_seconds,
+        grad=grad,
+        param=param,
+        overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather and distributed_optimizer,
+    )
+
+
 # ----------------------------------------------------------------------------- time
 
 
@@ -316,6 +439,11 @@ class TimeEstimate:
     mfu: float
     """The assumed fraction of the BF16 peak on executed FLOPs."""
     fp8_speedup: Optional[float] = None
+    compute_seconds: float = 0.0
+    """Compute per step, without the bubble and communication."""
+    comm: CommEstimate = CommEstimate()
+    dp_exposed_seconds: float = 0.0
+    """The part of the DP communication that does not hide under compute."""
 
 
 def default_fp8_speedup(gpu: GPUSpec) -> float:
@@ -354,8 +482,12 @@ def estimate_time(
     pp: int = 1,
     micro_batches: int = 1,
     fp8_speedup: Optional[float] = None,
+    comm: CommEstimate = CommEstimate(),
 ) -> TimeEstimate:
-    """Step time, throughput and totals for ``steps`` steps of ``global_batch × seq_len`` tokens."""
+    """Step time, throughput and totals for ``steps`` steps of ``global_batch × seq_len`` tokens.
+
+    ``comm`` (default: none) is the layout's communication; the step pays what does not overlap.
+    """
     if not 0 < mfu <= 1:
         raise PlanError(f"mfu={mfu}: expected a fraction in (0, 1]")
     executed, model, gemm = flops_per_token(preset, seq_len, recompute)
@@ -371,7 +503,14 @@ def estimate_time(
         effective = executed
     tokens_per_step = global_batch * seq_len
     bubble = (pp - 1) / micro_batches
-    step = tokens_per_step * effective / (gpus * peak * mfu) * (1 + bubble)
+    compute = tokens_per_step * effective / (gpus * peak * mfu)
+    # One micro-batch's forward (2N + 2Lhs = model / 3 FLOPs) and backward (the rest, recompute
+    # included) are the windows the DP all-gather and reduce-scatter can hide in.
+    forward = compute / micro_batches * (model / 3) / executed
+    backward = compute / micro_batches - forward
+    grad = max(0.0, comm.grad - backward) if comm.overlap_grad_reduce else comm.grad
+    param = max(0.0, comm.param - forward) if comm.overlap_param_gather else comm.param
+    step = (compute + comm.tp) * (1 + bubble) + grad + param
     total = steps * step
     return TimeEstimate(
         dtype=dtype,
@@ -387,6 +526,9 @@ def estimate_time(
         bubble=bubble,
         mfu=mfu,
         fp8_speedup=fp8_speedup,
+        compute_seconds=compute,
+        comm=comm,
+        dp_exposed_seconds=grad + param,
     )
 
 
@@ -404,15 +546,30 @@ class Layout:
     recompute: str
     sequence_parallel: bool
     distributed_optimizer: bool
+    virtual_pipeline: Optional[int] = None
+    """Checked (the recipe's), not modeled; recommended layouts have none."""
 
     def label(self) -> str:
         parts = [f"TP={self.tp} PP={self.pp} DP={self.dp} mb={self.micro_batch}"]
+        if self.virtual_pipeline:
+            parts.append(f"VP={self.virtual_pipeline}")
         if self.sequence_parallel:
             parts.append("SP")
         if self.distributed_optimizer:
             parts.append("dist-opt")
         parts.append(f"recompute={self.recompute}")
         return " ".join(parts)
+
+    def overrides(self) -> list[str]:
+        """The ``key=value`` overrides that give a recipe this layout."""
+        return [
+            f"parallel.tensor={self.tp}",
+            f"parallel.pipeline={self.pp}",
+            f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
+            f"parallel.distributed_optimizer={str(self.distributed_optimizer).lower()}",
+            f"train.micro_batch_size={self.micro_batch}",
+            f"model.recompute={self.recompute}",
+        ]
 
 
 @dataclass(frozen=True)
@@ -427,6 +584,13 @@ class Workload:
     flash_attention: bool
     hidden_dropout: bool
     attention_dropout: bool
+    spec: str = "te"
+    """The layer spec the run builds on GPUs: ``te`` (for ``te`` and ``auto``) or ``local``."""
+    data_format: str = "pretrain"
+    overlap_grad_reduce: bool = True
+    """The recipe's ``parallel.overlap_grad_reduce`` (unset: on)."""
+    overlap_param_gather: bool = True
+    """The recipe's ``parallel.overlap_param_gather`` (unset: on with the distributed optimizer)."""
 
 
 def memory_of(work: Workload, layout: Layout, dtype: str, runtime_bytes: int) -> MemoryEstimate:
@@ -449,6 +613,48 @@ def memory_of(work: Workload, layout: Layout, dtype: str, runtime_bytes: int) ->
     )
 
 
+def time_of(
+    work: Workload,
+    layout: Layout,
+    gpus: int,
+    gpu: GPUSpec,
+    dtype: str,
+    *,
+    mfu: float = DEFAULT_MFU,
+    fp8_speedup: Optional[float] = None,
+) -> TimeEstimate:
+    """Step time and totals of ``layout``, communication included."""
+    comm = estimate_comm(
+        work.preset,
+        work.seq_len,
+        work.global_batch,
+        gpu,
+        tp=layout.tp,
+        pp=layout.pp,
+        dp=layout.dp,
+        dtype=dtype,
+        recompute=layout.recompute,
+        distributed_optimizer=layout.distributed_optimizer,
+        overlap_grad_reduce=work.overlap_grad_reduce,
+        overlap_param_gather=work.overlap_param_gather,
+    )
+    return estimate_time(
+        work.preset,
+        work.seq_len,
+        work.global_batch,
+        gpus,
+        gpu,
+        steps=work.steps,
+        dtype=dtype,
+        mfu=mfu,
+        recompute=layout.recompute,
+        pp=layout.pp,
+        micro_batches=layout.micro_batches,
+        fp8_speedup=fp8_speedup,
+        comm=comm,
+    )
+
+
 def make_layout(
     work: Workload,
     gpus: int,
@@ -458,21 +664,30 @@ def make_layout(
     recompute: str,
     sequence_parallel: bool,
     distributed_optimizer: bool,
+    virtual_pipeline: Optional[int] = None,
 ) -> Layout:
-    """A layout, checked against the model shape, the GPU count and the global batch."""
-    p = work.preset
-    if tp < 1 or pp < 1 or gpus % (tp * pp):
-        raise PlanError(f"TP={tp} x PP={pp} does not divide {gpus} GPUs")
-    if p.num_attention_heads % tp or p.query_groups % tp or p.ffn_hidden_size % tp:
-        raise PlanError(f"TP={tp} does not divide the heads/query groups/FFN of {p.name}")
-    if p.num_layers % pp:
-        raise PlanError(f"PP={pp} does not divide the {p.num_layers} layers of {p.name}")
-    dp = gpus // (tp * pp)
-    if work.global_batch % (micro_batch * dp):
-        raise PlanError(
-            f"global batch {work.global_batch} is not divisible by micro-batch {micro_batch} x "
-            f"DP {dp}"
+    """A layout the trainer accepts: checked by ``check_layout``, as ``validate`` checks recipes."""
+    if recompute not in RECOMPUTE:
+        raise PlanError(f"recompute {recompute!r}: expected one of {', '.join(RECOMPUTE)}")
+    sequence_parallel = sequence_parallel and tp > 1  # nothing to shard at TP=1
+    try:
+        check_layout(
+            work.preset,
+            tensor=tp,
+            pipeline=pp,
+            virtual_pipeline=virtual_pipeline,
+            sequence_parallel=sequence_parallel,
+            micro_batch_size=micro_batch,
+            global_batch_size=work.global_batch,
+            seq_length=work.seq_len,
+            spec=work.spec,
+            dtype=work.dtype,
+            data_format=work.data_format,
+            world_size=gpus,
         )
+    except ConfigError as e:
+        raise PlanError(f"TP={tp} PP={pp} mb={micro_batch}: {e}") from None
+    dp = gpus // (tp * pp)
     return Layout(
         tp=tp,
         pp=pp,
@@ -480,8 +695,9 @@ def make_layout(
         micro_batch=micro_batch,
         micro_batches=work.global_batch // (micro_batch * dp),
         recompute=recompute,
-        sequence_parallel=sequence_parallel and tp > 1,
+        sequence_parallel=sequence_parallel,
         distributed_optimizer=distributed_optimizer,
+        virtual_pipeline=virtual_pipeline,
     )
 
 
@@ -497,6 +713,11 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _check_headroom(headroom: float) -> None:
+    if not 0 < headroom <= 1:
+        raise PlanError(f"--headroom {headroom}: expected the fraction of GPU memory in (0, 1]")
+
+
 def recommend(
     work: Workload,
     gpus: int,
@@ -510,57 +731,59 @@ def recommend(
     fp8_speedup: Optional[float] = None,
     runtime_bytes: int = GPU_RUNTIME_BYTES,
 ) -> Candidate:
-    """The fastest layout whose per-rank memory is within ``headroom`` of the GPU's memory.
+    """The fastest layout the trainer accepts whose per-rank memory is within ``headroom`` of the
+    GPU's memory.
 
-    ``tp``/``pp`` pin those sizes. Raises ``PlanError`` when no layout fits.
+    ``tp``/``pp`` pin those sizes. Raises ``PlanError`` when no layout is valid or none fits.
     """
+    _check_headroom(headroom)
     dtype = dtype or work.dtype
+    work = replace(work, dtype=dtype)
     p = work.preset
     budget = headroom * gpu.memory_bytes
     tps = [tp] if tp else [t for t in (1, 2, 4, 8) if t <= gpus]
     pps = [pp] if pp else _divisors(p.num_layers)
     best: Optional[tuple[tuple, Candidate]] = None
     smallest: Optional[Candidate] = None
+    refused: Optional[PlanError] = None
     for t in tps:
         for q in pps:
-            if gpus % (t * q):
+            dp = 0 if gpus % (t * q) else gpus // (t * q)
+            if not dp or work.global_batch % dp:  # keep the trainer's reason, should none be valid
+                try:
+                    make_layout(work, gpus, t, q, 1, "none", True, True)
+                except PlanError as e:
+                    refused = refused or e
                 continue
-            dp = gpus // (t * q)
             mb = 1
             while work.global_batch % (mb * dp) == 0:
-                for rc in RECOMPUTE:
+                for sp in (True, False) if t > 1 else (False,):
                     try:
-                        layout = make_layout(work, gpus, t, q, mb, rc, True, True)
-                    except PlanError:
-                        break
-                    mem = memory_of(work, layout, dtype, runtime_bytes)
-                    tm = estimate_time(
-                        p,
-                        work.seq_len,
-                        work.global_batch,
-                        gpus,
-                        gpu,
-                        steps=work.steps,
-                        dtype=dtype,
-                        mfu=mfu,
-                        recompute=rc,
-                        pp=q,
-                        micro_batches=layout.micro_batches,
-                        fp8_speedup=fp8_speedup,
-                    )
-                    cand = Candidate(layout, mem, tm, mem.total <= budget)
-                    if smallest is None or mem.total < smallest.memory.total:
-                        smallest = cand
-                    if cand.fits:
-                        key = (round(tm.step_seconds, 9), t, q, -mb, RECOMPUTE.index(rc))
-                        if best is None or key < best[0]:
-                            best = (key, cand)
+                        valid = make_layout(work, gpus, t, q, mb, "none", sp, True)
+                    except PlanError as e:
+                        refused = refused or e
+                        continue
+                    for rc in RECOMPUTE:
+                        layout = replace(valid, recompute=rc)
+                        mem = memory_of(work, layout, dtype, runtime_bytes)
+                        tm = time_of(
+                            work, layout, gpus, gpu, dtype, mfu=mfu, fp8_speedup=fp8_speedup
+                        )
+                        cand = Candidate(layout, mem, tm, mem.total <= budget)
+                        if smallest is None or mem.total < smallest.memory.total:
+                            smallest = cand
+                        if cand.fits:
+                            order = (t, q, -mb, RECOMPUTE.index(rc), not sp)
+                            key = (round(tm.step_seconds, 9), *order)
+                            if best is None or key < best[0]:
+                                best = (key, cand)
                 mb *= 2
     if best is None:
         if smallest is None:
             raise PlanError(
                 f"no valid layout of {p.name} on {gpus} GPU(s) (TP={tp or 'any'}, "
                 f"PP={pp or 'any'}, global batch {work.global_batch})"
+                + (f"; e.g. {refused}" if refused else "")
             )
         raise PlanError(
             f"nothing fits: {p.name} at seq {work.seq_len} on {gpus}x{gpu.name} needs at least "
@@ -582,17 +805,19 @@ class PlanResult:
     headroom: float
     requested: Optional[Candidate]
     """The recipe's layout (or --tp/--pp) with its micro-batch, recompute, SP and optimizer; None
-    when the recipe's layout does not divide this GPU count."""
+    when the trainer would refuse it on this GPU count."""
     variants: list[tuple[str, MemoryEstimate]]
     """The requested layout's memory with/without distributed optimizer, SP and recompute."""
     recommended: Candidate
     times: list[tuple[str, TimeEstimate]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+    """Recipe overrides that run the recommended layout (and the spec and dtype it assumes)."""
 
 
 def workload(cfg) -> Workload:
     """The numbers a plan needs from a (single-stage) ``RecipeConfig``."""
-    spec, train = cfg.model.resolved_spec(te_available=True), cfg.train
+    spec, train, par = cfg.model.resolved_spec(te_available=True), cfg.train, cfg.parallel
     tokens_per_step = train.global_batch_size * cfg.data.seq_length
     steps = train.steps if train.steps is not None else math.ceil(train.tokens / tokens_per_step)
     return Workload(
@@ -601,10 +826,24 @@ def workload(cfg) -> Workload:
         global_batch=train.global_batch_size,
         steps=steps,
         dtype=cfg.precision.dtype,
-        # Flash attention (TE's fused attention) with the te spec; on GPUs `auto` resolves to te.
-        flash_attention=spec == "te",
+        flash_attention=spec == "te",  # TE's fused attention
         hidden_dropout=cfg.model.hidden_dropout > 0,
         attention_dropout=cfg.model.attention_dropout > 0,
+        spec=spec,
+        data_format=cfg.data.format,
+        overlap_grad_reduce=par.overlap_grad_reduce is not False,
+        overlap_param_gather=par.overlap_param_gather is not False,
+    )
+
+
+def _overlap_note(work: Workload) -> str:
+    grad = "overlapped with the backward" if work.overlap_grad_reduce else "not overlapped"
+    param = "overlapped with the forward" if work.overlap_param_gather else "not overlapped"
+    return (
+        f"DP communication: gradient reduction {grad} (parallel.overlap_grad_reduce), "
+        f"distributed optimizer's parameter all-gather {param} (parallel.overlap_param_gather); "
+        f"TP communication on the critical path; groups within one {GPUS_PER_NODE}-GPU node use "
+        "NVLink, wider ones the network."
     )
 
 
@@ -625,6 +864,7 @@ def plan(
     g = get_gpu(gpu) if isinstance(gpu, str) else gpu
     if gpus < 1:
         raise PlanError(f"--gpus {gpus}: need at least one GPU")
+    _check_headroom(headroom)
     work = workload(recipe_cfg)
     if dtype is not None:
         work = replace(work, dtype=dtype)
@@ -632,48 +872,33 @@ def plan(
     if work.dtype == "fp8" and g.fp8_tflops is None:
         raise PlanError(f"{g.name} has no FP8 tensor cores: plan it with --dtype bf16")
     par = recipe_cfg.parallel
-    req_tp, req_pp = tp or par.tensor, pp or par.pipeline
     notes = []
     try:
-        layout = make_layout(
+        layout: Optional[Layout] = make_layout(
             work,
             gpus,
-            req_tp,
-            req_pp,
+            tp or par.tensor,
+            pp or par.pipeline,
             micro_batch or recipe_cfg.train.micro_batch_size,
             recipe_cfg.model.recompute,
             par.sequence_parallel,
             par.distributed_optimizer,
+            par.virtual_pipeline,
         )
     except PlanError as e:
-        if tp is not None or pp is not None:
-            raise
         layout = None
-        notes.append(f"the recipe's layout does not apply to {gpus} GPU(s): {e}")
+        notes.append(f"the trainer would refuse the recipe's layout on {gpus} GPU(s): {e}")
     budget = headroom * g.memory_bytes
 
     def timed(lay: Layout, dt: str) -> TimeEstimate:
-        return estimate_time(
-            work.preset,
-            work.seq_len,
-            work.global_batch,
-            gpus,
-            g,
-            steps=work.steps,
-            dtype=dt,
-            mfu=mfu,
-            recompute=lay.recompute,
-            pp=lay.pp,
-            micro_batches=lay.micro_batches,
-            fp8_speedup=fp8_speedup,
-        )
+        return time_of(work, lay, gpus, g, dt, mfu=mfu, fp8_speedup=fp8_speedup)
 
     requested, variants = None, []
     if layout is not None:
         mem = memory_of(work, layout, work.dtype, GPU_RUNTIME_BYTES)
         requested = Candidate(layout, mem, timed(layout, work.dtype), mem.total <= budget)
     for dist_opt in (False, True) if layout is not None else ():
-        for sp in sorted({False, layout.tp > 1}):
+        for sp in sorted({False, layout.tp > 1 and work.spec == "te"}):
             for rc in RECOMPUTE:
                 v = replace(
                     layout, distributed_optimizer=dist_opt, sequence_parallel=sp, recompute=rc
@@ -683,6 +908,13 @@ def plan(
     recommended = recommend(
         work, gpus, g, tp=tp, pp=pp, mfu=mfu, headroom=headroom, fp8_speedup=fp8_speedup
     )
+    overrides = recommended.layout.overrides()
+    if par.virtual_pipeline is not None:
+        overrides.append("parallel.virtual_pipeline=null")
+    if recipe_cfg.model.spec != work.spec:
+        overrides.append(f"model.spec={work.spec}")
+    if recipe_cfg.precision.dtype != work.dtype:
+        overrides.append(f"precision.dtype={work.dtype}")
     result = PlanResult(
         recipe=recipe_cfg.name,
         gpus=gpus,
@@ -693,8 +925,10 @@ def plan(
         variants=variants,
         recommended=recommended,
         notes=notes,
+        overrides=overrides,
     )
-    dtypes = ["bf16", "fp8"] if g.fp8_tflops is not None else ["bf16"]
+    fp8 = g.fp8_tflops is not None and work.spec == "te"
+    dtypes = ["bf16", "fp8"] if fp8 else ["bf16"]
     if work.dtype == "fp32":
         dtypes = ["fp32", *dtypes]
     for name, cand in (("recipe", requested), ("recommended", recommended)):
@@ -704,12 +938,15 @@ def plan(
             result.times.append((f"{name} {dt}", timed(cand.layout, dt)))
     if g.fp8_tflops is None:
         result.notes.append(f"{g.name} has no FP8: BF16 only.")
+    elif not fp8:
+        result.notes.append("model.spec=local has no FP8 GEMMs: BF16 only.")
     else:
         speed = fp8_speedup or default_fp8_speedup(g)
         result.notes.append(
             f"FP8: GEMM FLOPs {speed:.2f}x faster than BF16 (attention stays BF16); "
             "memory counted as BF16 plus FP8 weight copies."
         )
+    result.notes.append(_overlap_note(work))
     return result
 
 
@@ -732,13 +969,15 @@ def format_plan(result: PlanResult) -> str:
     lines = [
         f"# plan: {result.recipe} — {w.preset.name} ({w.preset.num_params() / 1e9:.2f}B params), "
         f"{result.gpus}x{g.name} ({g.memory_bytes / GiB:.0f} GiB, {g.bf16_tflops:g} TFLOP/s BF16"
-        f"{f', {g.fp8_tflops:g} FP8' if g.fp8_tflops else ''})",
+        f"{f', {g.fp8_tflops:g} FP8' if g.fp8_tflops else ''}; NVLink {g.nvlink_gbps:g} GB/s, "
+        f"network {g.network_gbps:g} GB/s per direction)",
         "",
         f"seq {w.seq_len}, global batch {w.global_batch} "
         f"({w.global_batch * w.seq_len:,} tokens/step), {w.steps:,} steps = "
-        f"{w.steps * w.global_batch * w.seq_len:.3g} tokens, {w.dtype}"
+        f"{w.steps * w.global_batch * w.seq_len:.3g} tokens, {w.dtype}, {w.spec} spec"
         f"{', flash attention' if w.flash_attention else ''}; fits = total <= "
-        f"{result.headroom:.0%} of HBM ({_gib(budget)} GiB)",
+        f"{result.headroom:.0%} of HBM ({_gib(budget)} GiB), leaving "
+        f"{_gib(g.memory_bytes - budget)} GiB free for the allocator's cache and fragmentation",
         "",
         "## memory per GPU (GiB), worst pipeline stage",
         "",
@@ -773,17 +1012,24 @@ def format_plan(result: PlanResult) -> str:
         "",
         f"## time (MFU {rec.time.mfu:.2f} of the BF16 peak on executed FLOPs)",
         "",
-        "| layout, dtype | FLOPs/token | step | tokens/s | tokens/s/GPU | bubble | total | "
-        "GPU-hours |",
-        "|---|---|---|---|---|---|---|---|",
+        "| layout, dtype | FLOPs/token | compute | TP comm | DP comm exposed / total | step "
+        "| tokens/s | tokens/s/GPU | bubble | total | GPU-hours |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, t in result.times:
+        dp_total = t.comm.grad + t.comm.param
         lines.append(
-            f"| {label} | {t.flops_per_token:.3g} | {t.step_seconds:.2f} s | "
-            f"{t.tokens_per_second:,.0f} | {t.tokens_per_second_per_gpu:,.0f} | {t.bubble:.0%} | "
+            f"| {label} | {t.flops_per_token:.3g} | {t.compute_seconds:.2f} s | "
+            f"{t.comm.tp:.2f} s | {t.dp_exposed_seconds:.2f} / {dp_total:.2f} s | "
+            f"{t.step_seconds:.2f} s | {t.tokens_per_second:,.0f} | "
+            f"{t.tokens_per_second_per_gpu:,.0f} | {t.bubble:.0%} | "
             f"{_duration(t.total_seconds)} | {t.gpu_hours:,.0f} |"
         )
-    lines += ["", f"recommended: {rec.layout.label()}"]
+    lines += [
+        "",
+        f"recommended: {rec.layout.label()}",
+        f"recommended overrides: {' '.join(result.overrides)}",
+    ]
     lines += [f"note: {n}" for n in result.notes]
     return "\n".join(lines) + "\n"
 
@@ -809,7 +1055,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--mfu",
         type=float,
         default=DEFAULT_MFU,
-        help=f"fraction of the BF16 peak achieved (default {DEFAULT_MFU})",
+        help=f"fraction of the BF16 peak achieved by the compute (default {DEFAULT_MFU})",
     )
     p.add_argument(
         "--fp8-speedup",
@@ -821,7 +1067,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--headroom",
         type=float,
         default=DEFAULT_HEADROOM,
-        help=f"fraction of GPU memory a layout may use (default {DEFAULT_HEADROOM})",
+        help=f"fraction of GPU memory a layout may use; the rest stays free for the allocator's "
+        f"cache and fragmentation (default {DEFAULT_HEADROOM})",
     )
     p.set_defaults(func=cmd_plan)
     return p
@@ -829,8 +1076,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def load_recipe_for_plan(path: str, overrides: list[str] = ()) -> list:
     """The recipe's config(s): one per stage for a staged recipe. ``init`` is not needed."""
-    from specialize.config import load_config, stage_configs
-
     cfg = load_config(path, [*overrides, "init.checkpoint=null", "init.verify_against=null"])
     return stage_configs(cfg) if cfg.stages else [cfg]
 
