@@ -88,7 +88,7 @@ def gpu_check(work: Path, selected: list[int] | None = None, timeout: float = 36
     )
     from specialize.gpu_check.report import exit_code, summary_line, write_report
 
-    work.mkdir(parents=True, exist_ok=True)
+    work = work.resolve()  # the commands run from the checkout, wherever this was started
     devices = Devices()
     if torch.cuda.is_available():  # no device: report it without starting anything
         try:
@@ -113,4 +113,10 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"gpu-check: {e}", file=sys.stderr)
         return 2
-    return gpu_check(Path(args.work_dir), selected, args.timeout)
+    work = Path(args.work_dir)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"gpu-check: --work-dir {work}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    return gpu_check(work, selected, args.timeout)

@@ -86,6 +86,18 @@ def test_without_cuda_every_line_is_skipped_cleanly(tmp_path, monkeypatch, capsy
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["gpu-check.json"]
 
 
+def test_a_work_dir_that_cannot_be_made_is_one_line(tmp_path, capsys) -> None:
+    from specialize.cli import main
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["gpu-check", "--work-dir", str(tmp_path / "file" / "work")])
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr().err == f"gpu-check: --work-dir {tmp_path}/file/work: Not a directory\n"
+    )
+
+
 def test_only_selects_checks_by_number_or_name() -> None:
     names = [c.name for c in CHECKS]
     assert select(None, names) is None
