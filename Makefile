@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test gpu-check lint bench clean
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The first command on a machine with GPUs (README "Running on GPUs"): Transformer Engine and the
+# GPU tests, te/local/auto specs, TP+SP/PP/virtual stages and a resume at another layout, eval at
+# TP=2, FP8 against BF16, throughput against `specialize plan`; PASS/FAIL/SKIP per line and
+# runs/gpu-check/gpu-check.json. Exit 0 all passed, 1 a failure, 3 no CUDA device.
+gpu-check: $(STAMP)
+	$(PY) -m specialize gpu-check
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -821,6 +821,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_parser(sub)
 
+    from specialize.gpu_check import add_parser as add_gpu_check_parser
+
+    add_gpu_check_parser(sub)
+
     config = sub.add_parser("config", help="show every config field, or a recipe resolved")
     config.add_argument("recipe", nargs="?")
     config.add_argument("overrides", nargs="*")
