@@ -246,14 +246,20 @@ def gpu_spec(name: str, memory_bytes: int):
     """``specialize plan``'s spec of a device (its real memory), and whether its peak is known:
     an unknown GPU is planned with H100 peaks, which only rank layouts (no throughput claim)."""
     from specialize.callbacks import PEAK_TFLOPS
-    from specialize.plan import GPUS, GPUSpec
+    from specialize.plan import GPUS
 
     for key, spec in GPUS.items():
         if key.upper() in name.upper():
             return dataclasses.replace(spec, memory_bytes=memory_bytes), True
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name.upper()), None)
     h100 = GPUS["h100"]
-    spec = GPUSpec(name, memory_bytes, peak or h100.bf16_tflops, None, h100.tf32_tflops)
+    spec = dataclasses.replace(
+        h100,
+        name=name,
+        memory_bytes=memory_bytes,
+        bf16_tflops=peak or h100.bf16_tflops,
+        fp8_tflops=None,
+    )
     return spec, peak is not None
 
 
