@@ -17,7 +17,7 @@ import torch
 
 from base.presets import QwenPreset
 from base.tokenizer import QwenTokenizer
-from specialize.logits import last_logits
+from specialize.logits import last_logits, model_device
 
 STOP_IDS = (151643, 151645)  # <|endoftext|>, <|im_end|>
 
@@ -87,7 +87,7 @@ class _CachedDecoder:
 
     def __call__(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         batch, length = tokens.shape
-        positions = torch.arange(start, start + length).expand(batch, length)
+        positions = torch.arange(start, start + length, device=tokens.device).expand(batch, length)
         logits = self.model(
             tokens, positions, None, inference_context=self.context, runtime_gather_output=True
         )
@@ -122,8 +122,8 @@ def generate_ids(
 ) -> list[list[int]]:
     """The continuation of every prompt, up to and excluding the first stop id.
 
-    Greedy at ``temperature`` 0, else sampled (``top_p`` nucleus) from a generator seeded with
-    ``seed``, so every tensor-parallel rank draws the same tokens. ``vocab_size`` restricts the
+    Greedy at ``temperature`` 0, else sampled (``top_p`` nucleus) from a generator on the model's
+    device seeded with ``seed``, so every tensor-parallel rank draws the same tokens. ``vocab_size`` restricts the
     choice to real tokens (the embedding is padded past them). ``stop_when(ids)`` ends a row early
     (stop strings). With pipeline parallelism (or ``kv_cache=False``) each step recomputes the
     sequence.
@@ -138,7 +138,8 @@ def generate_ids(
 
     cached = kv_cache and parallel_state.get_pipeline_model_parallel_world_size() == 1
     stop = set(stop_ids)
-    generator = torch.Generator().manual_seed(seed)
+    device = model_device(model)
+    generator = torch.Generator(device=device).manual_seed(seed)
     out: list[list[int]] = [[] for _ in prompts]
     if max_new_tokens <= 0:
         return out
@@ -147,12 +148,13 @@ def generate_ids(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for first in range(0, len(order), batch_size):
         batch = order[first : first + batch_size]
-        lengths = torch.tensor([len(prompts[i]) for i in batch])
-        shortest, longest = int(lengths.min()), int(lengths.max())
+        lengths = [len(prompts[i]) for i in batch]
+        shortest, longest = min(lengths), max(lengths)
         total = longest + max_new_tokens
-        tokens = torch.zeros(len(batch), total, dtype=torch.long)  # right padding, never attended
-        for row, i in enumerate(batch):
-            tokens[row, : len(prompts[i])] = torch.tensor(prompts[i])
+        # Right padding, never attended; one copy to the device.
+        rows = [prompts[i] + [0] * (total - len(prompts[i])) for i in batch]
+        tokens = torch.tensor(rows, dtype=torch.long, device=device)
+        prompt_lengths = torch.tensor(lengths, device=device)
         decode = _CachedDecoder(model, len(batch), total) if cached else _RecomputingDecoder(model)
         logits = decode(tokens[:, :shortest], 0)
         done = [False] * len(batch)
@@ -160,10 +162,9 @@ def generate_ids(
             if vocab_size is not None:
                 logits = logits[:, :vocab_size]
             sampled = _next_tokens(logits, temperature, top_p, generator)
-            in_prompt = position < lengths
-            next_ids = torch.where(in_prompt, tokens[:, position], sampled)
+            next_ids = torch.where(position < prompt_lengths, tokens[:, position], sampled)
             for row, token in enumerate(next_ids.tolist()):
-                if done[row] or in_prompt[row]:
+                if done[row] or position < lengths[row]:
                     continue
                 produced = out[batch[row]]
                 if token in stop:

@@ -71,13 +71,14 @@ def compare(
     for h in handles:
         h.remove()
     rows = {}
-    for index, hidden in ours.items():  # megatron [s, b, h]; transformers [b, s, h]
-        rows[index] = (hidden.transpose(0, 1) - hf_outputs[index]).abs().max().item()
+    # megatron [s, b, h] on the model's device; transformers [b, s, h] on the CPU
+    for index, hidden in ours.items():
+        rows[index] = (hidden.transpose(0, 1).cpu() - hf_outputs[index]).abs().max().item()
     gathered: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
     dist.all_gather_object(gathered, rows)
     per_layer = {k: v for part in gathered for k, v in part.items()}
     vocab = expected.shape[-1]
-    logit_diff = (logits[..., :vocab] - expected).abs().max().item()
+    logit_diff = (logits[..., :vocab].cpu() - expected).abs().max().item()
     lines = [
         f"layer {i:3d}: max |Δhidden| {per_layer[i]:.3e}"
         + ("  <-- over tolerance" if per_layer[i] > tolerance else "")
