@@ -8,11 +8,12 @@ since on one device they cannot be found by their ``.device``:
 * A *host tensor* is one made in project code (``specialize``, ``base``, ``code_qwen``,
   ``math_qwen``) by a factory (``torch.zeros``, ``ones``, ``empty``, ``full``, ``arange``,
   ``tensor``, ``as_tensor``, ``randn``, ``rand``, ``randint``, ``from_numpy``, ...) without
-  ``device=`` (or with ``device="cpu"``), or by ``.cpu()`` there. The tag travels through every
-  torch op: what is computed from host tensors only is a host tensor. ``.to(device)`` and
-  ``.cuda()`` make a device tensor. Everything else (parameters, activations, whatever megatron-core
-  or torch make) counts as being on the model's device. A *host generator* is a
-  ``torch.Generator()`` made in project code without ``device=``.
+  ``device=`` (or with ``device="cpu"``), or by ``.cpu()`` there; and a tensor anyone places on
+  ``x.device`` of a host tensor ``x``. The tag travels through every torch op: what is computed
+  from host tensors only is a host tensor. ``.to(device)`` and ``.cuda()`` make a device tensor.
+  Everything else (parameters, activations, whatever megatron-core or torch make) counts as being
+  on the model's device. A *host generator* is a ``torch.Generator()`` made in project code
+  without ``device=``.
 * A *violation* is project or megatron-core code using a host tensor in one op with a device
   tensor, sampling device tensors (or a tensor made with ``device=``) with a host generator, or any
   code handing a host tensor to a ``torch.distributed`` collective. What CUDA itself allows is
@@ -25,6 +26,10 @@ moves them; the parity gate's transformers reference runs on the CPU on purpose)
 with the model's tensors, or handing them to NCCL, is the mistake, so that is where it fails: a
 ``DeviceError`` naming the file:line where the tensor was made and the file:line that misused it.
 Ops called from other code (transformers, tests) are not checked; their results carry the tag on.
+
+What it cannot see: a ``torch.device("cpu")`` written in project code (on this machine it is the
+same object as the Topology's device), tensors made in other threads (DataLoader workers), and ops
+that never reach Python (inside autograd's backward).
 
 Mechanism: a ``TorchFunctionMode`` sees every torch function (factories, tensor methods and the
 collectives ``send``/``recv``/``isend``/``irecv``/``broadcast``/``all_reduce``/``reduce``/
