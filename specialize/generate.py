@@ -153,10 +153,10 @@ def generate_ids(
     """The continuation of every prompt, up to and excluding the first stop id.
 
     Greedy at ``temperature`` 0, else sampled (``top_p`` nucleus) from a generator on the model's
-    device seeded with ``seed``, so every tensor-parallel rank draws the same tokens. ``vocab_size`` restricts the
-    choice to real tokens (the embedding is padded past them). ``stop_when(ids)`` ends a row early
-    (stop strings). With pipeline parallelism (or ``kv_cache=False``) each step recomputes the
-    sequence.
+    device seeded with ``seed``, so every tensor-parallel rank draws the same tokens.
+    ``vocab_size`` restricts the choice to real tokens (the embedding is padded past them).
+    ``stop_when(ids)`` ends a row early (stop strings). With pipeline parallelism (or
+    ``kv_cache=False``) each step recomputes the sequence.
 
     Prompts of different lengths share a batch the way megatron-core's static inference engine
     does it: the batch runs the shortest prompt at once, then advances one position per step, and

@@ -314,9 +314,9 @@ def test_init_or_model_naming_a_missing_or_later_step_is_rejected_before_anythin
 
 
 def test_an_eval_step_runs_its_models_in_its_dtype(tmp_path, monkeypatch):
+    model = f"models: {{m: {tmp_path}/ckpt}}, tasks: [gsm8k]"
     steps = (
-        f"  - {{name: e, kind: eval, models: {{m: {tmp_path}/ckpt}}, tasks: [gsm8k], dtype: bf16}}\n"
-        f"  - {{name: f, kind: eval, models: {{m: {tmp_path}/ckpt}}, tasks: [gsm8k]}}"
+        f"  - {{name: e, kind: eval, {model}, dtype: bf16}}\n  - {{name: f, kind: eval, {model}}}"
     )
     pipeline = Pipeline(load_pipeline(_bad_pipeline(tmp_path, steps)))
     commands = []
