@@ -4,6 +4,7 @@ training precision unless told otherwise."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -107,6 +108,19 @@ def test_a_checkpoint_runs_in_its_training_precision(tmp_path):
         (ckpt / "metadata.json").write_text("{}")
         (ckpt / "config.yaml").write_text(f"precision:\n  dtype: {precision}\n")
         assert checkpoint_dtype(ckpt) == expected, precision
+
+
+def test_a_bf16_evaluation_builds_the_gpu_model_in_bf16():
+    from base.model import transformer_config_kwargs
+    from base.presets import get_preset
+    from specialize.convert import layout_config
+    from specialize.engine import model_options
+
+    arch = get_preset("qwen-14b")
+    for dtype, params_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        options = dataclasses.replace(model_options(layout_config(arch, 2, 1, dtype)), spec="te")
+        kwargs = transformer_config_kwargs(arch, options)
+        assert (kwargs["params_dtype"], kwargs["bf16"]) == (params_dtype, dtype == "bf16")
 
 
 def _bf16_eval(rank: int, world_size: int, run_dir: str, text: str) -> dict:
