@@ -364,12 +364,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise TaskError(f"task {likelihood.NAME!r} needs a checkpoint, not --score")
         if args.long_context and likelihood.NAME not in tasks:
             raise TaskError(f"--long-context applies to task {likelihood.NAME!r} only")
-        model = tokenizer = None
+        model = tokenizer = dtype = None
         if args.checkpoint is not None:
             from base.tokenizer import QwenTokenizer
-            from specialize.generate import load_model
+            from specialize.generate import checkpoint_dtype, load_model
 
-            model, arch = load_model(args.checkpoint, args.tp, args.pp)
+            dtype = args.dtype or checkpoint_dtype(args.checkpoint)
+            model, arch = load_model(args.checkpoint, args.tp, args.pp, dtype=dtype)
             tokenizer = QwenTokenizer.load()
         scores = {}
         if likelihood.NAME in tasks:
@@ -381,7 +382,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if args.long_context:
                 variants = likelihood.evaluate_variants(
                     args.checkpoint, args.tp, args.pp, args.long_context, tokenizer, spec,
-                    lengths, args.limit,
+                    lengths, args.limit, dtype,
                 )  # fmt: skip
                 scores.update(variants)
                 tasks += list(variants)
@@ -413,6 +414,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 progress=sys.stderr.isatty(),
                 model=model,
                 max_new_tokens=args.max_new_tokens,
+                dtype=dtype,
             )
         if args.checkpoint is not None:
             source = "generated"
@@ -433,7 +435,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
             scores.update(scored["tasks"])
         results = results_document(
-            {t: scores[t] for t in tasks}, label or Path(args.output).stem, args.checkpoint, source
+            {t: scores[t] for t in tasks},
+            label or Path(args.output).stem,
+            args.checkpoint,
+            source,
+            dtype,
         )
         write_results(results, args.output)
     except (TaskError, PluginError, ValueError, OSError) as e:
@@ -791,6 +797,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="sampling seed")
     ev.add_argument("--tp", type=int, default=1, help="tensor parallel size (run under torchrun)")
     ev.add_argument("--pp", type=int, default=1, help="pipeline parallel size (torchrun)")
+    ev.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        default=None,
+        help="precision the checkpoint runs in (default: its training run's precision.dtype, "
+        "fp8 as bf16; an import's stored dtype); recorded in the results",
+    )
     ev.add_argument(
         "--lengths",
         default=None,

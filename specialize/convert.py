@@ -85,12 +85,12 @@ def recipe_model_fields(arch: QwenPreset) -> dict[str, object]:
     return {"preset": preset.name, **{k: v for k, v in fields.items() if preset_fields[k] != v}}
 
 
-def layout_config(arch: QwenPreset, tp: int, pp: int) -> RecipeConfig:
-    """A validated config that builds ``arch`` at TP x PP (raises ConfigError when it does not fit)."""
+def layout_config(arch: QwenPreset, tp: int, pp: int, dtype: str = "fp32") -> RecipeConfig:
+    """A validated config that builds ``arch`` at TP x PP in ``dtype`` (raises ConfigError when
+    it does not fit)."""
     overrides = (f"model.{k}={v}" for k, v in recipe_model_fields(arch).items())
-    return load_config(
-        None, ["train.steps=1", f"parallel.tensor={tp}", f"parallel.pipeline={pp}", *overrides]
-    )
+    layout = [f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"precision.dtype={dtype}"]
+    return load_config(None, ["train.steps=1", *layout, *overrides])
 
 
 def _target_dtype(source: torch.dtype, requested: str | None) -> tuple[str, str]:
@@ -466,8 +466,8 @@ def verify(
     from specialize.verify import compare
 
     read_config(hf_dir)  # a bad reference directory is an error before any model is built
-    try:
-        model, _ = load_model(ckpt, tp, pp)
+    try:  # in fp32, the reference's precision (and the tolerance's)
+        model, _ = load_model(ckpt, tp, pp, dtype="fp32")
     except WorldSizeError as e:
         raise HFCheckpointError(f"verify: {e}") from None
     return compare(model, str(hf_dir), tolerance)

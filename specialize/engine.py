@@ -218,7 +218,7 @@ class Engine:
         reports = self._forward_backward(
             data_iterators, self.derived.micro_batches, forward_only=False
         )
-        loss = reduce_loss(reports)
+        loss = reduce_loss(reports, self.topo.device)
         if not math.isfinite(loss):
             raise NonFiniteLossError(
                 f"step {step}: loss is {loss}; stopping (see the lr, data and precision)"
@@ -258,4 +258,4 @@ class Engine:
             reports += self._forward_backward(
                 data_iterators, self.derived.micro_batches, forward_only=True
             )
-        return reduce_loss(reports)
+        return reduce_loss(reports, self.topo.device)

@@ -102,12 +102,17 @@ def score_completions(
 
 
 def results_document(
-    tasks: Mapping[str, Any], label: str, checkpoint: str | None, source: str
+    tasks: Mapping[str, Any],
+    label: str,
+    checkpoint: str | None,
+    source: str,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
-    """The ``specialize-eval-1`` document around per-task entries."""
+    """The ``specialize-eval-1`` document around per-task entries; ``dtype``: what the model ran
+    in, when it ran here."""
     return {
         "format": FORMAT,
-        "model": {"label": label, "checkpoint": checkpoint, "source": source},
+        "model": {"label": label, "checkpoint": checkpoint, "source": source, "dtype": dtype},
         "versions": versions(),
         # Where the model ran: CPU kernels can move generated scores in the last digits.
         "machine": machine.describe() if source == "generated" else None,
@@ -345,14 +350,16 @@ def generate_completions(
     progress: bool = False,
     model: Any = None,
     max_new_tokens: int | None = None,
+    dtype: str | None = None,
 ) -> Path:
     """Generate completions of ``checkpoint`` for each task's prompts (its protocol in ``mode``:
     prompt, stop sequences, budget) and write them as the JSONL ``score_completions`` reads.
 
     Run on every rank of a TP x PP world (torchrun); rank 0 writes. ``samples`` > 1 draws several
     completions per problem (for pass@k; use a temperature > 0). ``model``: already loaded from
-    ``checkpoint`` (else it is loaded here). ``max_new_tokens`` replaces the protocols' budget
-    (a quick run; the results record it, and ``compare`` flags it against other runs).
+    ``checkpoint`` (else it is loaded here, in ``dtype``: default the checkpoint's own, see
+    ``generate.checkpoint_dtype``). ``max_new_tokens`` replaces the protocols' budget (a quick
+    run; the results record it, and ``compare`` flags it against other runs).
     """
     import torch.distributed as dist
 
@@ -367,7 +374,7 @@ def generate_completions(
     data_paths = dict(data_paths or {})
     tasks = {name: get_task(name) for name in dict.fromkeys(task_names)}
     if model is None:
-        model, _ = load_model(checkpoint, tp, pp)
+        model, _ = load_model(checkpoint, tp, pp, dtype=dtype)
     tokenizer = QwenTokenizer.load()
     lines = []
     meter = _Progress(progress)

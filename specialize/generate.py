@@ -17,19 +17,44 @@ import torch
 
 from base.presets import QwenPreset
 from base.tokenizer import QwenTokenizer
-from specialize.logits import last_logits
+from specialize.logits import last_logits, model_device
 
 STOP_IDS = (151643, 151645)  # <|endoftext|>, <|im_end|>
+INFERENCE_DTYPES = ("fp32", "bf16")  # fp8 checkpoints hold bf16 weights; they run in bf16
 
 
 class WorldSizeError(ValueError):
     """The process count does not match the requested TP x PP layout."""
 
 
+def checkpoint_dtype(ckpt: str | Path) -> str:
+    """The dtype ``ckpt`` (a checkpoint or run directory) is evaluated in: its training run's
+    ``precision.dtype`` (``config.yaml``; fp8 runs keep bf16 weights, and inference runs them in
+    bf16), else, for an HF import, the dtype of its stored weights (the HF ``torch_dtype``, or
+    the import's ``--dtype``)."""
+    import yaml
+
+    from specialize import checkpoint
+    from specialize.convert import DTYPE_NAMES, _stored_dtype
+
+    path = checkpoint.resolve_checkpoint(ckpt)
+    config = path / "config.yaml"
+    if config.is_file():
+        dtype = (yaml.safe_load(config.read_text()).get("precision") or {}).get("dtype", "fp32")
+        return "bf16" if dtype == "fp8" else dtype
+    return DTYPE_NAMES[_stored_dtype(path)]
+
+
 def load_model(
-    ckpt: str | Path, tp: int = 1, pp: int = 1, long_context: Mapping[str, Any] | None = None
+    ckpt: str | Path,
+    tp: int = 1,
+    pp: int = 1,
+    long_context: Mapping[str, Any] | None = None,
+    dtype: str | None = None,
 ) -> tuple[torch.nn.Module, QwenPreset]:
-    """The model of ``ckpt`` (a checkpoint or run directory) on this rank of a TP x PP world.
+    """The model of ``ckpt`` (a checkpoint or run directory) on this rank of a TP x PP world, in
+    ``dtype`` (``fp32`` or ``bf16``; default: ``checkpoint_dtype``: an fp32 model on the GPU
+    would turn off fused attention and take twice the memory).
 
     Long-context inference options (``ModelConfig`` fields ``rope_scaling``, ``rope_alpha``,
     ``logn_attention``, ``layer_windows``, ``train_seq_length``) come from the checkpoint (its run's
@@ -41,10 +66,15 @@ def load_model(
     from specialize.engine import build_model_chunks
 
     path = checkpoint.resolve_checkpoint(ckpt)
+    dtype = dtype or checkpoint_dtype(path)
+    if dtype not in INFERENCE_DTYPES:
+        raise ValueError(
+            f"dtype {dtype!r}: models are evaluated in {' or '.join(INFERENCE_DTYPES)}"
+        )
     record = json.loads((path / checkpoint.ARCH_FILE).read_text())
     record.pop("query_groups", None)
     arch = QwenPreset(**record)
-    cfg = layout_config(arch, tp, pp)
+    cfg = layout_config(arch, tp, pp, dtype)
     options = {**stored_options(path), **(long_context or {})}
     LongContext.from_dict(options)  # unknown names are errors
     for key, value in options.items():
@@ -87,7 +117,7 @@ class _CachedDecoder:
 
     def __call__(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         batch, length = tokens.shape
-        positions = torch.arange(start, start + length).expand(batch, length)
+        positions = torch.arange(start, start + length, device=tokens.device).expand(batch, length)
         logits = self.model(
             tokens, positions, None, inference_context=self.context, runtime_gather_output=True
         )
@@ -122,11 +152,11 @@ def generate_ids(
 ) -> list[list[int]]:
     """The continuation of every prompt, up to and excluding the first stop id.
 
-    Greedy at ``temperature`` 0, else sampled (``top_p`` nucleus) from a generator seeded with
-    ``seed``, so every tensor-parallel rank draws the same tokens. ``vocab_size`` restricts the
-    choice to real tokens (the embedding is padded past them). ``stop_when(ids)`` ends a row early
-    (stop strings). With pipeline parallelism (or ``kv_cache=False``) each step recomputes the
-    sequence.
+    Greedy at ``temperature`` 0, else sampled (``top_p`` nucleus) from a generator on the model's
+    device seeded with ``seed``, so every tensor-parallel rank draws the same tokens.
+    ``vocab_size`` restricts the choice to real tokens (the embedding is padded past them).
+    ``stop_when(ids)`` ends a row early (stop strings). With pipeline parallelism (or
+    ``kv_cache=False``) each step recomputes the sequence.
 
     Prompts of different lengths share a batch the way megatron-core's static inference engine
     does it: the batch runs the shortest prompt at once, then advances one position per step, and
@@ -138,7 +168,8 @@ def generate_ids(
 
     cached = kv_cache and parallel_state.get_pipeline_model_parallel_world_size() == 1
     stop = set(stop_ids)
-    generator = torch.Generator().manual_seed(seed)
+    device = model_device(model)
+    generator = torch.Generator(device=device).manual_seed(seed)
     out: list[list[int]] = [[] for _ in prompts]
     if max_new_tokens <= 0:
         return out
@@ -147,12 +178,13 @@ def generate_ids(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for first in range(0, len(order), batch_size):
         batch = order[first : first + batch_size]
-        lengths = torch.tensor([len(prompts[i]) for i in batch])
-        shortest, longest = int(lengths.min()), int(lengths.max())
+        lengths = [len(prompts[i]) for i in batch]
+        shortest, longest = min(lengths), max(lengths)
         total = longest + max_new_tokens
-        tokens = torch.zeros(len(batch), total, dtype=torch.long)  # right padding, never attended
-        for row, i in enumerate(batch):
-            tokens[row, : len(prompts[i])] = torch.tensor(prompts[i])
+        # Right padding, never attended; one copy to the device.
+        rows = [prompts[i] + [0] * (total - len(prompts[i])) for i in batch]
+        tokens = torch.tensor(rows, dtype=torch.long, device=device)
+        prompt_lengths = torch.tensor(lengths, device=device)
         decode = _CachedDecoder(model, len(batch), total) if cached else _RecomputingDecoder(model)
         logits = decode(tokens[:, :shortest], 0)
         done = [False] * len(batch)
@@ -160,10 +192,9 @@ def generate_ids(
             if vocab_size is not None:
                 logits = logits[:, :vocab_size]
             sampled = _next_tokens(logits, temperature, top_p, generator)
-            in_prompt = position < lengths
-            next_ids = torch.where(in_prompt, tokens[:, position], sampled)
+            next_ids = torch.where(position < prompt_lengths, tokens[:, position], sampled)
             for row, token in enumerate(next_ids.tolist()):
-                if done[row] or in_prompt[row]:
+                if done[row] or position < lengths[row]:
                     continue
                 produced = out[batch[row]]
                 if token in stop:

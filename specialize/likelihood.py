@@ -173,10 +173,12 @@ def evaluate_variants(
     spec: str | None,
     lengths: Sequence[int],
     limit: int | None,
+    dtype: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``perplexity[VARIANT]`` entries for comma-separated ``variants``, each measured on the
-    checkpoint loaded with that option set (one such model in memory at a time). The window and
-    the length past which NTK and LogN act are the checkpoint's training length."""
+    checkpoint loaded with that option set (one such model in memory at a time) in ``dtype``
+    (default: the checkpoint's own). The window and the length past which NTK and LogN act are
+    the checkpoint's training length."""
     from base.long_context import stored_options
     from specialize.checkpoint import ARCH_FILE, resolve_checkpoint
     from specialize.generate import load_model
@@ -188,7 +190,7 @@ def evaluate_variants(
     for variant in [v.strip() for v in variants.split(",") if v.strip()]:
         options = variant_options(variant, num_layers, trained)
         model = None  # the previous variant's model is freed before the next one loads
-        model, _ = load_model(path, tp, pp, long_context=options)
+        model, _ = load_model(path, tp, pp, long_context=options, dtype=dtype)
         entries[f"{NAME}[{variant}]"] = evaluate_perplexity(model, tokenizer, spec, lengths, limit)
     return entries
 

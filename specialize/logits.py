@@ -16,19 +16,27 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where this rank's part of ``model`` lives (every pipeline stage holds parameters)."""
+    return next(_unwrap(model).parameters()).device
+
+
 @torch.no_grad()
 def full_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits ``[batch, seq, padded_vocab]`` (fp32) for ``tokens`` ``[batch, seq]``, on every rank."""
+    """Logits ``[batch, seq, padded_vocab]`` (fp32) for ``tokens`` ``[batch, seq]``, on every rank,
+    on the model's device (``tokens`` may come from anywhere)."""
     model = _unwrap(model)
     model.eval()
+    device = model_device(model)
+    tokens = tokens.to(device)
     batch, seq = tokens.shape
-    positions = torch.arange(seq, device=tokens.device).unsqueeze(0).expand(batch, seq)
+    positions = torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq)
     hidden_shape = (seq, batch, model.config.hidden_size)
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     if not first:
-        received = torch.empty(hidden_shape, dtype=model.config.params_dtype, device=tokens.device)
+        received = torch.empty(hidden_shape, dtype=model.config.params_dtype, device=device)
         dist.recv(
             received, src=parallel_state.get_pipeline_model_parallel_prev_rank(), group=pp_group
         )
@@ -40,9 +48,7 @@ def full_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
             dst=parallel_state.get_pipeline_model_parallel_next_rank(),
             group=pp_group,
         )
-        logits = torch.empty(
-            batch, seq, model.vocab_size, dtype=torch.float32, device=tokens.device
-        )
+        logits = torch.empty(batch, seq, model.vocab_size, dtype=torch.float32, device=device)
     else:
         logits = (
             tensor_parallel.gather_from_tensor_model_parallel_region(output).float().contiguous()
@@ -65,8 +71,10 @@ def last_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         return full_logits(model, tokens)[:, -1]
     model = _unwrap(model)
     model.eval()
+    device = model_device(model)
+    tokens = tokens.to(device)
     batch, seq = tokens.shape
-    positions = torch.arange(seq, device=tokens.device).unsqueeze(0).expand(batch, seq)
+    positions = torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq)
     model.post_process = False
     try:
         hidden = model(tokens, positions, None)  # [seq, batch, hidden]

@@ -86,6 +86,9 @@ class StepConfig:
     """eval: tensor-parallel size."""
     pp: int = 1
     """eval: pipeline-parallel size."""
+    dtype: Optional[str] = None
+    """eval: ``fp32`` or ``bf16``, the precision models run in (``--dtype``); None: each
+    checkpoint's own (its training run's ``precision.dtype``, fp8 as bf16)."""
     env: dict[str, str] = field(default_factory=dict)
     """Environment variables for this step's command, over the pipeline's ``env`` (e.g. the
     thread count of a one-process eval step). Recorded in ``lineage.json``; not part of the
@@ -194,6 +197,8 @@ def _check(cfg: PipelineConfig, path: Path) -> None:
                 raise ConfigError(f"{where}: an eval step needs models and tasks")
             if step.limit is not None and step.limit < 1:
                 raise ConfigError(f"{where}: limit {step.limit} must be at least 1")
+            if step.dtype not in (None, "fp32", "bf16"):
+                raise ConfigError(f"{where}: dtype {step.dtype!r} must be fp32 or bf16")
             for label, source in step.models.items():
                 _check_source(where, f"model {label}", source, step.name, seen, names)
                 if source in seen and seen[source].kind != "train":
@@ -417,6 +422,8 @@ class Pipeline:
                 args += ["--lengths", step.lengths]
             if step.max_new_tokens is not None:
                 args += ["--max-new-tokens", str(step.max_new_tokens)]
+            if step.dtype is not None:
+                args += ["--dtype", step.dtype]
             world = step.tp * step.pp
             if world > 1:
                 args += ["--tp", str(step.tp), "--pp", str(step.pp)]

@@ -86,12 +86,13 @@ def make_forward_step(device: torch.device):
     return forward_step
 
 
-def reduce_loss(reports: list[dict]) -> float:
-    """Mean token loss of one step, known on every rank (only the last stage computes it)."""
+def reduce_loss(reports: list[dict], device: torch.device) -> float:
+    """Mean token loss of one step, known on every rank (only the last stage computes it; the
+    others add zeros, on ``device`` like the reports since NCCL reduces only device tensors)."""
     if reports:
         total = torch.stack([r["lm loss"] for r in reports]).sum(0)
     else:
-        total = torch.zeros(2)
+        total = torch.zeros(2, device=device)
     torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
     torch.distributed.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
     return (total[0] / total[1].clamp(min=1)).item()

@@ -320,10 +320,13 @@ def test_parity_gate_reports_the_first_diverging_layer(tmp_path, stdlib_shard):
 def test_bf16_round_trip_keeps_dtype_and_bits(tmp_path):
     from safetensors.torch import load_file
 
+    from specialize.generate import checkpoint_dtype
+
     reference = hf_model(get_preset("qwen-nano")).to(torch.bfloat16)
     reference.save_pretrained(tmp_path / "hf")
     report = run_distributed(_import, str(tmp_path / "hf"), str(tmp_path / "ckpt"), world_size=1)
     assert report["dtype"] == "kept bf16 as stored"
+    assert checkpoint_dtype(tmp_path / "ckpt") == "bf16"  # what eval and generation run it in
     run_distributed(_export, str(tmp_path / "ckpt"), str(tmp_path / "out"), "qwen2", world_size=1)
     written = {}
     for file in (tmp_path / "out").glob("*.safetensors"):

@@ -301,7 +301,12 @@ def test_cli_scores_completions_into_a_results_file(tmp_path, gsm8k_file, capsys
     assert set(results) == {"format", "model", "versions", "machine", "tasks"}
     assert results["machine"] is None  # scored here, generated elsewhere
     assert results["format"] == FORMAT
-    assert results["model"] == {"label": "model-a", "checkpoint": None, "source": "scored"}
+    assert results["model"] == {
+        "label": "model-a",
+        "checkpoint": None,
+        "source": "scored",
+        "dtype": None,  # not run here
+    }
     assert set(results["versions"]) == {
         "qwen-specialize",
         "python",
@@ -399,7 +404,12 @@ def test_cli_generates_from_a_checkpoint_then_scores(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     results = json.loads(out.read_text())
-    assert results["model"] == {"label": Path(ckpt).name, "checkpoint": ckpt, "source": "generated"}
+    assert results["model"] == {
+        "label": Path(ckpt).name,
+        "checkpoint": ckpt,
+        "source": "generated",
+        "dtype": "fp32",  # the checkpoint's training precision
+    }
     task = results["tasks"]["gsm8k"]
     assert task["counts"]["total"] == 2 and task["counts"]["missing"] == 0
     assert task["protocol"]["max_new_tokens"] == 3  # the budget used, not the protocol's 512

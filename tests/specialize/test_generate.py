@@ -1,7 +1,12 @@
 """Generation from checkpoints: greedy equals step-by-step argmax, at TP=1, TP=2 and PP=2, and a
-batch of prompts of different lengths equals each prompt alone."""
+batch of prompts of different lengths equals each prompt alone; a checkpoint runs in its
+training precision unless told otherwise."""
 
 from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +16,7 @@ from tests.distributed import run_distributed
 PROMPTS = [[151644, 872, 198, 13048], [9707, 11, 1879], [9707, 11, 1879, 0, 1, 2]]
 
 
-def _save(rank: int, world_size: int, run_dir: str) -> str:
+def _save(rank: int, world_size: int, run_dir: str, overrides: tuple[str, ...] = ()) -> str:
     from specialize import checkpoint
     from specialize.config import derive, load_config
     from specialize.distributed import init_distributed, seed_all
@@ -19,7 +24,7 @@ def _save(rank: int, world_size: int, run_dir: str) -> str:
 
     cfg = load_config(
         "configs/base/qwen-nano.yaml",
-        ["train.steps=1", "schedule.warmup_steps=0", f"checkpoint.dir={run_dir}"],
+        ["train.steps=1", "schedule.warmup_steps=0", f"checkpoint.dir={run_dir}", *overrides],
     )
     topo = init_distributed(cfg.parallel)
     seed_all(cfg.train.seed)
@@ -92,3 +97,57 @@ def test_greedy_sampling_and_stops(single) -> None:
 def test_parallel_layouts_generate_the_same(ckpt, single, tp, pp) -> None:
     parallel = run_distributed(_generate, ckpt, tp, pp, world_size=2)
     assert parallel["greedy"] == single["greedy"] == parallel["naive"]
+
+
+def test_a_checkpoint_runs_in_its_training_precision(tmp_path):
+    from specialize.generate import checkpoint_dtype
+
+    for precision, expected in (("fp32", "fp32"), ("bf16", "bf16"), ("fp8", "bf16")):
+        ckpt = tmp_path / precision / "iter_0000001"
+        ckpt.mkdir(parents=True)
+        (ckpt / "metadata.json").write_text("{}")
+        (ckpt / "config.yaml").write_text(f"precision:\n  dtype: {precision}\n")
+        assert checkpoint_dtype(ckpt) == expected, precision
+
+
+def test_a_bf16_evaluation_builds_the_gpu_model_in_bf16():
+    from base.model import transformer_config_kwargs
+    from base.presets import get_preset
+    from specialize.convert import layout_config
+    from specialize.engine import model_options
+
+    arch = get_preset("qwen-14b")
+    for dtype, params_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        options = dataclasses.replace(model_options(layout_config(arch, 2, 1, dtype)), spec="te")
+        kwargs = transformer_config_kwargs(arch, options)
+        assert (kwargs["params_dtype"], kwargs["bf16"]) == (params_dtype, dtype == "bf16")
+
+
+def _bf16_eval(rank: int, world_size: int, run_dir: str, text: str) -> dict:
+    from specialize.cli import main
+    from specialize.generate import load_model
+
+    ckpt = _save(rank, world_size, run_dir, ("precision.dtype=bf16",))
+    out = {}
+    for name, flags in (("default", []), ("fp32", ["--dtype", "fp32"])):
+        results = Path(run_dir) / f"{name}.json"
+        argv = ["eval", ckpt, "--tasks", "perplexity", "--data", f"perplexity={text}"]
+        try:
+            main([*argv, "--lengths", "32", "--limit", "2", "-o", str(results), *flags])
+        except SystemExit as e:
+            assert e.code == 0, e.code
+        doc = json.loads(results.read_text())
+        out[name] = (doc["model"]["dtype"], doc["tasks"]["perplexity"]["metrics"]["perplexity"])
+    model, _ = load_model(ckpt)
+    out["loaded"] = str(model.embedding.word_embeddings.weight.dtype)
+    return out
+
+
+def test_a_bf16_trained_checkpoint_evaluates_in_bf16_unless_dtype_says_fp32(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(Path(json.__file__).read_text())
+    out = run_distributed(_bf16_eval, str(tmp_path / "run"), str(text), world_size=1)
+    assert out["loaded"] == "torch.bfloat16"
+    (default, bf16_perplexity), (override, fp32_perplexity) = out["default"], out["fp32"]
+    assert (default, override) == ("bf16", "fp32")  # recorded in the results
+    assert bf16_perplexity != fp32_perplexity  # and really run in that precision

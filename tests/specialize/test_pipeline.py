@@ -294,6 +294,10 @@ def _bad_pipeline(tmp_path: Path, steps: str) -> Path:
             "  - {name: e, kind: eval, models: {m: ./ckpt}, tasks: [gsm8k], limit: 0}",
             r"\(e\): limit 0 must be at least 1",
         ),
+        (
+            "  - {name: e, kind: eval, models: {m: ./ckpt}, tasks: [gsm8k], dtype: fp16}",
+            r"\(e\): dtype 'fp16' must be fp32 or bf16",
+        ),
     ],
 )
 def test_init_or_model_naming_a_missing_or_later_step_is_rejected_before_anything_runs(
@@ -307,6 +311,21 @@ def test_init_or_model_naming_a_missing_or_later_step_is_rejected_before_anythin
     assert exited.value.code == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "ran.txt").exists()  # the first step did not run
+
+
+def test_an_eval_step_runs_its_models_in_its_dtype(tmp_path, monkeypatch):
+    model = f"models: {{m: {tmp_path}/ckpt}}, tasks: [gsm8k]"
+    steps = (
+        f"  - {{name: e, kind: eval, {model}, dtype: bf16}}\n  - {{name: f, kind: eval, {model}}}"
+    )
+    pipeline = Pipeline(load_pipeline(_bad_pipeline(tmp_path, steps)))
+    commands = []
+    monkeypatch.setattr(Pipeline, "_exec", lambda self, step, words: commands.append(words))
+    for step in pipeline.cfg.steps[1:]:
+        pipeline._eval(step)
+    given, default = commands
+    assert given[given.index("--dtype") + 1] == "bf16"
+    assert "--dtype" not in default  # each checkpoint's own
 
 
 def test_checkpoint_paths_stay_allowed_as_init_and_models(tmp_path):
