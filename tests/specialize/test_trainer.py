@@ -95,7 +95,13 @@ def _resume_runs(rank: int, world_size: int, tmp: str, shard: str, layout: list[
         for o in getattr(second.engine.optimizer, "chained_optimizers", [second.engine.optimizer])
     ]
     steps = [state["step"] for opt in inner for state in opt.state.values() if "step" in state]
+    from megatron.core import dist_checkpointing
+
+    resumed = Path(tmp, "split/checkpoints/iter_0000010")
     return {
+        "resumed_format": dist_checkpointing.load_common_state_dict(str(resumed))[
+            "optimizer_format"
+        ]["format"],
         "adam_steps": sorted({float(s) for s in steps}),
         "distinct_step_tensors": len({id(s) for s in steps}) == len(steps),
         "straight": straight.history,
@@ -119,6 +125,8 @@ def test_resume_is_bitwise_exact(tmp_path, stdlib_shard, layout):
     assert result["distinct_step_tensors"]
     # Bitwise: float equality, not a tolerance.
     assert result["first"] + result["second"] == result["straight"]
+    if "distributed_optimizer" in layout[0]:  # resumed from the fast per-shard format
+        assert result["resumed_format"] == "dp_reshardable"
 
 
 def _nan_run(rank: int, world_size: int, tmp: str, shard: str) -> str:
