@@ -730,6 +730,10 @@ def load_weights(engine: Engine, path: Path) -> None:
     _check_before_load(path, engine.preset)
     loaded = _load(_model_state(engine), path)
     _load_model(engine, loaded)
+    # BF16 training steps fp32 main copies of the weights, made when the optimizer was built, and
+    # writes them back: refresh them, or the first step restores the random initialization (as
+    # NVIDIA/Megatron-LM megatron/training/checkpointing.py load_checkpoint does, core_v0.16.1).
+    engine.optimizer.reload_model_params()
 
 
 def load_model_weights(model: torch.nn.Module, path: Path, arch: QwenPreset) -> None:

@@ -573,3 +573,44 @@ def test_fast_optimizer_checkpoints_change_only_the_data_parallel_size(tmp_path:
     assert "resumes at TP=1 PP=1 only, not at TP=2 PP=1" in between and "\n" not in between
     assert "parallel.reshardable_optimizer_state=true" in between
     assert "parallel.overlap_grad_reduce" in errors["buckets"]
+
+
+def _bf16_init(rank: int, world_size: int, tmp: str) -> dict:
+    from specialize import checkpoint
+    from specialize.config import derive, load_config
+    from specialize.distributed import init_distributed, seed_all
+    from specialize.engine import Engine
+    from tests.specialize.test_engine import random_batches
+
+    def build(seed: int) -> Engine:
+        cfg = load_config(
+            NANO,
+            [
+                "precision.dtype=bf16",
+                "parallel.distributed_optimizer=true",
+                f"train.seed={seed}",
+                f"checkpoint.dir={tmp}/run",
+                "data.seq_length=32",
+                "train.micro_batch_size=1",
+                "train.global_batch_size=1",
+                "schedule.warmup_steps=2",  # the first step applies LR 0
+            ],
+        )
+        topo = init_distributed(cfg.parallel)
+        seed_all(seed)
+        return Engine.build(cfg, topo, derive(cfg, topo.world_size))
+
+    source = build(1)
+    saved = checkpoint.save_weights(source.model[0], Path(tmp, "init"), source.preset, {}, [])
+    weights = [p.detach().clone() for p in source.model[0].parameters()]
+    engine = build(2)
+    checkpoint.load_weights(engine, saved)
+    engine.train_step([random_batches(32, 1)], 1)
+    after = [p.detach() for p in engine.model[0].parameters()]
+    return {"kept": all(torch.equal(a, b) for a, b in zip(weights, after, strict=True))}
+
+
+def test_init_weights_survive_the_first_bf16_step(tmp_path: Path):
+    """BF16 steps fp32 copies of the weights: an init that did not refresh them would be undone by
+    the first step, silently training the random initialization."""
+    assert run_distributed(_bf16_init, str(tmp_path), world_size=1)["kept"]
