@@ -341,6 +341,23 @@ def test_checkpointer_refuses_to_save_after_a_diverged_step(monkeypatch):
     assert saved == []
 
 
+def test_a_released_stage_closes_its_engine():
+    """Between stages the trainer closes its engine (freeing model and optimizer at once)."""
+    from types import SimpleNamespace
+
+    from specialize.config import load_config
+    from specialize.trainer import Trainer
+
+    closed = []
+    engine = SimpleNamespace(close=lambda: closed.append(True))
+    cfg = load_config("configs/base/qwen-nano.yaml", ["logging.tensorboard=false"])
+    trainer = Trainer(cfg, topo=None, derived=None, engine=engine, data=object(), callbacks=[])
+    trainer.release()
+    assert closed == [True] and trainer.engine is None and trainer.data is None
+    trainer.release()  # nothing left to close
+    assert closed == [True]
+
+
 # ----------------------------------------------------------------------------- refused resumes
 
 
