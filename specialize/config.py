@@ -168,6 +168,9 @@ class PrecisionConfig:
         """(first, last) transformer layers kept in BF16 under FP8; (0, 0) without FP8."""
         if self.dtype != "fp8":
             return 0, 0
+        # NVIDIA-NeMo/Megatron-Bridge src/megatron/bridge/training/mixed_precision.py
+        # bf16_with_fp8_current_scaling_mixed at 067f987df03b8355b03192d88d70f1709fedf51a:
+        # first_last_layers_bf16 with 1 and 1 (only its throughput benchmarks turn it off).
         default = 1 if self.fp8_recipe == "tensorwise" else 0
         start, end = self.fp8_bf16_layers_at_start, self.fp8_bf16_layers_at_end
         return (default if start is None else start, default if end is None else end)
@@ -196,7 +199,7 @@ class ParallelConfig:
     cuda_device_max_connections: Optional[int] = None
     """``CUDA_DEVICE_MAX_CONNECTIONS`` of the training processes, set before CUDA starts. Unset: 1 with CUDA and ``tensor`` > 1 (megatron-core relies on one hardware queue to start its tensor-parallel communication before the GEMM it overlaps; Blackwell no longer needs it), else left as the environment has it; a value in the environment wins over the unset default."""
     expandable_segments: Optional[bool] = None
-    """Add ``expandable_segments:True`` to ``PYTORCH_CUDA_ALLOC_CONF`` before CUDA starts (less fragmentation with changing activation sizes); unset: on with CUDA unless the environment's ``PYTORCH_CUDA_ALLOC_CONF`` already says."""
+    """Add ``expandable_segments:True`` to ``PYTORCH_CUDA_ALLOC_CONF`` before CUDA starts (less fragmentation with changing activation sizes); unset: on with CUDA unless the environment's ``PYTORCH_CUDA_ALLOC_CONF`` already sets it."""
     reshardable_optimizer_state: Optional[bool] = None
     """Save the distributed optimizer's state in megatron-core's ``fully_reshardable`` format (any TP/PP/DP resumes it; the save gathers it on each data-parallel rank 0, and every rank's load holds its TP/PP shard's whole fp32 state in host memory, 12 bytes per parameter / (TP x PP)) instead of ``dp_reshardable`` (each rank saves and loads only its own shard; only the data-parallel size may change). Unset: fully reshardable for a run's final checkpoint, which other runs and stages load, dp_reshardable for the checkpoints before it, which this run resumes."""
 

@@ -80,12 +80,13 @@ def exclusive_run(run_dir: str | Path, topo: Topology) -> Iterator[None]:
 
 
 def cuda_environment(par: ParallelConfig, cuda: bool, environ: Mapping[str, str]) -> dict[str, str]:
-    """The variables a training process sets before CUDA starts, as Megatron-Bridge launches its
+    """The variables a training process sets before CUDA starts. As Megatron-Bridge launches its
     H100 recipes (NVIDIA-NeMo/Megatron-Bridge src/megatron/bridge/perf_recipes/llama/h100/llama3.py
-    ``env_vars``, 067f987df03b8355b03192d88d70f1709fedf51a: ``CUDA_DEVICE_MAX_CONNECTIONS=1`` with
-    TP > 1, ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``), and as megatron's training
-    asserts for TP > 1 before Blackwell (NVIDIA/Megatron-LM megatron/training/arguments.py,
-    core_v0.16.1). An unset field sets nothing without CUDA, nor over the environment's own."""
+    ``env_vars`` at 067f987df03b8355b03192d88d70f1709fedf51a): ``PYTORCH_CUDA_ALLOC_CONF=
+    expandable_segments:True`` always, ``CUDA_DEVICE_MAX_CONNECTIONS=1`` with tensor (or context)
+    parallelism, which megatron's training asserts before Blackwell (NVIDIA/Megatron-LM
+    megatron/training/arguments.py, core_v0.16.1). An unset field sets nothing without CUDA, nor
+    over the environment's own value."""
     env = {}
     if par.cuda_device_max_connections is not None:
         env["CUDA_DEVICE_MAX_CONNECTIONS"] = str(par.cuda_device_max_connections)
