@@ -59,6 +59,8 @@ class ModelOptions:
     fp8_recipe: str = "delayed"
     fp8_amax_history_len: int = 1024
     fp8_amax_compute_algo: str = "max"
+    fp8_bf16_layers: tuple[int, int] = (0, 0)
+    """(first, last) transformer layers that run in BF16 under FP8 (resolved by the engine)."""
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     recompute: str = "none"
@@ -66,6 +68,10 @@ class ModelOptions:
     pipeline_parallel: int = 1
     virtual_pipeline: int | None = None
     sequence_parallel: bool = False
+    gradient_accumulation_fusion: bool = False
+    """Fused wgrad accumulation into ``main_grad`` (TE layers, APEX for the output layer)."""
+    tp_comm_overlap: bool = False
+    """TE userbuffers overlap of tensor-parallel communication (``initialize_ub`` must have run)."""
     init_method_std: float = 0.02
     initialize: bool = True
     """Randomly initialize weights; off when a checkpoint will overwrite them anyway."""
@@ -111,11 +117,17 @@ def transformer_config_kwargs(preset: QwenPreset, opts: ModelOptions) -> dict:
     }[opts.recompute]
     fp8 = {}
     if opts.dtype == "fp8":
+        start, end = opts.fp8_bf16_layers
         fp8 = {
             "fp8": opts.fp8_format,
             "fp8_recipe": opts.fp8_recipe,
             "fp8_amax_history_len": opts.fp8_amax_history_len,
             "fp8_amax_compute_algo": opts.fp8_amax_compute_algo,
+            # megatron-core enters TE's fp8_autocast per layer for non-delayed recipes and leaves
+            # these layers out of it (fp8_utils.get_fp8_context, TransformerBlock.forward).
+            "first_last_layers_bf16": bool(start or end),
+            "num_layers_at_start_in_bf16": start,
+            "num_layers_at_end_in_bf16": end,
         }
     return dict(
         num_layers=preset.num_layers,
@@ -149,7 +161,8 @@ def transformer_config_kwargs(preset: QwenPreset, opts: ModelOptions) -> dict:
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=on_gpu,
         persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=opts.gradient_accumulation_fusion,
+        tp_comm_overlap=opts.tp_comm_overlap,
         cross_entropy_loss_fusion=on_gpu,
         deallocate_pipeline_outputs=on_gpu,
         **recompute,

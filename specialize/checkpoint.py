@@ -54,11 +54,24 @@ from specialize.engine import Engine
 
 log = logging.getLogger(__name__)
 
-# megatron-core's default 'fully_sharded_model_space' optimizer format fails to save in 0.16.1 and
-# the non-mem-efficient reshardable path calls .cuda(); this one saves, loads and reshards.
-OPTIMIZER_METADATA = {
-    "distrib_optim_sharding_type": "fully_reshardable",
-    "distrib_optim_fully_reshardable_mem_efficient": True,
+# The distributed optimizer's two checkpoint formats in megatron-core 0.16.1 (its default,
+# 'fully_sharded_model_space', fails to save there). DP_RESHARDABLE: each rank saves and loads its
+# own shard, per gradient bucket; only the data-parallel size may change. FULLY_RESHARDABLE: any
+# layout resumes it, but the save gathers each TP/PP shard's state on its data-parallel rank 0 and
+# every rank's load holds that whole shard in host memory: 12 bytes (fp32 weight and Adam moments)
+# per parameter / (TP x PP), ~43 GiB per GPU for Qwen-7B at TP=2. Megatron-LM saves DP_RESHARDABLE
+# unless told otherwise and refuses a TP/PP change on it (megatron/training/checkpointing.py,
+# core_v0.16.1); here a run's final checkpoint, which other runs load, is fully reshardable
+# (``parallel.reshardable_optimizer_state``).
+DP_RESHARDABLE = "dp_reshardable"
+FULLY_RESHARDABLE = "fully_reshardable"
+_OPTIMIZER_METADATA = {
+    DP_RESHARDABLE: {"distrib_optim_sharding_type": DP_RESHARDABLE},
+    # The mem-efficient exchange gathers over gloo; the other one calls .cuda() in 0.16.1.
+    FULLY_RESHARDABLE: {
+        "distrib_optim_sharding_type": FULLY_RESHARDABLE,
+        "distrib_optim_fully_reshardable_mem_efficient": True,
+    },
 }
 LATEST = "latest"
 ARCH_FILE = "arch.json"
@@ -367,10 +380,81 @@ def _model_state(engine: Engine) -> dict:
     return {f"model{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(engine.model)}
 
 
-def _sharded_state(engine: Engine, iteration: int, consumed_samples: int, is_loading: bool) -> dict:
+def optimizer_format(cfg: config_mod.RecipeConfig, iteration: int, steps: int) -> str:
+    """The format a save at ``iteration`` of a ``steps``-step run writes the optimizer in."""
+    reshardable = cfg.parallel.reshardable_optimizer_state
+    if reshardable is None:
+        reshardable = iteration >= steps  # the final checkpoint: other runs load it
+    return FULLY_RESHARDABLE if reshardable else DP_RESHARDABLE
+
+
+def _buckets(engine: Engine) -> list:
+    """This rank's gradient buckets (dtypes and parameters per bucket), the layout of its
+    dp_reshardable optimizer state."""
+    record = []
+    for optimizer in getattr(engine.optimizer, "chained_optimizers", [engine.optimizer]):
+        buffers = getattr(optimizer, "per_bucket_numel_unpadded", None) or []
+        record.append([[str(k), list(v)] for buffer in buffers for k, v in buffer.items()])
+    return record
+
+
+def _stage_key() -> str:
+    """This rank's (pipeline, tensor) coordinates; its data-parallel peers share its buckets."""
+    return (
+        f"pp{parallel_state.get_pipeline_model_parallel_rank()}"
+        f".tp{parallel_state.get_tensor_model_parallel_rank()}"
+    )
+
+
+def _optimizer_record(engine: Engine, fmt: str) -> dict:
+    """What a load must know about a checkpoint's optimizer state before it asks for it (saved
+    with the common state, which rank 0 writes: the buckets of every (PP, TP) rank are in it)."""
+    buckets = [None] * dist.get_world_size()
+    dist.all_gather_object(buckets, (_stage_key(), _buckets(engine)))
+    layout = _layout()
+    return {
+        "format": fmt,
+        "tensor": layout["tensor"],
+        "pipeline": layout["pipeline"],
+        "buckets": dict(buckets),
+    }
+
+
+def loadable_optimizer_format(path: Path, record: dict | None, engine: Engine) -> str:
+    """The optimizer format of checkpoint ``path`` (``record``: what its save wrote; older
+    checkpoints were fully reshardable), or a CheckpointError (on every rank) when this run
+    cannot load it."""
+    if record is None or not engine.cfg.parallel.distributed_optimizer:
+        return FULLY_RESHARDABLE  # a plain optimizer's state reshards anyway
+    if record["format"] != DP_RESHARDABLE:
+        return record["format"]
+    here = _layout()
+    if (record["tensor"], record["pipeline"]) != (here["tensor"], here["pipeline"]):
+        raise CheckpointError(
+            f"{path}: its optimizer state is saved per data-parallel shard (dp_reshardable), "
+            f"which resumes at TP={record['tensor']} PP={record['pipeline']} only, not at "
+            f"TP={here['tensor']} PP={here['pipeline']}; resume at that layout, or start from "
+            "its weights with init=PATH (parallel.reshardable_optimizer_state=true saves "
+            "checkpoints any layout resumes)"
+        )
+    same = record["buckets"].get(_stage_key()) == _buckets(engine)
+    agree = torch.tensor(int(same), device=engine.topo.device)
+    dist.all_reduce(agree, op=dist.ReduceOp.MIN)
+    if not agree.item():
+        raise CheckpointError(
+            f"{path}: its optimizer state is saved per gradient bucket (dp_reshardable) and this "
+            "run buckets the gradients otherwise; resume with the parallel.overlap_grad_reduce "
+            "it was saved with (overlapping makes 40M-parameter buckets, else one)"
+        )
+    return DP_RESHARDABLE
+
+
+def _sharded_state(
+    engine: Engine, iteration: int, consumed_samples: int, is_loading: bool, fmt: str
+) -> dict:
     state: dict[str, Any] = _model_state(engine)
     state["optimizer"] = engine.optimizer.sharded_state_dict(
-        state, is_loading=is_loading, metadata=OPTIMIZER_METADATA
+        state, is_loading=is_loading, metadata=_OPTIMIZER_METADATA[fmt]
     )
     state["scheduler"] = engine.scheduler.state_dict()
     state["rng_state"] = _rng_sharded_object()
@@ -459,10 +543,12 @@ def save(engine: Engine, iteration: int, consumed_samples: int, parent: str | No
             shutil.rmtree(stale)
         partial.mkdir(parents=True)
     dist.barrier()
+    engine.sync_params()  # the overlapped parameter all-gather of the last step
+    fmt = optimizer_format(engine.cfg, iteration, engine.derived.steps)
+    state = _sharded_state(engine, iteration, consumed_samples, is_loading=False, fmt=fmt)
+    state["optimizer_format"] = _optimizer_record(engine, fmt)
     with _writers_die_with_this_process():
-        dist_checkpointing.save(
-            _sharded_state(engine, iteration, consumed_samples, is_loading=False), str(partial)
-        )
+        dist_checkpointing.save(state, str(partial))
     dist.barrier()
     if rank0:
         (partial / "config.yaml").write_text(config_mod.to_yaml(engine.cfg))
@@ -564,7 +650,8 @@ def load_for_resume(engine: Engine, path: Path) -> tuple[int, int]:
     _check_before_load(path, engine.preset)
     common = _load_common(path)
     same_layout = common.get("layout") == _layout()
-    state = _sharded_state(engine, 0, 0, is_loading=True)
+    fmt = loadable_optimizer_format(path, common.get("optimizer_format"), engine)
+    state = _sharded_state(engine, 0, 0, is_loading=True, fmt=fmt)
     if not same_layout:
         # RNG streams are per (PP, TP) rank and cannot be remapped; weights and optimizer can.
         state.pop("rng_state")
@@ -595,9 +682,10 @@ def load_weights_and_optimizer(engine: Engine, path: Path) -> None:
             f"{path}: holds no optimizer state (a weights-only checkpoint?); a stage starting "
             "from it must reset its optimizer (reset.optimizer: true)"
         )
+    fmt = loadable_optimizer_format(path, common.get("optimizer_format"), engine)
     state: dict[str, Any] = _model_state(engine)
     state["optimizer"] = engine.optimizer.sharded_state_dict(
-        state, is_loading=True, metadata=OPTIMIZER_METADATA
+        state, is_loading=True, metadata=_OPTIMIZER_METADATA[fmt]
     )
     loaded = _load(state, path)
     _load_model(engine, loaded)
@@ -615,9 +703,31 @@ def _load_optimizer_state(engine: Engine, state: dict) -> None:
         {k: v for k, v in group.items() if k not in ("params", "step")}
         for group in engine.optimizer.param_groups
     ]
-    engine.optimizer.load_state_dict(state)
+    _drop_bucket_steps(state)
+    # dp_reshardable copies into fp32 main parameters that are views of the model's leaf
+    # parameters (fp32 training), which only works without autograd (megatron-core 0.16.1).
+    with torch.no_grad():
+        engine.optimizer.load_state_dict(state)
     for group, own in zip(engine.optimizer.param_groups, settings, strict=True):
         group.update(own)
+
+
+def _drop_bucket_steps(state: Any) -> None:
+    """Remove torch Adam's per-parameter ``step`` from dp_reshardable bucket states. megatron-core
+    0.16.1 hands them back as the live, not the loaded, tensors and copies them over the step it
+    restored from the param groups (a resume would restart bias correction at 0)."""
+    if not isinstance(state, dict):
+        return
+    for value in state.values():
+        _drop_bucket_steps(value)
+    if state.get("param_state_sharding_type") != DP_RESHARDABLE:
+        return
+    for key, buffer in state["param_state"].items():
+        if isinstance(key, int):  # gradient buffers; the rest is bucket metadata
+            for buckets in buffer.values():
+                for bucket in buckets:
+                    for entry in bucket:
+                        entry.pop("step", None)
 
 
 def load_weights(engine: Engine, path: Path) -> None:
@@ -625,6 +735,10 @@ def load_weights(engine: Engine, path: Path) -> None:
     _check_before_load(path, engine.preset)
     loaded = _load(_model_state(engine), path)
     _load_model(engine, loaded)
+    # BF16 training steps fp32 main copies of the weights, made when the optimizer was built, and
+    # writes them back: refresh them, or the first step restores the random initialization (as
+    # NVIDIA/Megatron-LM megatron/training/checkpointing.py load_checkpoint does, core_v0.16.1).
+    engine.optimizer.reload_model_params()
 
 
 def load_model_weights(model: torch.nn.Module, path: Path, arch: QwenPreset) -> None:

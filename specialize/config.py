@@ -80,7 +80,9 @@ class ModelConfig:
     attention_dropout: float = 0.0
     """Dropout on attention probabilities."""
     recompute: str = "none"
-    """Activation recomputation: ``none``, ``selective`` (core attention) or ``full`` (every layer)."""
+    """Activation recomputation: ``none``, ``selective`` (core attention) or ``full`` (every layer). Under Flash Attention (the ``te`` spec) core attention keeps no ``s x s`` activations, so ``selective`` saves nothing there and only recomputes the attention forward."""
+    gradient_accumulation_fusion: Optional[bool] = None
+    """Accumulate weight gradients straight into DDP's fp32 ``main_grad`` inside the wgrad GEMM (Transformer Engine's fused wgrad for the layers, APEX's ``fused_weight_gradient_mlp_cuda`` for megatron-core's output layer, which 0.16.1 requires). Unset: on with the ``te`` spec when that APEX extension imports (as Megatron-Bridge's ``gradient_accumulation_fusion`` default), off otherwise; CPU runs never fuse."""
     hidden_size: Optional[int] = None
     """Override of the preset's hidden size (imported checkpoints of other shapes set these)."""
     num_layers: Optional[int] = None
@@ -164,6 +166,21 @@ class PrecisionConfig:
     """Length of the amax history window for delayed scaling."""
     fp8_amax_compute_algo: str = "max"
     """How the scale is derived from the amax history: ``max`` or ``most_recent``."""
+    fp8_bf16_layers_at_start: Optional[int] = None
+    """Transformer layers at the start of the model kept in BF16 under FP8 (megatron-core's ``num_layers_at_start_in_bf16``; at most the layers of one pipeline stage). Unset: 1 with ``tensorwise``, as Megatron-Bridge's ``bf16_with_fp8_current_scaling_mixed`` recipe; 0 with ``delayed``, which megatron-core cannot mix with BF16 layers."""
+    fp8_bf16_layers_at_end: Optional[int] = None
+    """Transformer layers at the end of the model kept in BF16 under FP8 (``num_layers_at_end_in_bf16``); unset: 1 with ``tensorwise``, 0 with ``delayed``, as ``fp8_bf16_layers_at_start``."""
+
+    def fp8_bf16_layers(self) -> tuple[int, int]:
+        """(first, last) transformer layers kept in BF16 under FP8; (0, 0) without FP8."""
+        if self.dtype != "fp8":
+            return 0, 0
+        # NVIDIA-NeMo/Megatron-Bridge src/megatron/bridge/training/mixed_precision.py
+        # bf16_with_fp8_current_scaling_mixed at 067f987df03b8355b03192d88d70f1709fedf51a:
+        # first_last_layers_bf16 with 1 and 1 (only its throughput benchmarks turn it off).
+        default = 1 if self.fp8_recipe == "tensorwise" else 0
+        start, end = self.fp8_bf16_layers_at_start, self.fp8_bf16_layers_at_end
+        return (default if start is None else start, default if end is None else end)
 
 
 @dataclass
@@ -181,9 +198,17 @@ class ParallelConfig:
     backend: str = "auto"
     """Process-group backend: ``nccl``, ``gloo`` or ``auto`` (nccl with CUDA, else gloo)."""
     overlap_grad_reduce: Optional[bool] = None
-    """Overlap the data-parallel gradient reduce(-scatter) with the backward pass (megatron-core DDP); unset: on with CUDA, off on CPU."""
+    """Overlap the data-parallel gradient reduce(-scatter) with the backward pass (megatron-core DDP, in 40M-parameter buckets); unset: on with CUDA (or when ``overlap_param_gather`` is set), off on CPU."""
     overlap_param_gather: Optional[bool] = None
-    """Overlap the distributed optimizer's parameter all-gather with the next forward pass; unset: on with CUDA and ``distributed_optimizer``, off otherwise."""
+    """Overlap the distributed optimizer's parameter all-gather with the next forward pass (needs ``distributed_optimizer`` and ``overlap_grad_reduce``); unset: on with CUDA and ``distributed_optimizer``, off otherwise."""
+    tp_comm_overlap: bool = False
+    """Overlap tensor-parallel communication with the GEMMs through Transformer Engine's userbuffers (``initialize_ub``; needs ``sequence_parallel`` and the ``te`` spec). Off by default: Megatron-Bridge's H100 recipes of 7-8B models run without it, and it has not been run on this project's layouts."""
+    cuda_device_max_connections: Optional[int] = None
+    """``CUDA_DEVICE_MAX_CONNECTIONS`` of the training processes, set before CUDA starts. Unset: 1 with CUDA and ``tensor`` > 1 (megatron-core relies on one hardware queue to start its tensor-parallel communication before the GEMM it overlaps; Blackwell no longer needs it), else left as the environment has it; a value in the environment wins over the unset default."""
+    expandable_segments: Optional[bool] = None
+    """Add ``expandable_segments:True`` to ``PYTORCH_CUDA_ALLOC_CONF`` before CUDA starts (less fragmentation with changing activation sizes); unset: on with CUDA unless the environment's ``PYTORCH_CUDA_ALLOC_CONF`` already sets it."""
+    reshardable_optimizer_state: Optional[bool] = None
+    """Save the distributed optimizer's state in megatron-core's ``fully_reshardable`` format (any TP/PP/DP resumes it; the save gathers it on each data-parallel rank 0, and every rank's load holds its TP/PP shard's whole fp32 state in host memory, 12 bytes per parameter / (TP x PP)) instead of ``dp_reshardable`` (each rank saves and loads only its own shard; only the data-parallel size may change). Unset: fully reshardable for a run's final checkpoint, which other runs and stages load, dp_reshardable for the checkpoints before it, which this run resumes."""
 
 
 @dataclass
@@ -756,6 +781,7 @@ def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
         data_format=cfg.data.format,
         world_size=world_size,
     )
+    _validate_throughput(cfg, preset.num_layers)
     if (train.steps is None) == (train.tokens is None):
         raise ConfigError("train: set exactly one of train.steps and train.tokens")
     if train.steps is not None and train.steps < 1:
@@ -788,6 +814,54 @@ def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
             raise ConfigError("init.verify_against: needs init.checkpoint (the weights to verify)")
         if par.virtual_pipeline is not None:
             raise ConfigError("init.verify_against: not available with parallel.virtual_pipeline")
+
+
+def _validate_throughput(cfg: RecipeConfig, num_layers: int) -> None:
+    """The GPU-path settings (overlaps, fusions, FP8 BF16 layers) that contradict the recipe."""
+    par = cfg.parallel
+    if par.overlap_param_gather and not par.distributed_optimizer:
+        raise ConfigError(
+            "parallel.overlap_param_gather: needs parallel.distributed_optimizer (the gather it "
+            "overlaps is the distributed optimizer's)"
+        )
+    if par.overlap_param_gather and par.overlap_grad_reduce is False:
+        raise ConfigError(
+            "parallel.overlap_param_gather: needs parallel.overlap_grad_reduce (megatron-core "
+            "overlaps the parameter gather only together with the gradient reduce)"
+        )
+    if par.tp_comm_overlap and cfg.model.spec == "local":
+        raise ConfigError(
+            "parallel.tp_comm_overlap: needs Transformer Engine's userbuffers (model.spec=te)"
+        )
+    if par.tp_comm_overlap and not par.sequence_parallel:
+        raise ConfigError(
+            "parallel.tp_comm_overlap: needs parallel.sequence_parallel (it overlaps the "
+            "sequence-parallel all-gathers and reduce-scatters)"
+        )
+    if par.cuda_device_max_connections is not None and par.cuda_device_max_connections < 1:
+        raise ConfigError(
+            f"parallel.cuda_device_max_connections={par.cuda_device_max_connections}: must be >= 1"
+        )
+    if cfg.model.gradient_accumulation_fusion and cfg.model.spec == "local":
+        raise ConfigError(
+            "model.gradient_accumulation_fusion: needs the Transformer Engine layers on CUDA "
+            "(model.spec=te or auto)"
+        )
+    prec = cfg.precision
+    per_stage = num_layers // par.pipeline
+    for name, value in zip(
+        ("fp8_bf16_layers_at_start", "fp8_bf16_layers_at_end"), prec.fp8_bf16_layers()
+    ):
+        if value and prec.fp8_recipe == "delayed":
+            raise ConfigError(
+                f"precision.{name}={value}: delayed scaling cannot keep layers in BF16 "
+                "(megatron-core refuses it); use precision.fp8_recipe=tensorwise or 0"
+            )
+        if not 0 <= value <= per_stage:
+            raise ConfigError(
+                f"precision.{name}={value}: must be between 0 and the {per_stage} layers of a "
+                "pipeline stage"
+            )
 
 
 # ----------------------------------------------------------------------------- derived numbers

@@ -5,8 +5,12 @@ Everything here is megatron-core's own machinery; this module only decides its s
 
 from __future__ import annotations
 
+import gc
+import importlib.util
+import inspect
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -24,14 +28,73 @@ from megatron.core.transformer import TransformerConfig
 from base.model import ModelOptions, build_model, resolve_spec
 from base.presets import QwenPreset
 from specialize import megatron_fixes
-from specialize.config import Derived, RecipeConfig
+from specialize.config import ConfigError, Derived, RecipeConfig
 from specialize.distributed import Topology
 from specialize.step import NonFiniteLossError, make_forward_step, reduce_loss
 
 log = logging.getLogger(__name__)
 
 
-def model_options(cfg: RecipeConfig) -> ModelOptions:
+def fused_wgrad_available() -> bool:
+    """APEX's ``fused_weight_gradient_mlp_cuda``: megatron-core 0.16.1's output layer (a
+    ``tensor_parallel.ColumnParallelLinear`` under every spec) refuses gradient-accumulation fusion
+    without it, whatever Transformer Engine does for the other layers."""
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
+@dataclass(frozen=True)
+class Performance:
+    """The GPU path's throughput settings, resolved: a config field's value, else its default for
+    the device. The defaults follow Megatron-Bridge's H100 recipes of 7-8B models (e.g.
+    NVIDIA-NeMo/Megatron-Bridge src/megatron/bridge/recipes/qwen/h100/qwen3.py
+    ``qwen3_8b_pretrain_4gpu_h100_bf16_config`` at 067f987df03b8355b03192d88d70f1709fedf51a:
+    ``ddp.overlap_grad_reduce = ddp.overlap_param_gather = True``; ``gradient_accumulation_fusion``
+    as ``utils/fusions.py``, which needs APEX here; ``CommOverlapConfig(tp_comm_overlap=False)`` in
+    ``perf_recipes/llama/h100/llama3.py`` ``llama3_8b_pretrain_8gpu_h100_*``). On CPU all are off,
+    and a run is exactly what it always was."""
+
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    align_param_gather: bool = False
+    """Every pipeline stage starts its parameter all-gathers together (interleaved schedule only)."""
+    gradient_accumulation_fusion: bool = False
+    tp_comm_overlap: bool = False
+
+
+def performance(cfg: RecipeConfig, cuda: bool, spec: str) -> Performance:
+    """``cfg``'s throughput settings on a CUDA (or CPU) rank with the resolved layer ``spec``."""
+    par = cfg.parallel
+    param_gather = par.overlap_param_gather
+    if param_gather is None:
+        param_gather = cuda and par.distributed_optimizer and par.overlap_grad_reduce is not False
+    grad_reduce = par.overlap_grad_reduce
+    if grad_reduce is None:
+        grad_reduce = cuda or param_gather
+    fusion = cfg.model.gradient_accumulation_fusion
+    if fusion is None:
+        fusion = spec == "te" and fused_wgrad_available()
+    elif fusion and (spec != "te" or not fused_wgrad_available()):
+        raise ConfigError(
+            "model.gradient_accumulation_fusion=true: needs the te spec and APEX's "
+            "fused_weight_gradient_mlp_cuda (megatron-core's output layer fuses with it); this "
+            "machine has " + ("no APEX extension" if spec == "te" else "the local spec")
+        )
+    if par.tp_comm_overlap and spec != "te":
+        raise ConfigError(
+            "parallel.tp_comm_overlap: needs the te spec (Transformer Engine on CUDA)"
+        )
+    return Performance(
+        overlap_grad_reduce=grad_reduce,
+        overlap_param_gather=param_gather,
+        # As Megatron-LM's --align-param-gather (on by default), which it turns off without the
+        # interleaved schedule (NVIDIA/Megatron-LM megatron/training/arguments.py, core_v0.16.1).
+        align_param_gather=param_gather and par.virtual_pipeline is not None,
+        gradient_accumulation_fusion=fusion,
+        tp_comm_overlap=par.tp_comm_overlap,
+    )
+
+
+def model_options(cfg: RecipeConfig, perf: Performance = Performance()) -> ModelOptions:
     return ModelOptions(
         spec=resolve_spec(cfg.model.spec),
         dtype=cfg.precision.dtype,
@@ -39,6 +102,7 @@ def model_options(cfg: RecipeConfig) -> ModelOptions:
         fp8_recipe=cfg.precision.fp8_recipe,
         fp8_amax_history_len=cfg.precision.fp8_amax_history_len,
         fp8_amax_compute_algo=cfg.precision.fp8_amax_compute_algo,
+        fp8_bf16_layers=cfg.precision.fp8_bf16_layers(),
         hidden_dropout=cfg.model.hidden_dropout,
         attention_dropout=cfg.model.attention_dropout,
         recompute=cfg.model.recompute,
@@ -46,6 +110,8 @@ def model_options(cfg: RecipeConfig) -> ModelOptions:
         pipeline_parallel=cfg.parallel.pipeline,
         virtual_pipeline=cfg.parallel.virtual_pipeline,
         sequence_parallel=cfg.parallel.sequence_parallel,
+        gradient_accumulation_fusion=perf.gradient_accumulation_fusion,
+        tp_comm_overlap=perf.tp_comm_overlap,
         rope_scaling=cfg.model.rope_scaling,
         rope_alpha=cfg.model.rope_alpha,
         logn_attention=cfg.model.logn_attention,
@@ -54,10 +120,12 @@ def model_options(cfg: RecipeConfig) -> ModelOptions:
     )
 
 
-def build_model_chunks(cfg: RecipeConfig, device: torch.device) -> list[torch.nn.Module]:
+def build_model_chunks(
+    cfg: RecipeConfig, device: torch.device, perf: Performance = Performance()
+) -> list[torch.nn.Module]:
     """This rank's model chunks: one, or ``virtual_pipeline`` for the interleaved schedule."""
     preset = cfg.model.architecture()
-    opts = model_options(cfg)
+    opts = model_options(cfg, perf)
     chunks = []
     vp = cfg.parallel.virtual_pipeline
     for stage in range(vp or 1):
@@ -77,22 +145,33 @@ def build_model_chunks(cfg: RecipeConfig, device: torch.device) -> list[torch.nn
     return chunks
 
 
-def wrap_ddp(chunks: list[torch.nn.Module], cfg: RecipeConfig) -> list[DistributedDataParallel]:
-    ddp_config = DistributedDataParallelConfig(
+def ddp_config(
+    cfg: RecipeConfig, perf: Performance = Performance()
+) -> DistributedDataParallelConfig:
+    return DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        # Buckets of megatron-core's default size (40M parameters) when overlapping, else one.
+        overlap_grad_reduce=perf.overlap_grad_reduce,
+        overlap_param_gather=perf.overlap_param_gather,
+        align_param_gather=perf.align_param_gather,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
         # Gradients are summed and divided once by the global token count (see step.py).
         average_in_collective=False,
         check_for_nan_in_grad=False,
     )
+
+
+def wrap_ddp(
+    chunks: list[torch.nn.Module], cfg: RecipeConfig, perf: Performance = Performance()
+) -> list[DistributedDataParallel]:
+    config = ddp_config(cfg, perf)
     wrapped = []
     for i, chunk in enumerate(chunks):
         chunk.config.calculate_per_token_loss = True
         wrapped.append(
             DistributedDataParallel(
                 config=chunk.config,
-                ddp_config=ddp_config,
+                ddp_config=config,
                 module=chunk,
                 # Only the first chunk gets bucketing, as in megatron-core's own training loop.
                 disable_bucketing=i > 0,
@@ -101,10 +180,10 @@ def wrap_ddp(chunks: list[torch.nn.Module], cfg: RecipeConfig) -> list[Distribut
     return wrapped
 
 
-def build_optimizer(cfg: RecipeConfig, chunks: list[torch.nn.Module]) -> MegatronOptimizer:
+def optimizer_config(cfg: RecipeConfig, perf: Performance = Performance()) -> OptimizerConfig:
     o = cfg.optimizer
     low_precision = cfg.precision.dtype in ("bf16", "fp8")
-    config = OptimizerConfig(
+    return OptimizerConfig(
         optimizer="adam",  # megatron-core's adam is AdamW: decoupled_weight_decay=True
         lr=o.lr,
         min_lr=o.min_lr,
@@ -116,8 +195,36 @@ def build_optimizer(cfg: RecipeConfig, chunks: list[torch.nn.Module]) -> Megatro
         bf16=low_precision,
         params_dtype=torch.bfloat16 if low_precision else torch.float32,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        overlap_param_gather=perf.overlap_param_gather,  # mirrors the DDP setting
     )
-    return get_megatron_optimizer(config, chunks)
+
+
+def build_optimizer(
+    cfg: RecipeConfig, chunks: list[torch.nn.Module], perf: Performance = Performance()
+) -> MegatronOptimizer:
+    return get_megatron_optimizer(optimizer_config(cfg, perf), chunks)
+
+
+def initialize_tp_comm_overlap(cfg: RecipeConfig) -> None:
+    """Transformer Engine's userbuffers for ``parallel.tp_comm_overlap`` (``Engine.close`` frees
+    them: a later stage may have another shape), as
+    NVIDIA/Megatron-LM megatron/training/initialize.py ``_initialize_tp_communicators`` does
+    (core_v0.16.1, 55ac7082517c3878ae653c07c09c534b8aed49f6): buffers of the layer input's global
+    shape, [seq x micro-batch, hidden], FP8 ones under FP8 (plus BF16 ones for BF16 layers)."""
+    from transformer_engine.pytorch.module import base as te_base
+
+    shape = [cfg.data.seq_length * cfg.train.micro_batch_size, cfg.model.architecture().hidden_size]
+    fp8 = cfg.precision.dtype == "fp8"
+    kwargs = dict(shape=shape, tp_size=cfg.parallel.tensor, ub_cfgs={}, bootstrap_backend="nccl")
+    if "quantization_modes" in inspect.signature(te_base.initialize_ub).parameters:
+        mode = te_base.UserBufferQuantizationMode
+        modes = [mode.FP8 if fp8 else mode.NONE]
+        if fp8 and any(cfg.precision.fp8_bf16_layers()):
+            modes.append(mode.NONE)
+        kwargs["quantization_modes"] = modes
+    else:
+        kwargs["use_fp8"] = fp8
+    te_base.initialize_ub(**kwargs)
 
 
 class CosineWarmupScheduler(OptimizerParamScheduler):
@@ -169,6 +276,21 @@ class StepResult:
     num_tokens: int
 
 
+# What megatron-core's schedules call through the model's config: bound methods of the optimizer
+# and the DDP chunks, which make the model, its config and the optimizer a reference cycle.
+_SCHEDULE_HOOKS = (
+    "grad_scale_func",
+    "no_sync_func",
+    "grad_sync_func",
+    "param_sync_func",
+    "finalize_model_grads_func",
+)
+
+
+def _one_or_list(hooks: list):
+    return hooks[0] if len(hooks) == 1 else hooks
+
+
 @dataclass
 class Engine:
     """The model, optimizer and schedule of one run, and how to take one step."""
@@ -180,23 +302,71 @@ class Engine:
     model: list[DistributedDataParallel]
     optimizer: MegatronOptimizer
     scheduler: OptimizerParamScheduler
+    perf: Performance
 
     @classmethod
     def build(cls, cfg: RecipeConfig, topo: Topology, derived: Derived) -> Engine:
         megatron_fixes.install()
-        chunks = wrap_ddp(build_model_chunks(cfg, topo.device), cfg)
-        optimizer = build_optimizer(cfg, chunks)
+        perf = performance(cfg, topo.device.type == "cuda", resolve_spec(cfg.model.spec))
+        if perf.tp_comm_overlap:
+            initialize_tp_comm_overlap(cfg)
+        chunks = wrap_ddp(build_model_chunks(cfg, topo.device, perf), cfg, perf)
+        optimizer = build_optimizer(cfg, chunks, perf)
         scheduler = build_scheduler(cfg, optimizer, derived)
+        # The step's hooks, as megatron-core's own training loop sets them (NVIDIA/Megatron-LM
+        # megatron/training/training.py ``train``, core_v0.16.1, 55ac708).
         config = chunks[0].config
         config.grad_scale_func = optimizer.scale_loss
         config.finalize_model_grads_func = finalize_model_grads
-        no_sync = [c.no_sync for c in chunks]
-        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-        return cls(cfg, topo, derived, cfg.model.architecture(), chunks, optimizer, scheduler)
+        config.no_sync_func = _one_or_list([c.no_sync for c in chunks])
+        if perf.overlap_grad_reduce:
+            config.grad_sync_func = _one_or_list([c.start_grad_sync for c in chunks])
+        if perf.align_param_gather:
+            config.param_sync_func = _one_or_list([c.start_param_sync for c in chunks])
+        return cls(cfg, topo, derived, cfg.model.architecture(), chunks, optimizer, scheduler, perf)
 
     @property
     def transformer_config(self) -> TransformerConfig:
         return self.model[0].config
+
+    def close(self) -> None:
+        """Free the model and optimizer now, for the next stage: the schedule hooks on the model's
+        config are bound methods of the optimizer and the DDP chunks, a reference cycle that only
+        a garbage-collector pass would free, perhaps after the next stage has allocated its own."""
+        for config in {id(c.config): c.config for c in self.model}.values():
+            for name in _SCHEDULE_HOOKS:
+                setattr(config, name, None)
+        self.model, self.optimizer, self.scheduler = [], None, None
+        if self.perf.tp_comm_overlap:
+            from transformer_engine.pytorch.module import base as te_base
+
+            te_base.destroy_ub()
+        gc.collect()
+        if self.topo.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def sync_params(self) -> None:
+        """Finish the parameter all-gather that the last step left to the next forward pass
+        (``overlap_param_gather``): the model's own parameters are then current, as a checkpoint
+        needs them (megatron's training loop: ``force_param_sync`` before a save)."""
+        if self.perf.overlap_param_gather:
+            for chunk in self.model:
+                chunk.start_param_sync(force_sync=True)
+
+    @contextmanager
+    def _params_in_sync(self):
+        """Forward passes outside training (validation) with current parameters and without the
+        all-gather hooks, as megatron's training loop evaluates."""
+        if not self.perf.overlap_param_gather:
+            yield
+            return
+        for chunk in self.model:
+            chunk.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            for chunk in self.model:
+                chunk.enable_forward_pre_hook()
 
     def _forward_backward(self, data_iterators: list, num_microbatches: int, forward_only: bool):
         data = data_iterators[0] if len(self.model) == 1 else data_iterators
@@ -239,12 +409,15 @@ class Engine:
         """L2 norm of the model's weights, the same number on every rank: each rank's parameters
         summed over the world. Copies held by several ranks (data-parallel replicas, norms
         replicated across tensor-parallel ranks) count once per holder, the same at every step,
-        so ratios between steps are exact."""
-        squares = [
-            torch.linalg.vector_norm(p.detach(), dtype=torch.float32) ** 2
-            for chunk in self.model
-            for p in chunk.parameters()
-        ]
+        so ratios between steps are exact. With the parameter all-gather overlapped the model's
+        parameters are stale until the next forward pass: the optimizer's fp32 main-parameter
+        shards are summed instead (each data-parallel shard once), as megatron's
+        ``calc_params_l2_norm`` does."""
+        if self.perf.overlap_param_gather:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        else:
+            params = [p for chunk in self.model for p in chunk.parameters()]
+        squares = [torch.linalg.vector_norm(p.detach(), dtype=torch.float32) ** 2 for p in params]
         total = torch.stack(squares).sum() if squares else torch.zeros((), device=self.topo.device)
         torch.distributed.all_reduce(total)
         return total.sqrt().item()
@@ -254,8 +427,9 @@ class Engine:
         for chunk in self.model:
             chunk.eval()
         reports = []
-        for _ in range(num_batches):
-            reports += self._forward_backward(
-                data_iterators, self.derived.micro_batches, forward_only=True
-            )
+        with self._params_in_sync():
+            for _ in range(num_batches):
+                reports += self._forward_backward(
+                    data_iterators, self.derived.micro_batches, forward_only=True
+                )
         return reduce_loss(reports, self.topo.device)

@@ -936,6 +936,8 @@ def plan(
             continue
         for dt in dtypes:
             result.times.append((f"{name} {dt}", timed(cand.layout, dt)))
+    if layout is not None and layout.distributed_optimizer:
+        result.notes.append(optimizer_load_note(work.preset, layout.tp, layout.pp, min(gpus, 8)))
     if g.fp8_tflops is None:
         result.notes.append(f"{g.name} has no FP8: BF16 only.")
     elif not fp8:
@@ -948,6 +950,18 @@ def plan(
         )
     result.notes.append(_overlap_note(work))
     return result
+
+
+def optimizer_load_note(preset: QwenPreset, tp: int, pp: int, gpus_per_node: int) -> str:
+    """Host memory of loading fully reshardable distributed-optimizer state (a run's final
+    checkpoint, see ``specialize/checkpoint.py``): megatron-core 0.16.1 has every rank hold its
+    TP/PP shard's whole fp32 weights and Adam moments, 12 bytes per parameter, to keep 1/DP."""
+    per_gpu = 12 * max(stage_params(preset, tp, pp, stage)[0] for stage in range(pp))
+    return (
+        f"loading the optimizer state of a final (fully reshardable) checkpoint holds "
+        f"{_gib(per_gpu)} GiB of host memory per GPU ({_gib(per_gpu * gpus_per_node)} GiB per "
+        f"{gpus_per_node}-GPU node); the dp_reshardable checkpoints before it load 1/DP of that"
+    )
 
 
 def _gib(n: float) -> str:

@@ -12,8 +12,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from specialize import checkpoint, lock
 from specialize.config import (
     ConfigError,
     Derived,
+    ParallelConfig,
     RecipeConfig,
     Stage,
     derive,
@@ -77,6 +79,43 @@ def exclusive_run(run_dir: str | Path, topo: Topology) -> Iterator[None]:
         if refusal[0] is not None:
             raise checkpoint.CheckpointError(refusal[0])
         yield
+
+
+def cuda_environment(par: ParallelConfig, cuda: bool, environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables a training process sets before CUDA starts. As Megatron-Bridge launches its
+    H100 recipes (NVIDIA-NeMo/Megatron-Bridge src/megatron/bridge/perf_recipes/llama/h100/llama3.py
+    ``env_vars`` at 067f987df03b8355b03192d88d70f1709fedf51a): ``PYTORCH_CUDA_ALLOC_CONF=
+    expandable_segments:True`` always, ``CUDA_DEVICE_MAX_CONNECTIONS=1`` with tensor (or context)
+    parallelism, which megatron's training asserts before Blackwell (NVIDIA/Megatron-LM
+    megatron/training/arguments.py, core_v0.16.1). An unset field sets nothing without CUDA, nor
+    over the environment's own value."""
+    env = {}
+    if par.cuda_device_max_connections is not None:
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = str(par.cuda_device_max_connections)
+    elif cuda and par.tensor > 1 and "CUDA_DEVICE_MAX_CONNECTIONS" not in environ:
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    entries = [
+        e.strip() for e in environ.get("PYTORCH_CUDA_ALLOC_CONF", "").split(",") if e.strip()
+    ]
+    others = [e for e in entries if e.split(":")[0].strip() != "expandable_segments"]
+    expandable = par.expandable_segments
+    if expandable is None and cuda and len(others) == len(entries):
+        expandable = True
+    if expandable is not None:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = ",".join([*others, f"expandable_segments:{expandable}"])
+    return env
+
+
+def set_cuda_environment(par: ParallelConfig) -> None:
+    """Apply ``cuda_environment`` to this process; CUDA reads these when it starts (the first
+    ``torch.cuda.set_device`` in ``init_distributed``)."""
+    env = cuda_environment(par, torch.cuda.is_available(), os.environ)
+    changed = sorted(k for k, v in env.items() if os.environ.get(k) != v)
+    if changed and torch.cuda.is_initialized():
+        log.warning(
+            "CUDA started before %s could be set; set them in the launch environment", changed
+        )
+    os.environ.update(env)
 
 
 class PretrainData(TrainingData):
@@ -209,6 +248,7 @@ def train(cfg: RecipeConfig) -> Trainer | None:
     if cfg.stages:
         trained = [run.trainer for run in train_stages(cfg) if run.trainer is not None]
         return trained[-1] if trained else None
+    set_cuda_environment(cfg.parallel)
     tokenizer = QwenTokenizer.load(cfg.model.tokenizer)
     check_data_and_vocab(cfg, tokenizer)
     topo = init_distributed(cfg.parallel)
@@ -231,6 +271,7 @@ class StageRun:
 def train_stages(cfg: RecipeConfig) -> list[StageRun]:
     """Run the stages of a recipe in order; stops after a stage that stopped early
     (``train.exit_after_steps``), since the next one starts from its final checkpoint."""
+    set_cuda_environment(cfg.parallel)
     stages = resolve_stages(cfg)
     tokenizer = QwenTokenizer.load(cfg.model.tokenizer)
     for stage in stages:

@@ -329,9 +329,11 @@ class Trainer:
         return self.step >= self.derived.steps
 
     def release(self) -> None:
-        """Drop the model, optimizer and data (the next stage needs the memory); the numbers
+        """Free the model, optimizer and data now (the next stage needs the memory); the numbers
         recorded by this run stay."""
-        self.engine = self.data = None
+        engine, self.engine, self.data = self.engine, None, None
+        if engine is not None:
+            engine.close()
 
     def validate(self, step: int) -> float | None:
         iterators = self.data.validation_iterators()

@@ -88,6 +88,49 @@ def test_te_bf16_and_fp8_mapping():
     assert fp8["bf16"]  # FP8 GEMMs inside a BF16 model
 
 
+def test_fp8_bf16_layers_reach_megatron_core():
+    """The first and last layer run outside TE's fp8_autocast under current scaling: megatron-core
+    0.16.1 accepts the mapping and names exactly those layers BF16."""
+    from megatron.core.fp8_utils import is_first_last_bf16_layer
+    from megatron.core.transformer import TransformerConfig
+
+    preset = get_preset("qwen-7b")
+    te = transformer_config_kwargs(
+        preset,
+        ModelOptions(spec="te", dtype="fp8", fp8_recipe="tensorwise", fp8_bf16_layers=(1, 1)),
+    )
+    assert te["first_last_layers_bf16"]
+    assert (te["num_layers_at_start_in_bf16"], te["num_layers_at_end_in_bf16"]) == (1, 1)
+    # megatron refuses the TE-only fusions on a machine without TE: check the FP8 keys on top of
+    # the local mapping.
+    fp8 = {k: v for k, v in te.items() if "fp8" in k or "bf16" in k}
+    config = TransformerConfig(
+        **transformer_config_kwargs(preset, ModelOptions(dtype="bf16")) | fp8
+    )
+    bf16_layers = [n for n in range(32) if is_first_last_bf16_layer(config, n)]
+    assert bf16_layers == [0, 31]
+    none = transformer_config_kwargs(preset, ModelOptions(spec="te", dtype="fp8"))
+    assert not none["first_last_layers_bf16"]  # delayed scaling: every layer FP8
+
+
+def test_gpu_fusions_are_passed_through():
+    preset = get_preset("qwen-7b")
+    kw = transformer_config_kwargs(
+        preset,
+        ModelOptions(
+            spec="te",
+            dtype="bf16",
+            tensor_parallel=2,
+            sequence_parallel=True,
+            gradient_accumulation_fusion=True,
+            tp_comm_overlap=True,
+        ),
+    )
+    assert kw["gradient_accumulation_fusion"] and kw["tp_comm_overlap"]
+    local = transformer_config_kwargs(preset, ModelOptions(spec="local"))
+    assert not local["gradient_accumulation_fusion"] and not local["tp_comm_overlap"]
+
+
 def test_recompute_mapping():
     preset = get_preset("qwen-7b")
     assert (

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from specialize.checkpoint import (
     CheckpointError,
@@ -473,3 +474,143 @@ def test_killed_save_leaves_no_writer_process(tmp_path: Path):
         for pid in descendants | {saver.pid}:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- optimizer formats
+
+
+def test_final_checkpoints_are_fully_reshardable_and_the_others_fast():
+    from specialize.checkpoint import DP_RESHARDABLE, FULLY_RESHARDABLE, optimizer_format
+    from specialize.config import load_config
+
+    cfg = load_config(NANO, ["train.steps=20"])
+    assert optimizer_format(cfg, 10, 20) == DP_RESHARDABLE  # resumed by this run only
+    assert optimizer_format(cfg, 20, 20) == FULLY_RESHARDABLE  # loaded by later runs and stages
+    always = load_config(NANO, ["train.steps=20", "parallel.reshardable_optimizer_state=true"])
+    assert optimizer_format(always, 10, 20) == FULLY_RESHARDABLE
+    never = load_config(NANO, ["train.steps=20", "parallel.reshardable_optimizer_state=false"])
+    assert optimizer_format(never, 20, 20) == DP_RESHARDABLE
+
+
+def _dist_opt_engine(run_dir: str, *overrides: str):
+    from specialize.config import derive, load_config
+    from specialize.distributed import init_distributed, seed_all
+    from specialize.engine import Engine
+
+    cfg = load_config(
+        NANO,
+        [
+            f"checkpoint.dir={run_dir}",
+            "data.paths=[unused]",
+            "train.steps=20",
+            "parallel.distributed_optimizer=true",
+            "data.seq_length=32",
+            "train.micro_batch_size=1",
+            "train.global_batch_size=2",
+            *overrides,
+        ],
+    )
+    topo = init_distributed(cfg.parallel)
+    seed_all(cfg.train.seed)
+    return Engine.build(cfg, topo, derive(cfg, topo.world_size))
+
+
+def _resumes_at_another_layout(rank: int, world_size: int, tmp: str) -> dict:
+    from megatron.core import dist_checkpointing
+
+    from specialize import checkpoint
+    from tests.specialize.test_engine import random_batches
+
+    engine = _dist_opt_engine(f"{tmp}/dp2")  # DP=2
+    engine.train_step([random_batches(32, 1)], 1)  # an optimizer state to save
+    between = checkpoint.save(engine, 10, 40)
+    final = checkpoint.save(engine, 20, 80)
+    formats = {
+        p.name: dist_checkpointing.load_common_state_dict(str(p))["optimizer_format"]["format"]
+        for p in (between, final)
+    }
+    record = dist_checkpointing.load_common_state_dict(str(between))["optimizer_format"]
+    errors = {}
+    try:  # another bucket layout at the same TP/PP
+        other = dict(record, buckets={key: [] for key in record["buckets"]})
+        checkpoint.loadable_optimizer_format(between, other, engine)
+    except checkpoint.CheckpointError as e:
+        errors["buckets"] = str(e)
+    weights = [p.detach().clone() for p in engine.model[0].parameters()]
+    tp2 = _dist_opt_engine(f"{tmp}/tp2", "parallel.tensor=2")  # DP=1
+    for path in (between, final):
+        try:
+            checkpoint.load_for_resume(tp2, path)
+            errors[path.name] = None
+        except checkpoint.CheckpointError as e:
+            errors[path.name] = str(e)
+    return {"formats": formats, "errors": errors, "weights": weights}
+
+
+def _resumes_with_one_data_parallel_rank(rank: int, world_size: int, tmp: str) -> dict:
+    from specialize import checkpoint
+
+    engine = _dist_opt_engine(f"{tmp}/dp1", "train.global_batch_size=1")
+    iteration, _ = checkpoint.load_for_resume(engine, Path(tmp, "dp2/checkpoints/iter_0000010"))
+    inner = [o.optimizer for o in engine.optimizer.chained_optimizers]
+    return {
+        "iteration": iteration,
+        "adam_steps": sorted({float(s["step"]) for o in inner for s in o.state.values()}),
+        "weights": [p.detach().clone() for p in engine.model[0].parameters()],
+    }
+
+
+def test_fast_optimizer_checkpoints_change_only_the_data_parallel_size(tmp_path: Path):
+    out = run_distributed(_resumes_at_another_layout, str(tmp_path))
+    assert out["formats"] == {"iter_0000010": "dp_reshardable", "iter_0000020": "fully_reshardable"}
+    dp1 = run_distributed(_resumes_with_one_data_parallel_rank, str(tmp_path), world_size=1)
+    assert dp1["iteration"] == 10 and dp1["adam_steps"] == [1.0]
+    assert all(torch.equal(a, b) for a, b in zip(dp1["weights"], out["weights"], strict=True))
+    errors = out["errors"]
+    assert errors["iter_0000020"] is None  # the final checkpoint resumes at TP=2
+    between = errors["iter_0000010"]
+    assert between.startswith(f"{tmp_path}/dp2/checkpoints/iter_0000010: its optimizer state")
+    assert "resumes at TP=1 PP=1 only, not at TP=2 PP=1" in between and "\n" not in between
+    assert "parallel.reshardable_optimizer_state=true" in between
+    assert "parallel.overlap_grad_reduce" in errors["buckets"]
+
+
+def _bf16_init(rank: int, world_size: int, tmp: str) -> dict:
+    from specialize import checkpoint
+    from specialize.config import derive, load_config
+    from specialize.distributed import init_distributed, seed_all
+    from specialize.engine import Engine
+    from tests.specialize.test_engine import random_batches
+
+    def build(seed: int) -> Engine:
+        cfg = load_config(
+            NANO,
+            [
+                "precision.dtype=bf16",
+                "parallel.distributed_optimizer=true",
+                f"train.seed={seed}",
+                f"checkpoint.dir={tmp}/run",
+                "data.seq_length=32",
+                "train.micro_batch_size=1",
+                "train.global_batch_size=1",
+                "schedule.warmup_steps=2",  # the first step applies LR 0
+            ],
+        )
+        topo = init_distributed(cfg.parallel)
+        seed_all(seed)
+        return Engine.build(cfg, topo, derive(cfg, topo.world_size))
+
+    source = build(1)
+    saved = checkpoint.save_weights(source.model[0], Path(tmp, "init"), source.preset, {}, [])
+    weights = [p.detach().clone() for p in source.model[0].parameters()]
+    engine = build(2)
+    checkpoint.load_weights(engine, saved)
+    engine.train_step([random_batches(32, 1)], 1)
+    after = [p.detach() for p in engine.model[0].parameters()]
+    return {"kept": all(torch.equal(a, b) for a, b in zip(weights, after, strict=True))}
+
+
+def test_init_weights_survive_the_first_bf16_step(tmp_path: Path):
+    """BF16 steps fp32 copies of the weights: an init that did not refresh them would be undone by
+    the first step, silently training the random initialization."""
+    assert run_distributed(_bf16_init, str(tmp_path), world_size=1)["kept"]

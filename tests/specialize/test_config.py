@@ -182,6 +182,45 @@ ERRORS = [
     (["parallel.sequence_parallel=true"], "parallel.sequence_parallel: needs parallel.tensor >= 2"),
     (["train.steps=abc"], "train.steps"),
     (["data.format=chat"], "data.format='chat': must be one of pretrain, sft"),
+    (
+        ["parallel.overlap_param_gather=true"],
+        "parallel.overlap_param_gather: needs parallel.distributed_optimizer",
+    ),
+    (
+        [
+            "parallel.distributed_optimizer=true",
+            "parallel.overlap_param_gather=true",
+            "parallel.overlap_grad_reduce=false",
+        ],
+        "parallel.overlap_param_gather: needs parallel.overlap_grad_reduce",
+    ),
+    (
+        ["model.spec=local", "parallel.tp_comm_overlap=true"],
+        "parallel.tp_comm_overlap: needs Transformer Engine",
+    ),
+    (
+        ["model.spec=te", "parallel.tensor=2", "parallel.tp_comm_overlap=true"],
+        "parallel.tp_comm_overlap: needs parallel.sequence_parallel",
+    ),
+    (["parallel.cuda_device_max_connections=0"], "parallel.cuda_device_max_connections=0"),
+    (
+        ["model.spec=local", "model.gradient_accumulation_fusion=true"],
+        "model.gradient_accumulation_fusion: needs the Transformer Engine layers",
+    ),
+    (
+        ["model.spec=te", "precision.dtype=fp8", "precision.fp8_bf16_layers_at_end=1"],
+        "precision.fp8_bf16_layers_at_end=1: delayed scaling cannot keep layers in BF16",
+    ),
+    (
+        [
+            "model.spec=te",
+            "precision.dtype=fp8",
+            "precision.fp8_recipe=tensorwise",
+            "parallel.pipeline=2",
+            "precision.fp8_bf16_layers_at_start=3",
+        ],
+        "precision.fp8_bf16_layers_at_start=3: must be between 0 and the 2 layers of a pipeline",
+    ),
 ]
 
 
@@ -190,6 +229,22 @@ def test_config_errors_name_the_field(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_config(ROOT / "configs/base/qwen-tiny.yaml", overrides)
     assert message in str(e.value)
+
+
+def test_fp8_keeps_first_and_last_layer_in_bf16_with_current_scaling():
+    """Megatron-Bridge's bf16_with_fp8_current_scaling_mixed: first and last layer in BF16;
+    delayed scaling cannot mix BF16 layers in."""
+    fp8 = ["model.spec=te", "precision.dtype=fp8"]
+    recipe = ROOT / "configs/base/qwen-tiny.yaml"
+
+    def layers(*overrides: str) -> tuple[int, int]:
+        return load_config(recipe, [*fp8, *overrides]).precision.fp8_bf16_layers()
+
+    assert layers("precision.fp8_recipe=tensorwise") == (1, 1)
+    assert layers("precision.fp8_recipe=delayed") == (0, 0)
+    assert layers("precision.fp8_recipe=tensorwise", "precision.fp8_bf16_layers_at_end=0") == (1, 0)
+    bf16 = load_config(recipe, ["precision.dtype=bf16", "precision.fp8_recipe=tensorwise"])
+    assert bf16.precision.fp8_bf16_layers() == (0, 0)
 
 
 def test_world_size_checks():

@@ -95,7 +95,13 @@ def _resume_runs(rank: int, world_size: int, tmp: str, shard: str, layout: list[
         for o in getattr(second.engine.optimizer, "chained_optimizers", [second.engine.optimizer])
     ]
     steps = [state["step"] for opt in inner for state in opt.state.values() if "step" in state]
+    from megatron.core import dist_checkpointing
+
+    resumed = Path(tmp, "split/checkpoints/iter_0000010")
     return {
+        "resumed_format": dist_checkpointing.load_common_state_dict(str(resumed))[
+            "optimizer_format"
+        ]["format"],
         "adam_steps": sorted({float(s) for s in steps}),
         "distinct_step_tensors": len({id(s) for s in steps}) == len(steps),
         "straight": straight.history,
@@ -119,6 +125,8 @@ def test_resume_is_bitwise_exact(tmp_path, stdlib_shard, layout):
     assert result["distinct_step_tensors"]
     # Bitwise: float equality, not a tolerance.
     assert result["first"] + result["second"] == result["straight"]
+    if "distributed_optimizer" in layout[0]:  # resumed from the fast per-shard format
+        assert result["resumed_format"] == "dp_reshardable"
 
 
 def _nan_run(rank: int, world_size: int, tmp: str, shard: str) -> str:
@@ -331,6 +339,23 @@ def test_checkpointer_refuses_to_save_after_a_diverged_step(monkeypatch):
     with pytest.raises(RuntimeError, match="refusing to save step 3: step 3: loss is nan"):
         Checkpointer()._save(trainer, 3)
     assert saved == []
+
+
+def test_a_released_stage_closes_its_engine():
+    """Between stages the trainer closes its engine (freeing model and optimizer at once)."""
+    from types import SimpleNamespace
+
+    from specialize.config import load_config
+    from specialize.trainer import Trainer
+
+    closed = []
+    engine = SimpleNamespace(close=lambda: closed.append(True))
+    cfg = load_config("configs/base/qwen-nano.yaml", ["logging.tensorboard=false"])
+    trainer = Trainer(cfg, topo=None, derived=None, engine=engine, data=object(), callbacks=[])
+    trainer.release()
+    assert closed == [True] and trainer.engine is None and trainer.data is None
+    trainer.release()  # nothing left to close
+    assert closed == [True]
 
 
 # ----------------------------------------------------------------------------- refused resumes
