@@ -31,7 +31,10 @@ def full_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     tokens = tokens.to(device)
     batch, seq = tokens.shape
     positions = torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq)
-    hidden_shape = (seq, batch, model.config.hidden_size)
+    # Between stages megatron sends [s, b, h], or [s/TP, b, h] when the sequence is sharded.
+    sharded = model.config.sequence_parallel
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    hidden_shape = (seq // tp if sharded else seq, batch, model.config.hidden_size)
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
