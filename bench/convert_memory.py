@@ -33,7 +33,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BASELINE = (
     "import warnings; warnings.filterwarnings('ignore');"
     "import specialize.convert, specialize.checkpoint, safetensors.torch;"
-    "from specialize.config import ParallelConfig; from specialize.distributed import init_distributed, shutdown;"
+    "from specialize.config import ParallelConfig; from specialize.mcore.distributed import init_distributed, shutdown;"
     "init_distributed(ParallelConfig()); shutdown()"
 )
 

@@ -41,7 +41,7 @@ def make_model(work: Path, preset: str) -> None:
     from specialize import checkpoint
     from specialize.config import derive, load_config
     from specialize.convert import export_hf
-    from specialize.distributed import init_distributed, seed_all
+    from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.engine import Engine
 
     cfg = load_config(

@@ -86,7 +86,7 @@ import resource
 import specialize.cli, specialize.run  # noqa: F401  the modules `specialize train` imports
 from base.tokenizer import QwenTokenizer
 from specialize.config import ParallelConfig
-from specialize.distributed import init_distributed, shutdown
+from specialize.mcore.distributed import init_distributed, shutdown
 QwenTokenizer.load()
 init_distributed(ParallelConfig())
 print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)

@@ -308,7 +308,7 @@ class _CountCalls(TorchFunctionMode):
 
 def build_engine(preset_name: str, args: argparse.Namespace):
     from specialize.config import derive, load_config
-    from specialize.distributed import init_distributed, seed_all
+    from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.engine import Engine
 
     cfg = load_config(
@@ -341,7 +341,7 @@ def build_engine(preset_name: str, args: argparse.Namespace):
 
 def bridge_overhead_per_call_us(n: int = 5000) -> float:
     """Extra µs per torch call for one more copy of the bridge's mode, over a mix of call kinds."""
-    from specialize import cpu_bridge
+    from specialize.mcore import cpu_bridge
 
     x = torch.ones(4, 4)
     calls = (
@@ -369,7 +369,7 @@ def bridge_overhead_per_call_us(n: int = 5000) -> float:
 
 
 def measure_ours(preset_name: str, args: argparse.Namespace) -> dict:
-    from specialize import cpu_bridge
+    from specialize.mcore import cpu_bridge
 
     engine = build_engine(preset_name, args)
     torch.set_num_threads(args.threads)  # in case anything on the way changed it

@@ -51,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             print(summary(cfg, derive(cfg, world), world))
         return 0
-    from specialize.distributed import shutdown
+    from specialize.mcore.distributed import shutdown
     from specialize.run import train, train_stages
 
     try:
@@ -252,7 +252,7 @@ def _key_value(item: str, flag: str) -> tuple[str, str]:
 def _convert(run, *args, **kwargs) -> dict | None:
     """Run a conversion; a bad checkpoint is a message and exit code 2, not a traceback."""
     from base.hf_checkpoint import HFCheckpointError
-    from specialize.distributed import shutdown
+    from specialize.mcore.distributed import shutdown
 
     try:
         return run(*args, **kwargs)
@@ -299,7 +299,7 @@ def cmd_convert_export(args: argparse.Namespace) -> int:
 def cmd_convert_verify(args: argparse.Namespace) -> int:
     from base.hf_checkpoint import HFCheckpointError
     from specialize.convert import verify
-    from specialize.distributed import shutdown
+    from specialize.mcore.distributed import shutdown
     from specialize.verify import ParityError
 
     try:
@@ -333,7 +333,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from specialize import likelihood
-    from specialize.distributed import shutdown
+    from specialize.mcore.distributed import shutdown
     from specialize.evaluate import (
         check_limit,
         generate_completions,

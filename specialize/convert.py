@@ -133,7 +133,7 @@ def import_hf(
 
     A tensor holding NaN or Inf is refused unless ``allow_nonfinite`` (then counted and reported)."""
     from specialize import checkpoint
-    from specialize.distributed import init_distributed, seed_all
+    from specialize.mcore.distributed import init_distributed, seed_all
 
     hf_dir, out = Path(hf_dir), Path(out)
     model_info = read_config(hf_dir)
@@ -370,7 +370,7 @@ def export_hf(
 
 def _load_for_export(ckpt: Path, arch: QwenPreset) -> tuple[torch.nn.Module, torch.dtype]:
     from specialize import checkpoint
-    from specialize.distributed import init_distributed, seed_all
+    from specialize.mcore.distributed import init_distributed, seed_all
 
     init_distributed(ParallelConfig())
     seed_all(0)

@@ -27,9 +27,9 @@ from megatron.core.transformer import TransformerConfig
 
 from base.model import ModelOptions, build_model, resolve_spec
 from base.presets import QwenPreset
-from specialize import megatron_fixes
+from specialize.mcore import fixes as megatron_fixes
 from specialize.config import ConfigError, Derived, RecipeConfig
-from specialize.distributed import Topology
+from specialize.mcore.distributed import Topology
 from specialize.step import NonFiniteLossError, make_forward_step, reduce_loss
 
 log = logging.getLogger(__name__)

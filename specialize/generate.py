@@ -62,7 +62,7 @@ def load_model(
     from base.long_context import LongContext, stored_options
     from specialize import checkpoint
     from specialize.convert import layout_config
-    from specialize.distributed import init_distributed, seed_all
+    from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.engine import build_model_chunks
 
     path = checkpoint.resolve_checkpoint(ckpt)

@@ -36,7 +36,7 @@ from specialize.config import (
     to_yaml,
 )
 from specialize.data.pretrain import TrainingData, build_pretrain_datasets, document_attention
-from specialize.distributed import Topology, init_distributed, seed_all
+from specialize.mcore.distributed import Topology, init_distributed, seed_all
 from specialize.engine import Engine
 from specialize.trainer import Trainer, check_same_data
 

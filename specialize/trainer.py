@@ -19,7 +19,7 @@ from base import spec as layer_specs
 from specialize import checkpoint
 from specialize.callbacks import Callback, Checkpointer, ConsoleLogger, TensorBoardLogger
 from specialize.config import ConfigError, Derived, RecipeConfig, Stage
-from specialize.distributed import Topology
+from specialize.mcore.distributed import Topology
 from specialize.engine import Engine, StepResult
 
 log = logging.getLogger("specialize")

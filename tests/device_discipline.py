@@ -37,7 +37,7 @@ collectives ``send``/``recv``/``isend``/``irecv``/``broadcast``/``all_reduce``/`
 collectives that do not dispatch through it (``all_gather_into_tensor``, ``reduce_scatter*``,
 ``all_to_all*``, ``gather``, ``scatter``, ``batch_isend_irecv``) are wrapped where
 ``torch.distributed`` exports them while the check is on. The mode must be entered after
-``specialize.cpu_bridge.install()`` (``init_distributed`` calls it) so that it sees device arguments
+``specialize.mcore.cpu_bridge.install()`` (``init_distributed`` calls it) so that it sees device arguments
 before the bridge rewrites them; where it sits on the mode stack when it leaves does not matter.
 """
 

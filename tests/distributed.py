@@ -44,7 +44,7 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args: tuple)
     Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(outcome))
     if outcome[0] == "error":
         os._exit(1)
-    from specialize.distributed import shutdown
+    from specialize.mcore.distributed import shutdown
 
     shutdown()
 

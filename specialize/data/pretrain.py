@@ -36,7 +36,7 @@ from specialize.config import ConfigError, DataConfig, RecipeConfig
 from specialize.data.sft_prepare import FORMAT as SFT_FORMAT
 
 if TYPE_CHECKING:
-    from specialize.distributed import Topology
+    from specialize.mcore.distributed import Topology
 
 log = logging.getLogger(__name__)
 

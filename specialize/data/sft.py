@@ -29,7 +29,7 @@ from base.tokenizer import QwenTokenizer
 from specialize.config import ConfigError, Derived, RecipeConfig
 from specialize.data.pretrain import SPLITS, TrainingData, _parse_split
 from specialize.data.sft_prepare import LOSS_MASK, TOKENS, read_sft_manifest
-from specialize.distributed import Topology
+from specialize.mcore.distributed import Topology
 
 ATTENTION = ("causal", "mask", "thd")
 

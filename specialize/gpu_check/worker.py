@@ -57,7 +57,7 @@ def _train_without_saving(cfg):
     from base.tokenizer import QwenTokenizer
     from specialize.callbacks import ConsoleLogger
     from specialize.config import derive
-    from specialize.distributed import init_distributed, seed_all
+    from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.engine import Engine
     from specialize.run import build_data, check_data_and_vocab
     from specialize.trainer import Trainer
@@ -108,7 +108,7 @@ def isolation_job(out: str, run_config: str, ckpt: str, packed: list[str]) -> No
     from specialize import checkpoint
     from specialize.config import derive, load_config
     from specialize.data.sft import SFTSequences, sft_attention
-    from specialize.distributed import init_distributed, seed_all
+    from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.engine import Engine
     from specialize.step import packed_seq_params
 
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         probe_job(args.out)
         return 0
     from specialize.cli import _setup_logging
-    from specialize.distributed import shutdown
+    from specialize.mcore.distributed import shutdown
 
     _setup_logging()
     try:

@@ -48,7 +48,7 @@ def _megatron_logits(
 ):
     from base.model import ModelOptions, build_model
     from specialize.config import ParallelConfig
-    from specialize.distributed import init_distributed, seed_all
+    from specialize.mcore.distributed import init_distributed, seed_all
 
     init_distributed(ParallelConfig())
     seed_all(0)

@@ -129,7 +129,7 @@ def test_te_spec_carries_windows_and_logn(monkeypatch):
 def test_te_core_attention_gets_the_window():
     from base.model import build_model
     from specialize.config import ParallelConfig
-    from specialize.distributed import init_distributed
+    from specialize.mcore.distributed import init_distributed
 
     init_distributed(ParallelConfig())
     opts = ModelOptions(
@@ -225,7 +225,7 @@ def test_checkpoint_options_are_stored_and_read(tmp_path):
 def _model_checks(rank: int, world_size: int, run_dir: str) -> dict:
     from base.model import build_model
     from specialize.config import ParallelConfig
-    from specialize.distributed import init_distributed, seed_all
+    from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.generate import _CachedDecoder, generate_ids
     from specialize.logits import full_logits
 

@@ -179,7 +179,7 @@ def test_resolve_spec_follows_the_one_transformer_engine_check(monkeypatch):
 def _build_nano(rank: int, world_size: int) -> dict:
     from base.model import build_model
     from specialize.config import ParallelConfig
-    from specialize.distributed import init_distributed, seed_all
+    from specialize.mcore.distributed import init_distributed, seed_all
 
     init_distributed(ParallelConfig())
     seed_all(0)

@@ -202,7 +202,7 @@ def test_corrupt_only_checkpoint_stops_with_one_line_naming_it(tmp_path: Path):
 
 def _nano_engine(run_dir: str):
     from specialize.config import derive, load_config
-    from specialize.distributed import init_distributed
+    from specialize.mcore.distributed import init_distributed
     from specialize.engine import Engine
 
     cfg = load_config(NANO, [f"checkpoint.dir={run_dir}", "data.paths=[unused]", "train.steps=20"])
@@ -494,7 +494,7 @@ def test_final_checkpoints_are_fully_reshardable_and_the_others_fast():
 
 def _dist_opt_engine(run_dir: str, *overrides: str):
     from specialize.config import derive, load_config
-    from specialize.distributed import init_distributed, seed_all
+    from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.engine import Engine
 
     cfg = load_config(
@@ -578,7 +578,7 @@ def test_fast_optimizer_checkpoints_change_only_the_data_parallel_size(tmp_path:
 def _bf16_init(rank: int, world_size: int, tmp: str) -> dict:
     from specialize import checkpoint
     from specialize.config import derive, load_config
-    from specialize.distributed import init_distributed, seed_all
+    from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.engine import Engine
     from tests.specialize.test_engine import random_batches
 

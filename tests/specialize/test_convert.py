@@ -75,7 +75,7 @@ def _export(rank: int, world_size: int, ckpt: str, out: str, fmt: str) -> dict:
 def _logits(rank: int, world_size: int, ckpt: str, overrides: list[str]) -> torch.Tensor:
     from specialize import checkpoint
     from specialize.config import derive, load_config
-    from specialize.distributed import init_distributed, seed_all
+    from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.engine import Engine
     from specialize.logits import full_logits
 

@@ -118,7 +118,7 @@ def _losses(rank: int, world_size: int, run_dir: str, dirs: dict[str, str]) -> d
     from specialize.config import derive, load_config
     from specialize.data.pretrain import build_dataloader
     from specialize.data.sft import SFTSequences
-    from specialize.distributed import init_distributed, seed_all
+    from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.engine import Engine
 
     out = {}
@@ -157,7 +157,7 @@ def test_packed_loss_equals_unpacked_loss_at_pp1_and_pp2(prepared, tmp_path) -> 
 def _sample_logits(rank: int, world_size: int, run_dir: str, dirs: dict[str, str]) -> dict:
     from specialize.config import derive, load_config
     from specialize.data.sft import SFTSequences
-    from specialize.distributed import init_distributed, seed_all
+    from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.engine import Engine
 
     cfg = load_config(

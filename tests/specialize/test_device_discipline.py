@@ -31,7 +31,7 @@ def _init_matching(tmp: str, hf_dir: str) -> str:
     from specialize import checkpoint
     from specialize.config import derive, load_config
     from specialize.convert import _fill
-    from specialize.distributed import init_distributed, seed_all
+    from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.engine import Engine
 
     cfg = load_config(
@@ -83,7 +83,7 @@ def _decode(ckpt: str, tp: int, pp: int, stream: np.ndarray) -> dict:
 
 
 def _gpu_path(rank: int, world_size: int, tmp: str, hf_dir: str, sft: str) -> dict:
-    from specialize import cpu_bridge
+    from specialize.mcore import cpu_bridge
     from specialize.convert import verify
     from tests.device_discipline import device_discipline
 

@@ -25,7 +25,7 @@ def random_batches(seq: int, micro_batch: int):
 
 def _steps(rank: int, world_size: int, overrides: list[str], steps: int) -> dict:
     from specialize.config import derive, load_config
-    from specialize.distributed import init_distributed, seed_all
+    from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.engine import Engine
 
     cfg = load_config(
@@ -89,7 +89,7 @@ def _weight_norms(rank: int, world_size: int) -> list[list[float]]:
     import torch.distributed as dist
 
     from specialize.config import derive, load_config
-    from specialize.distributed import init_distributed, seed_all
+    from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.engine import Engine
 
     overrides = ["data.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=2"]
@@ -198,7 +198,7 @@ def test_cpu_runs_keep_their_settings():
 
 def _overlap_steps(rank: int, world_size: int, overlap: bool) -> dict:
     from specialize.config import derive, load_config
-    from specialize.distributed import init_distributed, seed_all
+    from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.engine import Engine
 
     flags = ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"]
@@ -261,7 +261,7 @@ def _closed_engine(rank: int, world_size: int) -> dict:
     import weakref
 
     from specialize.config import derive, load_config
-    from specialize.distributed import init_distributed, seed_all
+    from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.engine import Engine
 
     overrides = ["data.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=2"]
@@ -293,7 +293,7 @@ def test_close_frees_the_model_and_optimizer_at_once():
 
 def _gpu_memory_around_an_engine(rank: int, world_size: int) -> dict:
     from specialize.config import derive, load_config
-    from specialize.distributed import init_distributed, seed_all
+    from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.engine import Engine
 
     cfg = load_config(

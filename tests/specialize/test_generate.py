@@ -19,7 +19,7 @@ PROMPTS = [[151644, 872, 198, 13048], [9707, 11, 1879], [9707, 11, 1879, 0, 1, 2
 def _save(rank: int, world_size: int, run_dir: str, overrides: tuple[str, ...] = ()) -> str:
     from specialize import checkpoint
     from specialize.config import derive, load_config
-    from specialize.distributed import init_distributed, seed_all
+    from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.engine import Engine
 
     cfg = load_config(

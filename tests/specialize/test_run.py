@@ -13,7 +13,7 @@ from tests.distributed import run_distributed
 def _layer_specs(rank: int, world_size: int) -> dict[str, str]:
     import base.spec
     from specialize.config import ConfigError, load_config
-    from specialize.distributed import init_distributed
+    from specialize.mcore.distributed import init_distributed
     from specialize.run import check_layer_spec
 
     # Rank 1's node has a Transformer Engine built for another torch; rank 0's works.

@@ -71,7 +71,7 @@ def _tp2_model(paths: dict[str, str], spec: str, sequence_parallel: bool) -> tor
     from base.hf_checkpoint import read_config
     from specialize import checkpoint
     from specialize.convert import layout_config
-    from specialize.distributed import init_distributed, seed_all
+    from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.engine import build_model_chunks
 
     cfg = layout_config(read_config(paths["good"]).arch, tp=2, pp=1)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from specialize import cpu_bridge
+from specialize.mcore import cpu_bridge
 from specialize.config import ParallelConfig
 
 
