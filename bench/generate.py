@@ -42,7 +42,7 @@ def make_model(work: Path, preset: str) -> None:
     from specialize.config import derive, load_config
     from specialize.convert import export_hf
     from specialize.mcore.distributed import init_distributed, seed_all
-    from specialize.engine import Engine
+    from specialize.train.engine import Engine
 
     cfg = load_config(
         f"configs/base/{preset}.yaml",

@@ -83,7 +83,7 @@ runpy.run_module("specialize", run_name="__main__")
 
 BASELINE_CHILD = """
 import resource
-import specialize.cli, specialize.run  # noqa: F401  the modules `specialize train` imports
+import specialize.cli, specialize.train.run  # noqa: F401  the modules `specialize train` imports
 from base.tokenizer import QwenTokenizer
 from specialize.config import ParallelConfig
 from specialize.mcore.distributed import init_distributed, shutdown

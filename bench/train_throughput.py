@@ -309,7 +309,7 @@ class _CountCalls(TorchFunctionMode):
 def build_engine(preset_name: str, args: argparse.Namespace):
     from specialize.config import derive, load_config
     from specialize.mcore.distributed import init_distributed, seed_all
-    from specialize.engine import Engine
+    from specialize.train.engine import Engine
 
     cfg = load_config(
         None,

@@ -50,7 +50,7 @@ from megatron.core.dist_checkpointing.strategies import filesystem_async
 from base.presets import QwenPreset
 from specialize import config as config_mod
 from specialize.config import checkpoint_root, iteration_dir  # layout shared with stages
-from specialize.engine import Engine
+from specialize.train.engine import Engine
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,8 @@
-"""The ``specialize`` command line."""
+"""The ``specialize`` command line.
+
+Each command imports what it runs inside its handler: torch and megatron-core take seconds to
+import, and ``specialize --help`` or ``specialize config`` should not wait for them.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +19,6 @@ from specialize.config import (
     derive,
     describe,
     load_config,
-    stages_summary,
-    summary,
 )
 
 # megatron-core announces every optional kernel it falls back from; on CPU these are expected. Its
@@ -45,6 +47,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides, require_paths=not args.dry_run)
     check_machine(cfg, planning=args.dry_run)
     if args.dry_run:
+        from specialize.train.dry_run import stages_summary, summary
+
         world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
         if cfg.stages:
             print(stages_summary(cfg, world), end="")
@@ -52,7 +56,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(summary(cfg, derive(cfg, world), world))
         return 0
     from specialize.mcore.distributed import shutdown
-    from specialize.run import train, train_stages
+    from specialize.train.run import train, train_stages
 
     try:
         if cfg.stages:
@@ -333,7 +337,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from specialize import likelihood
-    from specialize.mcore.distributed import shutdown
     from specialize.evaluate import (
         check_limit,
         generate_completions,
@@ -342,6 +345,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         summary_line,
         write_results,
     )
+    from specialize.mcore.distributed import shutdown
     from specialize.plugins import PluginError
     from specialize.tasks import TaskError
 

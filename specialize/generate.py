@@ -63,7 +63,7 @@ def load_model(
     from specialize import checkpoint
     from specialize.convert import layout_config
     from specialize.mcore.distributed import init_distributed, seed_all
-    from specialize.engine import build_model_chunks
+    from specialize.train.engine import build_model_chunks
 
     path = checkpoint.resolve_checkpoint(ckpt)
     dtype = dtype or checkpoint_dtype(path)

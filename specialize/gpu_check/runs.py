@@ -245,8 +245,8 @@ class ThroughputPlan:
 def gpu_spec(name: str, memory_bytes: int):
     """``specialize plan``'s spec of a device (its real memory), and whether its peak is known:
     an unknown GPU is planned with H100 peaks, which only rank layouts (no throughput claim)."""
-    from specialize.callbacks import PEAK_TFLOPS
     from specialize.plan import GPUS
+    from specialize.train.callbacks import PEAK_TFLOPS
 
     for key, spec in GPUS.items():
         if key.upper() in name.upper():

@@ -55,12 +55,12 @@ def layer_class(engine) -> str:
 def _train_without_saving(cfg):
     """``run.train`` without the checkpointer, TensorBoard or run-directory lock."""
     from base.tokenizer import QwenTokenizer
-    from specialize.callbacks import ConsoleLogger
     from specialize.config import derive
     from specialize.mcore.distributed import init_distributed, seed_all
-    from specialize.engine import Engine
-    from specialize.run import build_data, check_data_and_vocab
-    from specialize.trainer import Trainer
+    from specialize.train.callbacks import ConsoleLogger
+    from specialize.train.engine import Engine
+    from specialize.train.run import build_data, check_data_and_vocab
+    from specialize.train.trainer import Trainer
 
     tokenizer = QwenTokenizer.load(cfg.model.tokenizer)
     check_data_and_vocab(cfg, tokenizer)
@@ -76,7 +76,7 @@ def _train_without_saving(cfg):
 
 def train_job(out: str, recipe: str, overrides: list[str], save: bool) -> None:
     from specialize.config import check_machine, load_config
-    from specialize.run import train
+    from specialize.train.run import train
 
     cfg = load_config(recipe, overrides)
     check_machine(cfg)
@@ -109,8 +109,8 @@ def isolation_job(out: str, run_config: str, ckpt: str, packed: list[str]) -> No
     from specialize.config import derive, load_config
     from specialize.data.sft import SFTSequences, sft_attention
     from specialize.mcore.distributed import init_distributed, seed_all
-    from specialize.engine import Engine
-    from specialize.step import packed_seq_params
+    from specialize.train.engine import Engine
+    from specialize.train.step import packed_seq_params
 
     scratch = Path(out).with_suffix(".run")
     cfg = load_config(run_config, ["init.checkpoint=null", f"checkpoint.dir={scratch}"])

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from specialize.mcore import cpu_bridge
 from specialize.config import ParallelConfig
+from specialize.mcore import cpu_bridge
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,7 @@ def test_te_core_attention_gets_the_window():
 
 def test_config_fields_and_errors():
     from specialize.config import ConfigError, load_config
-    from specialize.engine import model_options
+    from specialize.train.engine import model_options
 
     base = ["train.steps=1", "data.seq_length=32"]
     cfg = load_config("configs/base/qwen-nano.yaml", base)
@@ -225,9 +225,9 @@ def test_checkpoint_options_are_stored_and_read(tmp_path):
 def _model_checks(rank: int, world_size: int, run_dir: str) -> dict:
     from base.model import build_model
     from specialize.config import ParallelConfig
-    from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.generate import _CachedDecoder, generate_ids
     from specialize.logits import full_logits
+    from specialize.mcore.distributed import init_distributed, seed_all
 
     init_distributed(ParallelConfig())
     seed_all(0)
@@ -331,8 +331,8 @@ def _model_checks(rank: int, world_size: int, run_dir: str) -> dict:
     # Per checkpoint: a saved run's config carries the options; load_model's argument overrides.
     from specialize import checkpoint
     from specialize.config import derive, load_config
-    from specialize.engine import Engine
     from specialize.generate import load_model
+    from specialize.train.engine import Engine
 
     cfg = load_config(
         "configs/base/qwen-nano.yaml",

@@ -203,7 +203,7 @@ def test_corrupt_only_checkpoint_stops_with_one_line_naming_it(tmp_path: Path):
 def _nano_engine(run_dir: str):
     from specialize.config import derive, load_config
     from specialize.mcore.distributed import init_distributed
-    from specialize.engine import Engine
+    from specialize.train.engine import Engine
 
     cfg = load_config(NANO, [f"checkpoint.dir={run_dir}", "data.paths=[unused]", "train.steps=20"])
     topo = init_distributed(cfg.parallel)
@@ -299,7 +299,7 @@ def test_altered_distcp_is_refused_by_every_load(tmp_path: Path, stdlib_shard):
 
 def _train(common: list[str], *overrides: str):
     from specialize.config import load_config
-    from specialize.run import train
+    from specialize.train.run import train
 
     return train(load_config(NANO, [*common, *overrides]))
 
@@ -495,7 +495,7 @@ def test_final_checkpoints_are_fully_reshardable_and_the_others_fast():
 def _dist_opt_engine(run_dir: str, *overrides: str):
     from specialize.config import derive, load_config
     from specialize.mcore.distributed import init_distributed, seed_all
-    from specialize.engine import Engine
+    from specialize.train.engine import Engine
 
     cfg = load_config(
         NANO,
@@ -579,7 +579,7 @@ def _bf16_init(rank: int, world_size: int, tmp: str) -> dict:
     from specialize import checkpoint
     from specialize.config import derive, load_config
     from specialize.mcore.distributed import init_distributed, seed_all
-    from specialize.engine import Engine
+    from specialize.train.engine import Engine
     from tests.specialize.test_engine import random_batches
 
     def build(seed: int) -> Engine:

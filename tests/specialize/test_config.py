@@ -381,30 +381,6 @@ def test_architecture_overrides():
         )
 
 
-def test_cosine_warmup_follows_a_half_cosine_then_the_decay():
-    import math
-
-    from specialize.config import lr_curve
-
-    cfg = load_config(
-        "configs/base/qwen-nano.yaml",
-        [
-            "train.steps=20",
-            "schedule.warmup_steps=8",
-            "schedule.warmup_shape=cosine",
-            "schedule.decay=constant",
-            "optimizer.lr=1e-3",
-            "optimizer.min_lr=1e-3",
-        ],
-    )
-    curve = dict(lr_curve(cfg, derive(cfg, 1), list(range(1, 21))))
-    for step in range(1, 9):  # the LR logged at step s is the one step s + 1 uses
-        expected = 1e-3 * 0.5 * (1 - math.cos(math.pi * step / 8))
-        assert curve[step] == pytest.approx(expected, rel=1e-9), step
-    assert curve[3] < 1e-3 * 3 / 8  # below the linear ramp early on
-    assert all(curve[step] == pytest.approx(1e-3) for step in range(8, 21))
-
-
 @pytest.mark.parametrize(
     "override,message",
     [
@@ -489,11 +465,11 @@ def test_auto_resolves_once_and_every_reader_sees_it(monkeypatch, tmp_path, why_
     from types import SimpleNamespace
 
     from specialize.checkpoint import lineage_record
-    from specialize.config import summary
     from specialize.data.pretrain import document_attention
     from specialize.data.sft import sft_attention
-    from specialize.engine import model_options
     from specialize.plan import workload
+    from specialize.train.dry_run import summary
+    from specialize.train.engine import model_options
 
     _machine(monkeypatch, why_not_te)
     overrides = ["train.steps=1", "train.micro_batch_size=1", "data.reset_attention_mask=true"]

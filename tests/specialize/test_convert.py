@@ -75,9 +75,9 @@ def _export(rank: int, world_size: int, ckpt: str, out: str, fmt: str) -> dict:
 def _logits(rank: int, world_size: int, ckpt: str, overrides: list[str]) -> torch.Tensor:
     from specialize import checkpoint
     from specialize.config import derive, load_config
-    from specialize.mcore.distributed import init_distributed, seed_all
-    from specialize.engine import Engine
     from specialize.logits import full_logits
+    from specialize.mcore.distributed import init_distributed, seed_all
+    from specialize.train.engine import Engine
 
     results = {}
     for layout in (["parallel.tensor=1"], ["parallel.tensor=2"], ["parallel.pipeline=2"]):
@@ -264,7 +264,7 @@ def _gated_training(
     rank: int, world_size: int, ckpt: str, reference: str, shard: str, run_dir: str
 ) -> str:
     from specialize.config import load_config
-    from specialize.run import train
+    from specialize.train.run import train
     from specialize.verify import ParityError
 
     overrides = [

@@ -175,7 +175,7 @@ def test_document_resets(data, tok, tmp_path: Path) -> None:
 def test_document_resets_with_transformer_engine_give_thd_boundaries(data, tok, tmp_path) -> None:
     """TE's causal attention ignores a dense mask; its documents are ``cu_seqlens`` instead, the
     same blocks as GPTDataset's mask."""
-    from specialize.step import packed_seq_params
+    from specialize.train.step import packed_seq_params
 
     cfg = _cfg([data["one"]], reset_attention_mask=True)
     masked, _, _ = build_pretrain_datasets(cfg, tok, 1, (200, 0, 0), tmp_path / "mask")

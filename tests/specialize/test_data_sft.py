@@ -104,7 +104,7 @@ def test_the_batch_builder_follows_the_resolved_spec(prepared, monkeypatch, why_
 
 
 def test_packed_seq_params_from_a_micro_batch() -> None:
-    from specialize.step import packed_seq_params
+    from specialize.train.step import packed_seq_params
 
     cu = torch.tensor([[0, 5, 12, 16, -1, -1]], dtype=torch.int32)
     params = packed_seq_params(cu)
@@ -119,7 +119,7 @@ def _losses(rank: int, world_size: int, run_dir: str, dirs: dict[str, str]) -> d
     from specialize.data.pretrain import build_dataloader
     from specialize.data.sft import SFTSequences
     from specialize.mcore.distributed import init_distributed, seed_all
-    from specialize.engine import Engine
+    from specialize.train.engine import Engine
 
     out = {}
     for layout, overrides in (("pp1", ["parallel.tensor=2"]), ("pp2", ["parallel.pipeline=2"])):
@@ -158,7 +158,7 @@ def _sample_logits(rank: int, world_size: int, run_dir: str, dirs: dict[str, str
     from specialize.config import derive, load_config
     from specialize.data.sft import SFTSequences
     from specialize.mcore.distributed import init_distributed, seed_all
-    from specialize.engine import Engine
+    from specialize.train.engine import Engine
 
     cfg = load_config(
         "configs/base/qwen-nano.yaml",
@@ -223,7 +223,7 @@ def test_a_samples_logits_do_not_depend_on_its_neighbours(tmp_path) -> None:
 
 def _sft_run(rank: int, world_size: int, run_dir: str, data: str) -> dict:
     from specialize.config import load_config
-    from specialize.run import train
+    from specialize.train.run import train
 
     cfg = load_config(
         "configs/base/qwen-nano.yaml",

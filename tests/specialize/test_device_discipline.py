@@ -32,7 +32,7 @@ def _init_matching(tmp: str, hf_dir: str) -> str:
     from specialize.config import derive, load_config
     from specialize.convert import _fill
     from specialize.mcore.distributed import init_distributed, seed_all
-    from specialize.engine import Engine
+    from specialize.train.engine import Engine
 
     cfg = load_config(
         "configs/base/qwen-nano.yaml",
@@ -48,7 +48,7 @@ def _init_matching(tmp: str, hf_dir: str) -> str:
 def _sft_step(tmp: str, init: str, hf_dir: str, sft: str, layout: str) -> str:
     """One SFT step of ``init`` at ``layout``, after the parity gate; the final checkpoint."""
     from specialize.config import load_config
-    from specialize.run import train
+    from specialize.train.run import train
 
     overrides = [
         f"init={init}",
@@ -83,8 +83,8 @@ def _decode(ckpt: str, tp: int, pp: int, stream: np.ndarray) -> dict:
 
 
 def _gpu_path(rank: int, world_size: int, tmp: str, hf_dir: str, sft: str) -> dict:
-    from specialize.mcore import cpu_bridge
     from specialize.convert import verify
+    from specialize.mcore import cpu_bridge
     from tests.device_discipline import device_discipline
 
     cpu_bridge.install()  # before the check, which must see device arguments first

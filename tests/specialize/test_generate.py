@@ -20,7 +20,7 @@ def _save(rank: int, world_size: int, run_dir: str, overrides: tuple[str, ...] =
     from specialize import checkpoint
     from specialize.config import derive, load_config
     from specialize.mcore.distributed import init_distributed, seed_all
-    from specialize.engine import Engine
+    from specialize.train.engine import Engine
 
     cfg = load_config(
         "configs/base/qwen-nano.yaml",
@@ -114,7 +114,7 @@ def test_a_bf16_evaluation_builds_the_gpu_model_in_bf16():
     from base.model import transformer_config_kwargs
     from base.presets import get_preset
     from specialize.convert import layout_config
-    from specialize.engine import model_options
+    from specialize.train.engine import model_options
 
     arch = get_preset("qwen-14b")
     for dtype, params_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):

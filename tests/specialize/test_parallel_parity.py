@@ -13,7 +13,7 @@ LAYOUTS = {"tp1": [], "tp2": ["parallel.tensor=2"], "pp2": ["parallel.pipeline=2
 def _build(run_dir: str, overrides: list[str]):
     from specialize.config import derive, load_config
     from specialize.mcore.distributed import init_distributed, seed_all
-    from specialize.engine import Engine
+    from specialize.train.engine import Engine
 
     cfg = load_config(
         "configs/base/qwen-nano.yaml",

@@ -239,8 +239,8 @@ def _adam_steps(engine) -> list[float]:
 
 
 def _stage_runs(rank: int, world_size: int, recipe: str, tmp: str) -> dict:
-    from specialize.config import lr_curve
-    from specialize.run import train_stages
+    from specialize.train.dry_run import lr_curve
+    from specialize.train.run import train_stages
 
     def run(name: str, *overrides: str) -> list:
         # One sample-index cache for all runs: GPTDataset builds each distinct index once.
@@ -373,7 +373,7 @@ def _changed_stage_runs(rank: int, world_size: int, recipe: str, tmp: str, other
     import shutil
 
     from specialize.checkpoint import CheckpointError
-    from specialize.run import train_stages
+    from specialize.train.run import train_stages
 
     tmp_dir = Path(tmp)
     run_dir = tmp_dir / "run"

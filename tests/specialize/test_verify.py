@@ -72,7 +72,7 @@ def _tp2_model(paths: dict[str, str], spec: str, sequence_parallel: bool) -> tor
     from specialize import checkpoint
     from specialize.convert import layout_config
     from specialize.mcore.distributed import init_distributed, seed_all
-    from specialize.engine import build_model_chunks
+    from specialize.train.engine import build_model_chunks
 
     cfg = layout_config(read_config(paths["good"]).arch, tp=2, pp=1)
     cfg.model.spec = spec

@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from specialize.engine import StepResult
+from specialize.config import RecipeConfig
+from specialize.train.engine import StepResult
 
 if TYPE_CHECKING:
-    from specialize.trainer import Trainer
+    from specialize.train.trainer import Trainer
 
 log = logging.getLogger("specialize")
 
@@ -190,3 +191,12 @@ class Checkpointer(Callback):
         trainer.last_checkpoint = path
         if trainer.is_rank0:
             log.info("saved checkpoint %s", path)
+
+
+def default_callbacks(cfg: RecipeConfig) -> list[Callback]:
+    """What a training run calls back: progress, TensorBoard when on, checkpoints."""
+    callbacks: list[Callback] = [ConsoleLogger()]
+    if cfg.logging.tensorboard:
+        callbacks.append(TensorBoardLogger(Path(cfg.checkpoint.dir) / "tensorboard"))
+    callbacks.append(Checkpointer())
+    return callbacks

@@ -26,7 +26,7 @@ def random_batches(seq: int, micro_batch: int):
 def _steps(rank: int, world_size: int, overrides: list[str], steps: int) -> dict:
     from specialize.config import derive, load_config
     from specialize.mcore.distributed import init_distributed, seed_all
-    from specialize.engine import Engine
+    from specialize.train.engine import Engine
 
     cfg = load_config(
         "configs/base/qwen-nano.yaml",
@@ -90,7 +90,7 @@ def _weight_norms(rank: int, world_size: int) -> list[list[float]]:
 
     from specialize.config import derive, load_config
     from specialize.mcore.distributed import init_distributed, seed_all
-    from specialize.engine import Engine
+    from specialize.train.engine import Engine
 
     overrides = ["data.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=2"]
     cfg = load_config("configs/base/qwen-nano.yaml", [*overrides, "parallel.tensor=2"])
@@ -130,7 +130,7 @@ def test_gpu_recipe_gets_the_settings_of_known_good_h100_runs(tmp_path, monkeypa
     """The DDP, optimizer and TransformerConfig arguments the 7B CPT recipe builds on CUDA with
     Transformer Engine and APEX (simulated: nothing CUDA is built)."""
     from base.model import transformer_config_kwargs
-    from specialize import engine
+    from specialize.train import engine
 
     monkeypatch.setattr(engine, "resolve_spec", lambda spec: "te")
     monkeypatch.setattr(engine, "fused_wgrad_available", lambda: True)
@@ -159,8 +159,8 @@ def test_gpu_recipe_gets_the_settings_of_known_good_h100_runs(tmp_path, monkeypa
 
 
 def test_gpu_settings_are_overridable(tmp_path, monkeypatch):
-    from specialize import engine
     from specialize.config import ConfigError
+    from specialize.train import engine
 
     monkeypatch.setattr(engine, "fused_wgrad_available", lambda: True)
     recipe = "configs/code_qwen/7b-cpt.yaml"
@@ -181,7 +181,7 @@ def test_gpu_settings_are_overridable(tmp_path, monkeypatch):
 def test_cpu_runs_keep_their_settings():
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from specialize import engine
+    from specialize.train import engine
 
     for extra in ([], ["parallel.distributed_optimizer=true"]):
         cfg = _recipe("configs/base/qwen-nano.yaml", *extra)
@@ -199,7 +199,7 @@ def test_cpu_runs_keep_their_settings():
 def _overlap_steps(rank: int, world_size: int, overlap: bool) -> dict:
     from specialize.config import derive, load_config
     from specialize.mcore.distributed import init_distributed, seed_all
-    from specialize.engine import Engine
+    from specialize.train.engine import Engine
 
     flags = ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"]
     cfg = load_config(
@@ -262,7 +262,7 @@ def _closed_engine(rank: int, world_size: int) -> dict:
 
     from specialize.config import derive, load_config
     from specialize.mcore.distributed import init_distributed, seed_all
-    from specialize.engine import Engine
+    from specialize.train.engine import Engine
 
     overrides = ["data.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=2"]
     cfg = load_config("configs/base/qwen-nano.yaml", overrides)
@@ -294,7 +294,7 @@ def test_close_frees_the_model_and_optimizer_at_once():
 def _gpu_memory_around_an_engine(rank: int, world_size: int) -> dict:
     from specialize.config import derive, load_config
     from specialize.mcore.distributed import init_distributed, seed_all
-    from specialize.engine import Engine
+    from specialize.train.engine import Engine
 
     cfg = load_config(
         "configs/base/qwen-tiny.yaml",

@@ -30,7 +30,7 @@ def _overrides(run_dir: str, shard: str) -> list[str]:
 
 def _train(rank: int, world_size: int, recipe: str, overrides: list[str]) -> dict:
     from specialize.config import load_config
-    from specialize.run import train
+    from specialize.train.run import train
 
     trainer = train(load_config(recipe, overrides))
     return {
@@ -68,7 +68,7 @@ def test_qwen_tiny_loss_falls_on_stdlib(tmp_path, stdlib_shard):
 
 def _resume_runs(rank: int, world_size: int, tmp: str, shard: str, layout: list[str]) -> dict:
     from specialize.config import load_config
-    from specialize.run import train
+    from specialize.train.run import train
 
     common = _overrides("", shard)[1:] + [
         "train.steps=20",
@@ -131,8 +131,8 @@ def test_resume_is_bitwise_exact(tmp_path, stdlib_shard, layout):
 
 def _nan_run(rank: int, world_size: int, tmp: str, shard: str) -> str:
     from specialize.config import load_config
-    from specialize.run import train
-    from specialize.step import NonFiniteLossError
+    from specialize.train.run import train
+    from specialize.train.step import NonFiniteLossError
 
     overrides = _overrides(f"{tmp}/nan", shard) + [
         "train.steps=5",
@@ -159,7 +159,7 @@ def test_non_finite_loss_stops_the_run(tmp_path, stdlib_shard):
 
 def _init_runs(rank: int, world_size: int, tmp: str, shard: str) -> dict:
     from specialize.config import load_config
-    from specialize.run import train
+    from specialize.train.run import train
 
     common = _overrides("", shard)[1:] + [
         "data.seq_length=64",
@@ -230,7 +230,7 @@ def _max_abs_weight(path: Path) -> float:
 
 def _explosion_runs(rank: int, world_size: int, tmp: str, shard: str) -> dict:
     from specialize.config import load_config
-    from specialize.run import train
+    from specialize.train.run import train
 
     out = {}
     # With warmup, megatron's schedule applies LR 0 at step 1 and 2e5 at step 2; without, 1e6 at
@@ -283,13 +283,13 @@ def test_cli_reports_a_diverged_run_in_one_line(tmp_path, stdlib_shard):
 
 
 def _result(loss: float, grad_norm: float = 1.0):
-    from specialize.engine import StepResult
+    from specialize.train.engine import StepResult
 
     return StepResult(loss=loss, grad_norm=grad_norm, lr=1e-3, num_tokens=64)
 
 
 def test_spike_guard_stops_on_a_loss_or_grad_norm_spike_naming_step_value_and_mean():
-    from specialize.trainer import SpikeError, SpikeGuard
+    from specialize.train.trainer import SpikeError, SpikeGuard
 
     guard = SpikeGuard(factor=3.0, window=4)
     # The first steps have no (meaningful) mean: a large jump there is not a spike.
@@ -331,7 +331,7 @@ def test_checkpointer_refuses_to_save_after_a_diverged_step(monkeypatch):
     from types import SimpleNamespace
 
     from specialize import checkpoint
-    from specialize.callbacks import Checkpointer
+    from specialize.train.callbacks import Checkpointer
 
     saved = []
     monkeypatch.setattr(checkpoint, "save", lambda *args, **kwargs: saved.append(args))
@@ -346,7 +346,7 @@ def test_a_released_stage_closes_its_engine():
     from types import SimpleNamespace
 
     from specialize.config import load_config
-    from specialize.trainer import Trainer
+    from specialize.train.trainer import Trainer
 
     closed = []
     engine = SimpleNamespace(close=lambda: closed.append(True))
@@ -388,7 +388,7 @@ def _attempt(run) -> str:
 
 def _refused_resumes(rank: int, world_size: int, tmp: str, shard: str, other: str) -> dict:
     from specialize.config import load_config
-    from specialize.run import train
+    from specialize.train.run import train
 
     tmp = Path(tmp)
     data, run_dir = tmp / "data", tmp / "run"
@@ -495,7 +495,7 @@ def test_resume_refuses_layers_auto_chose_otherwise_on_another_machine(refused_r
 
 def test_an_explicit_spec_continues_a_checkpoint_of_other_layers(tmp_path, caplog):
     from specialize.config import load_config
-    from specialize.trainer import check_same_spec
+    from specialize.train.trainer import check_same_spec
 
     lineage = {"model_spec": {"requested": "auto", "resolved": "te"}}
     (tmp_path / "lineage.json").write_text(json.dumps(lineage))
@@ -522,7 +522,7 @@ def test_fresh_start_over_existing_checkpoints_is_refused_before_training(refuse
 def _busy_run(rank: int, world_size: int, tmp: str, shard: str) -> str:
     from specialize.checkpoint import CheckpointError
     from specialize.config import load_config
-    from specialize.run import train
+    from specialize.train.run import train
 
     signal.alarm(300)  # a rank left waiting for the other would hang the test: kill it instead
     overrides = (
@@ -538,7 +538,7 @@ def _busy_run(rank: int, world_size: int, tmp: str, shard: str) -> str:
 
 
 def test_busy_run_directory_stops_every_rank(tmp_path, stdlib_shard):
-    from specialize.run import run_directory_lock
+    from specialize.train.run import run_directory_lock
 
     with run_directory_lock(tmp_path / "busy"):
         message = run_distributed(_busy_run, str(tmp_path), stdlib_shard, world_size=2)

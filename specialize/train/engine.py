@@ -27,10 +27,10 @@ from megatron.core.transformer import TransformerConfig
 
 from base.model import ModelOptions, build_model, resolve_spec
 from base.presets import QwenPreset
-from specialize.mcore import fixes as megatron_fixes
 from specialize.config import ConfigError, Derived, RecipeConfig
+from specialize.mcore import fixes as megatron_fixes
 from specialize.mcore.distributed import Topology
-from specialize.step import NonFiniteLossError, make_forward_step, reduce_loss
+from specialize.train.step import NonFiniteLossError, make_forward_step, reduce_loss
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from specialize.config import ParallelConfig
-from specialize.run import cuda_environment
+from specialize.train.run import cuda_environment
 from tests.distributed import run_distributed
 
 
@@ -14,7 +14,7 @@ def _layer_specs(rank: int, world_size: int) -> dict[str, str]:
     import base.spec
     from specialize.config import ConfigError, load_config
     from specialize.mcore.distributed import init_distributed
-    from specialize.run import check_layer_spec
+    from specialize.train.run import check_layer_spec
 
     # Rank 1's node has a Transformer Engine built for another torch; rank 0's works.
     why = None if rank == 0 else "import failed: undefined symbol"
@@ -82,7 +82,7 @@ def _environment_before_cuda(rank: int, world_size: int) -> dict:
     import torch
 
     from specialize.config import load_config
-    from specialize.run import set_cuda_environment
+    from specialize.train.run import set_cuda_environment
 
     # What `specialize train` does before its process groups: load the recipe (which checks the
     # machine), then set the environment.

@@ -17,10 +17,10 @@ import torch.distributed as dist
 
 from base import spec as layer_specs
 from specialize import checkpoint
-from specialize.callbacks import Callback, Checkpointer, ConsoleLogger, TensorBoardLogger
 from specialize.config import ConfigError, Derived, RecipeConfig, Stage
 from specialize.mcore.distributed import Topology
-from specialize.engine import Engine, StepResult
+from specialize.train.callbacks import Callback
+from specialize.train.engine import Engine, StepResult
 
 log = logging.getLogger("specialize")
 
@@ -183,11 +183,11 @@ class Trainer:
         derived: Derived,
         engine: Engine,
         data,
-        callbacks: list[Callback] | None = None,
+        callbacks: list[Callback],
         stage: Stage | None = None,
     ) -> None:
         self.cfg, self.topo, self.derived, self.engine, self.data = cfg, topo, derived, engine, data
-        self.callbacks = callbacks if callbacks is not None else default_callbacks(cfg)
+        self.callbacks = callbacks  # the run's (``default_callbacks``); the trainer names none
         self.stage = stage  # the recipe stage this run is; None for a single-stage recipe
         self.start_step = 0
         self.step = 0  # the last step taken (or resumed at)
@@ -344,11 +344,3 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_validation(self, step, loss)
         return loss
-
-
-def default_callbacks(cfg: RecipeConfig) -> list[Callback]:
-    callbacks: list[Callback] = [ConsoleLogger()]
-    if cfg.logging.tensorboard:
-        callbacks.append(TensorBoardLogger(Path(cfg.checkpoint.dir) / "tensorboard"))
-    callbacks.append(Checkpointer())
-    return callbacks

@@ -37,8 +37,9 @@ from specialize.config import (
 )
 from specialize.data.pretrain import TrainingData, build_pretrain_datasets, document_attention
 from specialize.mcore.distributed import Topology, init_distributed, seed_all
-from specialize.engine import Engine
-from specialize.trainer import Trainer, check_same_data
+from specialize.train.callbacks import default_callbacks
+from specialize.train.engine import Engine
+from specialize.train.trainer import Trainer, check_same_data
 
 log = logging.getLogger("specialize")
 
@@ -226,7 +227,7 @@ def _run(
         )
     engine = Engine.build(cfg, topo, derived)
     data = build_data(cfg, topo, derived, tokenizer)
-    trainer = Trainer(cfg, topo, derived, engine, data, stage=stage)
+    trainer = Trainer(cfg, topo, derived, engine, data, default_callbacks(cfg), stage=stage)
     trainer.restore()
     if topo.rank == 0:
         run_dir = Path(cfg.checkpoint.dir)
