@@ -27,12 +27,12 @@ if str(ROOT) not in sys.path:
 
 from base.hf_mapping import qwen2_config  # noqa: E402
 from base.presets import QwenPreset, get_preset  # noqa: E402
-from specialize.convert import qwen2_shapes  # noqa: E402
+from specialize.convert.hf import qwen2_shapes  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BASELINE = (
     "import warnings; warnings.filterwarnings('ignore');"
-    "import specialize.convert, specialize.checkpoint, safetensors.torch;"
+    "import specialize.convert.hf, specialize.checkpoint, safetensors.torch;"
     "from specialize.config import ParallelConfig; from specialize.mcore.distributed import init_distributed, shutdown;"
     "init_distributed(ParallelConfig()); shutdown()"
 )

@@ -1,4 +1,4 @@
-"""Greedy generation throughput: ``specialize.generate`` vs transformers ``generate``, same model.
+"""Greedy generation throughput: ``specialize.infer.generate`` vs transformers ``generate``, same model.
 
 A random ``--preset`` model is built by the engine, saved, and exported with ``convert export``;
 transformers loads the export (``Qwen2ForCausalLM``, eager attention, KV cache on) and ours loads
@@ -40,7 +40,7 @@ def _prompts(count: int) -> list[list[int]]:
 def make_model(work: Path, preset: str) -> None:
     from specialize import checkpoint
     from specialize.config import derive, load_config
-    from specialize.convert import export_hf
+    from specialize.convert.hf import export_hf
     from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.train.engine import Engine
 
@@ -57,7 +57,8 @@ def make_model(work: Path, preset: str) -> None:
 
 
 def run_ours(work: Path, count: int, new_tokens: int) -> dict:
-    from specialize.generate import greedy, load_model
+    from specialize.infer.generate import greedy
+    from specialize.infer.model import load_model
 
     model, _ = load_model((work / "ckpt").read_text())
     prompts = _prompts(count)
@@ -147,7 +148,9 @@ def main() -> None:
         f"{args.threads} threads; identical continuations: {same}"
     )
     print(f"transformers generate (eager, KV cache): {theirs:8.1f} tokens/s")
-    print(f"specialize.generate (megatron KV cache): {ours:7.1f} tokens/s  ({ours / theirs:.2f}x)")
+    print(
+        f"specialize.infer.generate (megatron KV cache): {ours:7.1f} tokens/s  ({ours / theirs:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

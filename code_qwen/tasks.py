@@ -34,8 +34,8 @@ from code_qwen.execution import (
     pass_at_k,
     stderr_tail,
 )
-from specialize.sandbox import Program, RunResult, Sandbox
-from specialize.tasks import (
+from code_qwen.sandbox import Program, RunResult, Sandbox
+from specialize.eval.tasks import (
     Grade,
     HubSource,
     Protocol,

@@ -19,7 +19,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from math_qwen import graders
-from specialize.tasks import TaskError, get_task
+from specialize.eval.tasks import TaskError, get_task
 
 SHOWN = 5
 # The grader's tolerance is |pred - target| < 1e-3: just inside and just outside of it.

@@ -23,7 +23,8 @@ def exact_match(
 ) -> dict:
     """Score ``ckpt`` on ``n`` generated problems of ``split``; per-problem records included."""
     from base.tokenizer import QwenTokenizer
-    from specialize.generate import chat_answers, load_model
+    from specialize.infer.generate import chat_answers
+    from specialize.infer.model import load_model
 
     model, _ = load_model(ckpt)
     tokenizer = QwenTokenizer.load()

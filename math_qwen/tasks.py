@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from math_qwen.graders import GRADERS
-from specialize.tasks import (
+from specialize.eval.tasks import (
     ERROR,
     FAILED,
     PASSED,

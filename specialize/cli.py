@@ -99,8 +99,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     from specialize.data.filters import FilterSettings, resolve_filter_names
     from specialize.data.prepare import PrepareOptions, prepare
     from specialize.data.sources import SourceError, SourceOptions, parse_source
+    from specialize.eval.tasks import TaskError
     from specialize.plugins import load_plugins
-    from specialize.tasks import TaskError
 
     load_plugins()  # languages, corpus filters and evaluation tasks of the domain packages
 
@@ -270,7 +270,7 @@ def _convert(run, *args, **kwargs) -> dict | None:
 def cmd_convert_import(args: argparse.Namespace) -> int:
     import json
 
-    from specialize.convert import import_hf
+    from specialize.convert.hf import import_hf
 
     report = _convert(
         import_hf,
@@ -291,7 +291,7 @@ def cmd_convert_import(args: argparse.Namespace) -> int:
 def cmd_convert_export(args: argparse.Namespace) -> int:
     import json
 
-    from specialize.convert import export_hf
+    from specialize.convert.hf import export_hf
 
     report = _convert(export_hf, args.checkpoint, args.output, fmt=args.format)
     if report is None:
@@ -302,9 +302,8 @@ def cmd_convert_export(args: argparse.Namespace) -> int:
 
 def cmd_convert_verify(args: argparse.Namespace) -> int:
     from base.hf_checkpoint import HFCheckpointError
-    from specialize.convert import verify
+    from specialize.convert.parity import ParityError, verify
     from specialize.mcore.distributed import shutdown
-    from specialize.verify import ParityError
 
     try:
         lines = verify(args.hf, args.ckpt, tp=args.tp, pp=args.pp, tolerance=args.tolerance)
@@ -324,7 +323,7 @@ def cmd_convert_verify(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Write a comparison report (markdown + PNG charts) of `specialize eval` results files."""
-    from specialize.report import ReportError, compare
+    from specialize.eval.report import ReportError, compare
 
     try:
         report = compare(args.results, args.output, base=args.base, paper=not args.no_paper)
@@ -336,8 +335,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from specialize import likelihood
-    from specialize.evaluate import (
+    from specialize.eval import perplexity
+    from specialize.eval.harness import (
         check_limit,
         generate_completions,
         results_document,
@@ -345,9 +344,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         summary_line,
         write_results,
     )
+    from specialize.eval.tasks import TaskError
     from specialize.mcore.distributed import shutdown
     from specialize.plugins import PluginError
-    from specialize.tasks import TaskError
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks or args.output is None:
@@ -359,39 +358,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    generated = [t for t in tasks if t != likelihood.NAME]
+    generated = [t for t in tasks if t != perplexity.NAME]
     label = args.label or (Path(args.checkpoint).name if args.checkpoint else None)
     try:
         check_limit(args.limit)  # before a model is loaded for minutes
         data = dict(_key_value(item, "--data") for item in args.data)
-        if likelihood.NAME in tasks and args.checkpoint is None:
-            raise TaskError(f"task {likelihood.NAME!r} needs a checkpoint, not --score")
-        if args.long_context and likelihood.NAME not in tasks:
-            raise TaskError(f"--long-context applies to task {likelihood.NAME!r} only")
+        if perplexity.NAME in tasks and args.checkpoint is None:
+            raise TaskError(f"task {perplexity.NAME!r} needs a checkpoint, not --score")
+        if args.long_context and perplexity.NAME not in tasks:
+            raise TaskError(f"--long-context applies to task {perplexity.NAME!r} only")
         model = tokenizer = dtype = None
         if args.checkpoint is not None:
             from base.tokenizer import QwenTokenizer
-            from specialize.generate import checkpoint_dtype, load_model
+            from specialize.infer.model import checkpoint_dtype, load_model
 
             dtype = args.dtype or checkpoint_dtype(args.checkpoint)
             model, arch = load_model(args.checkpoint, args.tp, args.pp, dtype=dtype)
             tokenizer = QwenTokenizer.load()
         scores = {}
-        if likelihood.NAME in tasks:
-            lengths = likelihood.lengths_argument(args.lengths, arch.max_position_embeddings)
-            spec = likelihood.data_spec(data)
-            scores[likelihood.NAME] = likelihood.evaluate_perplexity(
+        if perplexity.NAME in tasks:
+            lengths = perplexity.lengths_argument(args.lengths, arch.max_position_embeddings)
+            spec = perplexity.data_spec(data)
+            scores[perplexity.NAME] = perplexity.evaluate_perplexity(
                 model, tokenizer, spec, lengths, args.limit
             )
             if args.long_context:
-                variants = likelihood.evaluate_variants(
+                variants = perplexity.evaluate_variants(
                     args.checkpoint, args.tp, args.pp, args.long_context, tokenizer, spec,
                     lengths, args.limit, dtype,
                 )  # fmt: skip
                 scores.update(variants)
                 tasks += list(variants)
                 if int(os.environ.get("RANK", "0")) == 0:
-                    table, chart = likelihood.write_length_table(
+                    table, chart = perplexity.write_length_table(
                         variants,
                         Path(args.output).with_suffix(".perplexity"),
                         label or Path(args.output).stem,
@@ -406,7 +405,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 args.checkpoint,
                 generated,
                 completions,
-                {k: v for k, v in data.items() if k != likelihood.NAME},
+                {k: v for k, v in data.items() if k != perplexity.NAME},
                 args.mode,
                 limit=args.limit,
                 samples=args.samples,
@@ -428,7 +427,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             scored = score_completions(
                 generated,
                 completions,
-                {k: v for k, v in data.items() if k != likelihood.NAME},
+                {k: v for k, v in data.items() if k != perplexity.NAME},
                 workers=args.workers,
                 mode=args.mode,
                 label=label,
@@ -474,15 +473,15 @@ class _HelpWithTasks(argparse.Action):
 
 def _task_listing() -> str:
     """One line per task: name, the modes it can be evaluated in, description."""
-    from specialize import likelihood
+    from specialize.eval import perplexity
+    from specialize.eval.tasks import MODES, TaskError, get_task, task_names
     from specialize.plugins import PluginError
-    from specialize.tasks import MODES, TaskError, get_task, task_names
 
     try:
         names = task_names()
     except PluginError as e:
         return f"tasks: cannot list them: {e}"
-    rows = [(likelihood.NAME, "needs a checkpoint", "perplexity on --data perplexity=PATH[,PATH]")]
+    rows = [(perplexity.NAME, "needs a checkpoint", "perplexity on --data perplexity=PATH[,PATH]")]
     for name in names:
         task = get_task(name)
         modes = []

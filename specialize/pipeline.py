@@ -320,16 +320,16 @@ class Pipeline:
             for path in self._data_paths(step):
                 inputs[f"data {path}"] = _manifest_identity(Path(path))
         elif step.kind == "eval":
-            from specialize import likelihood
+            from specialize.eval import perplexity
 
             for label, source in step.models.items():
                 inputs[f"model {label}={source}"] = self._checkpoint_identity(source)
             for task, value in step.data.items():
                 # perplexity reads the text files of comma-separated paths (not, e.g., the
                 # __pycache__ an import may add to a source tree); other tasks read one file
-                many = task == likelihood.NAME
+                many = task == perplexity.NAME
                 parts = [p.strip() for p in value.split(",") if p.strip()] if many else [value]
-                suffixes = likelihood.TEXT_SUFFIXES if many else None
+                suffixes = perplexity.TEXT_SUFFIXES if many else None
                 for part in parts:
                     inputs[f"data {task}={part}"] = _path_identity(Path(part), suffixes)
         elif step.kind == "compare":
@@ -434,7 +434,7 @@ class Pipeline:
             self._exec(step, [*launch, "-m", "specialize", *args])
 
     def _compare(self, step: StepConfig) -> None:
-        from specialize.report import compare
+        from specialize.eval.report import compare
 
         merged = merge_results(self._compared(step))
         out = self.step_dir(step)
@@ -647,7 +647,7 @@ def _recipe_hash(path: Path) -> str:
 def merge_results(paths: list[Path]) -> dict[str, dict[str, Any]]:
     """Results files merged per model label (tasks from several eval steps); a task scored
     twice for one model is an error."""
-    from specialize.report import load_results
+    from specialize.eval.report import load_results
 
     merged: dict[str, dict[str, Any]] = {}
     for path in paths:

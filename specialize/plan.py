@@ -18,7 +18,7 @@ Memory per rank, for the pipeline stage that needs the most (all terms in bytes)
   copies of the transformer GEMM weights that Transformer Engine caches for the step, one for the
   forward and one transposed for the backward: ``+ 2`` bytes per GEMM weight (embedding and output
   layer stay bf16).
-- **gradients** ``= P_r × 4``: ``specialize/engine.py`` builds megatron-core's DDP with
+- **gradients** ``= P_r × 4``: ``specialize/train/engine.py`` builds megatron-core's DDP with
   ``grad_reduce_in_fp32=True``, so every parameter has an fp32 ``main_grad`` in DDP's contiguous
   buffer whatever the training dtype. The distributed optimizer does not shard this buffer (it
   reduce-scatters into it; ZeRO-1, not ZeRO-2).
@@ -98,7 +98,7 @@ Time per step ``= (compute + tp_comm) × (1 + bubble) + exposed DP communication
 ``compute = tokens_per_step × F / (gpus × peak × mfu)``: ``F`` are the FLOPs executed per token,
 ``6·N + 6·L·h·s`` (fwd + bwd over all parameters ``N``, plus the attention scores and values,
 ``12·L·h·s`` halved for the causal mask) — the same count the training console uses for its MFU
-(``specialize/callbacks.py``). Selective recompute adds the attention forward, ``2·L·h·s``; full
+(``specialize/train/callbacks.py``). Selective recompute adds the attention forward, ``2·L·h·s``; full
 recompute a whole forward of the layers, ``2·N_layers + 2·L·h·s`` (about ``8·N`` in all). ``mfu``
 (default 0.40, BF16) is the fraction of the dense BF16 peak the compute achieves on those FLOPs,
 the compute alone: an MFU read off a run also paid for the run's exposed communication, so giving

@@ -325,7 +325,7 @@ def _decontamination_index(
 ) -> tuple[Optional[NgramIndex], dict]:
     if DECONTAMINATE not in options.filters:
         return None, {}
-    from specialize.tasks import get_task
+    from specialize.eval.tasks import get_task
 
     paths = dict(options.task_data)
     texts: list[str] = []

@@ -188,7 +188,7 @@ def fp8_runs(work: Path, data: DemoData) -> dict[str, RunSpec]:
 def long_context_variants() -> list[str]:
     """``none`` and every combination of eval's long-context options (``ntk``, ``logn``,
     ``window``, ...), for ``--long-context``."""
-    from specialize.likelihood import VARIANT_OPTIONS
+    from specialize.eval.perplexity import VARIANT_OPTIONS
 
     names = list(VARIANT_OPTIONS)
     combos = [

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from base import spec as layer_specs
 from specialize import checkpoint
 from specialize.config import ConfigError, Derived, RecipeConfig, Stage
+from specialize.convert.parity import DEFAULT_TOLERANCE, compare
 from specialize.mcore.distributed import Topology
 from specialize.train.callbacks import Callback
 from specialize.train.engine import Engine, StepResult
@@ -269,8 +270,6 @@ class Trainer:
         return f"weights, optimizer, schedule and step count ({self.start_step})"
 
     def _verify(self, hf_dir: str) -> None:
-        from specialize.verify import DEFAULT_TOLERANCE, compare
-
         tolerance = self.cfg.init.verify_tolerance or DEFAULT_TOLERANCE[self.cfg.precision.dtype]
         lines = compare(self.engine.model[0], hf_dir, tolerance)
         if self.is_rank0:

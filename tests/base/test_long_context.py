@@ -225,8 +225,8 @@ def test_checkpoint_options_are_stored_and_read(tmp_path):
 def _model_checks(rank: int, world_size: int, run_dir: str) -> dict:
     from base.model import build_model
     from specialize.config import ParallelConfig
-    from specialize.generate import _CachedDecoder, generate_ids
-    from specialize.logits import full_logits
+    from specialize.infer.generate import _CachedDecoder, generate_ids
+    from specialize.infer.logits import full_logits
     from specialize.mcore.distributed import init_distributed, seed_all
 
     init_distributed(ParallelConfig())
@@ -316,7 +316,7 @@ def _model_checks(rank: int, world_size: int, run_dir: str) -> dict:
     # Perplexity by length: non-overlapping windows of length + 1 tokens, loss over every position.
     import numpy as np
 
-    from specialize.perplexity import perplexity_by_length
+    from specialize.infer.likelihood import perplexity_by_length
 
     stream = np.random.default_rng(0).integers(0, 150000, size=60)
     out["ppl"] = perplexity_by_length(plain, stream, [8, 16], max_windows=2, batch_size=2)
@@ -331,7 +331,7 @@ def _model_checks(rank: int, world_size: int, run_dir: str) -> dict:
     # Per checkpoint: a saved run's config carries the options; load_model's argument overrides.
     from specialize import checkpoint
     from specialize.config import derive, load_config
-    from specialize.generate import load_model
+    from specialize.infer.model import load_model
     from specialize.train.engine import Engine
 
     cfg = load_config(

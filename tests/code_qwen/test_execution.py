@@ -16,8 +16,8 @@ from code_qwen.execution import (
     mean_pass_at_k,
     pass_at_k,
 )
-from specialize.sandbox import Sandbox, SandboxConfig
-from specialize.tasks import get_task
+from code_qwen.sandbox import Sandbox, SandboxConfig
+from specialize.eval.tasks import get_task
 
 
 @pytest.fixture(scope="module")

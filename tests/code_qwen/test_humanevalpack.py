@@ -15,7 +15,7 @@ from code_qwen.humanevalpack import (
     available_languages,
     find_toolchain,
 )
-from specialize.tasks import get_task
+from specialize.eval.tasks import get_task
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "tasks"
 AVAILABLE = available_languages()

@@ -9,7 +9,7 @@ import datasets
 import pytest
 
 from code_qwen.tasks import extract_code, signature_and_docstring
-from specialize.tasks import HubSource, TaskError, get_task
+from specialize.eval.tasks import HubSource, TaskError, get_task
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "tasks"
 

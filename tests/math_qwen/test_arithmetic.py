@@ -7,7 +7,7 @@ import re
 import pytest
 
 from math_qwen.arithmetic import generate, to_chat
-from specialize.tasks import get_task
+from specialize.eval.tasks import get_task
 
 
 def _operands(query: str) -> frozenset[int]:

@@ -6,7 +6,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from specialize.tasks import HubSource, TaskError, get_task
+from specialize.eval.tasks import HubSource, TaskError, get_task
 from tests.conftest import GSM8K_TRAIN, MATH401_SAMPLE
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "tasks"

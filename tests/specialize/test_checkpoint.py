@@ -519,7 +519,7 @@ def _resumes_at_another_layout(rank: int, world_size: int, tmp: str) -> dict:
     from megatron.core import dist_checkpointing
 
     from specialize import checkpoint
-    from tests.specialize.test_engine import random_batches
+    from tests.specialize.train.test_engine import random_batches
 
     engine = _dist_opt_engine(f"{tmp}/dp2")  # DP=2
     engine.train_step([random_batches(32, 1)], 1)  # an optimizer state to save
@@ -580,7 +580,7 @@ def _bf16_init(rank: int, world_size: int, tmp: str) -> dict:
     from specialize.config import derive, load_config
     from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.train.engine import Engine
-    from tests.specialize.test_engine import random_batches
+    from tests.specialize.train.test_engine import random_batches
 
     def build(seed: int) -> Engine:
         cfg = load_config(

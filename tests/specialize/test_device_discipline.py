@@ -30,7 +30,7 @@ def _init_matching(tmp: str, hf_dir: str) -> str:
     from base.hf_checkpoint import read_config
     from specialize import checkpoint
     from specialize.config import derive, load_config
-    from specialize.convert import _fill
+    from specialize.convert.hf import _fill
     from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.train.engine import Engine
 
@@ -71,8 +71,9 @@ def _sft_step(tmp: str, init: str, hf_dir: str, sft: str, layout: str) -> str:
 
 
 def _decode(ckpt: str, tp: int, pp: int, stream: np.ndarray) -> dict:
-    from specialize.generate import generate_ids, load_model
-    from specialize.perplexity import perplexity_by_length
+    from specialize.infer.generate import generate_ids
+    from specialize.infer.likelihood import perplexity_by_length
+    from specialize.infer.model import load_model
 
     model, _ = load_model(ckpt, tp, pp)
     return {
@@ -83,7 +84,7 @@ def _decode(ckpt: str, tp: int, pp: int, stream: np.ndarray) -> dict:
 
 
 def _gpu_path(rank: int, world_size: int, tmp: str, hf_dir: str, sft: str) -> dict:
-    from specialize.convert import verify
+    from specialize.convert.parity import verify
     from specialize.mcore import cpu_bridge
     from tests.device_discipline import device_discipline
 

@@ -32,7 +32,7 @@ def _build(run_dir: str, overrides: list[str]):
 
 def _logits_per_layout(rank: int, world_size: int, run_dir: str) -> dict[str, torch.Tensor]:
     from specialize import checkpoint
-    from specialize.logits import full_logits
+    from specialize.infer.logits import full_logits
 
     tokens = torch.randint(0, 151643, (2, 24), generator=torch.Generator().manual_seed(0))
     engine = _build(run_dir, LAYOUTS["tp1"])

@@ -408,7 +408,7 @@ def test_stages_refuse_changed_data_and_keep_their_records(tmp_path: Path, stdli
     import shutil
     import sysconfig
 
-    from tests.specialize.test_trainer import _prepare
+    from tests.specialize.train.test_trainer import _prepare
 
     data = tmp_path / "data"
     shutil.copytree(stdlib_shard, data)

@@ -117,7 +117,7 @@ def test_weight_norm_is_the_same_on_every_rank():
 
 # ----------------------------------------------------------------------------- GPU-path settings
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _recipe(path: str, *overrides: str):

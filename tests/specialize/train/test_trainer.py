@@ -267,7 +267,7 @@ def test_lr_explosion_stops_before_a_checkpoint_of_exploded_weights(tmp_path, st
 
 
 def test_cli_reports_a_diverged_run_in_one_line(tmp_path, stdlib_shard):
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     overrides = _overrides(str(tmp_path / "run"), stdlib_shard) + _TINY_STEPS[:3]
     overrides += ["train.steps=3", "schedule.warmup_steps=0", "optimizer.lr=1e6"]
     out = subprocess.run(
@@ -549,7 +549,7 @@ def test_busy_run_directory_stops_every_rank(tmp_path, stdlib_shard):
 
 
 def test_second_train_on_a_run_directory_fails_fast_naming_the_holder(tmp_path, stdlib_shard):
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     run_dir = tmp_path / "run"
 
     def command(lr: str, steps: int) -> list[str]:

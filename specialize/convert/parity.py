@@ -27,6 +27,7 @@ reference alone runs on the host, where its memory is).
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -34,7 +35,8 @@ from megatron.core import parallel_state, tensor_parallel
 
 from base.hf_checkpoint import HFCheckpointError, qwen2_tensors, read_config
 from base.hf_mapping import qwen2_config
-from specialize.logits import full_logits
+from specialize.infer.logits import full_logits
+from specialize.infer.model import WorldSizeError, load_model
 
 DEFAULT_TOLERANCE = {"fp32": 1e-4, "bf16": 0.5, "fp8": 1.0}
 """Max |Δ| allowed per layer and on the logits, by the megatron model's precision (the reference is fp32)."""
@@ -195,3 +197,18 @@ def compare(
         )
         raise ParityError(f"model differs from {hf_dir} ({where}):\n" + "\n".join(lines))
     return lines
+
+
+# ----------------------------------------------------------------------------- convert verify
+
+
+def verify(
+    hf_dir: str | Path, ckpt: str | Path, tp: int = 1, pp: int = 1, tolerance: float = 1e-4
+) -> list[str]:
+    """Load ``ckpt`` at TP/PP (this process is one rank of a TP x PP world) and compare with ``hf_dir``."""
+    read_config(hf_dir)  # a bad reference directory is an error before any model is built
+    try:  # in fp32, the reference's precision (and the tolerance's)
+        model, _ = load_model(ckpt, tp, pp, dtype="fp32")
+    except WorldSizeError as e:
+        raise HFCheckpointError(f"verify: {e}") from None
+    return compare(model, str(hf_dir), tolerance)

@@ -20,7 +20,7 @@ DROPPED = "model.layers.3.mlp.up_proj.weight"
 
 
 def _import(rank: int, world_size: int, hf_dir: str, out: str) -> None:
-    from specialize.convert import import_hf
+    from specialize.convert.hf import import_hf
 
     import_hf(hf_dir, out)
 
@@ -70,11 +70,11 @@ def _tp2_model(paths: dict[str, str], spec: str, sequence_parallel: bool) -> tor
     """The imported checkpoint at TP=2, built as a training run builds it."""
     from base.hf_checkpoint import read_config
     from specialize import checkpoint
-    from specialize.convert import layout_config
+    from specialize.infer.model import inference_config
     from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.train.engine import build_model_chunks
 
-    cfg = layout_config(read_config(paths["good"]).arch, tp=2, pp=1)
+    cfg = inference_config(read_config(paths["good"]).arch, tp=2, pp=1)
     cfg.model.spec = spec
     cfg.parallel.sequence_parallel = sequence_parallel
     topo = init_distributed(cfg.parallel)
@@ -92,7 +92,7 @@ def _gate(rank: int, world_size: int, paths: dict[str, str], spec: str, toleranc
     from megatron.core import tensor_parallel
 
     from base.hf_checkpoint import HFCheckpointError
-    from specialize.verify import ParityError, compare, full_sequence
+    from specialize.convert.parity import ParityError, compare, full_sequence
 
     built = []  # one entry per transformers model this rank constructs
     construct = transformers.Qwen2ForCausalLM.__init__

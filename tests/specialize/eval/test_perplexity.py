@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from base.tokenizer import QwenTokenizer
-from specialize.likelihood import token_stream, variant_options
-from specialize.tasks import TaskError
+from specialize.eval.perplexity import token_stream, variant_options
+from specialize.eval.tasks import TaskError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_documents_from_files_directories_and_jsonl(tmp_path):
@@ -60,7 +60,7 @@ def test_variants_are_option_sets():
 
 def test_cli_perplexity_by_length_with_variants(tmp_path):
     from tests.distributed import run_distributed
-    from tests.specialize.test_generate import _save
+    from tests.specialize.infer.test_generate import _save
 
     ckpt = run_distributed(_save, str(tmp_path / "run"), world_size=1)  # qwen-nano, trained at 128
     text = tmp_path / "long.txt"

@@ -13,7 +13,7 @@ prompt; ``chat``: a 0-shot ChatML user turn), how its prompts are built (``promp
 generation stops and how long it may run (``protocol``), how a raw completion is cut down to the
 part that is graded (``postprocess``), and how completions are graded (``grade``) and summarized
 (``metrics``). A generator needs only ``prompts``/``messages`` and ``protocol``; the scorer
-(``specialize.evaluate``) needs the rest.
+(``specialize.eval.harness``) needs the rest.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 
 
 MODES = ("base", "chat")
-# Verdicts on one completion; the same words as ``specialize.sandbox`` uses for program runs.
+# Verdicts on one completion; the same words as ``code_qwen.sandbox`` uses for program runs.
 PASSED, FAILED, TIMEOUT, ERROR = "passed", "failed", "timeout", "error"
 STATUSES = (PASSED, FAILED, TIMEOUT, ERROR)
 

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import torch
 
-from specialize.logits import full_logits
+from specialize.infer.logits import full_logits
 
 
 def windows(token_ids: np.ndarray, length: int, max_windows: int) -> np.ndarray:

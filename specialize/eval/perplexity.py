@@ -4,7 +4,7 @@ Not a generation task, so it lives beside the task registry rather than in it: d
 from ``--data perplexity=PATH[,PATH...]`` (text files, directories of them, or JSONL with a
 ``text`` field), tokenized with ``<|endoftext|>`` after each, concatenated in path order into
 one stream, and cut into non-overlapping windows of each requested length; the loss is averaged
-over every predicted token of every window (``specialize.perplexity.perplexity_by_length``).
+over every predicted token of every window (``specialize.infer.likelihood.perplexity_by_length``).
 The result entry has the same shape as a generation task's, so ``specialize compare`` reads it;
 its metrics are ``perplexity`` (at the first length) and ``perplexity@L`` per length, lower is
 better.
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from specialize.tasks import TaskError
+from specialize.eval.tasks import TaskError
 
 NAME = "perplexity"
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".c", ".h", ".js", ".java", ".go", ".rs", ".cpp")
@@ -101,7 +101,7 @@ def evaluate_perplexity(
     limit: int | None = None,
 ) -> dict[str, Any]:
     """The results entry of the ``perplexity`` task (run on every rank of the model's world)."""
-    from specialize.perplexity import perplexity_by_length
+    from specialize.infer.likelihood import perplexity_by_length
 
     if not spec:
         raise TaskError(f"task {NAME!r} needs its text: --data {NAME}=FILE_OR_DIR[,...]")
@@ -181,7 +181,7 @@ def evaluate_variants(
     the checkpoint's training length."""
     from base.long_context import stored_options
     from specialize.checkpoint import ARCH_FILE, resolve_checkpoint
-    from specialize.generate import load_model
+    from specialize.infer.model import load_model
 
     path = resolve_checkpoint(checkpoint)
     num_layers = json.loads((path / ARCH_FILE).read_text())["num_layers"]

@@ -34,8 +34,9 @@ def _save(rank: int, world_size: int, run_dir: str, overrides: tuple[str, ...] =
 
 def _generate(rank: int, world_size: int, ckpt: str, tp: int, pp: int) -> dict:
     from base.tokenizer import QwenTokenizer
-    from specialize.generate import generate_ids, generate_text, greedy, load_model
-    from specialize.logits import full_logits
+    from specialize.infer.generate import generate_ids, generate_text, greedy
+    from specialize.infer.logits import full_logits
+    from specialize.infer.model import load_model
 
     model, _ = load_model(ckpt, tp, pp)
     out = {"greedy": greedy(model, PROMPTS, 6, stop_ids=(), vocab_size=151851)}
@@ -100,7 +101,7 @@ def test_parallel_layouts_generate_the_same(ckpt, single, tp, pp) -> None:
 
 
 def test_a_checkpoint_runs_in_its_training_precision(tmp_path):
-    from specialize.generate import checkpoint_dtype
+    from specialize.infer.model import checkpoint_dtype
 
     for precision, expected in (("fp32", "fp32"), ("bf16", "bf16"), ("fp8", "bf16")):
         ckpt = tmp_path / precision / "iter_0000001"
@@ -113,19 +114,19 @@ def test_a_checkpoint_runs_in_its_training_precision(tmp_path):
 def test_a_bf16_evaluation_builds_the_gpu_model_in_bf16():
     from base.model import transformer_config_kwargs
     from base.presets import get_preset
-    from specialize.convert import layout_config
+    from specialize.infer.model import inference_config
     from specialize.train.engine import model_options
 
     arch = get_preset("qwen-14b")
     for dtype, params_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        options = dataclasses.replace(model_options(layout_config(arch, 2, 1, dtype)), spec="te")
+        options = dataclasses.replace(model_options(inference_config(arch, 2, 1, dtype)), spec="te")
         kwargs = transformer_config_kwargs(arch, options)
         assert (kwargs["params_dtype"], kwargs["bf16"]) == (params_dtype, dtype == "bf16")
 
 
 def _bf16_eval(rank: int, world_size: int, run_dir: str, text: str) -> dict:
     from specialize.cli import main
-    from specialize.generate import load_model
+    from specialize.infer.model import load_model
 
     ckpt = _save(rank, world_size, run_dir, ("precision.dtype=bf16",))
     out = {}

@@ -12,7 +12,7 @@ import pytest
 
 import specialize
 from specialize import plugins
-from specialize.tasks import (
+from specialize.eval.tasks import (
     MODES,
     HubSource,
     Protocol,

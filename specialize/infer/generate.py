@@ -8,87 +8,14 @@ Prompts of different lengths share a batch without padding being attended (see `
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterable
 
 import torch
 
-from base.presets import QwenPreset
 from base.tokenizer import QwenTokenizer
-from specialize.logits import last_logits, model_device
+from specialize.infer.logits import last_logits, model_device
 
 STOP_IDS = (151643, 151645)  # <|endoftext|>, <|im_end|>
-INFERENCE_DTYPES = ("fp32", "bf16")  # fp8 checkpoints hold bf16 weights; they run in bf16
-
-
-class WorldSizeError(ValueError):
-    """The process count does not match the requested TP x PP layout."""
-
-
-def checkpoint_dtype(ckpt: str | Path) -> str:
-    """The dtype ``ckpt`` (a checkpoint or run directory) is evaluated in: its training run's
-    ``precision.dtype`` (``config.yaml``; fp8 runs keep bf16 weights, and inference runs them in
-    bf16), else, for an HF import, the dtype of its stored weights (the HF ``torch_dtype``, or
-    the import's ``--dtype``)."""
-    import yaml
-
-    from specialize import checkpoint
-    from specialize.convert import DTYPE_NAMES, _stored_dtype
-
-    path = checkpoint.resolve_checkpoint(ckpt)
-    config = path / "config.yaml"
-    if config.is_file():
-        dtype = (yaml.safe_load(config.read_text()).get("precision") or {}).get("dtype", "fp32")
-        return "bf16" if dtype == "fp8" else dtype
-    return DTYPE_NAMES[_stored_dtype(path)]
-
-
-def load_model(
-    ckpt: str | Path,
-    tp: int = 1,
-    pp: int = 1,
-    long_context: Mapping[str, Any] | None = None,
-    dtype: str | None = None,
-) -> tuple[torch.nn.Module, QwenPreset]:
-    """The model of ``ckpt`` (a checkpoint or run directory) on this rank of a TP x PP world, in
-    ``dtype`` (``fp32`` or ``bf16``; default: ``checkpoint_dtype``: an fp32 model on the GPU
-    would turn off fused attention and take twice the memory).
-
-    Long-context inference options (``ModelConfig`` fields ``rope_scaling``, ``rope_alpha``,
-    ``logn_attention``, ``layer_windows``, ``train_seq_length``) come from the checkpoint (its run's
-    ``config.yaml``, or ``long_context.json`` of an HF import); ``long_context`` overrides them."""
-    from base.long_context import LongContext, stored_options
-    from specialize import checkpoint
-    from specialize.convert import layout_config
-    from specialize.mcore.distributed import init_distributed, seed_all
-    from specialize.train.engine import build_model_chunks
-
-    path = checkpoint.resolve_checkpoint(ckpt)
-    dtype = dtype or checkpoint_dtype(path)
-    if dtype not in INFERENCE_DTYPES:
-        raise ValueError(
-            f"dtype {dtype!r}: models are evaluated in {' or '.join(INFERENCE_DTYPES)}"
-        )
-    record = json.loads((path / checkpoint.ARCH_FILE).read_text())
-    record.pop("query_groups", None)
-    arch = QwenPreset(**record)
-    cfg = layout_config(arch, tp, pp, dtype)
-    options = {**stored_options(path), **(long_context or {})}
-    LongContext.from_dict(options)  # unknown names are errors
-    for key, value in options.items():
-        setattr(cfg.model, key, list(value) if key == "layer_windows" and value else value)
-    cfg.model.check_long_context(arch.num_layers)
-    topo = init_distributed(cfg.parallel)
-    if topo.world_size != tp * pp:
-        raise WorldSizeError(
-            f"run on tp x pp = {tp * pp} processes (torchrun), not {topo.world_size}"
-        )
-    seed_all(0)
-    model = build_model_chunks(cfg, topo.device)[0]
-    checkpoint.load_model_weights(model, path, cfg.model.architecture())
-    return model.eval(), arch
 
 
 def _next_tokens(

@@ -9,11 +9,11 @@ import pytest
 
 from code_qwen.execution import pass_at_k
 from specialize.cli import main
-from specialize.evaluate import FORMAT, EvalError, score_completions, write_results
-from specialize.tasks import get_task
+from specialize.eval.harness import FORMAT, EvalError, score_completions, write_results
+from specialize.eval.tasks import get_task
 from tests.conftest import gsm8k_train_lines
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "tasks"
+FIXTURES = Path(__file__).parents[2] / "fixtures" / "tasks"
 GSM8K_LINES = 200
 
 
@@ -370,13 +370,13 @@ def test_cli_generates_from_a_checkpoint_then_scores(tmp_path):
 
     from base.tokenizer import QwenTokenizer
     from tests.distributed import run_distributed
-    from tests.specialize.test_generate import _save
+    from tests.specialize.infer.test_generate import _save
 
     ckpt = run_distributed(_save, str(tmp_path / "run"), world_size=1)
     data = tmp_path / "gsm8k.jsonl"
     data.write_text("".join(line + "\n" for line in gsm8k_train_lines()[:2]))
     out = tmp_path / "results.json"
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     done = subprocess.run(
         [
             sys.executable,
@@ -585,7 +585,7 @@ def test_building_the_command_line_does_not_import_the_plugins():
 def test_generated_results_record_the_machine_they_ran_on():
     import torch
 
-    from specialize.evaluate import results_document
+    from specialize.eval.harness import results_document
 
     generated = results_document({}, "m", None, "generated")
     assert generated["machine"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()

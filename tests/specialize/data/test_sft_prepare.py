@@ -22,7 +22,7 @@ from specialize.data.sft_prepare import (
 from specialize.data.sources import Source
 from tests.locking import held_by_another_process
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")

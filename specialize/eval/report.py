@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from specialize.paper_numbers import PAPER_MODELS, SOURCE, paper_protocol
+from specialize.eval.paper_numbers import PAPER_MODELS, SOURCE, paper_protocol
 
 FORMAT = "specialize-eval-1"
 COUNT_FIELDS = ("total", "correct", "missing", "failed", "timeout", "error")

@@ -9,7 +9,7 @@ protocol in the chosen mode; the results (format ``specialize-eval-1``) are what
 an error (wrong file or task names); one covering only part of a task is scored with a warning,
 the problems without one counting as wrong, and the coverage is recorded in the results.
 
-The harness knows tasks only through ``specialize.tasks``; what a prompt looks like, where a
+The harness knows tasks only through ``specialize.eval.tasks``; what a prompt looks like, where a
 completion is cut and how it is judged belongs to the task.
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from specialize import machine
-from specialize.tasks import STATUSES, Task, TaskError, check_mode, get_task
+from specialize.eval.tasks import STATUSES, Task, TaskError, check_mode, get_task
 
 FORMAT = "specialize-eval-1"
 # Distributions whose versions can change a score: the harness, the HumanEval data, the MATH
@@ -365,7 +365,8 @@ def generate_completions(
 
     from base.tokenizer import QwenTokenizer
     from specialize.data.chat import generation_prompt
-    from specialize.generate import generate_text, load_model
+    from specialize.infer.generate import generate_text
+    from specialize.infer.model import load_model
 
     check_mode(mode)
     check_limit(limit)

@@ -59,13 +59,13 @@ def write_qwen_v1(model, arch: QwenPreset, path: Path) -> None:
 
 
 def _import(rank: int, world_size: int, hf_dir: str, out: str) -> dict:
-    from specialize.convert import import_hf
+    from specialize.convert.hf import import_hf
 
     return import_hf(hf_dir, out)
 
 
 def _export(rank: int, world_size: int, ckpt: str, out: str, fmt: str) -> dict:
-    from specialize.convert import export_hf
+    from specialize.convert.hf import export_hf
 
     return export_hf(
         ckpt, out, fmt=fmt, max_shard_bytes=8 * 2**20
@@ -75,7 +75,7 @@ def _export(rank: int, world_size: int, ckpt: str, out: str, fmt: str) -> dict:
 def _logits(rank: int, world_size: int, ckpt: str, overrides: list[str]) -> torch.Tensor:
     from specialize import checkpoint
     from specialize.config import derive, load_config
-    from specialize.logits import full_logits
+    from specialize.infer.logits import full_logits
     from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.train.engine import Engine
 
@@ -185,7 +185,7 @@ def test_import_matches_transformers_at_tp1_tp2_pp2(tmp_path, layout, arch, over
 
 def _import_errors(rank: int, world_size: int, cases: dict[str, tuple[str, str]]) -> dict[str, str]:
     from base.hf_checkpoint import HFCheckpointError
-    from specialize.convert import import_hf
+    from specialize.convert.hf import import_hf
 
     messages = {}
     for name, (hf_dir, out) in cases.items():
@@ -248,8 +248,7 @@ def test_bad_checkpoints_are_refused_and_nothing_is_written(tmp_path):
 
 
 def _verify_runs(rank: int, world_size: int, good: str, bad: str, ckpt: str) -> dict:
-    from specialize.convert import verify
-    from specialize.verify import ParityError
+    from specialize.convert.parity import ParityError, verify
 
     passed = verify(good, ckpt, tp=2)
     try:
@@ -264,8 +263,8 @@ def _gated_training(
     rank: int, world_size: int, ckpt: str, reference: str, shard: str, run_dir: str
 ) -> str:
     from specialize.config import load_config
+    from specialize.convert.parity import ParityError
     from specialize.train.run import train
-    from specialize.verify import ParityError
 
     overrides = [
         f"init={ckpt}",
@@ -320,7 +319,7 @@ def test_parity_gate_reports_the_first_diverging_layer(tmp_path, stdlib_shard):
 def test_bf16_round_trip_keeps_dtype_and_bits(tmp_path):
     from safetensors.torch import load_file
 
-    from specialize.generate import checkpoint_dtype
+    from specialize.infer.model import checkpoint_dtype
 
     reference = hf_model(get_preset("qwen-nano")).to(torch.bfloat16)
     reference.save_pretrained(tmp_path / "hf")
@@ -558,18 +557,18 @@ def test_layout_of_a_preset_shaped_checkpoint_is_named_after_the_preset():
     """A qwen-nano checkpoint was built (and named in messages) as qwen-tiny+custom."""
     import dataclasses
 
-    from specialize.convert import layout_config, recipe_model_fields
+    from specialize.infer.model import inference_config, recipe_model_fields
 
     nano = get_preset("qwen-nano")
-    assert layout_config(nano, 1, 1).model.architecture() == nano
+    assert inference_config(nano, 1, 1).model.architecture() == nano
     assert recipe_model_fields(nano) == {"preset": "qwen-nano"}
 
     longer_rope = dataclasses.replace(nano, name="qwen-nano+custom", rotary_base=1e6)
-    assert layout_config(longer_rope, 1, 1).model.architecture() == longer_rope
+    assert inference_config(longer_rope, 1, 1).model.architecture() == longer_rope
     assert recipe_model_fields(longer_rope) == {"preset": "qwen-nano", "rotary_base": 1e6}
 
     other = dataclasses.replace(nano, name="custom", hidden_size=64)
-    built = layout_config(other, 1, 1).model.architecture()
+    built = inference_config(other, 1, 1).model.architecture()
     assert dataclasses.replace(built, name="custom") == dataclasses.replace(
         other, num_query_groups=4
     )

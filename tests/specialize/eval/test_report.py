@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from specialize.paper_numbers import PAPER_MODELS, paper_protocol
-from specialize.report import ReportError, compare, load_results
+from specialize.eval.paper_numbers import PAPER_MODELS, paper_protocol
+from specialize.eval.report import ReportError, compare, load_results
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "results"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "results"
 FILES = [FIXTURES / name for name in ("base.json", "code.json", "math.json")]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -23,7 +23,7 @@ from tests.conftest import STDLIB
 from tests.locking import held_by_another_process
 
 load_plugins()
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 GOOD = {
     "a.py": "x = 1\n",

@@ -16,32 +16,38 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from base.hf_checkpoint import (
     HFCheckpointError,
     HFModel,
     iter_file_tensors,
-    matching_preset,
     qwen2_tensors,
+    qwen2_to_qwen_v1_names,
     qwen_v1_long_context_config,
     read_config,
 )
-from base.hf_mapping import megatron_sources
+from base.hf_mapping import megatron_sources, megatron_to_hf, qwen2_config
+from base.hf_tokenizer import write_hf_tokenizer
 from base.long_context import LongContext, stored_options, write_long_context
 from base.model import ModelOptions, build_model
 from base.presets import QwenPreset
 from base.tokenizer import QwenTokenizer
+from specialize import checkpoint
 from specialize.config import (
     ConfigError,
     ParallelConfig,
-    RecipeConfig,
-    architecture_overrides,
-    load_config,
 )
+from specialize.infer.model import (
+    DTYPE_NAMES,
+    inference_config,
+    read_architecture,
+    recipe_model_fields,
+    stored_dtype,
+)
+from specialize.mcore.distributed import init_distributed, seed_all
 
 log = logging.getLogger("specialize")
-
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def qwen2_shapes(arch: QwenPreset) -> dict[str, tuple[int, ...]]:
@@ -72,25 +78,6 @@ def qwen2_shapes(arch: QwenPreset) -> dict[str, tuple[int, ...]]:
             }
         )
     return shapes
-
-
-def recipe_model_fields(arch: QwenPreset) -> dict[str, object]:
-    """``model.*`` fields of a recipe that builds ``arch``: the preset of its shape and what differs
-    from it (so a qwen-nano checkpoint is built, and named, as qwen-nano), else every field."""
-    fields = architecture_overrides(arch)
-    preset = matching_preset(arch)
-    if preset is None:
-        return fields
-    preset_fields = architecture_overrides(preset)
-    return {"preset": preset.name, **{k: v for k, v in fields.items() if preset_fields[k] != v}}
-
-
-def layout_config(arch: QwenPreset, tp: int, pp: int, dtype: str = "fp32") -> RecipeConfig:
-    """A validated config that builds ``arch`` at TP x PP in ``dtype`` (raises ConfigError when
-    it does not fit)."""
-    overrides = (f"model.{k}={v}" for k, v in recipe_model_fields(arch).items())
-    layout = [f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"precision.dtype={dtype}"]
-    return load_config(None, ["train.steps=1", *layout, *overrides])
 
 
 def _target_dtype(source: torch.dtype, requested: str | None) -> tuple[str, str]:
@@ -132,15 +119,12 @@ def import_hf(
     """Convert; returns the report (also written to ``OUT/conversion.json``).
 
     A tensor holding NaN or Inf is refused unless ``allow_nonfinite`` (then counted and reported)."""
-    from specialize import checkpoint
-    from specialize.mcore.distributed import init_distributed, seed_all
-
     hf_dir, out = Path(hf_dir), Path(out)
     model_info = read_config(hf_dir)
     arch = model_info.arch
     built_dtype, dtype_note = _target_dtype(model_info.dtype, dtype)
     try:  # the layout this checkpoint is meant for must divide the model
-        recipe = layout_config(arch, tp, pp)
+        recipe = inference_config(arch, tp, pp)
     except ConfigError as e:
         raise HFCheckpointError(f"--tp {tp} --pp {pp} do not fit {hf_dir}: {e}") from None
     _check_output(out)
@@ -259,8 +243,6 @@ TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch
 
 
 def _hf_config(arch: QwenPreset, fmt: str, dtype: torch.dtype) -> dict:
-    from base.hf_mapping import qwen2_config
-
     if fmt == "qwen2":
         return {
             "architectures": ["Qwen2ForCausalLM"],
@@ -294,34 +276,6 @@ def _hf_config(arch: QwenPreset, fmt: str, dtype: torch.dtype) -> dict:
     }
 
 
-def _stored_dtype(ckpt: Path) -> torch.dtype:
-    """The model's dtype: that of its embedding (megatron's plain-PyTorch RMSNorm keeps its weight
-    in fp32 whatever the model dtype, so the norms do not say)."""
-    from megatron.core import dist_checkpointing
-
-    from specialize.checkpoint import damaged_is_an_error
-
-    with damaged_is_an_error(ckpt):
-        metadata = dist_checkpointing.load_tensors_metadata(str(ckpt))
-    return metadata["embedding.word_embeddings.weight"].dtype
-
-
-def _read_architecture(ckpt: Path) -> QwenPreset:
-    from specialize.checkpoint import ARCH_FILE, CheckpointError
-
-    arch_file = ckpt / ARCH_FILE
-    if not arch_file.is_file():
-        raise CheckpointError(f"{ckpt}: no {ARCH_FILE}; cannot tell the architecture")
-    try:
-        record = json.loads(arch_file.read_text())
-        if not isinstance(record, dict):
-            raise ValueError("not a JSON object")
-        record.pop("query_groups", None)
-        return QwenPreset(**record)
-    except (ValueError, TypeError) as e:  # bad JSON; missing or unknown fields
-        raise CheckpointError(f"{arch_file}: not an architecture record ({e})") from None
-
-
 def _default_file_mode() -> int:
     """The mode ``open()`` gives a new file under the current umask."""
     umask = os.umask(0)
@@ -333,13 +287,11 @@ def export_hf(
     ckpt: str | Path, out: str | Path, fmt: str = "qwen2", max_shard_bytes: int = 5 * 2**30
 ) -> dict:
     """Write a Hugging Face directory: safetensors shards (+ index), config, generation config, tokenizer."""
-    from specialize import checkpoint
-
     if fmt not in ("qwen2", "qwen"):
         raise HFCheckpointError(f"--format {fmt}: must be qwen2 or qwen")
     ckpt, out = checkpoint.resolve_checkpoint(ckpt), Path(out)
     _check_output(out)
-    arch = _read_architecture(ckpt)
+    arch = read_architecture(ckpt)
     model, dtype = _load_for_export(ckpt, arch)
 
     partial = out.parent / f".{out.name}.partial"
@@ -369,12 +321,9 @@ def export_hf(
 
 
 def _load_for_export(ckpt: Path, arch: QwenPreset) -> tuple[torch.nn.Module, torch.dtype]:
-    from specialize import checkpoint
-    from specialize.mcore.distributed import init_distributed, seed_all
-
     init_distributed(ParallelConfig())
     seed_all(0)
-    dtype = _stored_dtype(ckpt)
+    dtype = stored_dtype(ckpt)
     name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     model = build_model(arch, ModelOptions(spec="local", dtype=name, initialize=False))
     checkpoint.load_model_weights(model, ckpt, arch)
@@ -391,12 +340,6 @@ def _write_hf_directory(
     max_shard_bytes: int,
 ) -> tuple[int, int]:
     """Fill ``partial``; returns (shards, tensors)."""
-    from safetensors.torch import save_file
-
-    from base.hf_checkpoint import qwen2_to_qwen_v1_names
-    from base.hf_mapping import megatron_to_hf
-    from base.hf_tokenizer import write_hf_tokenizer
-
     weights = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
     tensors = megatron_to_hf(weights, arch)
     if fmt == "qwen":
@@ -453,21 +396,3 @@ def _write_hf_directory(
     shutil.copyfile(tokenizer.vocab_file, partial / QwenTokenizer.VOCAB_FILE)
     write_hf_tokenizer(tokenizer, partial, arch.max_position_embeddings)  # vocab.json + merges.txt
     return shards, len(weight_map)
-
-
-# ----------------------------------------------------------------------------- verify
-
-
-def verify(
-    hf_dir: str | Path, ckpt: str | Path, tp: int = 1, pp: int = 1, tolerance: float = 1e-4
-) -> list[str]:
-    """Load ``ckpt`` at TP/PP (this process is one rank of a TP x PP world) and compare with ``hf_dir``."""
-    from specialize.generate import WorldSizeError, load_model
-    from specialize.verify import compare
-
-    read_config(hf_dir)  # a bad reference directory is an error before any model is built
-    try:  # in fp32, the reference's precision (and the tolerance's)
-        model, _ = load_model(ckpt, tp, pp, dtype="fp32")
-    except WorldSizeError as e:
-        raise HFCheckpointError(f"verify: {e}") from None
-    return compare(model, str(hf_dir), tolerance)
