@@ -34,7 +34,8 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from specialize.config import ConfigError
+from specialize.config import ConfigError, derive, load_config, resolve_stages
+from specialize.lock import LockHeld, exclusive
 
 log = logging.getLogger("specialize")
 
@@ -259,7 +260,6 @@ class Pipeline:
         return self.root / STATE_DIR / f"{step.name}.started.json"
 
     def run(self, only: list[str] | None = None) -> None:
-        from specialize.lock import LockHeld, exclusive
 
         self.root.mkdir(parents=True, exist_ok=True)
         # SIGTERM (a scheduler's stop) unwinds like Ctrl-C, so the running step is stopped too.
@@ -320,7 +320,7 @@ class Pipeline:
             for path in self._data_paths(step):
                 inputs[f"data {path}"] = _manifest_identity(Path(path))
         elif step.kind == "eval":
-            from specialize.eval import perplexity
+            from specialize.eval import perplexity  # torch and megatron-core: eval steps only
 
             for label, source in step.models.items():
                 inputs[f"model {label}={source}"] = self._checkpoint_identity(source)
@@ -371,6 +371,7 @@ class Pipeline:
 
     def _checkpoint_identity(self, source: str) -> str:
         """``PATH sha256:DIGEST`` of the checkpoint a train step's final one or a path names."""
+        # megatron-core on first use; a pipeline of data steps never needs it
         from specialize.checkpoint import CheckpointError, resolve_checkpoint
 
         try:
@@ -384,7 +385,6 @@ class Pipeline:
 
     def _data_paths(self, step: StepConfig) -> list[str]:
         """The training data directories of a train step (of every stage, for staged recipes)."""
-        from specialize.config import resolve_stages
 
         cfg = self._recipe(step)
         configs = [stage.cfg for stage in resolve_stages(cfg)] if cfg.stages else [cfg]
@@ -434,7 +434,7 @@ class Pipeline:
             self._exec(step, [*launch, "-m", "specialize", *args])
 
     def _compare(self, step: StepConfig) -> None:
-        from specialize.eval.report import compare
+        from specialize.eval.report import compare  # compare steps only
 
         merged = merge_results(self._compared(step))
         out = self.step_dir(step)
@@ -494,14 +494,12 @@ class Pipeline:
         return overrides
 
     def _recipe(self, step: StepConfig):
-        from specialize.config import load_config
 
         return load_config(step.recipe, self._overrides(step, planned=True))
 
     def final_checkpoint(self, step: StepConfig) -> Path | None:
         """The train step's last checkpoint if it exists (its last stage's, for staged recipes)."""
-        from specialize import checkpoint
-        from specialize.config import derive, resolve_stages
+        from specialize import checkpoint  # megatron-core on first use, as above
 
         cfg = self._recipe(step)
         world = self.cfg.world_size or step.nproc or self.cfg.nproc
@@ -538,7 +536,7 @@ class Pipeline:
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
     def write_lineage(self) -> Path:
-        from specialize.checkpoint import git_commit
+        from specialize.checkpoint import git_commit  # megatron-core on first use, as above
 
         steps = []
         for step in self.cfg.steps:
@@ -647,7 +645,7 @@ def _recipe_hash(path: Path) -> str:
 def merge_results(paths: list[Path]) -> dict[str, dict[str, Any]]:
     """Results files merged per model label (tasks from several eval steps); a task scored
     twice for one model is an error."""
-    from specialize.eval.report import load_results
+    from specialize.eval.report import load_results  # compare steps only
 
     merged: dict[str, dict[str, Any]] = {}
     for path in paths:

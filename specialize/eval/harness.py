@@ -361,6 +361,7 @@ def generate_completions(
     ``generate.checkpoint_dtype``). ``max_new_tokens`` replaces the protocols' budget (a quick
     run; the results record it, and ``compare`` flags it against other runs).
     """
+    # Here, not at the top: scoring (``eval --score``) runs without torch and megatron-core.
     import torch.distributed as dist
 
     from base.tokenizer import QwenTokenizer

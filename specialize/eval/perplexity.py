@@ -28,7 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from base.long_context import stored_options
+from specialize.checkpoint import ARCH_FILE, resolve_checkpoint
 from specialize.eval.tasks import TaskError
+from specialize.infer.likelihood import perplexity_by_length
+from specialize.infer.model import load_model
 
 NAME = "perplexity"
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".c", ".h", ".js", ".java", ".go", ".rs", ".cpp")
@@ -101,8 +105,6 @@ def evaluate_perplexity(
     limit: int | None = None,
 ) -> dict[str, Any]:
     """The results entry of the ``perplexity`` task (run on every rank of the model's world)."""
-    from specialize.infer.likelihood import perplexity_by_length
-
     if not spec:
         raise TaskError(f"task {NAME!r} needs its text: --data {NAME}=FILE_OR_DIR[,...]")
     if not lengths or any(n < 2 for n in lengths):
@@ -179,10 +181,6 @@ def evaluate_variants(
     checkpoint loaded with that option set (one such model in memory at a time) in ``dtype``
     (default: the checkpoint's own). The window and the length past which NTK and LogN act are
     the checkpoint's training length."""
-    from base.long_context import stored_options
-    from specialize.checkpoint import ARCH_FILE, resolve_checkpoint
-    from specialize.infer.model import load_model
-
     path = resolve_checkpoint(checkpoint)
     num_layers = json.loads((path / ARCH_FILE).read_text())["num_layers"]
     trained = stored_options(path).get("train_seq_length") or min(lengths)

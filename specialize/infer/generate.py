@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from base.tokenizer import QwenTokenizer
+from specialize.data.chat import DEFAULT_SYSTEM, generation_prompt
 from specialize.infer.logits import last_logits, model_device
 
 STOP_IDS = (151643, 151645)  # <|endoftext|>, <|im_end|>
@@ -187,8 +188,6 @@ def chat_answers(
     system: str | None = None,
 ) -> list[str]:
     """Greedy assistant replies to single-turn questions in the ChatML format of SFT."""
-    from specialize.data.chat import DEFAULT_SYSTEM, generation_prompt
-
     prompts = [
         generation_prompt([{"role": "user", "content": q}], tokenizer, system or DEFAULT_SYSTEM)
         for q in questions

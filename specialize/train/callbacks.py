@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from specialize import checkpoint
 from specialize.config import RecipeConfig
 from specialize.train.engine import StepResult
 
@@ -179,8 +180,6 @@ class Checkpointer(Callback):
             self._save(trainer, step)
 
     def _save(self, trainer: Trainer, step: int) -> None:
-        from specialize import checkpoint
-
         if trainer.diverged is not None:
             # The weights after a non-finite or spiking step are not a state to continue from.
             raise RuntimeError(f"refusing to save step {step}: {trainer.diverged}")
