@@ -50,6 +50,7 @@ from megatron.core.dist_checkpointing.strategies import filesystem_async
 from base.presets import QwenPreset
 from specialize import config as config_mod
 from specialize.config import checkpoint_root, iteration_dir  # layout shared with stages
+from specialize.data.pretrain import data_manifest_records
 from specialize.train.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -478,29 +479,6 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def data_manifest_records(paths: list[str]) -> dict:
-    """What pins the data of each ``data.paths`` entry, as lineage records it."""
-    manifests = {}
-    for data_path in paths:
-        path = Path(data_path) / "manifest.json"  # a `data prepare(-sft)` directory; else None
-        if not path.is_file():
-            manifests[data_path] = None
-            continue
-        text = path.read_bytes()
-        manifest = json.loads(text)
-        # The manifest's own hash pins the data (it holds the input hashes and counts) whatever
-        # its kind; a few fields are copied for people reading the lineage.
-        manifests[data_path] = {
-            "manifest_sha256": hashlib.sha256(text).hexdigest(),
-            "format": manifest.get("format"),
-            "documents": manifest.get("documents"),
-            "sequences": manifest.get("sequences"),
-            "tokens": manifest.get("tokens"),
-            "tokenizer_sha256": (manifest.get("tokenizer") or {}).get("sha256"),
-        }
-    return manifests
 
 
 def lineage_record(

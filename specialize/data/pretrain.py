@@ -16,27 +16,27 @@ what megatron-core would turn into a hang or a silently short dataset.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy
 import torch
+import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from torch.utils.data import DataLoader, Dataset
 
 from base.tokenizer import QwenTokenizer
-from specialize.config import ConfigError, DataConfig, RecipeConfig
+from specialize.config import ConfigError, DataConfig, Derived, RecipeConfig
 from specialize.data.sft_prepare import FORMAT as SFT_FORMAT
-
-if TYPE_CHECKING:
-    from specialize.mcore.distributed import Topology
+from specialize.mcore.distributed import Topology
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,29 @@ def read_data_manifest(path: str | os.PathLike, where: Optional[str] = None) -> 
     if not isinstance(manifest, dict):
         raise ConfigError(f"{where or path}: {manifest_file} is not a manifest (a JSON object)")
     return manifest
+
+
+def data_manifest_records(paths: list[str]) -> dict:
+    """What pins the data of each ``data.paths`` entry, as lineage records it."""
+    manifests = {}
+    for data_path in paths:
+        path = Path(data_path) / "manifest.json"  # a `data prepare(-sft)` directory; else None
+        if not path.is_file():
+            manifests[data_path] = None
+            continue
+        text = path.read_bytes()
+        manifest = json.loads(text)
+        # The manifest's own hash pins the data (it holds the input hashes and counts) whatever
+        # its kind; a few fields are copied for people reading the lineage.
+        manifests[data_path] = {
+            "manifest_sha256": hashlib.sha256(text).hexdigest(),
+            "format": manifest.get("format"),
+            "documents": manifest.get("documents"),
+            "sequences": manifest.get("sequences"),
+            "tokens": manifest.get("tokens"),
+            "tokenizer_sha256": (manifest.get("tokenizer") or {}).get("sha256"),
+        }
+    return manifests
 
 
 def _parse_split(split: str) -> list[float]:
@@ -515,3 +538,36 @@ class TrainingData:
 
     def validation_iterators(self) -> Optional[list]:
         return None if self.valid is None else self._iterators(self.valid, 0)
+
+
+class PretrainData(TrainingData):
+    """Train/validation iterators over Megatron indexed datasets (GPTDataset) for this rank."""
+
+    def __init__(
+        self, cfg: RecipeConfig, topo: Topology, derived: Derived, tokenizer: QwenTokenizer
+    ) -> None:
+        self.cfg, self.topo = cfg, topo
+        global_batch = cfg.train.global_batch_size
+        eval_samples = cfg.train.eval_steps * global_batch if cfg.train.eval_interval else 0
+        cache_dir = Path(cfg.data.cache_dir or Path(cfg.checkpoint.dir) / "data_cache")
+        # GPTDataset keys its index cache by shard path, not content: data replaced in place
+        # (data.allow_changed) must not reuse the old data's sample indices.
+        cache_dir = cache_dir / _data_digest(cfg.data.paths)
+        # Rank 0 writes GPTDataset's index cache; the others then read it instead of racing it.
+        for turn in (True, False):
+            if (topo.rank == 0) == turn:
+                self.train, self.valid, _ = build_pretrain_datasets(
+                    cfg.data,
+                    tokenizer,
+                    cfg.train.seed,
+                    (derived.steps * global_batch, eval_samples, 0),
+                    cache_dir,
+                    thd=document_attention(cfg) == "thd",
+                )
+            dist.barrier()
+
+
+def _data_digest(paths: list[str]) -> str:
+    """A short name for the data of ``paths`` as their manifests pin it."""
+    records = data_manifest_records(paths)
+    return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()[:16]

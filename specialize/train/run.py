@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from specialize.config import (
     spec_note,
     to_yaml,
 )
-from specialize.data.pretrain import TrainingData, build_pretrain_datasets, document_attention
+from specialize.data.pretrain import PretrainData
 from specialize.mcore.distributed import Topology, init_distributed, seed_all
 from specialize.train.callbacks import default_callbacks
 from specialize.train.engine import Engine
@@ -119,33 +118,6 @@ def set_cuda_environment(par: ParallelConfig) -> None:
     os.environ.update(env)
 
 
-class PretrainData(TrainingData):
-    """Train/validation iterators over Megatron indexed datasets (GPTDataset) for this rank."""
-
-    def __init__(
-        self, cfg: RecipeConfig, topo: Topology, derived: Derived, tokenizer: QwenTokenizer
-    ) -> None:
-        self.cfg, self.topo = cfg, topo
-        global_batch = cfg.train.global_batch_size
-        eval_samples = cfg.train.eval_steps * global_batch if cfg.train.eval_interval else 0
-        cache_dir = Path(cfg.data.cache_dir or Path(cfg.checkpoint.dir) / "data_cache")
-        # GPTDataset keys its index cache by shard path, not content: data replaced in place
-        # (data.allow_changed) must not reuse the old data's sample indices.
-        cache_dir = cache_dir / _data_digest(cfg.data.paths)
-        # Rank 0 writes GPTDataset's index cache; the others then read it instead of racing it.
-        for turn in (True, False):
-            if (topo.rank == 0) == turn:
-                self.train, self.valid, _ = build_pretrain_datasets(
-                    cfg.data,
-                    tokenizer,
-                    cfg.train.seed,
-                    (derived.steps * global_batch, eval_samples, 0),
-                    cache_dir,
-                    thd=document_attention(cfg) == "thd",
-                )
-            dist.barrier()
-
-
 def check_layer_spec(cfg: RecipeConfig, topo: Topology) -> None:
     """Every rank must build the same layers: ``model.spec=auto`` is resolved by each rank on its
     own machine, so a node whose Transformer Engine is missing or broken in a te world is an error
@@ -166,12 +138,6 @@ def check_layer_spec(cfg: RecipeConfig, topo: Topology) -> None:
     if topo.rank == 0:
         left_out = cfg.model.spec == "auto" and spec == "local" and torch.cuda.is_available()
         log.log(logging.WARNING if left_out else logging.INFO, "layer spec: %s", spec_note(cfg))
-
-
-def _data_digest(paths: list[str]) -> str:
-    """A short name for the data of ``paths`` as their manifests pin it."""
-    records = checkpoint.data_manifest_records(paths)
-    return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_data(cfg: RecipeConfig, topo: Topology, derived: Derived, tokenizer: QwenTokenizer):

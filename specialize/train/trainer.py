@@ -19,6 +19,7 @@ from base import spec as layer_specs
 from specialize import checkpoint
 from specialize.config import ConfigError, Derived, RecipeConfig, Stage
 from specialize.convert.parity import DEFAULT_TOLERANCE, compare
+from specialize.data.pretrain import data_manifest_records
 from specialize.mcore.distributed import Topology
 from specialize.train.callbacks import Callback
 from specialize.train.engine import Engine, StepResult
@@ -88,7 +89,7 @@ class SpikeGuard:
 
 def data_changes(recorded: dict, current: dict) -> list[str]:
     """How the data of ``data.paths`` differs from what a checkpoint's lineage recorded
-    (``checkpoint.data_manifest_records``), entry by entry in order; empty when it is the same."""
+    (``data_manifest_records``), entry by entry in order; empty when it is the same."""
     before, after = list(recorded.items()), list(current.items())
     changes = []
     for i in range(max(len(before), len(after))):
@@ -128,7 +129,7 @@ def check_same_data(cfg: RecipeConfig, path: Path, warn: bool, what: str = "") -
         if warn:
             log.warning("%s records no data manifests; cannot check its data is unchanged", path)
         return
-    changes = data_changes(recorded, checkpoint.data_manifest_records(cfg.data.paths))
+    changes = data_changes(recorded, data_manifest_records(cfg.data.paths))
     if not changes:
         return
     prefix = f"{what}: " if what else ""
