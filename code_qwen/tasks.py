@@ -34,7 +34,7 @@ from code_qwen.execution import (
     pass_at_k,
     stderr_tail,
 )
-from code_qwen.sandbox import Program, RunResult, Sandbox
+from code_sandbox import Program, RunResult, Sandbox
 from specialize.eval.tasks import (
     Grade,
     HubSource,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("specialize", "base", "code_qwen", "math_qwen")
+PACKAGES = ("specialize", "base", "code_qwen", "math_qwen", "code_sandbox")
 
 
 def module_files() -> dict[str, Path]:

@@ -35,7 +35,7 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 
 
 MODES = ("base", "chat")
-# Verdicts on one completion; the same words as ``code_qwen.sandbox`` uses for program runs.
+# Verdicts on one completion; the same words as ``code_sandbox`` uses for program runs.
 PASSED, FAILED, TIMEOUT, ERROR = "passed", "failed", "timeout", "error"
 STATUSES = (PASSED, FAILED, TIMEOUT, ERROR)
 

@@ -16,7 +16,7 @@ from code_qwen.execution import (
     mean_pass_at_k,
     pass_at_k,
 )
-from code_qwen.sandbox import Sandbox, SandboxConfig
+from code_sandbox import Sandbox, SandboxConfig
 from specialize.eval.tasks import get_task
 
 

@@ -209,7 +209,7 @@ def test_doctest_examples_become_a_test_that_passes(tree):
     assert messages[2]["content"] == "Now write a pytest test for `greet` based on its examples."
     test = messages[3]["content"]
     assert test.startswith("from pkg import greet\n\n\ndef test_greet():\n")
-    from code_qwen.sandbox import run
+    from code_sandbox import run
 
     program = greet.source + "\n" + test.split("\n", 1)[1] + "\ntest_greet()\n"
     assert run(program).status == "passed"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from code_qwen.sandbox import (
+from code_sandbox import (
     ERROR,
     FAILED,
     PASSED,
@@ -339,7 +339,7 @@ def test_hidden_paths_below_tmp_are_covered_when_the_interpreter_keeps_tmp(tmp_p
 UNPRIVILEGED_CALLER = """
 import json, socket, sys
 sys.path.insert(0, sys.argv[1])
-from code_qwen.sandbox import Sandbox, SandboxConfig
+from code_sandbox import Sandbox, SandboxConfig
 token = sys.argv[2]
 with Sandbox(SandboxConfig(python=sys.executable, timeout=1.0, max_processes=16)) as sb:
     info = sb.describe()
@@ -490,7 +490,7 @@ def test_infinite_loop_times_out_and_leaves_nothing(mode):
 def test_backstop_kills_a_launcher_that_does_not_finish(monkeypatch):
     """The parent's own deadline, for a launcher that never reports (simulated by moving the
     parent's deadline before the supervisor's): the launcher's group dies, and with it all."""
-    import code_qwen.sandbox as sandbox_module
+    import code_sandbox as sandbox_module
 
     monkeypatch.setattr(sandbox_module, "_GRACE", -0.7)
     token = "sbx" + secrets.token_hex(6)
