@@ -1,4 +1,4 @@
-"""Training-free long context at inference (paper §2.2, REFERENCE §1), as Qwen v1 does it.
+"""Training-free long context at inference (paper §2.5, docs/paper.md §5), as Qwen v1 does it.
 
 Three options, all off by default, each hooked into megatron-core without touching its code:
 

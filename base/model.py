@@ -1,6 +1,6 @@
 """Build a Qwen base model as a megatron-core ``GPTModel``.
 
-Architecture (paper §2.2): pre-norm RMSNorm (eps 1e-6), SwiGLU MLP, RoPE (base 10000, FP32
+Architecture (paper §2.3, docs/paper.md §2): pre-norm RMSNorm (eps 1e-6), SwiGLU MLP, RoPE (base 10000, FP32
 inverse frequencies), bias on the Q/K/V projection only, untied input embedding and output layer.
 The layer spec is the only thing that differs between a CPU run (``local``: plain PyTorch) and a
 GPU run (``te``: Transformer Engine fused kernels, needed for FP8). Training-free long-context

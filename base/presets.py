@@ -1,8 +1,9 @@
 """Qwen base-model sizes.
 
-The paper rows are Table 1 of the Qwen technical report (arXiv 2309.16609, §2.2): hidden size,
-heads, layers, SwiGLU FFN width and the padded vocabulary. Qwen v1 uses full multi-head attention,
-so ``num_query_groups == num_attention_heads``. The tiny presets keep the architecture and the real
+The paper rows take hidden size, heads and layers from Table 1 of the Qwen technical report
+(arXiv 2309.16609, §2.3), the SwiGLU FFN width and the padded vocabulary from the released
+checkpoints (docs/paper.md §2). Qwen v1 uses full multi-head attention, so
+``num_query_groups == num_attention_heads``. The tiny presets keep the architecture and the real
 151,936-entry vocabulary so that tokenizer, data and checkpoints are the real ones on a laptop CPU;
 their embedding tables dominate their size.
 """
@@ -22,8 +23,8 @@ class QwenPreset:
     padded_vocab_size: int
     num_query_groups: int | None = None  # None: full MHA (Qwen v1)
     max_position_embeddings: int = 8192
-    rotary_base: float = 10000.0  # paper §2.2: RoPE base 10000
-    norm_epsilon: float = 1e-6  # paper §2.2: RMSNorm eps 1e-6
+    rotary_base: float = 10000.0  # released checkpoints' rotary_emb_base (docs/paper.md §2)
+    norm_epsilon: float = 1e-6  # released checkpoints' layer_norm_epsilon (docs/paper.md §2)
 
     @property
     def kv_channels(self) -> int:
@@ -45,7 +46,7 @@ class QwenPreset:
 PRESETS: dict[str, QwenPreset] = {
     p.name: p
     for p in (
-        # Paper Table 1.
+        # Paper Table 1; FFN width and padded vocabulary of the released checkpoints.
         QwenPreset("qwen-1.8b", 2048, 16, 24, 5504, 151936),
         QwenPreset("qwen-7b", 4096, 32, 32, 11008, 151936),
         QwenPreset("qwen-14b", 5120, 40, 40, 13696, 152064),

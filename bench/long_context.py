@@ -1,4 +1,4 @@
-"""Perplexity past the training length with Qwen's training-free context extension (paper §2.2).
+"""Perplexity past the training length with Qwen's training-free context extension (paper §2.5).
 
 Trains qwen-tiny at sequence length 256 with the project's training CLI (one process, the demo's
 data: the CPython standard library prepared by ``specialize data prepare``), then measures

@@ -2,7 +2,7 @@
 per language (``humanevalpack-python``, ``-js``, ``-java``, ``-go``, ``-cpp``, ``-rust``).
 
 Records use the published ``bigcode/humanevalpack`` schema (hub config = language). Protocol
-(REFERENCE §5), as in bigcode-evaluation-harness:
+(docs/paper.md §10), as in bigcode-evaluation-harness:
 
 - ``base``: the record's ``prompt`` (docstring + signature) is completed verbatim; generation
   stops at the harness's per-language stop words. The graded program is the prompt, the

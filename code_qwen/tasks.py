@@ -1,7 +1,7 @@
 """The code evaluation tasks: HumanEval and MBPP (data, decontamination texts, and the evaluation
 protocol: prompts per mode, stop sequences, completion post-processing, sandboxed grading, pass@k).
 
-Protocols (REFERENCE §5), per mode:
+Protocols (docs/paper.md §10), per mode:
 
 - HumanEval ``base``: the prompt verbatim, 0-shot; the completion is cut at the Codex stop
   sequences (a new top-level ``def``/``class``/``if __name__``/``print(``/``#``), which never

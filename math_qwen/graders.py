@@ -12,9 +12,9 @@ when it has none) and whether they match:
   last box, "answer is", ``$X$``; Minerva-normalized and sympy-equivalent
   (``math_qwen.math_equivalence``).
 - ``math401``: the record's ``response``; the completion's last number; correct when
-  ``|pred - target| < 1e-3``, absolute, the rule of the Math401 paper (Yuan et al. 2023) and of the
-  Qwen report (REFERENCE §5). Targets are printed to 4 decimals, so a prediction at full precision
-  is within 5e-5 of them, while one rounded to 2 decimals usually is not.
+  ``|pred - target| < 1e-3``, absolute, the rule of the Math401 paper (Yuan et al. 2023); the Qwen
+  report states none (docs/paper.md §10). Targets are printed to 4 decimals, so a prediction at
+  full precision is within 5e-5 of them, while one rounded to 2 decimals usually is not.
 - ``math23k``: the record's ``ans`` (the Math23K release) or ``answer``; the completion's last
   quantity; equal within 1e-4, absolute, the usual Math23K answer-accuracy tolerance.
 

@@ -1,7 +1,7 @@
 """The math evaluation tasks: GSM8K, MATH (MATH500), Math401 and Math23K (data, decontamination
 texts, and the evaluation protocol: prompts per mode, stop sequences, grading).
 
-Protocols (REFERENCE §5), per mode:
+Protocols (docs/paper.md §10), per mode:
 
 - GSM8K ``base``: 8-shot, the chain-of-thought exemplars of Wei et al. (2022), each written
   "Question: Q\\nLet's think step by step\\nREASONING\\nThe answer is N"; cut at ``\\n\\n`` or

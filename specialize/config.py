@@ -106,7 +106,7 @@ class ModelConfig:
     rope_alpha: Optional[float] = None
     """A fixed NTK alpha for ``rope_scaling=dynamic-ntk`` instead of Qwen's length rule (>= 1)."""
     logn_attention: bool = False
-    """LogN attention at inference: queries at positions n > ``train_seq_length`` are scaled by log(n)/log(train_seq_length), keeping attention entropy (paper §2.2)."""
+    """LogN attention at inference: queries at positions n > ``train_seq_length`` are scaled by log(n)/log(train_seq_length), keeping attention entropy (paper §2.5, docs/paper.md §5)."""
     layer_windows: Optional[list[Optional[int]]] = None
     """Sliding attention window per layer, one entry per layer (null or 0: full attention); a token attends to itself and the window-1 tokens before it. The paper uses short windows in lower layers, long in higher."""
     train_seq_length: Optional[int] = None

@@ -238,7 +238,7 @@ def _fill(
 
 # ----------------------------------------------------------------------------- export
 
-EOD, IM_END = 151643, 151645  # generation must stop on both (REFERENCE §2)
+EOD, IM_END = 151643, 151645  # generation must stop on both (docs/paper.md §3)
 TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 

@@ -1,18 +1,23 @@
 """Scores reported by the Qwen technical report, the reference rows of ``specialize compare``.
 
-Transcribed from the headline table of REFERENCE §5 ("Headline numbers (pass@1 / accuracy %)");
-the protocol texts are REFERENCE §5's descriptions of how each benchmark is run. A model/task pair
-the table leaves blank is absent here: nothing is filled in or estimated.
+Transcribed from Tables 2, 10 and 12 of the report, collected in docs/paper.md §11; the protocol
+texts say how each benchmark is run, as docs/paper.md §10 describes (the report gives shots and
+metrics; prompts, stops and grading come from Qwen's evaluation scripts and the benchmarks' own
+papers). A model/task pair the tables leave blank is absent here: nothing is filled in or
+estimated.
 
-Model names follow the report's naming (family, then "-Chat" for the aligned model, then size):
-REFERENCE's table writes the same models as e.g. ``Code-Qwen-7B-Chat``.
+Model names follow the report's tables (family, then "-Chat" for the aligned model, then size);
+the report's text writes the same models as e.g. ``CODE-QWEN-7B-CHAT``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-SOURCE = "Qwen technical report, headline numbers (REFERENCE §5)"
+SOURCE = (
+    "Qwen technical report (arXiv 2309.16609), Tables 2, 10 and 12; protocols as "
+    "docs/paper.md §10 describes them"
+)
 """Where every number in this module comes from."""
 
 
@@ -71,7 +76,7 @@ PAPER_MODELS: tuple[PaperModel, ...] = (
     ),
 )
 
-# (task, mode) -> protocol, as REFERENCE §5 states it; mode None: stated for both modes.
+# (task, mode) -> protocol, as docs/paper.md §10 describes it; mode None: the same for both modes.
 PAPER_PROTOCOLS: dict[tuple[str, str | None], str] = {
     ("humaneval", "base"): (
         "164 problems, pass@1 greedy; prompt verbatim, 0-shot; completion cut at "
@@ -104,5 +109,5 @@ PAPER_PROTOCOLS: dict[tuple[str, str | None], str] = {
 
 
 def paper_protocol(task: str, mode: str) -> str | None:
-    """REFERENCE §5's protocol for ``task`` in ``mode`` (``base``/``chat``), None if unstated."""
+    """The protocol for ``task`` in ``mode`` (``base``/``chat``), None if unstated."""
     return PAPER_PROTOCOLS.get((task, mode)) or PAPER_PROTOCOLS.get((task, None))

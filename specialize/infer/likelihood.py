@@ -1,5 +1,5 @@
 """Perplexity by context length: how well a model predicts long documents at 1x, 2x, 4x... its
-training length, the measurement behind training-free context extension (paper §2.2: dynamic NTK,
+training length, the measurement behind training-free context extension (paper §2.5: dynamic NTK,
 LogN and window attention keep 2K-trained models good at 8K).
 """
 

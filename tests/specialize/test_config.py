@@ -121,7 +121,7 @@ def test_code_qwen_cpt_needs_init(size: str):
 
 
 def test_code_qwen_cpt_recipes(tmp_path: Path):
-    """Paper §4 (REFERENCE §3): 90B tokens at 8192, AdamW 0.9/0.95/1e-8, 3% warmup, no decay."""
+    """Paper §4.1 (docs/paper.md §7): 90B tokens at 8192, AdamW 0.9/0.95/1e-8, 3% warmup, no decay."""
     for size, lr, tensor in (("7b", 3.0e-5, 2), ("14b", 6.0e-5, 4)):
         cfg = load_config(ROOT / f"configs/code_qwen/{size}-cpt.yaml", [f"init={tmp_path}"])
         assert cfg.model.preset == f"qwen-{size}" and cfg.model.spec == "te"
