@@ -70,7 +70,7 @@ def test_every_doc_citation_names_a_section():
         "configs/code_qwen/7b-cpt.yaml",
         "configs/code_qwen/14b-cpt.yaml",
         "configs/math_qwen/7b-chat-sft.yaml",
-        "specialize/paper_numbers.py",
+        "specialize/eval/paper_numbers.py",
         "code_qwen/tasks.py",
         "math_qwen/tasks.py",
     } <= set(cited)
