@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from base.long_context import LongContext
+from base.long_context_config import QWEN_SEQ_LENGTH, LongContextConfig
 from base.presets import PRESETS, QwenPreset
 
 
@@ -36,7 +36,7 @@ class HFModel:
     arch: QwenPreset
     dtype: torch.dtype
     """The dtype the checkpoint declares (``torch_dtype`` / ``bf16``/``fp16`` flags)."""
-    long_context: LongContext | None = None
+    long_context: LongContextConfig | None = None
     """Qwen v1's inference options (``use_dynamic_ntk``, ``use_logn_attn``, ``seq_length``);
     the importer stores them as the checkpoint's ``long_context.json``."""
 
@@ -227,24 +227,24 @@ def read_config(path: str | Path) -> HFModel:
     )
 
 
-def qwen_v1_long_context(config: dict, file: Path = Path("config.json")) -> LongContext:
+def qwen_v1_long_context(config: dict, file: Path = Path("config.json")) -> LongContextConfig:
     """Qwen v1 config keys → long-context options: ``use_dynamic_ntk`` → ``rope_scaling``
     dynamic-ntk, ``use_logn_attn`` → ``logn_attention``, ``seq_length`` (the training length their
     rules start from, default 2048 as in Qwen's ``QWenConfig``) → ``train_seq_length``."""
     fields = _ConfigFields(file, config)
-    return LongContext(
+    return LongContextConfig(
         rope_scaling="dynamic-ntk" if fields.flag("use_dynamic_ntk") else "none",
         logn_attention=fields.flag("use_logn_attn"),
-        train_seq_length=fields.positive_int("seq_length", 2048),
+        train_seq_length=fields.positive_int("seq_length", QWEN_SEQ_LENGTH),
     )
 
 
-def qwen_v1_long_context_config(options: LongContext | None, arch: QwenPreset) -> dict:
+def qwen_v1_long_context_config(options: LongContextConfig | None, arch: QwenPreset) -> dict:
     """The inverse, for an exported v1 ``config.json`` (``seq_length`` defaults to the
     architecture's context length, which is what the exporter writes without options).
 
     A fixed ``rope_alpha`` and per-layer windows have no Qwen v1 key and are not exported."""
-    options = options or LongContext()
+    options = options or LongContextConfig()
     return {
         "use_dynamic_ntk": options.rope_scaling == "dynamic-ntk",
         "use_logn_attn": options.logn_attention,

@@ -1,6 +1,7 @@
 """Training-free long context at inference (paper §2.5, docs/paper.md §5), as Qwen v1 does it.
 
-Three options, all off by default, each hooked into megatron-core without touching its code:
+Three options, all off by default (``base.long_context_config.LongContextConfig`` holds them), each
+hooked into megatron-core without touching its code:
 
 * **dynamic NTK RoPE** — ``DynamicNTKRotaryEmbedding``, a subclass of megatron's
   ``RotaryEmbedding`` swapped into ``GPTModel.rotary_pos_emb`` after construction. The RoPE base
@@ -37,11 +38,9 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -49,81 +48,6 @@ from megatron.core.models.common.embeddings.rope_utils import get_pos_emb_on_thi
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
-
-ROPE_SCALINGS = ("none", "dynamic-ntk")
-LONG_CONTEXT_FILE = "long_context.json"
-"""Per-checkpoint inference options (written next to ``arch.json``; read by ``load_model``)."""
-
-
-@dataclass(frozen=True)
-class LongContext:
-    """The long-context options, under the names ``ModelConfig``/``ModelOptions`` use."""
-
-    rope_scaling: str = "none"
-    rope_alpha: float | None = None
-    logn_attention: bool = False
-    layer_windows: tuple[int | None, ...] | None = None
-    train_seq_length: int | None = None
-    """None: the run's ``data.seq_length`` (the length the model was trained at)."""
-
-    @property
-    def enabled(self) -> bool:
-        return self.rope_scaling != "none" or self.logn_attention or bool(self.layer_windows)
-
-    def as_dict(self) -> dict[str, Any]:
-        record = asdict(self)
-        if self.layer_windows is not None:
-            record["layer_windows"] = list(self.layer_windows)
-        return record
-
-    @classmethod
-    def from_dict(cls, record: dict[str, Any]) -> LongContext:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(record) - names)
-        if unknown:
-            raise ValueError(f"unknown long-context option(s) {unknown}; known: {sorted(names)}")
-        windows = record.get("layer_windows")
-        return cls(**{**record, "layer_windows": None if windows is None else tuple(windows)})
-
-
-def check_options(
-    rope_scaling: str,
-    rope_alpha: float | None,
-    logn_attention: bool,
-    layer_windows: Sequence[int | None] | None,
-    train_seq_length: int | None,
-    num_layers: int,
-) -> list[tuple[str, str]]:
-    """(field, problem) for every invalid option; the caller words the error for its own names."""
-    problems = []
-    if rope_scaling not in ROPE_SCALINGS:
-        problems.append(
-            ("rope_scaling", f"{rope_scaling!r}: must be one of {', '.join(ROPE_SCALINGS)}")
-        )
-    if rope_alpha is not None:
-        if rope_scaling != "dynamic-ntk":
-            problems.append(("rope_alpha", f"{rope_alpha}: needs rope_scaling=dynamic-ntk"))
-        elif rope_alpha < 1:
-            problems.append(("rope_alpha", f"{rope_alpha}: must be >= 1 (1 is plain RoPE)"))
-    uses_length = rope_scaling != "none" or logn_attention
-    if uses_length and train_seq_length is not None and train_seq_length < 2:
-        problems.append(
-            ("train_seq_length", f"{train_seq_length}: must be >= 2 (log of it divides)")
-        )
-    if layer_windows is not None:
-        if len(layer_windows) != num_layers:
-            problems.append(
-                (
-                    "layer_windows",
-                    f"has {len(layer_windows)} entries for {num_layers} layers (one per layer; null "
-                    "or 0 for full attention)",
-                )
-            )
-        bad = [w for w in layer_windows if w is not None and w < 0]
-        if bad:
-            problems.append(("layer_windows", f"{bad}: windows must be >= 1 (or null/0: full)"))
-    return problems
-
 
 # ----------------------------------------------------------------------------- dynamic NTK RoPE
 
@@ -374,43 +298,3 @@ def with_long_context(
             ),
         ),
     )
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def write_long_context(path: str | Path, options: LongContext) -> None:
-    """Record a checkpoint's inference options (``load_model`` applies them)."""
-    Path(path, LONG_CONTEXT_FILE).write_text(json.dumps(options.as_dict(), indent=2) + "\n")
-
-
-def read_long_context(path: str | Path) -> LongContext | None:
-    file = Path(path, LONG_CONTEXT_FILE)
-    if not file.is_file():
-        return None
-    return LongContext.from_dict(json.loads(file.read_text()))
-
-
-def stored_options(path: str | Path) -> dict[str, Any]:
-    """The long-context options a checkpoint directory carries, as ``model.*`` values: those of the
-    ``config.yaml`` of the run that saved it (its ``data.seq_length`` as the training length unless
-    ``model.train_seq_length`` is set), overridden by a ``long_context.json`` (written by the import
-    of a Qwen v1 checkpoint from its ``use_dynamic_ntk`` / ``use_logn_attn`` / ``seq_length``)."""
-    import yaml
-
-    names = [f.name for f in fields(LongContext)]
-    options: dict[str, Any] = {}
-    run_config = Path(path, "config.yaml")
-    if run_config.is_file():
-        doc = yaml.safe_load(run_config.read_text()) or {}
-        model = doc.get("model") or {}
-        options = {k: model[k] for k in names if k in model}
-        if options.get("train_seq_length") is None:
-            options["train_seq_length"] = (doc.get("data") or {}).get("seq_length")
-        options = {k: v for k, v in options.items() if v is not None or k == "layer_windows"}
-    stored = read_long_context(path)
-    if stored is not None:
-        options.update(
-            {k: v for k, v in stored.as_dict().items() if v is not None or k != "train_seq_length"}
-        )
-    return options

@@ -10,7 +10,7 @@ options (dynamic NTK RoPE, LogN attention, layer-wise windows) are off by defaul
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,8 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from base import spec as layer_specs
-from base.long_context import check_options, install_dynamic_ntk, with_long_context
+from base.long_context import install_dynamic_ntk, with_long_context
+from base.long_context_config import QWEN_SEQ_LENGTH, LongContextConfig
 from base.presets import QwenPreset
 
 
@@ -75,16 +76,9 @@ class ModelOptions:
     init_method_std: float = 0.02
     initialize: bool = True
     """Randomly initialize weights; off when a checkpoint will overwrite them anyway."""
-    rope_scaling: str = "none"
-    """``none`` or ``dynamic-ntk``: Qwen v1's RoPE base growth past ``train_seq_length`` (inference)."""
-    rope_alpha: float | None = None
-    """A fixed NTK alpha for ``dynamic-ntk``; None: Qwen's rule from the sequence length."""
-    logn_attention: bool = False
-    """Scale queries past ``train_seq_length`` by log(n)/log(train_seq_length) (inference)."""
-    layer_windows: tuple[int | None, ...] | None = None
-    """Sliding attention window per layer (None/0: full attention); see ``base.long_context``."""
-    train_seq_length: int = 2048
-    """The length the model was trained at (Qwen's ``seq_length``): where NTK and LogN start."""
+    long_context: LongContextConfig = field(default_factory=LongContextConfig)
+    """Training-free long-context options (``base.long_context``); an unset ``train_seq_length``
+    is ``QWEN_SEQ_LENGTH`` (the engine sets the run's ``data.seq_length``)."""
 
 
 def transformer_config(preset: QwenPreset, opts: ModelOptions) -> TransformerConfig:
@@ -180,22 +174,9 @@ def layer_spec(spec: str, opts: ModelOptions | None = None) -> ModuleSpec:
     )
     if opts is None:
         return base
-    return with_long_context(
-        base, opts.layer_windows, opts.train_seq_length if opts.logn_attention else None
-    )
-
-
-def check_long_context(preset: QwenPreset, opts: ModelOptions) -> None:
-    problems = check_options(
-        opts.rope_scaling,
-        opts.rope_alpha,
-        opts.logn_attention,
-        opts.layer_windows,
-        opts.train_seq_length,
-        preset.num_layers,
-    )
-    if problems:
-        raise ValueError("; ".join(f"{name}: {problem}" for name, problem in problems))
+    options = opts.long_context.resolved(QWEN_SEQ_LENGTH)
+    logn_length = options.train_seq_length if options.logn_attention else None
+    return with_long_context(base, options.layer_windows, logn_length)
 
 
 def build_model(
@@ -206,7 +187,7 @@ def build_model(
     vp_stage: int | None = None,
 ) -> GPTModel:
     """One model chunk for this rank's pipeline stage (call after parallel state is initialized)."""
-    check_long_context(preset, opts)
+    opts.long_context.check(preset.num_layers)
     config = transformer_config(preset, opts)
     model = GPTModel(
         config=config,
@@ -222,6 +203,7 @@ def build_model(
         rotary_base=int(preset.rotary_base),
         vp_stage=vp_stage,
     )
-    if opts.rope_scaling == "dynamic-ntk":
-        install_dynamic_ntk(model, preset.rotary_base, opts.train_seq_length, opts.rope_alpha)
+    options = opts.long_context.resolved(QWEN_SEQ_LENGTH)
+    if options.rope_scaling == "dynamic-ntk":
+        install_dynamic_ntk(model, preset.rotary_base, options.train_seq_length, options.rope_alpha)
     return model

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from base import spec as layer_specs
+from base.long_context_config import LongContextConfig, LongContextError
 from base.presets import PRESETS, QwenPreset, get_preset
 
 ARCHITECTURE_FIELDS = (
@@ -101,16 +102,8 @@ class ModelConfig:
     """Override of the RoPE base (paper: 10000; Qwen2 uses 1e6)."""
     norm_epsilon: Optional[float] = None
     """Override of the RMSNorm epsilon (paper: 1e-6)."""
-    rope_scaling: str = "none"
-    """Training-free context extension of RoPE at inference: ``none`` or ``dynamic-ntk`` (Qwen v1: the base grows by ``alpha ** (d/(d-2))``, ``alpha = max(2**ceil(log2(L/train_seq_length)+1) - 1, 1)``)."""
-    rope_alpha: Optional[float] = None
-    """A fixed NTK alpha for ``rope_scaling=dynamic-ntk`` instead of Qwen's length rule (>= 1)."""
-    logn_attention: bool = False
-    """LogN attention at inference: queries at positions n > ``train_seq_length`` are scaled by log(n)/log(train_seq_length), keeping attention entropy (paper §2.5, docs/paper.md §5)."""
-    layer_windows: Optional[list[Optional[int]]] = None
-    """Sliding attention window per layer, one entry per layer (null or 0: full attention); a token attends to itself and the window-1 tokens before it. The paper uses short windows in lower layers, long in higher."""
-    train_seq_length: Optional[int] = None
-    """The length the model was trained at (Qwen's ``seq_length``), past which dynamic-ntk and LogN act; default: ``data.seq_length``."""
+    long_context: LongContextConfig = field(default_factory=LongContextConfig)
+    """Training-free long-context options (dynamic NTK RoPE, LogN attention, layer-wise windows), off by default; a checkpoint's inference uses its run's."""
 
     def resolved_spec(self, te_available: Optional[bool] = None) -> str:
         """``te`` or ``local``: ``spec`` on this machine (``te_available`` None) or on one with
@@ -119,20 +112,11 @@ class ModelConfig:
         return layer_specs.resolve_spec(self.spec, te_available)
 
     def check_long_context(self, num_layers: int) -> None:
-        """Raise a ``ConfigError`` naming the first invalid long-context field."""
-        from base.long_context import check_options
-
-        problems = check_options(
-            self.rope_scaling,
-            self.rope_alpha,
-            self.logn_attention,
-            self.layer_windows,
-            self.train_seq_length,
-            num_layers,
-        )
-        if problems:
-            name, problem = problems[0]
-            raise ConfigError(f"model.{name}: {problem}")
+        """Raise a ``ConfigError`` naming every invalid ``model.long_context`` field."""
+        try:
+            self.long_context.check(num_layers, where="model.long_context.")
+        except LongContextError as e:
+            raise ConfigError(str(e)) from None
 
     def architecture(self) -> QwenPreset:
         """The preset with this config's overrides applied (long-context options checked against it)."""
@@ -420,12 +404,36 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     return OmegaConf.merge(base_node, node)
 
 
+# Runs saved before ``model.long_context`` existed keep these options flat in ``model`` in their
+# ``config.yaml`` (which the checkpoint's inference reads and a recipe may name as its base), and
+# older recipes and command lines name them so: they are read at their new place.
+MOVED_KEYS = {f"model.{f.name}": f"model.long_context.{f.name}" for f in fields(LongContextConfig)}
+
+
 def _normalize_shorthands(node: DictConfig) -> None:
-    """``init: PATH`` is shorthand for ``init: {checkpoint: PATH}`` (also for ``init: ???``)."""
+    """``init: PATH`` is shorthand for ``init: {checkpoint: PATH}`` (also for ``init: ???``);
+    ``model.rope_scaling`` and the other keys of ``MOVED_KEYS`` are ``model.long_context.*``."""
     if OmegaConf.is_missing(node, "init"):  # `"init" in node` is False for a ??? value
         node.init = {"checkpoint": "???"}
     elif "init" in node and (node.init is None or isinstance(node.init, str)):
         node.init = {"checkpoint": node.init}
+    if "model" in node and isinstance(node.model, DictConfig):
+        _move_long_context_keys(node)
+
+
+def _move_long_context_keys(node: DictConfig) -> None:
+    raw = OmegaConf.to_container(node.model, resolve=False)  # keeps ??? and ${...} as written
+    flat = [key for key in raw if f"model.{key}" in MOVED_KEYS]
+    if not flat:
+        return
+    section = raw.get("long_context") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"model.long_context: must be a mapping, not {section!r}")
+    for key in flat:
+        if key in section:
+            raise ConfigError(f"model.{key}: also set as model.long_context.{key}; keep only that")
+        section[key] = raw.pop(key)
+    node.model = {**raw, "long_context": section}
 
 
 def _merge(schema: DictConfig, node: Any, where: str) -> DictConfig:
@@ -475,6 +483,7 @@ def load_config(
         key, value = item.split("=", 1)
         if key == "init":
             key = "init.checkpoint"
+        key = MOVED_KEYS.get(key, key)
         if _STAGE_ITEM.match(key):
             _update_stage(cfg, key, value, item)
             continue
@@ -524,6 +533,25 @@ def _update_stage(cfg: DictConfig, key: str, value: str, item: str) -> None:
 
 def to_yaml(cfg: RecipeConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def saved_long_context(config_file: str | os.PathLike) -> LongContextConfig:
+    """``model.long_context`` of a run's saved ``config.yaml`` (an older run's flat ``model.*``
+    keys included), its ``train_seq_length`` defaulting to the run's ``data.seq_length``. Only
+    this section is read, so a run saved by an older version still tells its options."""
+    try:
+        node = OmegaConf.load(config_file)
+    except Exception as e:  # yaml.YAMLError carries the line
+        raise ConfigError(f"{config_file}: not valid YAML: {e}") from e
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{config_file}: a run config must be a mapping")
+    _normalize_shorthands(node)
+    section = {"model": {"long_context": OmegaConf.select(node, "model.long_context") or {}}}
+    schema = OmegaConf.create({"model": {"long_context": OmegaConf.structured(LongContextConfig)}})
+    merged = _merge(schema, section, str(config_file))  # errors name model.long_context.<field>
+    options: LongContextConfig = OmegaConf.to_object(merged.model.long_context)
+    seq_length = OmegaConf.select(node, "data.seq_length", default=None)
+    return options if seq_length is None else options.resolved(seq_length)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -757,11 +785,12 @@ def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
         raise ConfigError(
             f"model.num_query_groups={preset.query_groups}: must divide the {preset.num_attention_heads} attention heads"
         )
-    if cfg.model.layer_windows and (cfg.data.format == "sft" or cfg.data.reset_attention_mask):
+    windows = cfg.model.long_context.layer_windows
+    if windows and (cfg.data.format == "sft" or cfg.data.reset_attention_mask):
         # A window layer builds its own sliding-window causal mask and would drop the per-document
         # mask, letting packed samples attend to each other.
         raise ConfigError(
-            "model.layer_windows: window attention cannot be combined with per-document attention "
+            "model.long_context.layer_windows: window attention cannot be combined with per-document attention "
             f"masks (data.format={cfg.data.format}, data.reset_attention_mask="
             f"{cfg.data.reset_attention_mask}); windows are an inference option for long prompts"
         )

@@ -29,7 +29,7 @@ from base.hf_checkpoint import (
 )
 from base.hf_mapping import megatron_sources, megatron_to_hf, qwen2_config
 from base.hf_tokenizer import write_hf_tokenizer
-from base.long_context import LongContext, stored_options, write_long_context
+from base.long_context_config import write_long_context
 from base.model import ModelOptions, build_model
 from base.presets import QwenPreset
 from base.tokenizer import QwenTokenizer
@@ -44,6 +44,7 @@ from specialize.infer.model import (
     read_architecture,
     recipe_model_fields,
     stored_dtype,
+    stored_long_context,
 )
 from specialize.mcore.distributed import init_distributed, seed_all
 
@@ -386,8 +387,7 @@ def _write_hf_directory(
         (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     config = _hf_config(arch, fmt, dtype)
     if fmt == "qwen":  # Qwen v1 carries its long-context switches in config.json
-        options = LongContext.from_dict(stored_options(ckpt))
-        config.update(qwen_v1_long_context_config(options, arch))
+        config.update(qwen_v1_long_context_config(stored_long_context(ckpt), arch))
     (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"bos_token_id": EOD, "eos_token_id": [EOD, IM_END], "pad_token_id": EOD}
     (partial / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

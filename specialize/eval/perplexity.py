@@ -23,16 +23,17 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from base.long_context import stored_options
+from base.long_context_config import LongContextConfig
 from specialize.checkpoint import ARCH_FILE, resolve_checkpoint
 from specialize.eval.tasks import TaskError
 from specialize.infer.likelihood import perplexity_by_length
-from specialize.infer.model import load_model
+from specialize.infer.model import load_model, stored_long_context
 
 NAME = "perplexity"
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".c", ".h", ".js", ".java", ".go", ".rs", ".cpp")
@@ -143,15 +144,17 @@ VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def variant_options(variant: str, num_layers: int, train_length: int) -> dict[str, Any]:
-    """``load_model`` long-context options of ``none`` or ``+``-joined names of VARIANT_OPTIONS;
-    each option not named is off."""
-    options: dict[str, Any] = {
-        "rope_scaling": "none",
-        "rope_alpha": None,
-        "logn_attention": False,
-        "layer_windows": None,
-    }
+def variant_options(
+    variant: str,
+    num_layers: int,
+    train_length: int,
+    stored: LongContextConfig | None = None,
+) -> LongContextConfig:
+    """The ``load_model`` long-context options of ``none`` or ``+``-joined names of
+    VARIANT_OPTIONS: each option not named is off; ``train_seq_length`` is the checkpoint's
+    (``stored``)."""
+    length = None if stored is None else stored.train_seq_length
+    options = LongContextConfig(train_seq_length=length)
     if variant == "none":
         return options
     for name in variant.split("+"):
@@ -160,9 +163,10 @@ def variant_options(variant: str, num_layers: int, train_length: int) -> dict[st
             raise TaskError(f"--long-context {variant!r}: unknown option {name!r} (known: {known})")
         if name == "window":
             lower = num_layers // 2
-            options["layer_windows"] = [train_length] * lower + [None] * (num_layers - lower)
+            windows = [train_length] * lower + [None] * (num_layers - lower)
+            options = replace(options, layer_windows=windows)
         else:
-            options.update(VARIANT_OPTIONS[name])
+            options = replace(options, **VARIANT_OPTIONS[name])
     return options
 
 
@@ -183,10 +187,11 @@ def evaluate_variants(
     the checkpoint's training length."""
     path = resolve_checkpoint(checkpoint)
     num_layers = json.loads((path / ARCH_FILE).read_text())["num_layers"]
-    trained = stored_options(path).get("train_seq_length") or min(lengths)
+    stored = stored_long_context(path)
+    trained = stored.train_seq_length or min(lengths)
     entries: dict[str, dict[str, Any]] = {}
     for variant in [v.strip() for v in variants.split(",") if v.strip()]:
-        options = variant_options(variant, num_layers, trained)
+        options = variant_options(variant, num_layers, trained, stored)
         model = None  # the previous variant's model is freed before the next one loads
         model, _ = load_model(path, tp, pp, long_context=options, dtype=dtype)
         entries[f"{NAME}[{variant}]"] = evaluate_perplexity(model, tokenizer, spec, lengths, limit)

@@ -8,20 +8,24 @@ through here.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
 from megatron.core import dist_checkpointing
 
 from base.hf_checkpoint import matching_preset
-from base.long_context import LongContext, stored_options
+from base.long_context_config import LongContextConfig, read_long_context
 from base.presets import QwenPreset
 from specialize import checkpoint
 from specialize.checkpoint import ARCH_FILE, CheckpointError, damaged_is_an_error
-from specialize.config import RecipeConfig, architecture_overrides, load_config
+from specialize.config import (
+    RecipeConfig,
+    architecture_overrides,
+    load_config,
+    saved_long_context,
+)
 from specialize.mcore.distributed import init_distributed, seed_all
 from specialize.train.engine import build_model_chunks
 
@@ -89,20 +93,34 @@ def checkpoint_dtype(ckpt: str | Path) -> str:
     return DTYPE_NAMES[stored_dtype(path)]
 
 
+def stored_long_context(ckpt: str | Path) -> LongContextConfig:
+    """The long-context options a checkpoint directory carries: those of the run that saved it
+    (its ``config.yaml``; the run's ``data.seq_length`` as the training length unless
+    ``model.long_context.train_seq_length`` is set), replaced by a ``long_context.json`` (written by
+    the import of a Qwen v1 checkpoint from its ``use_dynamic_ntk`` / ``use_logn_attn`` /
+    ``seq_length``) but for a training length it leaves unset."""
+    run_config = Path(ckpt, "config.yaml")
+    options = saved_long_context(run_config) if run_config.is_file() else LongContextConfig()
+    imported = read_long_context(ckpt)
+    if imported is None:
+        return options
+    return replace(imported, train_seq_length=imported.train_seq_length or options.train_seq_length)
+
+
 def load_model(
     ckpt: str | Path,
     tp: int = 1,
     pp: int = 1,
-    long_context: Mapping[str, Any] | None = None,
+    long_context: LongContextConfig | None = None,
     dtype: str | None = None,
 ) -> tuple[torch.nn.Module, QwenPreset]:
     """The model of ``ckpt`` (a checkpoint or run directory) on this rank of a TP x PP world, in
     ``dtype`` (``fp32`` or ``bf16``; default: ``checkpoint_dtype``: an fp32 model on the GPU
     would turn off fused attention and take twice the memory).
 
-    Long-context inference options (``ModelConfig`` fields ``rope_scaling``, ``rope_alpha``,
-    ``logn_attention``, ``layer_windows``, ``train_seq_length``) come from the checkpoint (its run's
-    ``config.yaml``, or ``long_context.json`` of an HF import); ``long_context`` overrides them."""
+    The long-context options are the checkpoint's (``stored_long_context``) unless
+    ``long_context`` is given (e.g. ``dataclasses.replace`` of the stored ones); an unset training
+    length is the inference recipe's ``data.seq_length``."""
     path = checkpoint.resolve_checkpoint(ckpt)
     dtype = dtype or checkpoint_dtype(path)
     if dtype not in INFERENCE_DTYPES:
@@ -113,10 +131,7 @@ def load_model(
     record.pop("query_groups", None)
     arch = QwenPreset(**record)
     cfg = inference_config(arch, tp, pp, dtype)
-    options = {**stored_options(path), **(long_context or {})}
-    LongContext.from_dict(options)  # unknown names are errors
-    for key, value in options.items():
-        setattr(cfg.model, key, list(value) if key == "layer_windows" and value else value)
+    cfg.model.long_context = long_context if long_context is not None else stored_long_context(path)
     cfg.model.check_long_context(arch.num_layers)
     topo = init_distributed(cfg.parallel)
     if topo.world_size != tp * pp:

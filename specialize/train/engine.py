@@ -112,11 +112,7 @@ def model_options(cfg: RecipeConfig, perf: Performance = Performance()) -> Model
         sequence_parallel=cfg.parallel.sequence_parallel,
         gradient_accumulation_fusion=perf.gradient_accumulation_fusion,
         tp_comm_overlap=perf.tp_comm_overlap,
-        rope_scaling=cfg.model.rope_scaling,
-        rope_alpha=cfg.model.rope_alpha,
-        logn_attention=cfg.model.logn_attention,
-        layer_windows=None if cfg.model.layer_windows is None else tuple(cfg.model.layer_windows),
-        train_seq_length=cfg.model.train_seq_length or cfg.data.seq_length,
+        long_context=cfg.model.long_context.resolved(cfg.data.seq_length),
     )
 
 

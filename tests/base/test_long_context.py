@@ -4,6 +4,7 @@ KV-cache generation equal to recomputation, the TE spec, config validation and H
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -12,16 +13,14 @@ import pytest
 import torch
 
 from base.long_context import (
-    LongContext,
     LongContextCoreAttention,
     logn_factors,
     ntk_alpha,
     ntk_inv_freq,
     scale_query_logn,
-    stored_options,
     window_size,
-    write_long_context,
 )
+from base.long_context_config import LongContextConfig
 from base.model import ModelOptions, layer_spec, transformer_config_kwargs
 from base.presets import get_preset
 from tests.distributed import run_distributed
@@ -112,7 +111,10 @@ def test_te_spec_carries_windows_and_logn(monkeypatch):
 
     monkeypatch.setattr(model_mod, "get_gpt_layer_with_transformer_engine_spec", te_like_spec)
     opts = ModelOptions(
-        spec="te", logn_attention=True, layer_windows=(8, None), train_seq_length=TRAIN
+        spec="te",
+        long_context=LongContextConfig(
+            logn_attention=True, layer_windows=[8, None], train_seq_length=TRAIN
+        ),
     )
     core = layer_spec("te", opts).submodules.self_attention.submodules.core_attention
     assert isinstance(core, LongContextCoreAttention)
@@ -133,7 +135,10 @@ def test_te_core_attention_gets_the_window():
 
     init_distributed(ParallelConfig())
     opts = ModelOptions(
-        spec="te", layer_windows=(8, None), logn_attention=True, rope_scaling="dynamic-ntk"
+        spec="te",
+        long_context=LongContextConfig(
+            layer_windows=[8, None], logn_attention=True, rope_scaling="dynamic-ntk"
+        ),
     )
     model = build_model(get_preset("qwen-nano"), opts)
     cores = [layer.self_attention.core_attention for layer in model.decoder.layers]
@@ -147,27 +152,28 @@ def test_config_fields_and_errors():
 
     base = ["train.steps=1", "data.seq_length=32"]
     cfg = load_config("configs/base/qwen-nano.yaml", base)
-    opts = model_options(cfg)
+    opts = model_options(cfg).long_context
     assert (opts.rope_scaling, opts.logn_attention, opts.layer_windows) == ("none", False, None)
     assert opts.train_seq_length == 32  # defaults to the length trained at
     cfg = load_config(
         "configs/base/qwen-nano.yaml",
         [
             *base,
-            "model.rope_scaling=dynamic-ntk",
-            "model.logn_attention=true",
-            "model.layer_windows=[8,null]",
-            "model.train_seq_length=16",
+            "model.long_context.rope_scaling=dynamic-ntk",
+            "model.long_context.logn_attention=true",
+            "model.long_context.layer_windows=[8,null]",
+            "model.long_context.train_seq_length=16",
         ],
     )
-    opts = model_options(cfg)
+    opts = model_options(cfg).long_context
     assert (opts.rope_scaling, opts.logn_attention) == ("dynamic-ntk", True)
-    assert (opts.layer_windows, opts.train_seq_length) == ((8, None), 16)
+    assert (opts.layer_windows, opts.train_seq_length) == ([8, None], 16)
+    lc = "model.long_context"
     for override, message in (
-        ("model.layer_windows=[8,8,8]", "model.layer_windows: has 3 entries for 2 layers"),
-        ("model.rope_scaling=yarn", "model.rope_scaling: 'yarn'"),
-        ("model.rope_alpha=3", "model.rope_alpha: 3.0: needs rope_scaling=dynamic-ntk"),
-        ("model.layer_windows=[-2,8]", "model.layer_windows"),
+        (f"{lc}.layer_windows=[8,8,8]", f"{lc}.layer_windows: has 3 entries for 2 layers"),
+        (f"{lc}.rope_scaling=yarn", f"{lc}.rope_scaling: 'yarn'"),
+        (f"{lc}.rope_alpha=3", f"{lc}.rope_alpha: 3.0: needs rope_scaling=dynamic-ntk"),
+        (f"{lc}.layer_windows=[-2,8]", f"{lc}.layer_windows"),
     ):
         with pytest.raises(ConfigError, match=message):
             load_config("configs/base/qwen-nano.yaml", [*base, override])
@@ -193,30 +199,13 @@ def test_hf_v1_keys_round_trip(tmp_path):
         json.dumps(_v1_config(use_dynamic_ntk=True, use_logn_attn=True, seq_length=2048))
     )
     model = read_config(tmp_path)
-    assert model.long_context == LongContext("dynamic-ntk", None, True, None, 2048)
+    assert model.long_context == LongContextConfig("dynamic-ntk", None, True, None, 2048)
     exported = qwen_v1_long_context_config(model.long_context, model.arch)
     assert exported == {"use_dynamic_ntk": True, "use_logn_attn": True, "seq_length": 2048}
     (tmp_path / "config.json").write_text(json.dumps(_v1_config()))
     off = read_config(tmp_path).long_context
     assert (off.rope_scaling, off.logn_attention, off.enabled) == ("none", False, False)
     assert qwen_v1_long_context_config(None, model.arch)["use_dynamic_ntk"] is False
-
-
-def test_checkpoint_options_are_stored_and_read(tmp_path):
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    assert stored_options(ckpt) == {}
-    (ckpt / "config.yaml").write_text(
-        "model:\n  logn_attention: true\n  layer_windows: [4, null]\ndata:\n  seq_length: 64\n"
-    )
-    assert stored_options(ckpt) == {
-        "logn_attention": True,
-        "layer_windows": [4, None],
-        "train_seq_length": 64,
-    }
-    write_long_context(ckpt, LongContext(rope_scaling="dynamic-ntk", train_seq_length=2048))
-    assert stored_options(ckpt)["rope_scaling"] == "dynamic-ntk"
-    assert stored_options(ckpt)["train_seq_length"] == 2048
 
 
 # ----------------------------------------------------------------------------- the model
@@ -232,20 +221,21 @@ def _model_checks(rank: int, world_size: int, run_dir: str) -> dict:
     init_distributed(ParallelConfig())
     seed_all(0)
     preset = get_preset("qwen-nano")
-    plain = build_model(preset, ModelOptions(spec="local", train_seq_length=TRAIN)).eval()
+    plain = build_model(
+        preset, ModelOptions(spec="local", long_context=LongContextConfig(train_seq_length=TRAIN))
+    ).eval()
 
     def variant(**options) -> torch.nn.Module:
-        model = build_model(
-            preset, ModelOptions(spec="local", train_seq_length=TRAIN, **options)
-        ).eval()
+        options = LongContextConfig(train_seq_length=TRAIN, **options)
+        model = build_model(preset, ModelOptions(spec="local", long_context=options)).eval()
         model.load_state_dict(plain.state_dict())
         return model
 
-    everything = dict(rope_scaling="dynamic-ntk", logn_attention=True, layer_windows=(TRAIN, None))
+    everything = dict(rope_scaling="dynamic-ntk", logn_attention=True, layer_windows=[TRAIN, None])
     models = {
         "ntk": variant(rope_scaling="dynamic-ntk"),
         "logn": variant(logn_attention=True),
-        "windows": variant(layer_windows=(4, TRAIN)),
+        "windows": variant(layer_windows=[4, TRAIN]),
         "all": variant(**everything),
     }
     out: dict = {}
@@ -284,7 +274,7 @@ def _model_checks(rank: int, world_size: int, run_dir: str) -> dict:
     far, near = long.clone(), long.clone()
     far[0, p - 4] = (far[0, p - 4] + 1) % 150000  # the 5th token back counting p: outside
     near[0, p - 3] = (near[0, p - 3] + 1) % 150000  # the 4th: inside
-    one = variant(layer_windows=(4, None))
+    one = variant(layer_windows=[4, None])
     first = []
     hook = one.decoder.layers[0].register_forward_hook(
         lambda m, args, output: first.append(output[0].detach().clone())
@@ -300,7 +290,7 @@ def _model_checks(rank: int, world_size: int, run_dir: str) -> dict:
     # length (20 + 10 new tokens stay within one alpha bucket, 17..32 -> alpha 3).
     prompts = [torch.randint(0, 150000, (20,), generator=gen).tolist()]
     prompts.append(torch.randint(0, 150000, (20,), generator=gen).tolist())
-    model = variant(**{**everything, "layer_windows": (8, 4)})
+    model = variant(**{**everything, "layer_windows": [8, 4]})
     cached = generate_ids(model, prompts, 10, stop_ids=(), vocab_size=151851, kv_cache=True)
     recomputed = generate_ids(model, prompts, 10, stop_ids=(), vocab_size=151851, kv_cache=False)
     out["kv_equal"] = cached == recomputed
@@ -331,7 +321,7 @@ def _model_checks(rank: int, world_size: int, run_dir: str) -> dict:
     # Per checkpoint: a saved run's config carries the options; load_model's argument overrides.
     from specialize import checkpoint
     from specialize.config import derive, load_config
-    from specialize.infer.model import load_model
+    from specialize.infer.model import load_model, stored_long_context
     from specialize.train.engine import Engine
 
     cfg = load_config(
@@ -341,12 +331,13 @@ def _model_checks(rank: int, world_size: int, run_dir: str) -> dict:
             "schedule.warmup_steps=0",
             f"checkpoint.dir={run_dir}",
             f"data.seq_length={TRAIN}",
-            "model.logn_attention=true",
+            "model.long_context.logn_attention=true",
         ],
     )
     engine = Engine.build(cfg, init_distributed(cfg.parallel), derive(cfg, 1))
     ckpt = checkpoint.save(engine, iteration=1, consumed_samples=0)
-    loaded, _ = load_model(ckpt, long_context={"rope_scaling": "dynamic-ntk"})
+    options = dataclasses.replace(stored_long_context(ckpt), rope_scaling="dynamic-ntk")
+    loaded, _ = load_model(ckpt, long_context=options)
     core = loaded.decoder.layers[0].self_attention.core_attention
     out["loaded"] = (
         type(loaded.rotary_pos_emb).__name__,
@@ -412,6 +403,6 @@ def test_perplexity_by_length(checks):
 def test_windows_with_document_masks_are_refused(data):
     from specialize.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="model.layer_windows: window attention cannot be"):
+    with pytest.raises(ConfigError, match="model.long_context.layer_windows: window attention"):
         nano = Path(__file__).resolve().parents[2] / "configs/base/qwen-nano.yaml"
-        load_config(nano, ["model.layer_windows=[64,null]", data])
+        load_config(nano, ["model.long_context.layer_windows=[64,null]", data])

@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from base.long_context_config import LongContextConfig
 from specialize.config import (
+    MOVED_KEYS,
     ConfigError,
     RecipeConfig,
     derive,
+    describe,
     field_docs,
     load_config,
     resolve_stages,
@@ -555,3 +558,51 @@ def test_overrides_that_build_another_preset_are_named_after_it():
         None, ["train.steps=1", "model.preset=qwen-tiny", *shape[:1], "model.num_layers=6"]
     )
     assert other.model.architecture().name == "qwen-tiny+custom"
+
+
+def test_every_long_context_option_is_under_model_long_context():
+    """A long-context option is one field of ``LongContextConfig``: the recipe tree (and
+    ``specialize config``) shows it under ``model.long_context``, and its old flat key maps."""
+    names = [f.name for f in fields(LongContextConfig)]
+    rows = {key: doc for key, _, doc in describe()}
+    assert {k for k in rows if k.startswith("model.long_context.")} == {
+        f"model.long_context.{name}" for name in names
+    }
+    assert all(rows[f"model.long_context.{name}"] for name in names)
+    assert MOVED_KEYS == {f"model.{name}": f"model.long_context.{name}" for name in names}
+    assert not {f"model.{name}" for name in names} & set(rows)  # no longer flat
+
+
+def test_old_flat_long_context_keys_are_read_at_their_new_place(tmp_path: Path):
+    """A run directory's ``config.yaml`` written before ``model.long_context`` (loadable as a
+    recipe), an old recipe and an old override all set ``model.long_context.*``."""
+    old = tmp_path / "config.yaml"
+    old.write_text(
+        f"base: {ROOT / 'configs/base/qwen-nano.yaml'}\n"
+        "model:\n  rope_scaling: dynamic-ntk\n  rope_alpha: null\n  logn_attention: true\n"
+        "  layer_windows: [8, null]\n  train_seq_length: 16\ntrain:\n  steps: 1\n"
+    )
+    lc = load_config(old).model.long_context
+    assert lc == LongContextConfig("dynamic-ntk", None, True, [8, None], 16)
+    overrides = [
+        "model.rope_scaling=dynamic-ntk",
+        "model.logn_attention=true",
+        "model.layer_windows=[8,null]",
+        "model.train_seq_length=16",
+    ]
+    cfg = load_config(ROOT / "configs/base/qwen-nano.yaml", ["train.steps=1", *overrides])
+    assert cfg.model.long_context == lc
+    with pytest.raises(ConfigError, match="model.long_context.layer_windows: has 3 entries"):
+        load_config(old, ["model.layer_windows=[8,8,8]"])  # errors name the new key
+
+
+def test_a_long_context_option_set_twice_in_one_recipe_is_an_error(tmp_path: Path):
+    recipe = tmp_path / "both.yaml"
+    recipe.write_text(
+        "model:\n  logn_attention: true\n  long_context:\n    logn_attention: false\n"
+        "train:\n  steps: 1\n"
+    )
+    with pytest.raises(
+        ConfigError, match="model.logn_attention: also set as model.long_context.logn_attention"
+    ):
+        load_config(recipe)

@@ -172,10 +172,10 @@ def test_import_matches_transformers_at_tp1_tp2_pp2(tmp_path, layout, arch, over
         assert written.keys() == source.keys()
         for name, tensor in source.items():
             assert torch.equal(written[name], tensor), name
-        from base.long_context import stored_options
+        from specialize.infer.model import stored_long_context
 
-        options = stored_options(tmp_path / "ckpt")
-        assert options["rope_scaling"] == "dynamic-ntk" and options["logn_attention"] is True
+        options = stored_long_context(tmp_path / "ckpt")
+        assert options.rope_scaling == "dynamic-ntk" and options.logn_attention is True
         checksums = json.loads((tmp_path / "ckpt" / "checksums.json").read_text())["files"]
         assert "long_context.json" in checksums  # the options are verified like the weights
         config = json.loads((v1 / "config.json").read_text())

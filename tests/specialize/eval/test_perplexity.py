@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from base.long_context_config import LongContextConfig
 from base.tokenizer import QwenTokenizer
 from specialize.eval.perplexity import token_stream, variant_options
 from specialize.eval.tasks import TaskError
@@ -50,10 +51,15 @@ def test_bad_data_is_named(tmp_path):
 
 
 def test_variants_are_option_sets():
-    assert variant_options("none", 4, 256)["rope_scaling"] == "none"
+    assert variant_options("none", 4, 256).rope_scaling == "none"
     both = variant_options("ntk+logn", 4, 256)
-    assert both["rope_scaling"] == "dynamic-ntk" and both["logn_attention"] is True
-    assert variant_options("window", 4, 256)["layer_windows"] == [256, 256, None, None]
+    assert both.rope_scaling == "dynamic-ntk" and both.logn_attention is True
+    assert variant_options("window", 4, 256).layer_windows == [256, 256, None, None]
+    # Each variant starts from all options off but keeps the checkpoint's training length.
+    stored = LongContextConfig(logn_attention=True, layer_windows=[8, 8, 8, 8], train_seq_length=64)
+    assert variant_options("ntk", 4, 64, stored) == LongContextConfig(
+        rope_scaling="dynamic-ntk", train_seq_length=64
+    )
     with pytest.raises(TaskError, match="unknown option 'yarn'"):
         variant_options("ntk+yarn", 4, 256)
 

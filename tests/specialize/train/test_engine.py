@@ -196,6 +196,29 @@ def test_cpu_runs_keep_their_settings():
         assert not engine.optimizer_config(cfg, perf).overlap_param_gather
 
 
+def test_model_options_carry_the_recipes_long_context_as_is():
+    """Every ``model.long_context`` field reaches the builder without a line per field; only an
+    unset training length becomes the run's ``data.seq_length``."""
+    from dataclasses import replace
+
+    from specialize.train import engine
+
+    lc = "model.long_context"
+    cfg = _recipe(
+        "configs/base/qwen-nano.yaml",
+        "data.seq_length=64",
+        f"{lc}.rope_scaling=dynamic-ntk",
+        f"{lc}.rope_alpha=3",
+        f"{lc}.logn_attention=true",
+        f"{lc}.layer_windows=[8,null]",
+    )
+    carried = engine.model_options(cfg).long_context
+    assert carried == replace(cfg.model.long_context, train_seq_length=64)
+    assert (carried.rope_alpha, carried.layer_windows) == (3.0, [8, None])
+    cfg.model.long_context.train_seq_length = 16
+    assert engine.model_options(cfg).long_context == cfg.model.long_context
+
+
 def _overlap_steps(rank: int, world_size: int, overlap: bool) -> dict:
     from specialize.config import derive, load_config
     from specialize.mcore.distributed import init_distributed, seed_all
