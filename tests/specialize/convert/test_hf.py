@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from base.presets import QwenPreset, get_preset
+from base.tokenizer import NUM_RANKS
 from tests.base.test_hf_mapping import GQA, hf_model
 from tests.distributed import run_distributed
 
-TOKENS = torch.randint(0, 151643, (2, 24), generator=torch.Generator().manual_seed(3))
+TOKENS = torch.randint(0, NUM_RANKS, (2, 24), generator=torch.Generator().manual_seed(3))
 
 
 def write_qwen_v1(model, arch: QwenPreset, path: Path) -> None:
