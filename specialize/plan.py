@@ -98,7 +98,7 @@ Time per step ``= (compute + tp_comm) × (1 + bubble) + exposed DP communication
 ``compute = tokens_per_step × F / (gpus × peak × mfu)``: ``F`` are the FLOPs executed per token,
 ``6·N + 6·L·h·s`` (fwd + bwd over all parameters ``N``, plus the attention scores and values,
 ``12·L·h·s`` halved for the causal mask) — the same count the training console uses for its MFU
-(``specialize/train/callbacks.py``). Selective recompute adds the attention forward, ``2·L·h·s``; full
+(``specialize/flops.py``). Selective recompute adds the attention forward, ``2·L·h·s``; full
 recompute a whole forward of the layers, ``2·N_layers + 2·L·h·s`` (about ``8·N`` in all). ``mfu``
 (default 0.40, BF16) is the fraction of the dense BF16 peak the compute achieves on those FLOPs,
 the compute alone: an MFU read off a run also paid for the run's exposed communication, so giving
@@ -130,6 +130,7 @@ from typing import Optional
 
 from base.presets import QwenPreset
 from specialize.config import ConfigError, check_layout, load_config, stage_configs
+from specialize.flops import FP8_PEAK_TFLOPS, PEAK_TFLOPS, TF32_PEAK_TFLOPS, flops_per_token
 
 GiB = 1024**3
 DEFAULT_MFU = 0.40
@@ -152,7 +153,7 @@ class GPUSpec:
     memory_bytes: int
     """Device memory (the marketed 80 GB of H100/A100 are 80 GiB; H200's 141 GB ≈ 140 GiB)."""
     bf16_tflops: float
-    """Dense BF16 peak (SXM datasheets)."""
+    """Dense BF16 peak (``specialize.flops``)."""
     fp8_tflops: Optional[float]
     """Dense FP8 peak; None: no FP8 tensor cores."""
     tf32_tflops: float
@@ -163,14 +164,20 @@ class GPUSpec:
     """Inter-node bandwidth per GPU and direction, GB/s (one InfiniBand NIC per GPU, as in DGX)."""
 
 
+def _gpu(name: str, memory_bytes: int, nvlink_gbps: float, network_gbps: float) -> GPUSpec:
+    """A GPU with its peaks from ``specialize.flops`` (no FP8 entry: no FP8 tensor cores)."""
+    peaks = (PEAK_TFLOPS[name], FP8_PEAK_TFLOPS.get(name), TF32_PEAK_TFLOPS[name])
+    return GPUSpec(name, memory_bytes, *peaks, nvlink_gbps, network_gbps)
+
+
 # NVLink: H100/H200 SXM 900 GB/s, A100 SXM 600 GB/s bidirectional (NVIDIA datasheets,
 # nvidia.com/en-us/data-center/{h100,h200,a100}). Network: DGX H100/H200 have one 400 Gb/s NDR
 # ConnectX-7 per GPU (docs.nvidia.com/dgx/dgxh100-user-guide/introduction-to-dgxh100.html), DGX
 # A100 one 200 Gb/s HDR ConnectX-6 (docs.nvidia.com/dgx/dgxa100-user-guide).
 GPUS: dict[str, GPUSpec] = {
-    "h100": GPUSpec("H100", 80 * GiB, 989.0, 1979.0, 494.5, 450.0, 50.0),
-    "h200": GPUSpec("H200", 140 * GiB, 989.0, 1979.0, 494.5, 450.0, 50.0),
-    "a100": GPUSpec("A100", 80 * GiB, 312.0, None, 156.0, 300.0, 25.0),
+    "h100": _gpu("H100", 80 * GiB, 450.0, 50.0),
+    "h200": _gpu("H200", 140 * GiB, 450.0, 50.0),
+    "a100": _gpu("A100", 80 * GiB, 300.0, 25.0),
 }
 
 
@@ -450,22 +457,6 @@ def default_fp8_speedup(gpu: GPUSpec) -> float:
     if gpu.fp8_tflops is None:
         raise PlanError(f"{gpu.name} has no FP8 tensor cores: plan it with --dtype bf16")
     return gpu.fp8_tflops / gpu.bf16_tflops * FP8_EFFICIENCY
-
-
-def flops_per_token(preset: QwenPreset, seq_len: int, recompute: str = "none") -> tuple[float, ...]:
-    """(executed, model, GEMM part of executed) FLOPs per token; see the module docstring."""
-    n = preset.num_params()
-    lhs = preset.num_layers * preset.hidden_size * seq_len
-    model = 6 * n + 6 * lhs
-    extra = 0.0
-    if recompute == "selective":
-        extra = 2 * lhs
-    elif recompute == "full":
-        layer_params = n - 2 * preset.padded_vocab_size * preset.hidden_size - preset.hidden_size
-        extra = 2 * layer_params + 2 * lhs
-    executed = model + extra
-    attention = 6 * lhs + (2 * lhs if recompute != "none" else 0)  # scores and values, not GEMMs
-    return executed, model, executed - attention
 
 
 def estimate_time(

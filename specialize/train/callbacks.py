@@ -15,15 +15,13 @@ import torch
 
 from specialize import checkpoint
 from specialize.config import RecipeConfig
+from specialize.flops import flops_per_token, peak_tflops
 from specialize.train.engine import StepResult
 
 if TYPE_CHECKING:
     from specialize.train.trainer import Trainer
 
 log = logging.getLogger("specialize")
-
-# Dense BF16 peak TFLOP/s per device, for MFU (vendor datasheets, SXM parts).
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
 
 
 class Callback:
@@ -36,20 +34,13 @@ class Callback:
     def on_train_end(self, trainer: Trainer, step: int) -> None: ...
 
 
-def flops_per_token(trainer: Trainer) -> float:
-    """Training FLOPs per token: 6 x parameters (fwd + bwd) plus causal attention scores."""
-    p, seq = trainer.engine.preset, trainer.cfg.data.seq_length
-    attention = 6 * p.num_layers * p.hidden_size * seq  # 12·L·h·s halved for the causal mask
-    return 6 * p.num_params() + attention
-
-
 def device_peak_tflops(configured: float | None) -> float | None:
+    """``logging.device_peak_tflops``, else the known peak of this process's GPU."""
     if configured is not None:
         return configured
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return peak_tflops(torch.cuda.get_device_name())
 
 
 class ConsoleLogger(Callback):
@@ -64,7 +55,10 @@ class ConsoleLogger(Callback):
     def on_train_start(self, trainer: Trainer) -> None:
         self._last_time = time.perf_counter()
         self._peak = device_peak_tflops(trainer.cfg.logging.device_peak_tflops)
-        self._flops_per_token = flops_per_token(trainer)
+        # Model FLOPs: recompute is work the GPU repeats, not model progress.
+        self._flops_per_token = flops_per_token(
+            trainer.engine.preset, trainer.cfg.data.seq_length
+        ).model
         if trainer.is_rank0 and trainer.cfg.logging.progress:
             from rich.progress import (
                 BarColumn,
