@@ -122,9 +122,7 @@ the larger micro-batch, then less recompute, then SP on).
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -1039,72 +1037,10 @@ def format_plan(result: PlanResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``specialize plan`` on a ``subparsers`` object."""
-    p = subparsers.add_parser(
-        "plan",
-        help="per-GPU memory, a TP/PP/micro-batch that fits, step time and GPU-hours of a recipe",
-    )
-    p.add_argument("recipe", help="YAML recipe")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.seq_length=4096")
-    p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
-    p.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU type")
-    p.add_argument("--tp", type=int, default=None, help="pin tensor-parallel size")
-    p.add_argument("--pp", type=int, default=None, help="pin pipeline-parallel size")
-    p.add_argument("--micro-batch", type=int, default=None, help="micro-batch of the recipe row")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: the recipe's")
-    p.add_argument(
-        "--mfu",
-        type=float,
-        default=DEFAULT_MFU,
-        help=f"fraction of the BF16 peak achieved by the compute (default {DEFAULT_MFU})",
-    )
-    p.add_argument(
-        "--fp8-speedup",
-        type=float,
-        default=None,
-        help=f"FP8 speedup on GEMM FLOPs (default FP8/BF16 peak ratio x {FP8_EFFICIENCY})",
-    )
-    p.add_argument(
-        "--headroom",
-        type=float,
-        default=DEFAULT_HEADROOM,
-        help=f"fraction of GPU memory a layout may use; the rest stays free for the allocator's "
-        f"cache and fragmentation (default {DEFAULT_HEADROOM})",
-    )
-    p.set_defaults(func=cmd_plan)
-    return p
+# ----------------------------------------------------------------------------- recipes
 
 
 def load_recipe_for_plan(path: str, overrides: list[str] = ()) -> list:
     """The recipe's config(s): one per stage for a staged recipe. ``init`` is not needed."""
     cfg = load_config(path, [*overrides, "init.checkpoint=null", "init.verify_against=null"])
     return stage_configs(cfg) if cfg.stages else [cfg]
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    configs = load_recipe_for_plan(args.recipe, args.overrides)
-    out = []
-    try:
-        for cfg in configs:
-            result = plan(
-                cfg,
-                args.gpus,
-                args.gpu,
-                tp=args.tp,
-                pp=args.pp,
-                mfu=args.mfu,
-                micro_batch=args.micro_batch,
-                dtype=args.dtype,
-                headroom=args.headroom,
-                fp8_speedup=args.fp8_speedup,
-            )
-            out.append(format_plan(result))
-    except PlanError as e:
-        print(f"plan: {e}", file=sys.stderr)
-        return 2
-    print("\n".join(out), end="")
-    return 0
