@@ -525,7 +525,9 @@ def estimate_time(
 
 
 @dataclass(frozen=True)
-class Layout:
+class Parallelism:
+    """A layout the trainer runs: TP/PP/DP sizes, micro-batching, recompute and optimizer sharding."""
+
     tp: int
     pp: int
     dp: int
@@ -582,7 +584,9 @@ class Workload:
     """The recipe's ``parallel.overlap_param_gather`` (unset: on with the distributed optimizer)."""
 
 
-def memory_of(work: Workload, layout: Layout, dtype: str, runtime_bytes: int) -> MemoryEstimate:
+def memory_of(
+    work: Workload, layout: Parallelism, dtype: str, runtime_bytes: int
+) -> MemoryEstimate:
     return estimate_memory(
         work.preset,
         work.seq_len,
@@ -604,7 +608,7 @@ def memory_of(work: Workload, layout: Layout, dtype: str, runtime_bytes: int) ->
 
 def time_of(
     work: Workload,
-    layout: Layout,
+    layout: Parallelism,
     gpus: int,
     gpu: GPUSpec,
     dtype: str,
@@ -654,7 +658,7 @@ def make_layout(
     sequence_parallel: bool,
     distributed_optimizer: bool,
     virtual_pipeline: Optional[int] = None,
-) -> Layout:
+) -> Parallelism:
     """A layout the trainer accepts: checked by ``check_layout``, as ``validate`` checks recipes."""
     if recompute not in RECOMPUTE:
         raise PlanError(f"recompute {recompute!r}: expected one of {', '.join(RECOMPUTE)}")
@@ -677,7 +681,7 @@ def make_layout(
     except ConfigError as e:
         raise PlanError(f"TP={tp} PP={pp} mb={micro_batch}: {e}") from None
     dp = gpus // (tp * pp)
-    return Layout(
+    return Parallelism(
         tp=tp,
         pp=pp,
         dp=dp,
@@ -692,7 +696,7 @@ def make_layout(
 
 @dataclass(frozen=True)
 class Candidate:
-    layout: Layout
+    layout: Parallelism
     memory: MemoryEstimate
     time: TimeEstimate
     fits: bool
@@ -863,7 +867,7 @@ def plan(
     par = recipe_cfg.parallel
     notes = []
     try:
-        layout: Optional[Layout] = make_layout(
+        layout: Optional[Parallelism] = make_layout(
             work,
             gpus,
             tp or par.tensor,
@@ -879,7 +883,7 @@ def plan(
         notes.append(f"the trainer would refuse the recipe's layout on {gpus} GPU(s): {e}")
     budget = headroom * g.memory_bytes
 
-    def timed(lay: Layout, dt: str) -> TimeEstimate:
+    def timed(lay: Parallelism, dt: str) -> TimeEstimate:
         return time_of(work, lay, gpus, g, dt, mfu=mfu, fp8_speedup=fp8_speedup)
 
     requested, variants = None, []

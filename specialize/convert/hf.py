@@ -146,7 +146,7 @@ def import_hf(
     tokenizer = QwenTokenizer.load(tokenizer_file if tokenizer_file.is_file() else None)
     report = {
         "source": str(hf_dir.resolve()),
-        "layout": model_info.layout,
+        "layout": model_info.naming,  # the naming scheme, under the printed report's key
         "architecture": arch.name,
         "parameters": sum(p.numel() for p in params.values()),
         "dtype": dtype_note,
