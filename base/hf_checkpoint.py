@@ -1,6 +1,6 @@
 """Reading Hugging Face Qwen checkpoints: config.json → architecture, shards → tensors one at a time.
 
-Two layouts are read. ``qwen`` is Qwen v1 (``QWenLMHeadModel``, remote code): fused ``c_attn`` with
+Two naming schemes are read. ``qwen`` is Qwen v1 (``QWenLMHeadModel``, remote code): fused ``c_attn`` with
 Q, K and V as three contiguous blocks of rows, ``w2`` the SwiGLU gate and ``w1`` the up projection,
 ``intermediate_size`` twice the real FFN width. ``qwen2`` is transformers' ``Qwen2ForCausalLM``
 (Qwen1.5/2/2.5; possibly GQA). Tensors of either are presented under Qwen2 names, so one mapping
@@ -31,8 +31,8 @@ class HFCheckpointError(ValueError):
 @dataclass(frozen=True)
 class HFModel:
     path: Path
-    layout: str
-    """``qwen`` (v1) or ``qwen2``."""
+    naming: str
+    """Its tensor-naming scheme: ``qwen`` (v1) or ``qwen2``."""
     arch: QwenPreset
     dtype: torch.dtype
     """The dtype the checkpoint declares (``torch_dtype`` / ``bf16``/``fp16`` flags)."""
@@ -181,7 +181,7 @@ def read_config(path: str | Path) -> HFModel:
             if fields.flag("fp16")
             else None
         )
-        layout = "qwen"
+        naming = "qwen"
         long_context = qwen_v1_long_context(config, config_file)
     elif model_type == "qwen2" or "Qwen2ForCausalLM" in architectures:
         if fields.flag("tie_word_embeddings"):
@@ -205,7 +205,7 @@ def read_config(path: str | Path) -> HFModel:
             norm_epsilon=fields.positive_number("rms_norm_eps", 1e-6),
         )
         dtype = None
-        layout = "qwen2"
+        naming = "qwen2"
         long_context = None
     else:
         raise HFCheckpointError(
@@ -220,7 +220,7 @@ def read_config(path: str | Path) -> HFModel:
     dtype = dtype or _DTYPES.get(str(declared), torch.float32)
     return HFModel(
         path=path,
-        layout=layout,
+        naming=naming,
         arch=_named_after_preset(arch),
         dtype=dtype,
         long_context=long_context,
@@ -325,7 +325,7 @@ def _tensor_entry(file: Path, name: str, info) -> _TensorEntry:
     return _TensorEntry(name, dtype, shape, begin, end)
 
 
-def safetensors_layout(file: Path) -> tuple[int, list[_TensorEntry]]:
+def safetensors_header(file: Path) -> tuple[int, list[_TensorEntry]]:
     """(data start, entries in file order) of a safetensors file, every entry checked against
     the file before any tensor is read: the data must be exactly the tensors, back to back (as
     the format requires), so a truncated or padded file is refused rather than read as zeros."""
@@ -383,7 +383,7 @@ def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     until the file is closed: converting a shard costs its size twice. Reading each tensor with
     plain file I/O keeps one tensor at a time (the format is an 8-byte header length, a JSON header
     of dtype/shape/offsets, then the data)."""
-    start, entries = safetensors_layout(file)
+    start, entries = safetensors_header(file)
     with open(file, "rb") as f:
         for entry in entries:
             tensor = torch.empty(entry.shape, dtype=entry.dtype)
@@ -481,9 +481,9 @@ def qwen2_tensors(
     model: HFModel, tensors: Iterator[tuple[str, torch.Tensor]] | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors (or ``tensors``, read from it) under Qwen2 names, whatever its
-    layout."""
+    naming scheme."""
     tensors = iter_tensors(model.path) if tensors is None else tensors
-    if model.layout == "qwen":
+    if model.naming == "qwen":
         return qwen_v1_to_qwen2_names(tensors, model.arch)
     return ((n, t) for n, t in tensors if not n.endswith("rotary_emb.inv_freq"))
 

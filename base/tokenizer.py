@@ -25,6 +25,7 @@ PAT_STR = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 NUM_RANKS = 151643
+"""Ordinary BPE tokens in ``qwen.tiktoken`` (ids ``0..NUM_RANKS-1``); the special tokens follow."""
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 NUM_EXTRA = 205
 
@@ -32,6 +33,12 @@ NUM_EXTRA = 205
 def _special_tokens() -> dict[str, int]:
     names = [ENDOFTEXT, IM_START, IM_END] + [f"<|extra_{i}|>" for i in range(NUM_EXTRA)]
     return {name: NUM_RANKS + i for i, name in enumerate(names)}
+
+
+# The ids every module names (docs/paper.md §3: 151643, 151644, 151645), read from the table.
+EOD_ID, IM_START_ID, IM_END_ID = (_special_tokens()[name] for name in (ENDOFTEXT, IM_START, IM_END))
+VOCAB_SIZE = NUM_RANKS + len(_special_tokens())
+"""Ids the tokenizer can produce; embedding tables are padded past them (``padded_vocab_size``)."""
 
 
 def _default_vocab_file() -> Path:
@@ -92,7 +99,7 @@ class QwenTokenizer:
             mergeable_ranks=_read_ranks(data, vocab_file),
             special_tokens=self.special_tokens,
         )
-        self.vocab_size = NUM_RANKS + len(self.special_tokens)
+        self.vocab_size = VOCAB_SIZE
         self.eod = self.special_tokens[ENDOFTEXT]
         self.im_start = self.special_tokens[IM_START]
         self.im_end = self.special_tokens[IM_END]

@@ -57,20 +57,23 @@ def make_model(work: Path, preset: str) -> None:
 
 
 def run_ours(work: Path, count: int, new_tokens: int) -> dict:
+    from base.tokenizer import VOCAB_SIZE
     from specialize.infer.generate import greedy
     from specialize.infer.model import load_model
 
     model, _ = load_model((work / "ckpt").read_text())
     prompts = _prompts(count)
-    greedy(model, prompts[:1], 2, stop_ids=(), vocab_size=151851)  # warm up
+    greedy(model, prompts[:1], 2, stop_ids=(), vocab_size=VOCAB_SIZE)  # warm up
     start = time.perf_counter()
-    out = [greedy(model, [p], new_tokens, stop_ids=(), vocab_size=151851)[0] for p in prompts]
+    out = [greedy(model, [p], new_tokens, stop_ids=(), vocab_size=VOCAB_SIZE)[0] for p in prompts]
     return {"seconds": time.perf_counter() - start, "ids": out}
 
 
 def run_transformers(work: Path, count: int, new_tokens: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
+
+    from base.tokenizer import EOD_ID, VOCAB_SIZE
 
     model = AutoModelForCausalLM.from_pretrained(
         work / "hf", attn_implementation="eager", torch_dtype=torch.float32
@@ -86,9 +89,9 @@ def run_transformers(work: Path, count: int, new_tokens: int) -> dict:
                 min_new_tokens=n,
                 do_sample=False,
                 use_cache=True,
-                pad_token_id=151643,
+                pad_token_id=EOD_ID,
                 # Same choice set as ours: only the real tokens (the embedding is padded).
-                suppress_tokens=list(range(151851, model.config.vocab_size)),
+                suppress_tokens=list(range(VOCAB_SIZE, model.config.vocab_size)),
             )
         return out[0, len(prompt) :].tolist()
 

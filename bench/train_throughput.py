@@ -47,15 +47,14 @@ if str(ROOT) not in sys.path:  # runnable as a plain script from any directory
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed")
 
 from base.presets import QwenPreset, get_preset  # noqa: E402
-
-REAL_TOKENS = 151643  # ids below this are real tokens; the rest of the 151936 rows are padding
+from base.tokenizer import NUM_RANKS  # noqa: E402  (ids below it are ordinary tokens)
 
 
 def batches(seq: int, mb: int, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """Endless random micro-batches; the same seed gives both implementations the same tokens."""
     g = torch.Generator().manual_seed(seed)
     while True:
-        rows = torch.randint(0, REAL_TOKENS, (mb, seq + 1), generator=g)
+        rows = torch.randint(0, NUM_RANKS, (mb, seq + 1), generator=g)
         yield {
             "tokens": rows[:, :-1],
             "labels": rows[:, 1:],

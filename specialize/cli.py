@@ -20,6 +20,7 @@ from specialize.config import (
     describe,
     load_config,
 )
+from specialize.plan import DEFAULT_HEADROOM, DEFAULT_MFU, DTYPES, FP8_EFFICIENCY, GPUS
 
 # megatron-core announces every optional kernel it falls back from; on CPU these are expected. Its
 # checkpoint loader also calls a torch API that torch has deprecated (not ours to change).
@@ -526,6 +527,33 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from specialize.plan import PlanError, format_plan, load_recipe_for_plan, plan
+
+    configs = load_recipe_for_plan(args.recipe, args.overrides)
+    out = []
+    try:
+        for cfg in configs:
+            result = plan(
+                cfg,
+                args.gpus,
+                args.gpu,
+                tp=args.tp,
+                pp=args.pp,
+                mfu=args.mfu,
+                micro_batch=args.micro_batch,
+                dtype=args.dtype,
+                headroom=args.headroom,
+                fp8_speedup=args.fp8_speedup,
+            )
+            out.append(format_plan(result))
+    except PlanError as e:
+        print(f"plan: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(out), end="")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.recipe:
         from specialize.config import to_yaml
@@ -833,9 +861,38 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--only", default=None, help="comma-separated step names to run")
     pipe.set_defaults(func=cmd_pipeline)
 
-    from specialize.plan import add_parser as add_plan_parser
-
-    add_plan_parser(sub)
+    plan = sub.add_parser(
+        "plan",
+        help="per-GPU memory, a TP/PP/micro-batch that fits, step time and GPU-hours of a recipe",
+    )
+    plan.add_argument("recipe", help="YAML recipe")
+    plan.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.seq_length=4096")
+    plan.add_argument("--gpus", type=int, required=True, help="number of GPUs")
+    plan.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU type")
+    plan.add_argument("--tp", type=int, default=None, help="pin tensor-parallel size")
+    plan.add_argument("--pp", type=int, default=None, help="pin pipeline-parallel size")
+    plan.add_argument("--micro-batch", type=int, default=None, help="micro-batch of the recipe row")
+    plan.add_argument("--dtype", choices=DTYPES, default=None, help="default: the recipe's")
+    plan.add_argument(
+        "--mfu",
+        type=float,
+        default=DEFAULT_MFU,
+        help=f"fraction of the BF16 peak achieved by the compute (default {DEFAULT_MFU})",
+    )
+    plan.add_argument(
+        "--fp8-speedup",
+        type=float,
+        default=None,
+        help=f"FP8 speedup on GEMM FLOPs (default FP8/BF16 peak ratio x {FP8_EFFICIENCY})",
+    )
+    plan.add_argument(
+        "--headroom",
+        type=float,
+        default=DEFAULT_HEADROOM,
+        help=f"fraction of GPU memory a layout may use; the rest stays free for the allocator's "
+        f"cache and fragmentation (default {DEFAULT_HEADROOM})",
+    )
+    plan.set_defaults(func=cmd_plan)
 
     from specialize.gpu_check import add_parser as add_gpu_check_parser
 

@@ -98,7 +98,7 @@ Time per step ``= (compute + tp_comm) × (1 + bubble) + exposed DP communication
 ``compute = tokens_per_step × F / (gpus × peak × mfu)``: ``F`` are the FLOPs executed per token,
 ``6·N + 6·L·h·s`` (fwd + bwd over all parameters ``N``, plus the attention scores and values,
 ``12·L·h·s`` halved for the causal mask) — the same count the training console uses for its MFU
-(``specialize/train/callbacks.py``). Selective recompute adds the attention forward, ``2·L·h·s``; full
+(``specialize/flops.py``). Selective recompute adds the attention forward, ``2·L·h·s``; full
 recompute a whole forward of the layers, ``2·N_layers + 2·L·h·s`` (about ``8·N`` in all). ``mfu``
 (default 0.40, BF16) is the fraction of the dense BF16 peak the compute achieves on those FLOPs,
 the compute alone: an MFU read off a run also paid for the run's exposed communication, so giving
@@ -122,14 +122,13 @@ the larger micro-batch, then less recompute, then SP on).
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from base.presets import QwenPreset
 from specialize.config import ConfigError, check_layout, load_config, stage_configs
+from specialize.flops import FP8_PEAK_TFLOPS, PEAK_TFLOPS, TF32_PEAK_TFLOPS, flops_per_token
 
 GiB = 1024**3
 DEFAULT_MFU = 0.40
@@ -152,7 +151,7 @@ class GPUSpec:
     memory_bytes: int
     """Device memory (the marketed 80 GB of H100/A100 are 80 GiB; H200's 141 GB ≈ 140 GiB)."""
     bf16_tflops: float
-    """Dense BF16 peak (SXM datasheets)."""
+    """Dense BF16 peak (``specialize.flops``)."""
     fp8_tflops: Optional[float]
     """Dense FP8 peak; None: no FP8 tensor cores."""
     tf32_tflops: float
@@ -163,14 +162,20 @@ class GPUSpec:
     """Inter-node bandwidth per GPU and direction, GB/s (one InfiniBand NIC per GPU, as in DGX)."""
 
 
+def _gpu(name: str, memory_bytes: int, nvlink_gbps: float, network_gbps: float) -> GPUSpec:
+    """A GPU with its peaks from ``specialize.flops`` (no FP8 entry: no FP8 tensor cores)."""
+    peaks = (PEAK_TFLOPS[name], FP8_PEAK_TFLOPS.get(name), TF32_PEAK_TFLOPS[name])
+    return GPUSpec(name, memory_bytes, *peaks, nvlink_gbps, network_gbps)
+
+
 # NVLink: H100/H200 SXM 900 GB/s, A100 SXM 600 GB/s bidirectional (NVIDIA datasheets,
 # nvidia.com/en-us/data-center/{h100,h200,a100}). Network: DGX H100/H200 have one 400 Gb/s NDR
 # ConnectX-7 per GPU (docs.nvidia.com/dgx/dgxh100-user-guide/introduction-to-dgxh100.html), DGX
 # A100 one 200 Gb/s HDR ConnectX-6 (docs.nvidia.com/dgx/dgxa100-user-guide).
 GPUS: dict[str, GPUSpec] = {
-    "h100": GPUSpec("H100", 80 * GiB, 989.0, 1979.0, 494.5, 450.0, 50.0),
-    "h200": GPUSpec("H200", 140 * GiB, 989.0, 1979.0, 494.5, 450.0, 50.0),
-    "a100": GPUSpec("A100", 80 * GiB, 312.0, None, 156.0, 300.0, 25.0),
+    "h100": _gpu("H100", 80 * GiB, 450.0, 50.0),
+    "h200": _gpu("H200", 140 * GiB, 450.0, 50.0),
+    "a100": _gpu("A100", 80 * GiB, 300.0, 25.0),
 }
 
 
@@ -452,22 +457,6 @@ def default_fp8_speedup(gpu: GPUSpec) -> float:
     return gpu.fp8_tflops / gpu.bf16_tflops * FP8_EFFICIENCY
 
 
-def flops_per_token(preset: QwenPreset, seq_len: int, recompute: str = "none") -> tuple[float, ...]:
-    """(executed, model, GEMM part of executed) FLOPs per token; see the module docstring."""
-    n = preset.num_params()
-    lhs = preset.num_layers * preset.hidden_size * seq_len
-    model = 6 * n + 6 * lhs
-    extra = 0.0
-    if recompute == "selective":
-        extra = 2 * lhs
-    elif recompute == "full":
-        layer_params = n - 2 * preset.padded_vocab_size * preset.hidden_size - preset.hidden_size
-        extra = 2 * layer_params + 2 * lhs
-    executed = model + extra
-    attention = 6 * lhs + (2 * lhs if recompute != "none" else 0)  # scores and values, not GEMMs
-    return executed, model, executed - attention
-
-
 def estimate_time(
     preset: QwenPreset,
     seq_len: int,
@@ -536,7 +525,9 @@ def estimate_time(
 
 
 @dataclass(frozen=True)
-class Layout:
+class Parallelism:
+    """A layout the trainer runs: TP/PP/DP sizes, micro-batching, recompute and optimizer sharding."""
+
     tp: int
     pp: int
     dp: int
@@ -593,7 +584,9 @@ class Workload:
     """The recipe's ``parallel.overlap_param_gather`` (unset: on with the distributed optimizer)."""
 
 
-def memory_of(work: Workload, layout: Layout, dtype: str, runtime_bytes: int) -> MemoryEstimate:
+def memory_of(
+    work: Workload, layout: Parallelism, dtype: str, runtime_bytes: int
+) -> MemoryEstimate:
     return estimate_memory(
         work.preset,
         work.seq_len,
@@ -615,7 +608,7 @@ def memory_of(work: Workload, layout: Layout, dtype: str, runtime_bytes: int) ->
 
 def time_of(
     work: Workload,
-    layout: Layout,
+    layout: Parallelism,
     gpus: int,
     gpu: GPUSpec,
     dtype: str,
@@ -665,7 +658,7 @@ def make_layout(
     sequence_parallel: bool,
     distributed_optimizer: bool,
     virtual_pipeline: Optional[int] = None,
-) -> Layout:
+) -> Parallelism:
     """A layout the trainer accepts: checked by ``check_layout``, as ``validate`` checks recipes."""
     if recompute not in RECOMPUTE:
         raise PlanError(f"recompute {recompute!r}: expected one of {', '.join(RECOMPUTE)}")
@@ -688,7 +681,7 @@ def make_layout(
     except ConfigError as e:
         raise PlanError(f"TP={tp} PP={pp} mb={micro_batch}: {e}") from None
     dp = gpus // (tp * pp)
-    return Layout(
+    return Parallelism(
         tp=tp,
         pp=pp,
         dp=dp,
@@ -703,7 +696,7 @@ def make_layout(
 
 @dataclass(frozen=True)
 class Candidate:
-    layout: Layout
+    layout: Parallelism
     memory: MemoryEstimate
     time: TimeEstimate
     fits: bool
@@ -874,7 +867,7 @@ def plan(
     par = recipe_cfg.parallel
     notes = []
     try:
-        layout: Optional[Layout] = make_layout(
+        layout: Optional[Parallelism] = make_layout(
             work,
             gpus,
             tp or par.tensor,
@@ -890,7 +883,7 @@ def plan(
         notes.append(f"the trainer would refuse the recipe's layout on {gpus} GPU(s): {e}")
     budget = headroom * g.memory_bytes
 
-    def timed(lay: Layout, dt: str) -> TimeEstimate:
+    def timed(lay: Parallelism, dt: str) -> TimeEstimate:
         return time_of(work, lay, gpus, g, dt, mfu=mfu, fp8_speedup=fp8_speedup)
 
     requested, variants = None, []
@@ -1048,72 +1041,10 @@ def format_plan(result: PlanResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``specialize plan`` on a ``subparsers`` object."""
-    p = subparsers.add_parser(
-        "plan",
-        help="per-GPU memory, a TP/PP/micro-batch that fits, step time and GPU-hours of a recipe",
-    )
-    p.add_argument("recipe", help="YAML recipe")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.seq_length=4096")
-    p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
-    p.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU type")
-    p.add_argument("--tp", type=int, default=None, help="pin tensor-parallel size")
-    p.add_argument("--pp", type=int, default=None, help="pin pipeline-parallel size")
-    p.add_argument("--micro-batch", type=int, default=None, help="micro-batch of the recipe row")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: the recipe's")
-    p.add_argument(
-        "--mfu",
-        type=float,
-        default=DEFAULT_MFU,
-        help=f"fraction of the BF16 peak achieved by the compute (default {DEFAULT_MFU})",
-    )
-    p.add_argument(
-        "--fp8-speedup",
-        type=float,
-        default=None,
-        help=f"FP8 speedup on GEMM FLOPs (default FP8/BF16 peak ratio x {FP8_EFFICIENCY})",
-    )
-    p.add_argument(
-        "--headroom",
-        type=float,
-        default=DEFAULT_HEADROOM,
-        help=f"fraction of GPU memory a layout may use; the rest stays free for the allocator's "
-        f"cache and fragmentation (default {DEFAULT_HEADROOM})",
-    )
-    p.set_defaults(func=cmd_plan)
-    return p
+# ----------------------------------------------------------------------------- recipes
 
 
 def load_recipe_for_plan(path: str, overrides: list[str] = ()) -> list:
     """The recipe's config(s): one per stage for a staged recipe. ``init`` is not needed."""
     cfg = load_config(path, [*overrides, "init.checkpoint=null", "init.verify_against=null"])
     return stage_configs(cfg) if cfg.stages else [cfg]
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    configs = load_recipe_for_plan(args.recipe, args.overrides)
-    out = []
-    try:
-        for cfg in configs:
-            result = plan(
-                cfg,
-                args.gpus,
-                args.gpu,
-                tp=args.tp,
-                pp=args.pp,
-                mfu=args.mfu,
-                micro_batch=args.micro_batch,
-                dtype=args.dtype,
-                headroom=args.headroom,
-                fp8_speedup=args.fp8_speedup,
-            )
-            out.append(format_plan(result))
-    except PlanError as e:
-        print(f"plan: {e}", file=sys.stderr)
-        return 2
-    print("\n".join(out), end="")
-    return 0

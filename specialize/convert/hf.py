@@ -32,7 +32,7 @@ from base.hf_tokenizer import write_hf_tokenizer
 from base.long_context_config import write_long_context
 from base.model import ModelOptions, build_model
 from base.presets import QwenPreset
-from base.tokenizer import QwenTokenizer
+from base.tokenizer import EOD_ID, IM_END_ID, QwenTokenizer
 from specialize import checkpoint
 from specialize.config import (
     ConfigError,
@@ -147,7 +147,7 @@ def import_hf(
     tokenizer = QwenTokenizer.load(tokenizer_file if tokenizer_file.is_file() else None)
     report = {
         "source": str(hf_dir.resolve()),
-        "layout": model_info.layout,
+        "layout": model_info.naming,  # the naming scheme, under the printed report's key
         "architecture": arch.name,
         "parameters": sum(p.numel() for p in params.values()),
         "dtype": dtype_note,
@@ -239,7 +239,6 @@ def _fill(
 
 # ----------------------------------------------------------------------------- export
 
-EOD, IM_END = 151643, 151645  # generation must stop on both (docs/paper.md §3)
 TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -251,8 +250,8 @@ def _hf_config(arch: QwenPreset, fmt: str, dtype: torch.dtype) -> dict:
             **qwen2_config(arch),
             "hidden_act": "silu",
             "attention_dropout": 0.0,
-            "bos_token_id": EOD,
-            "eos_token_id": EOD,
+            "bos_token_id": EOD_ID,
+            "eos_token_id": EOD_ID,
             "use_sliding_window": False,
             "use_cache": True,
             "torch_dtype": TORCH_DTYPE_NAMES[dtype],
@@ -389,7 +388,12 @@ def _write_hf_directory(
     if fmt == "qwen":  # Qwen v1 carries its long-context switches in config.json
         config.update(qwen_v1_long_context_config(stored_long_context(ckpt), arch))
     (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = {"bos_token_id": EOD, "eos_token_id": [EOD, IM_END], "pad_token_id": EOD}
+    # A chat turn ends with <|im_end|>: generation must stop on both (docs/paper.md §3).
+    generation = {
+        "bos_token_id": EOD_ID,
+        "eos_token_id": [EOD_ID, IM_END_ID],
+        "pad_token_id": EOD_ID,
+    }
     (partial / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     vocab = ckpt / QwenTokenizer.VOCAB_FILE
     tokenizer = QwenTokenizer.load(vocab if vocab.is_file() else None)

@@ -35,6 +35,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from base.hf_checkpoint import HFCheckpointError, qwen2_tensors, read_config
 from base.hf_mapping import qwen2_config
+from base.tokenizer import NUM_RANKS
 from specialize.infer.logits import full_logits
 from specialize.infer.model import WorldSizeError, load_model
 
@@ -52,7 +53,7 @@ class ParityError(RuntimeError):
 def verification_tokens(device: torch.device, seq: int = 64, batch: int = 2) -> torch.Tensor:
     """Fixed token ids ``[batch, seq]`` on ``device`` (the same on every rank of a job)."""
     generator = torch.Generator(device=device).manual_seed(20230916)
-    return torch.randint(0, 151643, (batch, seq), generator=generator, device=device)
+    return torch.randint(0, NUM_RANKS, (batch, seq), generator=generator, device=device)
 
 
 def _reference(hf_dir: str) -> torch.nn.Module:

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 import specialize
+from specialize.flops import peak_tflops
 
 ROOT = Path(specialize.__file__).resolve().parent.parent
 FACTORY = ROOT / "configs" / "demo" / "factory.yaml"
@@ -246,12 +247,11 @@ def gpu_spec(name: str, memory_bytes: int):
     """``specialize plan``'s spec of a device (its real memory), and whether its peak is known:
     an unknown GPU is planned with H100 peaks, which only rank layouts (no throughput claim)."""
     from specialize.plan import GPUS
-    from specialize.train.callbacks import PEAK_TFLOPS
 
     for key, spec in GPUS.items():
         if key.upper() in name.upper():
             return dataclasses.replace(spec, memory_bytes=memory_bytes), True
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name.upper()), None)
+    peak = peak_tflops(name)
     h100 = GPUS["h100"]
     spec = dataclasses.replace(
         h100,

@@ -12,11 +12,11 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from base.tokenizer import QwenTokenizer
+from base.tokenizer import EOD_ID, IM_END_ID, QwenTokenizer
 from specialize.data.chat import DEFAULT_SYSTEM, generation_prompt
 from specialize.infer.logits import last_logits, model_device
 
-STOP_IDS = (151643, 151645)  # <|endoftext|>, <|im_end|>
+STOP_IDS = (EOD_ID, IM_END_ID)  # a document ends with <|endoftext|>, a chat turn with <|im_end|>
 
 
 def _next_tokens(

@@ -1,17 +1,15 @@
 """What happens around a training step: console progress, TensorBoard, checkpoints.
 
-A callback sees the trainer and the step's numbers; it never changes how a step is computed.
+A callback sees the trainer and the step's numbers; it never changes how a step is computed. The
+loggers show the step's result and ``Trainer.metrics`` (throughput and MFU, ``train.metrics``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import torch
 
 from specialize import checkpoint
 from specialize.config import RecipeConfig
@@ -21,9 +19,6 @@ if TYPE_CHECKING:
     from specialize.train.trainer import Trainer
 
 log = logging.getLogger("specialize")
-
-# Dense BF16 peak TFLOP/s per device, for MFU (vendor datasheets, SXM parts).
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
 
 
 class Callback:
@@ -36,35 +31,14 @@ class Callback:
     def on_train_end(self, trainer: Trainer, step: int) -> None: ...
 
 
-def flops_per_token(trainer: Trainer) -> float:
-    """Training FLOPs per token: 6 x parameters (fwd + bwd) plus causal attention scores."""
-    p, seq = trainer.engine.preset, trainer.cfg.data.seq_length
-    attention = 6 * p.num_layers * p.hidden_size * seq  # 12·L·h·s halved for the causal mask
-    return 6 * p.num_params() + attention
-
-
-def device_peak_tflops(configured: float | None) -> float | None:
-    if configured is not None:
-        return configured
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-
-
 class ConsoleLogger(Callback):
     """Rank 0: a progress bar with ETA and a line of numbers every ``logging.interval`` steps."""
 
     def __init__(self) -> None:
         self._progress = None
         self._task = None
-        self._last_time = 0.0
-        self._tokens = 0
 
     def on_train_start(self, trainer: Trainer) -> None:
-        self._last_time = time.perf_counter()
-        self._peak = device_peak_tflops(trainer.cfg.logging.device_peak_tflops)
-        self._flops_per_token = flops_per_token(trainer)
         if trainer.is_rank0 and trainer.cfg.logging.progress:
             from rich.progress import (
                 BarColumn,
@@ -94,24 +68,17 @@ class ConsoleLogger(Callback):
             )
 
     def on_step_end(self, trainer: Trainer, step: int, result: StepResult) -> None:
-        self._tokens += result.num_tokens
-        if step % trainer.cfg.logging.interval and step != trainer.derived.steps:
+        if not trainer.throughput.logs(step):
             if self._progress:
                 self._progress.update(self._task, completed=step)
             return
-        now = time.perf_counter()
-        tokens_per_s = self._tokens / max(now - self._last_time, 1e-9)
-        self._last_time, self._tokens = now, 0
-        trainer.metrics.update(tokens_per_s=tokens_per_s)
+        metrics = trainer.metrics
         line = (
             f"step {step}/{trainer.derived.steps} | loss {result.loss:.4f} | lr {result.lr:.3e} | "
-            f"grad norm {result.grad_norm:.3f} | {tokens_per_s:,.0f} tok/s"
+            f"grad norm {result.grad_norm:.3f} | {metrics['tokens_per_s']:,.0f} tok/s"
         )
-        if self._peak:
-            per_device = tokens_per_s / trainer.topo.world_size
-            mfu = per_device * self._flops_per_token / (self._peak * 1e12)
-            trainer.metrics.update(mfu=mfu)
-            line += f" | MFU {100 * mfu:.1f}%"
+        if "mfu" in metrics:
+            line += f" | MFU {100 * metrics['mfu']:.1f}%"
         if trainer.is_rank0:
             if self._progress:
                 self._progress.update(self._task, completed=step, status=f"loss {result.loss:.4f}")

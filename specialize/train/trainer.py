@@ -23,6 +23,7 @@ from specialize.data.pretrain import data_manifest_records
 from specialize.mcore.distributed import Topology
 from specialize.train.callbacks import Callback
 from specialize.train.engine import Engine, StepResult
+from specialize.train.metrics import Throughput
 
 log = logging.getLogger("specialize")
 
@@ -198,6 +199,8 @@ class Trainer:
         self.parent: str | None = cfg.init.checkpoint
         self.last_checkpoint: Path | None = None
         self.metrics: dict[str, float] = {}
+        """The latest logged step's throughput (``train.metrics``), for every logger."""
+        self.throughput: Throughput | None = None
         self.history: list[float] = []
         self.lrs: list[float] = []  # StepResult.lr of each step of this launch
         self.validation: list[tuple[int, float]] = []
@@ -282,6 +285,9 @@ class Trainer:
             self.restore()
         train_iterators = self.data.train_iterators(self.consumed_samples)
         step = self.step = self.start_step
+        self.throughput = Throughput.for_run(
+            self.cfg, self.engine.preset, self.topo.world_size, self.derived.steps
+        )
         for cb in self.callbacks:
             cb.on_train_start(self)
         if step == 0 and self.cfg.train.eval_interval:
@@ -296,6 +302,7 @@ class Trainer:
             self.consumed_samples += self.cfg.train.global_batch_size
             self.history.append(result.loss)
             self.lrs.append(result.lr)
+            self.metrics.update(self.throughput.update(step, result.num_tokens))
             for cb in self.callbacks:
                 cb.on_step_end(self, step, result)
             interval = self.cfg.train.eval_interval

@@ -7,6 +7,7 @@ import torch
 
 from base.hf_mapping import fuse_qkv, hf_to_megatron, megatron_to_hf, qwen2_config, split_qkv
 from base.presets import QwenPreset, get_preset
+from base.tokenizer import NUM_RANKS
 from tests.distributed import run_distributed
 
 GQA = QwenPreset("test-gqa", 32, 4, 2, 96, 151936, num_query_groups=2, max_position_embeddings=2048)
@@ -69,7 +70,7 @@ def test_megatron_matches_transformers_qwen2(arch):
     reference = hf_model(arch)
     hf_weights = {k: v.detach().clone() for k, v in reference.state_dict().items()}
     weights = dict(hf_to_megatron(hf_weights, arch))
-    tokens = torch.randint(0, 151643, (2, 40), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, NUM_RANKS, (2, 40), generator=torch.Generator().manual_seed(1))
     ours = run_distributed(_megatron_logits, arch, weights, tokens, world_size=1)
     with torch.no_grad():
         theirs = reference(tokens).logits

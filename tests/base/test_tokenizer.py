@@ -5,7 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from base.tokenizer import QwenTokenizer
+from base.tokenizer import (
+    EOD_ID,
+    IM_END_ID,
+    IM_START_ID,
+    NUM_RANKS,
+    VOCAB_SIZE,
+    QwenTokenizer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +41,14 @@ def test_special_tokens(tok: QwenTokenizer) -> None:
     with pytest.raises(KeyError, match="not a Qwen special token"):
         tok.encode_special("<|extra_205|>")
     assert tok.decode([151644, 151645]) == "<|im_start|><|im_end|>"
+
+
+def test_module_constants_are_the_loaded_tokenizers(tok: QwenTokenizer) -> None:
+    # Modules that never load the vocabulary (export, generation, parity) use the constants.
+    assert (EOD_ID, IM_START_ID, IM_END_ID) == (tok.eod, tok.im_start, tok.im_end)
+    assert (EOD_ID, IM_START_ID, IM_END_ID, NUM_RANKS) == (151643, 151644, 151645, 151643)
+    assert VOCAB_SIZE == tok.vocab_size == 151851
+    assert tok.decode([NUM_RANKS - 1]) != "" and tok.decode([NUM_RANKS]) == "<|endoftext|>"
 
 
 def test_special_strings_are_plain_text(tok: QwenTokenizer) -> None:

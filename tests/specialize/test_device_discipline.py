@@ -12,10 +12,10 @@ import math
 import numpy as np
 import pytest
 
+from base.tokenizer import IM_START_ID, VOCAB_SIZE
 from tests.distributed import run_distributed
 
-PROMPTS = [[151644, 872, 198, 13048], [9707, 11, 1879], [9707, 11, 1879, 0, 1, 2]]
-VOCAB = 151851  # real tokens; the embedding is padded past them
+PROMPTS = [[IM_START_ID, 872, 198, 13048], [9707, 11, 1879], [9707, 11, 1879, 0, 1, 2]]
 
 
 def _chats(path) -> None:
@@ -77,7 +77,7 @@ def _decode(ckpt: str, tp: int, pp: int, stream: np.ndarray) -> dict:
 
     model, _ = load_model(ckpt, tp, pp)
     return {
-        "greedy": generate_ids(model, PROMPTS, 4, stop_ids=(), vocab_size=VOCAB),
+        "greedy": generate_ids(model, PROMPTS, 4, stop_ids=(), vocab_size=VOCAB_SIZE),
         "sampled": generate_ids(model, PROMPTS, 4, stop_ids=(), temperature=1.0, seed=3),
         "perplexity": perplexity_by_length(model, stream, [8, 16], max_windows=2),
     }

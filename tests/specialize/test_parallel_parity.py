@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from base.tokenizer import NUM_RANKS
 from tests.distributed import run_distributed
 
 LAYOUTS = {"tp1": [], "tp2": ["parallel.tensor=2"], "pp2": ["parallel.pipeline=2"]}
@@ -34,7 +35,7 @@ def _logits_per_layout(rank: int, world_size: int, run_dir: str) -> dict[str, to
     from specialize import checkpoint
     from specialize.infer.logits import full_logits
 
-    tokens = torch.randint(0, 151643, (2, 24), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, NUM_RANKS, (2, 24), generator=torch.Generator().manual_seed(0))
     engine = _build(run_dir, LAYOUTS["tp1"])
     saved = checkpoint.save(engine, iteration=0, consumed_samples=0)
     results = {"tp1": full_logits(engine.model[0], tokens)}

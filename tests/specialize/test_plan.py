@@ -12,13 +12,13 @@ import pytest
 import yaml
 
 from base.presets import get_preset
+from specialize.cli import build_parser
 from specialize.config import ConfigError, derive
 from specialize.plan import (
     GPUS,
     GiB,
     PlanError,
     Workload,
-    add_parser,
     estimate_comm,
     estimate_memory,
     estimate_time,
@@ -221,9 +221,7 @@ def test_plan_honours_tp_and_pp():
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="specialize")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def test_cli(capsys):

@@ -1,4 +1,4 @@
-"""Import of Hugging Face Qwen checkpoints (Qwen2 and Qwen v1 layouts), checked against transformers."""
+"""Import of Hugging Face Qwen checkpoints (Qwen2 and Qwen v1 naming schemes), checked against transformers."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from base.presets import QwenPreset, get_preset
+from base.tokenizer import NUM_RANKS
 from tests.base.test_hf_mapping import GQA, hf_model
 from tests.distributed import run_distributed
 
-TOKENS = torch.randint(0, 151643, (2, 24), generator=torch.Generator().manual_seed(3))
+TOKENS = torch.randint(0, NUM_RANKS, (2, 24), generator=torch.Generator().manual_seed(3))
 
 
 def write_qwen_v1(model, arch: QwenPreset, path: Path) -> None:
@@ -100,7 +101,7 @@ def _logits(rank: int, world_size: int, ckpt: str, overrides: list[str]) -> torc
 
 
 @pytest.mark.parametrize(
-    "layout,arch,overrides",
+    "naming,arch,overrides",
     [
         ("qwen2", get_preset("qwen-nano"), []),
         ("qwen", get_preset("qwen-nano"), []),
@@ -108,15 +109,15 @@ def _logits(rank: int, world_size: int, ckpt: str, overrides: list[str]) -> torc
     ],
     ids=["qwen2-mha", "qwen-v1", "qwen2-gqa"],
 )
-def test_import_matches_transformers_at_tp1_tp2_pp2(tmp_path, layout, arch, overrides):
+def test_import_matches_transformers_at_tp1_tp2_pp2(tmp_path, naming, arch, overrides):
     reference = hf_model(arch)
     hf_dir = tmp_path / "hf"
-    if layout == "qwen2":
+    if naming == "qwen2":
         reference.save_pretrained(hf_dir)
     else:
         write_qwen_v1(reference, arch, hf_dir)
     report = run_distributed(_import, str(hf_dir), str(tmp_path / "ckpt"), world_size=1)
-    assert report["layout"] == layout and report["dtype"] == "kept fp32 as stored"
+    assert report["layout"] == naming and report["dtype"] == "kept fp32 as stored"
     assert report["architecture"] == ("qwen-nano" if arch.name == "qwen-nano" else "custom")
     assert (tmp_path / "ckpt" / "qwen.tiktoken").is_file() and (
         tmp_path / "ckpt" / "arch.json"
@@ -126,7 +127,7 @@ def test_import_matches_transformers_at_tp1_tp2_pp2(tmp_path, layout, arch, over
     results = run_distributed(_logits, str(tmp_path / "ckpt"), overrides)
     for name, logits in results.items():
         diff = (logits[..., : expected.shape[-1]] - expected).abs().max().item()
-        assert diff <= 1e-4, f"{layout} {name}: max |Δlogit| {diff}"
+        assert diff <= 1e-4, f"{naming} {name}: max |Δlogit| {diff}"
 
     # Back to Hugging Face: every tensor bit-exact, and transformers loads it without remote code.
     from safetensors.torch import load_file
@@ -147,7 +148,7 @@ def test_import_matches_transformers_at_tp1_tp2_pp2(tmp_path, layout, arch, over
     reloaded = AutoModelForCausalLM.from_pretrained(exported, attn_implementation="eager").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(TOKENS).logits, expected)
-    if layout == "qwen2" and arch.name == "qwen-nano":  # the tokenizer files, once
+    if naming == "qwen2" and arch.name == "qwen-nano":  # the tokenizer files, once
         import sysconfig
 
         from transformers import AutoTokenizer
@@ -162,7 +163,7 @@ def test_import_matches_transformers_at_tp1_tp2_pp2(tmp_path, layout, arch, over
             assert theirs.encode(text, add_special_tokens=False) == ours.encode(text)
         chat = "<|im_start|>user\nhi<|im_end|>\n"
         assert theirs.encode(chat, add_special_tokens=False)[0] == 151644
-    if layout == "qwen":  # the original v1 names come back too
+    if naming == "qwen":  # the original v1 names come back too
         v1 = tmp_path / "hf-v1-out"
         run_distributed(_export, str(tmp_path / "ckpt"), str(v1), "qwen", world_size=1)
         written = {}

@@ -1,9 +1,9 @@
 import pytest
 
-from base.tokenizer import QwenTokenizer
+from base.tokenizer import IM_END_ID, IM_START_ID, QwenTokenizer
 from specialize.data.chat import ChatError, conversation, generation_prompt, render
 
-S, E, NL = 151644, 151645, 198
+S, E, NL = IM_START_ID, IM_END_ID, 198
 
 
 @pytest.fixture(scope="module")

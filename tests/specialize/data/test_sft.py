@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from base.tokenizer import EOD_ID
 from tests.conftest import gsm8k_train_lines
 from tests.distributed import run_distributed
 
@@ -45,8 +46,8 @@ def test_items_shift_per_sample_and_confine_attention(prepared) -> None:
 
     from specialize.data.sft import SFTSequences
 
-    packed = SFTSequences(prepared["packed"], SEQ, pad_id=151643, attention="mask")
-    unpacked = SFTSequences(prepared["unpacked"], SEQ, pad_id=151643, attention="mask")
+    packed = SFTSequences(prepared["packed"], SEQ, pad_id=EOD_ID, attention="mask")
+    unpacked = SFTSequences(prepared["unpacked"], SEQ, pad_id=EOD_ID, attention="mask")
     assert unpacked.attention == "causal"  # one sample per sequence needs no mask
     assert len(packed) < len(unpacked) == 8
     raw = IndexedDataset(str(Path(prepared["packed"]) / "tokens"))
@@ -70,7 +71,7 @@ def test_items_shift_per_sample_and_confine_attention(prepared) -> None:
         start += n
     assert item["loss_mask"][start:].sum() == 0  # padding learns nothing
 
-    thd = SFTSequences(prepared["packed"], SEQ, pad_id=151643, attention="thd")[index]
+    thd = SFTSequences(prepared["packed"], SEQ, pad_id=EOD_ID, attention="thd")[index]
     bounds = thd["cu_seqlens"][thd["cu_seqlens"] >= 0].tolist()
     assert bounds[0] == 0 and bounds[-1] == SEQ and len(bounds) == last - first + 2
 
@@ -139,7 +140,7 @@ def _losses(rank: int, world_size: int, run_dir: str, dirs: dict[str, str]) -> d
         seed_all(cfg.train.seed)
         engine = Engine.build(cfg, topo, derive(cfg, topo.world_size))
         for name, path in dirs.items():
-            dataset = SFTSequences(path, SEQ, pad_id=151643, attention="mask")
+            dataset = SFTSequences(path, SEQ, pad_id=EOD_ID, attention="mask")
             loader = build_dataloader(dataset, 1, 0, topo.data_rank, topo.data_parallel, 0)
             out[f"{layout}-{name}"] = engine.evaluate([loader], len(dataset))
     return out
@@ -177,7 +178,7 @@ def _sample_logits(rank: int, world_size: int, run_dir: str, dirs: dict[str, str
     out = {}
     with torch.no_grad():
         for name, path in dirs.items():
-            item = SFTSequences(path, PAIR_SEQ, pad_id=151643, attention="mask")[0]
+            item = SFTSequences(path, PAIR_SEQ, pad_id=EOD_ID, attention="mask")[0]
             logits = model(
                 item["tokens"][None], item["position_ids"][None], item["attention_mask"][None]
             )

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from base.tokenizer import IM_START_ID, VOCAB_SIZE
 from tests.distributed import run_distributed
 
-PROMPTS = [[151644, 872, 198, 13048], [9707, 11, 1879], [9707, 11, 1879, 0, 1, 2]]
+PROMPTS = [[IM_START_ID, 872, 198, 13048], [9707, 11, 1879], [9707, 11, 1879, 0, 1, 2]]
 
 
 def _save(rank: int, world_size: int, run_dir: str, overrides: tuple[str, ...] = ()) -> str:
@@ -39,29 +40,31 @@ def _generate(rank: int, world_size: int, ckpt: str, tp: int, pp: int) -> dict:
     from specialize.infer.model import load_model
 
     model, _ = load_model(ckpt, tp, pp)
-    out = {"greedy": greedy(model, PROMPTS, 6, stop_ids=(), vocab_size=151851)}
+    out = {"greedy": greedy(model, PROMPTS, 6, stop_ids=(), vocab_size=VOCAB_SIZE)}
     # The same by hand: full logits of the whole sequence, argmax of the last position.
     naive = []
     for prompt in PROMPTS:
         tokens = torch.tensor([prompt])
         for _ in range(6):
-            logits = full_logits(model, tokens)[0, -1, :151851]
+            logits = full_logits(model, tokens)[0, -1, :VOCAB_SIZE]
             tokens = torch.cat([tokens, logits.argmax().view(1, 1)], dim=1)
         naive.append(tokens[0, len(prompt) :].tolist())
     out["naive"] = naive
-    out["recomputed"] = greedy(model, PROMPTS, 6, stop_ids=(), vocab_size=151851, kv_cache=False)
-    out["one_by_one"] = greedy(model, PROMPTS, 6, stop_ids=(), vocab_size=151851, batch_size=1)
-    out["short_budget"] = greedy(model, PROMPTS, 2, stop_ids=(), vocab_size=151851)
+    out["recomputed"] = greedy(
+        model, PROMPTS, 6, stop_ids=(), vocab_size=VOCAB_SIZE, kv_cache=False
+    )
+    out["one_by_one"] = greedy(model, PROMPTS, 6, stop_ids=(), vocab_size=VOCAB_SIZE, batch_size=1)
+    out["short_budget"] = greedy(model, PROMPTS, 2, stop_ids=(), vocab_size=VOCAB_SIZE)
     out["sampled"] = generate_ids(model, PROMPTS, 6, stop_ids=(), temperature=1.0, seed=3)
     out["sampled_recomputed"] = generate_ids(
         model, PROMPTS, 6, stop_ids=(), temperature=1.0, seed=3, kv_cache=False
     )
     out["sampled_again"] = generate_ids(model, PROMPTS, 6, stop_ids=(), temperature=1.0, seed=3)
     out["nucleus_of_one"] = generate_ids(
-        model, PROMPTS, 6, stop_ids=(), vocab_size=151851, temperature=1.0, top_p=1e-9
+        model, PROMPTS, 6, stop_ids=(), vocab_size=VOCAB_SIZE, temperature=1.0, top_p=1e-9
     )
     first = out["greedy"][0][2]
-    out["stopped_at_id"] = greedy(model, PROMPTS[:1], 6, stop_ids=(first,), vocab_size=151851)
+    out["stopped_at_id"] = greedy(model, PROMPTS[:1], 6, stop_ids=(first,), vocab_size=VOCAB_SIZE)
     tokenizer = QwenTokenizer.load()
     text = tokenizer.decode(out["greedy"][0])
     out["text"] = text

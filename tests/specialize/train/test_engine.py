@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from base.tokenizer import NUM_RANKS
 from tests.distributed import run_distributed
 
 
 def random_batches(seq: int, micro_batch: int):
     generator = torch.Generator().manual_seed(0)
     while True:
-        rows = torch.randint(0, 151643, (micro_batch, seq + 1), generator=generator)
+        rows = torch.randint(0, NUM_RANKS, (micro_batch, seq + 1), generator=generator)
         yield {
             "tokens": rows[:, :-1],
             "labels": rows[:, 1:],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from base.general_text import iter_documents, main, module_text
+from specialize.data.general_text import iter_documents, main, module_text
 
 SOURCE = '''"""Module summary: what this module is for.
 

@@ -11,7 +11,7 @@ lines, stripped of the ``#`` and joined into paragraphs. Code itself never appea
 Directories named in ``exclude`` are skipped, so held-out code (the demo's perplexity set) does not
 reach the base through its docstrings either. Files that cannot be decoded or parsed are counted.
 
-    python -m base.general_text [ROOT] -o general.jsonl [--exclude email,json]
+    python -m specialize.data.general_text [ROOT] -o general.jsonl [--exclude email,json]
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def iter_documents(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m base.general_text", description=__doc__.split("\n\n")[0]
+        prog="python -m specialize.data.general_text", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("root", nargs="?", default=None, help="default: this Python's stdlib")
     parser.add_argument("-o", "--output", required=True, help="JSONL file of {path, text}")
