@@ -23,6 +23,7 @@ from base.long_context import (
 from base.long_context_config import LongContextConfig
 from base.model import ModelOptions, layer_spec, transformer_config_kwargs
 from base.presets import get_preset
+from base.tokenizer import VOCAB_SIZE
 from tests.distributed import run_distributed
 
 TRAIN = 16  # train_seq_length of the model tests: short, so a 20-40 token prompt is "long"
@@ -291,8 +292,10 @@ def _model_checks(rank: int, world_size: int, run_dir: str) -> dict:
     prompts = [torch.randint(0, 150000, (20,), generator=gen).tolist()]
     prompts.append(torch.randint(0, 150000, (20,), generator=gen).tolist())
     model = variant(**{**everything, "layer_windows": [8, 4]})
-    cached = generate_ids(model, prompts, 10, stop_ids=(), vocab_size=151851, kv_cache=True)
-    recomputed = generate_ids(model, prompts, 10, stop_ids=(), vocab_size=151851, kv_cache=False)
+    cached = generate_ids(model, prompts, 10, stop_ids=(), vocab_size=VOCAB_SIZE, kv_cache=True)
+    recomputed = generate_ids(
+        model, prompts, 10, stop_ids=(), vocab_size=VOCAB_SIZE, kv_cache=False
+    )
     out["kv_equal"] = cached == recomputed
     out["kv_tokens"] = cached
     # Past the bucket the cache keeps the prefill alpha (Qwen v1); recomputation uses the length.
