@@ -723,7 +723,8 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides",
         nargs="*",
         metavar="key=value",
-        help="overrides of the config's fields, e.g. limit=5 data.gsm8k=PATH",
+        help="overrides of the config's fields, e.g. limit=5 data.gsm8k=PATH (right after the "
+        "checkpoint, or after --config FILE)",
     )
     ev.add_argument(
         "--config",
