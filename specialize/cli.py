@@ -7,6 +7,7 @@ import, and ``specialize --help`` or ``specialize config`` should not wait for t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -20,7 +21,7 @@ from specialize.config import (
     describe,
     load_config,
 )
-from specialize.eval.config import DTYPES
+from specialize.eval.config import DTYPES, EvalConfig, SamplingConfig
 from specialize.eval.tasks import MODES
 
 # megatron-core announces every optional kernel it falls back from; on CPU these are expected. Its
@@ -356,10 +357,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # A word after `eval` is a key=value override when its key is a field name (dotted), else the
 # checkpoint: a checkpoint path may hold "=" (runs/lr=3e-5) but not only word characters before it.
 _OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
-# `eval` flags whose EvalConfig field is under `sampling`.
-_SAMPLING_FLAGS = ("samples", "temperature", "top_p", "seed")
-_PLAIN_FLAGS = ("score", "mode", "label", "output", "limit", "max_new_tokens", "workers", "tp")
-_PLAIN_FLAGS += ("pp", "dtype")
+# `eval` flags whose EvalConfig field is under `sampling`; the others are fields of their name.
+_SAMPLING_FLAGS = tuple(f.name for f in dataclasses.fields(SamplingConfig))
+_EVAL_FLAGS = tuple(f.name for f in dataclasses.fields(EvalConfig) if f.name != "checkpoint")
 
 
 def _eval_flags(args: argparse.Namespace) -> tuple[list[str], dict[str, object]]:
@@ -372,7 +372,7 @@ def _eval_flags(args: argparse.Namespace) -> tuple[list[str], dict[str, object]]
     if len(checkpoints) > 1:
         raise ValueError(f"one checkpoint, got {' '.join(checkpoints)} (overrides are key=value)")
     flags = vars(args)
-    given: dict[str, object] = {name: flags[name] for name in _PLAIN_FLAGS if name in flags}
+    given: dict[str, object] = {name: flags[name] for name in _EVAL_FLAGS if name in flags}
     if checkpoints:
         given["checkpoint"] = checkpoints[0]
     if "tasks" in flags:
