@@ -7,11 +7,12 @@ import, and ``specialize --help`` or ``specialize config`` should not wait for t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
+import re
 import sys
 import warnings
-from pathlib import Path
 
 from specialize.config import (
     ConfigError,
@@ -20,6 +21,9 @@ from specialize.config import (
     describe,
     load_config,
 )
+from specialize.eval.config import DTYPES as EVAL_DTYPES
+from specialize.eval.config import EvalConfig, SamplingConfig
+from specialize.eval.tasks import MODES
 from specialize.plan import DEFAULT_HEADROOM, DEFAULT_MFU, DTYPES, FP8_EFFICIENCY, GPUS
 
 # megatron-core announces every optional kernel it falls back from; on CPU these are expected. Its
@@ -336,125 +340,65 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from specialize.eval import perplexity
-    from specialize.eval.harness import (
-        check_limit,
-        generate_completions,
-        results_document,
-        score_completions,
-        summary_line,
-        write_results,
-    )
+    from specialize.eval.config import load_eval_config
     from specialize.eval.tasks import TaskError
-    from specialize.mcore.distributed import shutdown
     from specialize.plugins import PluginError
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if not tasks or args.output is None:
-        print("eval: needs --tasks NAME[,NAME...] and -o RESULTS.json", file=sys.stderr)
-        return 2
-    if (args.score is None) == (args.checkpoint is None):
-        print(
-            "eval: give a checkpoint to generate from, or --score COMPLETIONS.jsonl",
-            file=sys.stderr,
-        )
-        return 2
-    generated = [t for t in tasks if t != perplexity.NAME]
-    label = args.label or (Path(args.checkpoint).name if args.checkpoint else None)
     try:
-        check_limit(args.limit)  # before a model is loaded for minutes
-        data = dict(_key_value(item, "--data") for item in args.data)
-        if perplexity.NAME in tasks and args.checkpoint is None:
-            raise TaskError(f"task {perplexity.NAME!r} needs a checkpoint, not --score")
-        if args.long_context and perplexity.NAME not in tasks:
-            raise TaskError(f"--long-context applies to task {perplexity.NAME!r} only")
-        model = tokenizer = dtype = None
-        if args.checkpoint is not None:
-            from base.tokenizer import QwenTokenizer
-            from specialize.infer.model import checkpoint_dtype, load_model
+        overrides, given = _eval_flags(args)
+        cfg = load_eval_config(args.config, overrides, given)
+        from specialize.eval.run import run  # torch and megatron-core: once the config is good
 
-            dtype = args.dtype or checkpoint_dtype(args.checkpoint)
-            model, arch = load_model(args.checkpoint, args.tp, args.pp, dtype=dtype)
-            tokenizer = QwenTokenizer.load()
-        scores = {}
-        if perplexity.NAME in tasks:
-            lengths = perplexity.lengths_argument(args.lengths, arch.max_position_embeddings)
-            spec = perplexity.data_spec(data)
-            scores[perplexity.NAME] = perplexity.evaluate_perplexity(
-                model, tokenizer, spec, lengths, args.limit
-            )
-            if args.long_context:
-                variants = perplexity.evaluate_variants(
-                    args.checkpoint, args.tp, args.pp, args.long_context, tokenizer, spec,
-                    lengths, args.limit, dtype,
-                )  # fmt: skip
-                scores.update(variants)
-                tasks += list(variants)
-                if int(os.environ.get("RANK", "0")) == 0:
-                    table, chart = perplexity.write_length_table(
-                        variants,
-                        Path(args.output).with_suffix(".perplexity"),
-                        label or Path(args.output).stem,
-                    )
-                    print(table.read_text(), end="")
-                    print(f"chart: {chart}")
-        completions, source = args.score, "scored"
-        if generated and args.score is None:
-            # Generated completions are kept next to the results, so they can be re-scored.
-            completions = Path(args.output).with_suffix(".completions.jsonl")
-            generate_completions(
-                args.checkpoint,
-                generated,
-                completions,
-                {k: v for k, v in data.items() if k != perplexity.NAME},
-                args.mode,
-                limit=args.limit,
-                samples=args.samples,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                seed=args.seed,
-                tp=args.tp,
-                pp=args.pp,
-                progress=sys.stderr.isatty(),
-                model=model,
-                max_new_tokens=args.max_new_tokens,
-                dtype=dtype,
-            )
-        if args.checkpoint is not None:
-            source = "generated"
-        if int(os.environ.get("RANK", "0")) != 0:
-            return 0
-        if generated:
-            scored = score_completions(
-                generated,
-                completions,
-                {k: v for k, v in data.items() if k != perplexity.NAME},
-                workers=args.workers,
-                mode=args.mode,
-                label=label,
-                checkpoint=args.checkpoint,
-                limit=args.limit,
-                source=source,
-                max_new_tokens=args.max_new_tokens,
-            )
-            scores.update(scored["tasks"])
-        results = results_document(
-            {t: scores[t] for t in tasks},
-            label or Path(args.output).stem,
-            args.checkpoint,
-            source,
-            dtype,
-        )
-        write_results(results, args.output)
+        run(cfg, progress=sys.stderr.isatty())
     except (TaskError, PluginError, ValueError, OSError) as e:
         print(f"eval: {e}", file=sys.stderr)
         return 2
-    finally:
-        shutdown()
-    for name, result in results["tasks"].items():
-        print(summary_line(name, result))
-    print(f"results: {args.output}")
     return 0
+
+
+# A word after `eval` is a key=value override when its key is a field name (dotted), else the
+# checkpoint: a checkpoint path may hold "=" (runs/lr=3e-5) but not only word characters before it.
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
+# `eval` flags whose EvalConfig field is under `sampling`; the others are fields of their name.
+_SAMPLING_FLAGS = tuple(f.name for f in dataclasses.fields(SamplingConfig))
+_EVAL_FLAGS = tuple(f.name for f in dataclasses.fields(EvalConfig) if f.name != "checkpoint")
+
+
+def _eval_flags(args: argparse.Namespace) -> tuple[list[str], dict[str, object]]:
+    """The ``key=value`` words of ``specialize eval``, and the flags given (no defaults: those
+    are ``EvalConfig``'s) as ``EvalConfig`` fields."""
+    words = [args.checkpoint] if "checkpoint" in args else []
+    words += getattr(args, "overrides", [])
+    overrides = [word for word in words if _OVERRIDE.match(word)]
+    checkpoints = [word for word in words if not _OVERRIDE.match(word)]
+    if len(checkpoints) > 1:
+        raise ValueError(f"one checkpoint, got {' '.join(checkpoints)} (overrides are key=value)")
+    flags = vars(args)
+    given: dict[str, object] = {name: flags[name] for name in _EVAL_FLAGS if name in flags}
+    if checkpoints:
+        given["checkpoint"] = checkpoints[0]
+    if "tasks" in flags:
+        given["tasks"] = _names(flags["tasks"])
+    if "data" in flags:
+        given["data"] = dict(_key_value(item, "--data") for item in flags["data"])
+    if "lengths" in flags:
+        try:
+            given["lengths"] = [int(n) for n in _names(flags["lengths"])]
+        except ValueError:
+            raise ValueError(
+                f"--lengths {flags['lengths']!r}: expected comma-separated integers"
+            ) from None
+    if "long_context" in flags:
+        given["long_context"] = _names(flags["long_context"])
+    sampling = {name: flags[name] for name in _SAMPLING_FLAGS if name in flags}
+    if sampling:
+        given["sampling"] = sampling
+    return overrides, given
+
+
+def _names(value: str) -> list[str]:
+    """``a, b,`` as ``[a, b]``."""
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 class _HelpWithTasks(argparse.Action):
@@ -474,17 +418,20 @@ class _HelpWithTasks(argparse.Action):
 
 def _task_listing() -> str:
     """One line per task: name, the modes it can be evaluated in, description."""
-    from specialize.eval import perplexity
-    from specialize.eval.tasks import MODES, TaskError, get_task, task_names
+    from specialize.eval import perplexity  # noqa: F401  (registers the perplexity task)
+    from specialize.eval.tasks import LikelihoodTask, TaskError, get_task, task_names
     from specialize.plugins import PluginError
 
     try:
         names = task_names()
     except PluginError as e:
         return f"tasks: cannot list them: {e}"
-    rows = [(perplexity.NAME, "needs a checkpoint", "perplexity on --data perplexity=PATH[,PATH]")]
+    rows = []
     for name in names:
         task = get_task(name)
+        if isinstance(task, LikelihoodTask):
+            rows.append((name, "needs a checkpoint", task.description))
+            continue
         modes = []
         for mode in MODES:
             try:
@@ -784,8 +731,13 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="score model completions on evaluation tasks (HumanEval, MBPP, GSM8K, MATH, ...)",
         description='Completions: JSONL lines {"task", "id", "completion"}; several lines per id '
-        "give pass@k. Prompts, stop sequences and grading follow each task's protocol in --mode.",
+        "give pass@k. Prompts, stop sequences and grading follow each task's protocol in --mode. "
+        "Every option is also a field of an eval config (--max-new-tokens is max_new_tokens, "
+        "--samples/--temperature/--top-p/--seed are sampling.*): --config FILE reads one, "
+        "key=value words override it (data.mbpp=PATH, sampling.temperature=0.8), and the flags "
+        "given override both.",
         add_help=False,
+        argument_default=argparse.SUPPRESS,  # unset flags keep the config's value
     )
     ev.add_argument(
         "-h", "--help", action=_HelpWithTasks, help="show this help and the tasks, then exit"
@@ -793,57 +745,63 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "checkpoint",
         nargs="?",
-        default=None,
         help="checkpoint to generate completions from (greedy by default); with --score, only "
         "recorded as where the completions came from",
     )
+    ev.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="overrides of the config's fields, e.g. limit=5 data.gsm8k=PATH (right after the "
+        "checkpoint, or after --config FILE)",
+    )
+    ev.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="eval config YAML (fields as the flags; configs/eval/example.yaml)",
+    )
     ev.add_argument("--score", metavar="COMPLETIONS.jsonl", help="completions to grade")
-    ev.add_argument("--tasks", default="", help="comma-separated task names, e.g. humaneval,gsm8k")
+    ev.add_argument("--tasks", help="comma-separated task names, e.g. humaneval,gsm8k")
     ev.add_argument(
         "--data",
         action="append",
-        default=[],
         metavar="TASK=PATH",
         help="local data file of a task, in its published schema (repeatable)",
     )
     ev.add_argument(
         "--mode",
-        choices=("base", "chat"),
-        default="base",
+        choices=MODES,
         help="base: few-shot completion prompts; chat: 0-shot ChatML user turn",
     )
-    ev.add_argument("--label", default=None, help="model name in the results (default: file stem)")
-    ev.add_argument("--workers", type=int, default=2, help="parallel sandboxed program runs")
-    ev.add_argument("-o", "--output", default=None, help="results JSON to write (required)")
-    ev.add_argument("--limit", type=int, default=None, help="first N problems of each task")
-    ev.add_argument("--samples", type=int, default=1, help="completions per problem (pass@k)")
+    ev.add_argument("--label", help="model name in the results (default: file stem)")
+    ev.add_argument("--workers", type=int, help="parallel sandboxed program runs")
+    ev.add_argument("-o", "--output", help="results JSON to write (required)")
+    ev.add_argument("--limit", type=int, help="first N problems of each task")
+    ev.add_argument("--samples", type=int, help="completions per problem (pass@k)")
     ev.add_argument(
         "--max-new-tokens",
         type=int,
-        default=None,
         help="generation budget instead of each task protocol's (recorded in the results)",
     )
-    ev.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    ev.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
-    ev.add_argument("--seed", type=int, default=0, help="sampling seed")
-    ev.add_argument("--tp", type=int, default=1, help="tensor parallel size (run under torchrun)")
-    ev.add_argument("--pp", type=int, default=1, help="pipeline parallel size (torchrun)")
+    ev.add_argument("--temperature", type=float, help="0: greedy")
+    ev.add_argument("--top-p", type=float, help="nucleus sampling threshold")
+    ev.add_argument("--seed", type=int, help="sampling seed")
+    ev.add_argument("--tp", type=int, help="tensor parallel size (run under torchrun)")
+    ev.add_argument("--pp", type=int, help="pipeline parallel size (torchrun)")
     ev.add_argument(
         "--dtype",
-        choices=("fp32", "bf16"),
-        default=None,
+        choices=EVAL_DTYPES,
         help="precision the checkpoint runs in (default: its training run's precision.dtype, "
         "fp8 as bf16; an import's stored dtype); recorded in the results",
     )
     ev.add_argument(
         "--lengths",
-        default=None,
         help="task perplexity: comma-separated context lengths (default: the model's "
         "max_position_embeddings); --limit caps the windows per length",
     )
     ev.add_argument(
         "--long-context",
-        default=None,
         metavar="VARIANTS",
         help="task perplexity: also measure with each of these comma-separated option sets, e.g. "
         "none,ntk,logn,ntk+logn,ntk+logn+window (ntk: dynamic NTK RoPE, logn: LogN attention, "

@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from specialize.config import ConfigError, derive, load_config, resolve_stages
+from specialize.eval.config import EvalConfig, to_yaml
 from specialize.lock import LockHeld, exclusive
 
 log = logging.getLogger("specialize")
@@ -71,25 +72,9 @@ class StepConfig:
     """run: the command's words; a first word ``python`` is this interpreter."""
     models: dict[str, str] = field(default_factory=dict)
     """eval: model label -> train step (its final checkpoint) or checkpoint path."""
-    tasks: list[str] = field(default_factory=list)
-    """eval: task names (``perplexity`` included)."""
-    data: dict[str, str] = field(default_factory=dict)
-    """eval: task -> data path (``--data``)."""
-    mode: str = "base"
-    """eval: prompt mode, ``base`` or ``chat``."""
-    limit: Optional[int] = None
-    """eval: first N problems per task (perplexity: windows per length)."""
-    lengths: Optional[str] = None
-    """eval: perplexity context lengths, comma-separated."""
-    max_new_tokens: Optional[int] = None
-    """eval: generation budget instead of the protocols' (a quick run; recorded in the results)."""
-    tp: int = 1
-    """eval: tensor-parallel size."""
-    pp: int = 1
-    """eval: pipeline-parallel size."""
-    dtype: Optional[str] = None
-    """eval: ``fp32`` or ``bf16``, the precision models run in (``--dtype``); None: each
-    checkpoint's own (its training run's ``precision.dtype``, fp8 as bf16)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """eval: what ``specialize eval`` runs for each model (tasks, data, mode, limit, lengths,
+    max_new_tokens, tp, pp, dtype, ...); its checkpoint, label and output are the pipeline's."""
     env: dict[str, str] = field(default_factory=dict)
     """Environment variables for this step's command, over the pipeline's ``env`` (e.g. the
     thread count of a one-process eval step). Recorded in ``lineage.json``; not part of the
@@ -151,6 +136,7 @@ def load_pipeline(path: str | os.PathLike[str], overrides: list[str] = ()) -> Pi
     try:
         raw = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
         OmegaConf.resolve(raw)
+        _check_moved_eval_keys(raw.get("steps") or [], path)
         schema_keys = {f.name for f in dataclasses.fields(PipelineConfig)}
         known = {k: v for k, v in raw.items() if k in schema_keys}
         node = OmegaConf.merge(OmegaConf.structured(PipelineConfig), known)
@@ -169,6 +155,30 @@ def load_pipeline(path: str | os.PathLike[str], overrides: list[str] = ()) -> Pi
         if step.recipe is not None:
             step.recipe = str((path.parent / step.recipe).resolve())
     return cfg
+
+
+# What an eval step declared itself before ``eval:`` held it.
+MOVED_EVAL_KEYS = (
+    "tasks",
+    "data",
+    "mode",
+    "limit",
+    "lengths",
+    "max_new_tokens",
+    "tp",
+    "pp",
+    "dtype",
+)
+
+
+def _check_moved_eval_keys(steps: Any, path: Path) -> None:
+    for i, step in enumerate(steps):
+        moved = [key for key in MOVED_EVAL_KEYS if isinstance(step, DictConfig) and key in step]
+        if moved:
+            raise ConfigError(
+                f"{path}: steps[{i}] ({step.get('name')}): {', '.join(moved)} go under eval: now "
+                f"(eval: {{{', '.join(f'{key}: ...' for key in moved)}}})"
+            )
 
 
 def _check(cfg: PipelineConfig, path: Path) -> None:
@@ -194,12 +204,9 @@ def _check(cfg: PipelineConfig, path: Path) -> None:
         if step.kind == "run" and not step.command:
             raise ConfigError(f"{where}: a run step needs a command")
         if step.kind == "eval":
-            if not step.models or not step.tasks:
-                raise ConfigError(f"{where}: an eval step needs models and tasks")
-            if step.limit is not None and step.limit < 1:
-                raise ConfigError(f"{where}: limit {step.limit} must be at least 1")
-            if step.dtype not in (None, "fp32", "bf16"):
-                raise ConfigError(f"{where}: dtype {step.dtype!r} must be fp32 or bf16")
+            if not step.models or not step.eval.tasks:
+                raise ConfigError(f"{where}: an eval step needs models and eval.tasks")
+            _check_eval(where, step.eval)
             for label, source in step.models.items():
                 _check_source(where, f"model {label}", source, step.name, seen, names)
                 if source in seen and seen[source].kind != "train":
@@ -211,6 +218,26 @@ def _check(cfg: PipelineConfig, path: Path) -> None:
         seen[step.name] = step
     if not cfg.steps:
         raise ConfigError(f"{path}: no steps")
+
+
+def _check_eval(where: str, cfg: EvalConfig) -> None:
+    """An eval step's ``eval:`` is a valid config once the pipeline gives it a model."""
+    given = [f"eval.{key}" for key in PER_MODEL if getattr(cfg, key) is not None]
+    if given:
+        raise ConfigError(f"{where}: {', '.join(given)}: set by the pipeline, one per model")
+    try:
+        _model_eval(cfg, "MODEL", "CHECKPOINT", "RESULTS.json").validate()
+    except ValueError as e:
+        raise ConfigError(f"{where}: eval: {e}") from None
+
+
+# The fields of an eval step's config the pipeline sets per model (``score``: none, it generates).
+PER_MODEL = ("checkpoint", "score", "label", "output")
+
+
+def _model_eval(cfg: EvalConfig, label: str, checkpoint: str, output: str) -> EvalConfig:
+    """An eval step's config for one of its models."""
+    return dataclasses.replace(cfg, checkpoint=checkpoint, label=label, output=output)
 
 
 def _check_source(
@@ -324,7 +351,7 @@ class Pipeline:
 
             for label, source in step.models.items():
                 inputs[f"model {label}={source}"] = self._checkpoint_identity(source)
-            for task, value in step.data.items():
+            for task, value in step.eval.data.items():
                 # perplexity reads the text files of comma-separated paths (not, e.g., the
                 # __pycache__ an import may add to a source tree); other tasks read one file
                 many = task == perplexity.NAME
@@ -413,25 +440,18 @@ class Pipeline:
             results = out / f"{label}.json"
             if results.is_file():  # this model's results were written before an interruption
                 continue
-            args = ["eval", str(self.checkpoint_of(source)), "--tasks", ",".join(step.tasks)]
-            args += ["--mode", step.mode, "--label", label, "-o", str(results)]
-            args += [f"--data={task}={path}" for task, path in step.data.items()]
-            if step.limit is not None:
-                args += ["--limit", str(step.limit)]
-            if step.lengths:
-                args += ["--lengths", step.lengths]
-            if step.max_new_tokens is not None:
-                args += ["--max-new-tokens", str(step.max_new_tokens)]
-            if step.dtype is not None:
-                args += ["--dtype", step.dtype]
-            world = step.tp * step.pp
+            checkpoint = str(self.checkpoint_of(source))
+            cfg = _model_eval(step.eval, label, checkpoint, str(results))
+            config = out / f"{label}.eval.yaml"  # also the record of what was run
+            config.parent.mkdir(parents=True, exist_ok=True)
+            config.write_text(to_yaml(cfg))
+            world = cfg.tp * cfg.pp
             if world > 1:
-                args += ["--tp", str(step.tp), "--pp", str(step.pp)]
                 launch = [self.python, "-m", "torch.distributed.run", "--standalone"]
                 launch += [f"--nproc-per-node={world}"]
             else:
                 launch = [self.python]
-            self._exec(step, [*launch, "-m", "specialize", *args])
+            self._exec(step, [*launch, "-m", "specialize", "eval", "--config", str(config)])
 
     def _compare(self, step: StepConfig) -> None:
         from specialize.eval.report import compare  # compare steps only
@@ -531,6 +551,8 @@ class Pipeline:
             for f in dataclasses.fields(step)
             if getattr(step, f.name) != _default(f) and f.name != "env"
         }
+        if "eval" in record:
+            record.update(_eval_declaration(record.pop("eval")))
         if step.recipe is not None:  # the recipe's content counts, not just its name
             record["recipe_sha256"] = _recipe_hash(Path(step.recipe))
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
@@ -572,6 +594,20 @@ class Pipeline:
         path = self.root / "lineage.json"
         path.write_text(json.dumps(doc, indent=2) + "\n")
         return path
+
+
+def _eval_declaration(cfg: EvalConfig) -> dict[str, Any]:
+    """The fields of an eval step's ``eval:`` that differ from the defaults, flat and in the form
+    the step itself declared them before (``lengths`` comma-separated), so eval steps finished
+    then keep their fingerprint."""
+    record = {}
+    default = dataclasses.asdict(EvalConfig())
+    for key, value in dataclasses.asdict(cfg).items():
+        if isinstance(value, dict) and key != "data":  # sampling: its own fields
+            record.update({f"{key}.{k}": v for k, v in value.items() if v != default[key][k]})
+        elif value != default[key]:
+            record[key] = ",".join(map(str, value)) if key == "lengths" else value
+    return record
 
 
 def _default(f: dataclasses.Field) -> Any:

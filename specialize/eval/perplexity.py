@@ -1,8 +1,8 @@
 """``specialize eval --tasks perplexity``: perplexity of a checkpoint on held-out text.
 
-Not a generation task, so it lives beside the task registry rather than in it: documents are read
-from ``--data perplexity=PATH[,PATH...]`` (text files, directories of them, or JSONL with a
-``text`` field), tokenized with ``<|endoftext|>`` after each, concatenated in path order into
+A likelihood task (``tasks.LikelihoodTask``), registered when this module is imported. Documents
+are read from ``--data perplexity=PATH[,PATH...]`` (text files, directories of them, or JSONL with
+a ``text`` field), tokenized with ``<|endoftext|>`` after each, concatenated in path order into
 one stream, and cut into non-overlapping windows of each requested length; the loss is averaged
 over every predicted token of every window (``specialize.infer.likelihood.perplexity_by_length``).
 The result entry has the same shape as a generation task's, so ``specialize compare`` reads it;
@@ -22,8 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,12 @@ import numpy as np
 
 from base.long_context_config import LongContextConfig
 from specialize.checkpoint import ARCH_FILE, resolve_checkpoint
-from specialize.eval.tasks import TaskError
+from specialize.eval.config import PERPLEXITY, EvalConfig
+from specialize.eval.tasks import LikelihoodTask, LoadedModel, TaskError, register
 from specialize.infer.likelihood import perplexity_by_length
 from specialize.infer.model import load_model, stored_long_context
 
-NAME = "perplexity"
+NAME = PERPLEXITY
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".c", ".h", ".js", ".java", ".go", ".rs", ".cpp")
 
 
@@ -231,16 +232,50 @@ def write_length_table(
     return table, chart
 
 
-def lengths_argument(value: str | None, default: int) -> list[int]:
-    """``--lengths 512,1024`` as ints (default: the model's training length)."""
-    if not value:
-        return [default]
-    try:
-        return [int(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise TaskError(f"--lengths {value!r}: expected comma-separated integers") from None
-
-
-def data_spec(data: dict[str, str | os.PathLike[str]]) -> str | None:
+def data_spec(data: Mapping[str, str | os.PathLike[str]]) -> str | None:
     value = data.get(NAME)
     return None if value is None else str(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Perplexity(LikelihoodTask):
+    """The ``perplexity`` task: the results entry at ``cfg.lengths`` (default: the model's
+    ``max_position_embeddings``), and one per ``cfg.long_context`` option set."""
+
+    def evaluate(self, loaded: LoadedModel, cfg: EvalConfig) -> dict[str, dict[str, Any]]:
+        lengths = list(cfg.lengths or [loaded.max_position_embeddings])
+        spec = data_spec(cfg.data)
+        entries = {
+            NAME: evaluate_perplexity(loaded.model, loaded.tokenizer, spec, lengths, cfg.limit)
+        }
+        if cfg.long_context:
+            entries.update(
+                evaluate_variants(
+                    cfg.checkpoint,
+                    cfg.tp,
+                    cfg.pp,
+                    ",".join(cfg.long_context),
+                    loaded.tokenizer,
+                    spec,
+                    lengths,
+                    cfg.limit,
+                    loaded.dtype,
+                )
+            )
+        return entries
+
+    def write_outputs(self, entries: Mapping[str, Any], cfg: EvalConfig) -> str | None:
+        if not cfg.long_context:
+            return None
+        prefix = Path(cfg.output).with_suffix(".perplexity")
+        table, chart = write_length_table(dict(entries), prefix, cfg.model_label)
+        return f"{table.read_text()}chart: {chart}\n"
+
+
+TASK = register(
+    Perplexity(
+        name=NAME,
+        domain="language",
+        description=f"perplexity on --data {NAME}=PATH[,PATH]",
+    )
+)

@@ -14,6 +14,11 @@ generation stops and how long it may run (``protocol``), how a raw completion is
 part that is graded (``postprocess``), and how completions are graded (``grade``) and summarized
 (``metrics``). A generator needs only ``prompts``/``messages`` and ``protocol``; the scorer
 (``specialize.eval.harness``) needs the rest.
+
+A ``LikelihoodTask`` is scored from the model itself instead (``evaluate``), so it needs a
+checkpoint and has no completions to grade. The engine's own, ``perplexity``, registers when
+``specialize.eval.perplexity`` is imported (``specialize.eval.run`` does), not through a plugin:
+it needs torch and megatron-core, which looking up the other tasks does not.
 """
 
 from __future__ import annotations
@@ -25,9 +30,12 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from specialize.plugins import load_plugins
+
+if TYPE_CHECKING:
+    from specialize.eval.config import EvalConfig
 
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json")
 # Task names appear in `--tasks a,b` and `--data NAME=PATH`, so they must not contain "," or "=".
@@ -225,6 +233,35 @@ class Task:
             raise TaskError(f"task {self.name!r}: nothing to score")
         per_record = [sum(o) / len(o) if o else 0.0 for o in outcomes]
         return {"accuracy": sum(per_record) / len(per_record)}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A checkpoint's model as an evaluation runs it (on this rank of its TP x PP world)."""
+
+    model: Any
+    """The megatron-core model, weights loaded, in eval mode."""
+    tokenizer: Any
+    """The Qwen tokenizer."""
+    max_position_embeddings: int
+    """The longest sequence the checkpoint's architecture was built for."""
+    dtype: str
+    """``fp32`` or ``bf16``, what it runs in."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LikelihoodTask(Task):
+    """A task scored from the model's own likelihoods (perplexity), not from completions."""
+
+    def evaluate(self, loaded: LoadedModel, cfg: EvalConfig) -> dict[str, dict[str, Any]]:
+        """Results entries by name: the task's own, then any it derives (e.g. one per option
+        set). Runs on every rank of the model's world."""
+        raise TaskError(f"task {self.name!r} has no likelihood evaluation")
+
+    def write_outputs(self, entries: Mapping[str, Any], cfg: EvalConfig) -> str | None:
+        """Files written beside ``cfg.output`` from ``entries`` (rank 0), and the text the
+        terminal shows about them; None when there are none."""
+        return None
 
 
 class TaskRegistry:

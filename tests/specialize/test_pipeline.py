@@ -54,10 +54,7 @@ steps:
   - name: scores
     kind: eval
     models: {{first: first, second: second}}
-    tasks: [perplexity]
-    data: {{perplexity: "{text}"}}
-    lengths: "32"
-    limit: 4
+    eval: {{tasks: [perplexity], data: {{perplexity: "{text}"}}, lengths: [32], limit: 4}}
   - name: report
     kind: compare
 """
@@ -181,7 +178,7 @@ def test_changed_step_is_an_error_not_reused(reference, tmp_path):
         ),
         (
             "  - {name: a, kind: run, command: [x]}\n  - {name: b, kind: eval, models: {m: a}, "
-            "tasks: [gsm8k]}",
+            "eval: {tasks: [gsm8k]}}",
             "model m=a is not a train step",
         ),
         ("  - {name: r, kind: compare, results: [nothing]}", "not an earlier eval step"),
@@ -253,7 +250,7 @@ def test_paper_pipelines_resolve_to_the_paper_recipes(name, tmp_path):
     else:
         assert pipeline._recipe(trains[0]).data.seq_length == 1024
     evals = [s for s in cfg.steps if s.kind == "eval"]
-    assert {s.mode for s in evals} == {"base", "chat"}
+    assert {s.eval.mode for s in evals} == {"base", "chat"}
 
 
 # ---- references checked before anything runs
@@ -282,21 +279,21 @@ def _bad_pipeline(tmp_path: Path, steps: str) -> Path:
         ),
         (f"  - {{name: a, recipe: {NANO}, init: a}}", r"\(a\): init 'a' is the step itself"),
         (
-            "  - {name: e, kind: eval, models: {m: later}, tasks: [gsm8k]}\n"
+            "  - {name: e, kind: eval, models: {m: later}, eval: {tasks: [gsm8k]}}\n"
             f"  - {{name: later, recipe: {NANO}}}",
             r"steps\[1\] \(e\): model m 'later' is a later step",
         ),
         (
-            "  - {name: e, kind: eval, models: {m: typo}, tasks: [gsm8k]}",
+            "  - {name: e, kind: eval, models: {m: typo}, eval: {tasks: [gsm8k]}}",
             r"\(e\): model m 'typo' is no earlier step",
         ),
         (
-            "  - {name: e, kind: eval, models: {m: ./ckpt}, tasks: [gsm8k], limit: 0}",
-            r"\(e\): limit 0 must be at least 1",
+            "  - {name: e, kind: eval, models: {m: ./ckpt}, eval: {tasks: [gsm8k], limit: 0}}",
+            r"\(e\): eval: --limit 0: must be at least 1",
         ),
         (
-            "  - {name: e, kind: eval, models: {m: ./ckpt}, tasks: [gsm8k], dtype: fp16}",
-            r"\(e\): dtype 'fp16' must be fp32 or bf16",
+            "  - {name: e, kind: eval, models: {m: ./ckpt}, eval: {tasks: [gsm8k], dtype: fp16}}",
+            r"\(e\): eval: --dtype 'fp16': must be fp32 or bf16",
         ),
     ],
 )
@@ -314,31 +311,85 @@ def test_init_or_model_naming_a_missing_or_later_step_is_rejected_before_anythin
 
 
 def test_an_eval_step_runs_its_models_in_its_dtype(tmp_path, monkeypatch):
-    model = f"models: {{m: {tmp_path}/ckpt}}, tasks: [gsm8k]"
+    model = f"models: {{m: {tmp_path}/ckpt}}"
     steps = (
-        f"  - {{name: e, kind: eval, {model}, dtype: bf16}}\n  - {{name: f, kind: eval, {model}}}"
+        f"  - {{name: e, kind: eval, {model}, eval: {{tasks: [gsm8k], dtype: bf16}}}}\n"
+        f"  - {{name: f, kind: eval, {model}, eval: {{tasks: [gsm8k]}}}}"
     )
+    pipeline = Pipeline(load_pipeline(_bad_pipeline(tmp_path, steps)))
+    configs = []
+    monkeypatch.setattr(
+        Pipeline, "_exec", lambda self, step, words: configs.append(_eval_config(words))
+    )
+    for step in pipeline.cfg.steps[1:]:
+        pipeline._eval(step)
+    given, default = configs
+    assert given.dtype == "bf16"
+    assert default.dtype is None  # each checkpoint's own
+
+
+def test_an_eval_step_runs_each_model_with_its_own_config_under_torchrun_when_parallel(
+    tmp_path, monkeypatch
+):
+    (tmp_path / "a").mkdir()
+    eval_step = "{tasks: [gsm8k], data: {gsm8k: g.jsonl}, mode: chat, tp: 2, limit: 3}"
+    steps = f"  - {{name: e, kind: eval, models: {{a: {tmp_path}/a, b: ./b}}, eval: {eval_step}}}"
     pipeline = Pipeline(load_pipeline(_bad_pipeline(tmp_path, steps)))
     commands = []
     monkeypatch.setattr(Pipeline, "_exec", lambda self, step, words: commands.append(words))
-    for step in pipeline.cfg.steps[1:]:
-        pipeline._eval(step)
-    given, default = commands
-    assert given[given.index("--dtype") + 1] == "bf16"
-    assert "--dtype" not in default  # each checkpoint's own
+    pipeline._eval(pipeline.cfg.steps[1])
+    for words, label, checkpoint in zip(commands, "ab", [f"{tmp_path}/a", "b"]):
+        assert words[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        cfg = _eval_config(words)
+        assert (cfg.label, cfg.checkpoint) == (label, checkpoint)
+        assert cfg.output == str(tmp_path / "run" / "e" / f"{label}.json")
+        assert (cfg.tasks, cfg.data, cfg.mode, cfg.tp, cfg.limit) == (
+            ["gsm8k"],
+            {"gsm8k": "g.jsonl"},
+            "chat",
+            2,
+            3,
+        )
+
+
+def test_eval_settings_outside_eval_name_their_new_place(tmp_path):
+    steps = "  - {name: e, kind: eval, models: {m: ./ckpt}, tasks: [gsm8k], limit: 2}"
+    with pytest.raises(
+        ConfigError,
+        match=r"steps\[1\] \(e\): tasks, limit go under eval: now "
+        r"\(eval: \{tasks: \.\.\., limit: \.\.\.\}\)$",
+    ):
+        load_pipeline(_bad_pipeline(tmp_path, steps))
+
+
+def test_an_eval_steps_checkpoint_label_and_output_are_the_pipelines(tmp_path):
+    steps = "  - {name: e, kind: eval, models: {m: ./ckpt}, eval: {tasks: [gsm8k], label: x}}"
+    with pytest.raises(
+        ConfigError, match=r"\(e\): eval.label: set by the pipeline, one per model$"
+    ):
+        load_pipeline(_bad_pipeline(tmp_path, steps))
 
 
 def test_checkpoint_paths_stay_allowed_as_init_and_models(tmp_path):
     (tmp_path / "base").mkdir()
     steps = (
         f"  - {{name: a, recipe: {NANO}, init: {tmp_path}/made-by-a-run-step}}\n"
-        f"  - {{name: e, kind: eval, models: {{b: {tmp_path}/base, a: a}}, tasks: [gsm8k]}}"
+        f"  - {{name: e, kind: eval, models: {{b: {tmp_path}/base, a: a}}, "
+        "eval: {tasks: [gsm8k]}}"
     )
     cfg = load_pipeline(_bad_pipeline(tmp_path, steps))
     assert cfg.steps[1].init == f"{tmp_path}/made-by-a-run-step"
 
 
 # ---- changed inputs: steps run by stand-ins (the bookkeeping is what is tested, not training)
+
+
+def _eval_config(words: list[str]):
+    """The config an eval step runs `specialize eval --config FILE` with."""
+    from specialize.eval.config import load_eval_config
+
+    assert words[-4:-1] == ["specialize", "eval", "--config"], words
+    return load_eval_config(words[-1])
 
 
 class FakeSteps:
@@ -374,12 +425,13 @@ class FakeSteps:
         (final / "lineage.json").write_text(json.dumps({"init": cfg.init.checkpoint}))
 
     def eval(self, words: list[str]) -> None:
-        label = words[words.index("--label") + 1]
+        cfg = _eval_config(words)
+        label = cfg.label
         if label == self.fail_eval_of:
             raise StepFailed(f"eval of {label} killed")
-        checkpoint = Path(words[words.index("eval") + 1])
+        checkpoint = Path(cfg.checkpoint)
         score = len((checkpoint / "weights.distcp").read_bytes()) + sum(os.urandom(1))
-        out = Path(words[words.index("-o") + 1])
+        out = Path(cfg.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         doc = {
             "format": "specialize-eval-1",
@@ -412,7 +464,8 @@ steps:
   - {{name: data, kind: run, command: [python, -c, "{write_manifest}", {source}, {data}]}}
   - {{name: first, recipe: {NANO}, overrides: [{common}]}}
   - {{name: second, recipe: {NANO}, init: first, overrides: [{common}]}}
-  - {{name: scores, kind: eval, models: {{first: first, second: second}}, tasks: [perplexity]}}
+  - {{name: scores, kind: eval, models: {{first: first, second: second}},
+     eval: {{tasks: [perplexity]}}}}
   - {{name: report, kind: compare, paper: false}}
 """
     )

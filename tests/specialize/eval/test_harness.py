@@ -9,12 +9,21 @@ import pytest
 
 from code_qwen.execution import pass_at_k
 from specialize.cli import main
+from specialize.eval.config import EvalConfig
 from specialize.eval.harness import FORMAT, EvalError, score_completions, write_results
 from specialize.eval.tasks import get_task
 from tests.conftest import gsm8k_train_lines
 
 FIXTURES = Path(__file__).parents[2] / "fixtures" / "tasks"
 GSM8K_LINES = 200
+
+
+def score(tasks: list[str], path, data: dict | None = None, **fields) -> dict:
+    """``score_completions`` of ``path`` under the config ``specialize eval --score`` builds."""
+    data = {task: str(file) for task, file in (data or {}).items()}
+    cfg = EvalConfig(tasks=tasks, score=str(path), data=data, output="unused.json", **fields)
+    cfg.validate()
+    return score_completions(cfg)
 
 
 def write_completions(path: Path, items: list[tuple[str, object, str]]) -> Path:
@@ -152,7 +161,7 @@ def test_humaneval_chat_reply_yields_the_block_defining_the_entry_point(humaneva
 def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(tmp_path, humaneval):
     right = [("humaneval-codex", r["task_id"], r["canonical_solution"]) for r in humaneval]
     path = write_completions(tmp_path / "right.jsonl", right)
-    result = score_completions(["humaneval-codex"], path, {}, workers=2)["tasks"]["humaneval-codex"]
+    result = score(["humaneval-codex"], path, {}, workers=2)["tasks"]["humaneval-codex"]
     assert result["metrics"] == {"pass@1": 1.0}
     assert result["counts"] == {
         "total": 164,
@@ -166,7 +175,7 @@ def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(tmp_path, humane
     # 37 of them then fail.
     right = [("humaneval", r["task_id"], r["canonical_solution"]) for r in humaneval]
     path = write_completions(tmp_path / "right-qwen.jsonl", right)
-    result = score_completions(["humaneval"], path, {}, workers=2)["tasks"]["humaneval"]
+    result = score(["humaneval"], path, {}, workers=2)["tasks"]["humaneval"]
     cut = {
         r["task_id"]
         for r in humaneval
@@ -179,7 +188,7 @@ def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(tmp_path, humane
     subset.write_text("".join(json.dumps(r) + "\n" for r in humaneval[:8]))
     wrong = [("humaneval", r["task_id"], "    return None\n") for r in humaneval[:8]]
     path = write_completions(tmp_path / "wrong.jsonl", wrong)
-    result = score_completions(["humaneval"], path, {"humaneval": subset})["tasks"]["humaneval"]
+    result = score(["humaneval"], path, {"humaneval": subset})["tasks"]["humaneval"]
     assert result["metrics"] == {"pass@1": 0.0}
     assert result["counts"]["failed"] == 8 and result["counts"]["correct"] == 0
     assert {s["status"] for s in result["samples"]} == {"failed"}
@@ -196,7 +205,7 @@ def test_several_completions_per_problem_give_unbiased_pass_at_k(tmp_path, human
         ("humaneval-codex", b["task_id"], wrong)
     ] * 11
     path = write_completions(tmp_path / "samples.jsonl", items)  # problem 3 has none
-    result = score_completions(["humaneval-codex"], path, {"humaneval-codex": subset})["tasks"][
+    result = score(["humaneval-codex"], path, {"humaneval-codex": subset})["tasks"][
         "humaneval-codex"
     ]
     for k in (1, 10):
@@ -211,7 +220,7 @@ def test_gsm8k_gold_answers_score_one_and_shuffled_answers_score_low(tmp_path, g
     records = gsm8k_records(gsm8k_file)
     gold = [("gsm8k", i, r["answer"]) for i, r in enumerate(records)]
     path = write_completions(tmp_path / "gold.jsonl", gold)
-    result = score_completions(["gsm8k"], path, {"gsm8k": gsm8k_file})["tasks"]["gsm8k"]
+    result = score(["gsm8k"], path, {"gsm8k": gsm8k_file})["tasks"]["gsm8k"]
     assert result["metrics"] == {"accuracy": 1.0}
     assert result["counts"]["correct"] == GSM8K_LINES
     sample = result["samples"][0]
@@ -224,7 +233,7 @@ def test_gsm8k_gold_answers_score_one_and_shuffled_answers_score_low(tmp_path, g
     random.Random(0).shuffle(answers)
     shuffled = [("gsm8k", i, a) for i, a in enumerate(answers)]
     path = write_completions(tmp_path / "shuffled.jsonl", shuffled)
-    result = score_completions(["gsm8k"], path, {"gsm8k": gsm8k_file}, mode="chat")
+    result = score(["gsm8k"], path, {"gsm8k": gsm8k_file}, mode="chat")
     assert result["tasks"]["gsm8k"]["metrics"]["accuracy"] < 0.1
     assert result["tasks"]["gsm8k"]["protocol"]["mode"] == "chat"
 
@@ -233,7 +242,7 @@ def test_problems_without_completions_count_as_missing_and_wrong(tmp_path, gsm8k
     records = gsm8k_records(gsm8k_file)
     gold = [("gsm8k", i, r["answer"]) for i, r in enumerate(records[:150])]
     path = write_completions(tmp_path / "part.jsonl", gold)
-    result = score_completions(["gsm8k"], path, {"gsm8k": gsm8k_file})["tasks"]["gsm8k"]
+    result = score(["gsm8k"], path, {"gsm8k": gsm8k_file})["tasks"]["gsm8k"]
     assert result["metrics"] == {"accuracy": 0.75}
     assert result["counts"]["missing"] == 50 and result["counts"]["total"] == GSM8K_LINES
     assert len(result["samples"]) == 150
@@ -244,7 +253,7 @@ def test_math500_gold_solutions_score_one(tmp_path):
     records = get_task("math").load(data)
     items = [("math", r["unique_id"], r["solution"]) for r in records]
     path = write_completions(tmp_path / "math.jsonl", items)
-    result = score_completions(["math"], path, {"math": data})["tasks"]["math"]
+    result = score(["math"], path, {"math": data})["tasks"]["math"]
     assert result["metrics"] == {"accuracy": 1.0}
     assert result["protocol"]["shots"] == 4 and result["protocol"]["grader"].endswith(".math")
 
@@ -266,15 +275,15 @@ def test_bad_completion_lines_name_file_and_line(tmp_path, gsm8k_file):
         path = tmp_path / "bad.jsonl"
         path.write_text(f"{good}\n\n{bad}\n")
         with pytest.raises(EvalError, match=rf"{re.escape(str(path))}:3: {re.escape(message)}"):
-            score_completions(["gsm8k"], path, {"gsm8k": gsm8k_file})
+            score(["gsm8k"], path, {"gsm8k": gsm8k_file})
 
 
 def test_unknown_mode_and_data_for_other_tasks_are_errors(tmp_path, gsm8k_file):
     path = write_completions(tmp_path / "c.jsonl", [("gsm8k", 0, "72")])
     with pytest.raises(ValueError, match="evaluation mode 'instruct'"):
-        score_completions(["gsm8k"], path, {"gsm8k": gsm8k_file}, mode="instruct")
+        score(["gsm8k"], path, {"gsm8k": gsm8k_file}, mode="instruct")
     with pytest.raises(EvalError, match="--data given for math"):
-        score_completions(["gsm8k"], path, {"gsm8k": gsm8k_file, "math": gsm8k_file})
+        score(["gsm8k"], path, {"gsm8k": gsm8k_file, "math": gsm8k_file})
 
 
 # ---- results file and CLI ----
@@ -452,20 +461,20 @@ def test_completions_for_no_record_of_a_task_are_an_error_naming_file_and_task(t
         EvalError,
         match=r"^/dev/null: no completion for any record of humaneval; it has no completions",
     ):
-        score_completions(["humaneval"], "/dev/null")
+        score(["humaneval"], "/dev/null")
     other = write_completions(tmp_path / "mbpp-only.jsonl", [("mbpp", 11, "x"), ("mbpp", 12, "y")])
     with pytest.raises(
         EvalError,
         match=rf"^{re.escape(str(other))}: no completion for any record of math; it has "
         r"completions of mbpp \(2\) only$",
     ):
-        score_completions(["math"], other, {"math": FIXTURES / "math500.jsonl"})
+        score(["math"], other, {"math": FIXTURES / "math500.jsonl"})
 
     with pytest.raises(
         EvalError,
         match=r": no completion for any record of math; it has completions of mbpp \(2\) only$",
     ):
-        score_completions(
+        score(
             ["mbpp", "math"],
             other,
             {"mbpp": FIXTURES / "mbpp.jsonl", "math": FIXTURES / "math500.jsonl"},
@@ -489,7 +498,7 @@ def test_partly_covered_task_is_scored_with_a_warning_and_the_coverage_recorded(
     records = get_task("math").load(data)
     assert len(records) == 3
     path = write_completions(tmp_path / "part.jsonl", [("math", records[0]["unique_id"], "x")])
-    result = score_completions(["math"], path, {"math": data})["tasks"]["math"]
+    result = score(["math"], path, {"math": data})["tasks"]["math"]
     assert f"math: 1 of 3 problems have completions in {path}; the other 2 count as wrong" in (
         caplog.text
     )
@@ -498,9 +507,7 @@ def test_partly_covered_task_is_scored_with_a_warning_and_the_coverage_recorded(
 
     caplog.clear()
     full = [("math", r["unique_id"], r["solution"]) for r in records]
-    result = score_completions(
-        ["math"], write_completions(tmp_path / "all.jsonl", full), {"math": data}
-    )
+    result = score(["math"], write_completions(tmp_path / "all.jsonl", full), {"math": data})
     assert result["tasks"]["math"]["coverage"]["with_completions"] == 3
     assert "problems have completions" not in caplog.text
 
@@ -508,7 +515,7 @@ def test_partly_covered_task_is_scored_with_a_warning_and_the_coverage_recorded(
 @pytest.mark.parametrize("limit", [0, -1])
 def test_limit_below_one_is_a_one_line_error(tmp_path, capsys, limit):
     with pytest.raises(EvalError, match=rf"^--limit {limit}: must be at least 1"):
-        score_completions(["humaneval"], "/dev/null", limit=limit)
+        score(["humaneval"], "/dev/null", limit=limit)
     argv = ["eval", "--score", "/dev/null", "--tasks", "humaneval", f"--limit={limit}"]
     with pytest.raises(SystemExit) as exited:
         main([*argv, "-o", str(tmp_path / "r.json")])
@@ -530,7 +537,7 @@ def test_failed_code_samples_keep_the_sandbox_reason_and_the_end_of_stderr(tmp_p
         ("humaneval-codex", humaneval[3]["task_id"], noisy),
     ]
     path = write_completions(tmp_path / "c.jsonl", items)
-    result = score_completions(["humaneval-codex"], path, {"humaneval-codex": subset}, workers=2)
+    result = score(["humaneval-codex"], path, {"humaneval-codex": subset}, workers=2)
     samples = result["tasks"]["humaneval-codex"]["samples"]
     passed, wrong, crashed, loud = samples
     assert passed["status"] == "passed" and passed["reason"] is None and passed["stderr"] is None
@@ -550,7 +557,7 @@ def test_timed_out_code_sample_says_so(tmp_path, humaneval):
     subset = humaneval_subset(tmp_path, humaneval, 1)
     items = [("humaneval-codex", humaneval[0]["task_id"], "    while True:\n        pass\n")]
     path = write_completions(tmp_path / "c.jsonl", items)
-    result = score_completions(["humaneval-codex"], path, {"humaneval-codex": subset})
+    result = score(["humaneval-codex"], path, {"humaneval-codex": subset})
     (sample,) = result["tasks"]["humaneval-codex"]["samples"]
     assert sample["status"] == "timeout" and sample["reason"] == "timed out"
 
