@@ -27,8 +27,11 @@ from specialize.config import (
 
 ROOT = Path(__file__).resolve().parents[2]
 # Pipeline files (a top-level ``steps:``) are tested in test_pipeline.py.
+# Recipes: every YAML under configs/ but pipelines (they have steps) and eval configs (configs/eval).
 RECIPES = sorted(
-    p for p in (ROOT / "configs").rglob("*.yaml") if "\nsteps:" not in "\n" + p.read_text()
+    p
+    for p in (ROOT / "configs").rglob("*.yaml")
+    if "\nsteps:" not in "\n" + p.read_text() and p.parent.name != "eval"
 )
 
 
