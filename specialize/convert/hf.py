@@ -33,7 +33,8 @@ from base.long_context import LongContext, stored_options, write_long_context
 from base.model import ModelOptions, build_model
 from base.presets import QwenPreset
 from base.tokenizer import QwenTokenizer
-from specialize import checkpoint
+from specialize.checkpoint import read_architecture, resolve_checkpoint
+from specialize.checkpoint.state import load_model_weights, save_weights
 from specialize.config import (
     ConfigError,
     ParallelConfig,
@@ -41,7 +42,6 @@ from specialize.config import (
 from specialize.infer.model import (
     DTYPE_NAMES,
     inference_config,
-    read_architecture,
     recipe_model_fields,
     stored_dtype,
 )
@@ -157,7 +157,7 @@ def import_hf(
     if nonfinite:
         report["nonfinite_tensors"] = nonfinite
     long_context = model_info.long_context  # Qwen v1's use_dynamic_ntk / use_logn_attn / seq_length
-    checkpoint.save_weights(
+    save_weights(
         model,
         out,
         arch,
@@ -289,7 +289,7 @@ def export_hf(
     """Write a Hugging Face directory: safetensors shards (+ index), config, generation config, tokenizer."""
     if fmt not in ("qwen2", "qwen"):
         raise HFCheckpointError(f"--format {fmt}: must be qwen2 or qwen")
-    ckpt, out = checkpoint.resolve_checkpoint(ckpt), Path(out)
+    ckpt, out = resolve_checkpoint(ckpt), Path(out)
     _check_output(out)
     arch = read_architecture(ckpt)
     model, dtype = _load_for_export(ckpt, arch)
@@ -326,7 +326,7 @@ def _load_for_export(ckpt: Path, arch: QwenPreset) -> tuple[torch.nn.Module, tor
     dtype = stored_dtype(ckpt)
     name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     model = build_model(arch, ModelOptions(spec="local", dtype=name, initialize=False))
-    checkpoint.load_model_weights(model, ckpt, arch)
+    load_model_weights(model, ckpt, arch)
     return model, dtype
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from base.long_context import stored_options
-from specialize.checkpoint import ARCH_FILE, resolve_checkpoint
+from specialize.checkpoint import read_architecture, resolve_checkpoint
 from specialize.eval.tasks import TaskError
 from specialize.infer.likelihood import perplexity_by_length
 from specialize.infer.model import load_model
@@ -182,7 +182,7 @@ def evaluate_variants(
     (default: the checkpoint's own). The window and the length past which NTK and LogN act are
     the checkpoint's training length."""
     path = resolve_checkpoint(checkpoint)
-    num_layers = json.loads((path / ARCH_FILE).read_text())["num_layers"]
+    num_layers = read_architecture(path).num_layers
     trained = stored_options(path).get("train_seq_length") or min(lengths)
     entries: dict[str, dict[str, Any]] = {}
     for variant in [v.strip() for v in variants.split(",") if v.strip()]:

@@ -7,7 +7,6 @@ through here.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,8 @@ from megatron.core import dist_checkpointing
 from base.hf_checkpoint import matching_preset
 from base.long_context import LongContext, stored_options
 from base.presets import QwenPreset
-from specialize import checkpoint
-from specialize.checkpoint import ARCH_FILE, CheckpointError, damaged_is_an_error
+from specialize.checkpoint import read_architecture, resolve_checkpoint
+from specialize.checkpoint.state import damaged_is_an_error, load_model_weights
 from specialize.config import RecipeConfig, architecture_overrides, load_config
 from specialize.mcore.distributed import init_distributed, seed_all
 from specialize.train.engine import build_model_chunks
@@ -55,20 +54,6 @@ def stored_dtype(ckpt: Path) -> torch.dtype:
     return metadata["embedding.word_embeddings.weight"].dtype
 
 
-def read_architecture(ckpt: Path) -> QwenPreset:
-    arch_file = ckpt / ARCH_FILE
-    if not arch_file.is_file():
-        raise CheckpointError(f"{ckpt}: no {ARCH_FILE}; cannot tell the architecture")
-    try:
-        record = json.loads(arch_file.read_text())
-        if not isinstance(record, dict):
-            raise ValueError("not a JSON object")
-        record.pop("query_groups", None)
-        return QwenPreset(**record)
-    except (ValueError, TypeError) as e:  # bad JSON; missing or unknown fields
-        raise CheckpointError(f"{arch_file}: not an architecture record ({e})") from None
-
-
 INFERENCE_DTYPES = ("fp32", "bf16")  # fp8 checkpoints hold bf16 weights; they run in bf16
 
 
@@ -81,7 +66,7 @@ def checkpoint_dtype(ckpt: str | Path) -> str:
     ``precision.dtype`` (``config.yaml``; fp8 runs keep bf16 weights, and inference runs them in
     bf16), else, for an HF import, the dtype of its stored weights (the HF ``torch_dtype``, or
     the import's ``--dtype``)."""
-    path = checkpoint.resolve_checkpoint(ckpt)
+    path = resolve_checkpoint(ckpt)
     config = path / "config.yaml"
     if config.is_file():
         dtype = (yaml.safe_load(config.read_text()).get("precision") or {}).get("dtype", "fp32")
@@ -103,15 +88,13 @@ def load_model(
     Long-context inference options (``ModelConfig`` fields ``rope_scaling``, ``rope_alpha``,
     ``logn_attention``, ``layer_windows``, ``train_seq_length``) come from the checkpoint (its run's
     ``config.yaml``, or ``long_context.json`` of an HF import); ``long_context`` overrides them."""
-    path = checkpoint.resolve_checkpoint(ckpt)
+    path = resolve_checkpoint(ckpt)
     dtype = dtype or checkpoint_dtype(path)
     if dtype not in INFERENCE_DTYPES:
         raise ValueError(
             f"dtype {dtype!r}: models are evaluated in {' or '.join(INFERENCE_DTYPES)}"
         )
-    record = json.loads((path / checkpoint.ARCH_FILE).read_text())
-    record.pop("query_groups", None)
-    arch = QwenPreset(**record)
+    arch = read_architecture(path)
     cfg = inference_config(arch, tp, pp, dtype)
     options = {**stored_options(path), **(long_context or {})}
     LongContext.from_dict(options)  # unknown names are errors
@@ -125,5 +108,5 @@ def load_model(
         )
     seed_all(0)
     model = build_model_chunks(cfg, topo.device)[0]
-    checkpoint.load_model_weights(model, path, cfg.model.architecture())
+    load_model_weights(model, path, cfg.model.architecture())
     return model.eval(), arch

@@ -73,7 +73,8 @@ def _export(rank: int, world_size: int, ckpt: str, out: str, fmt: str) -> dict:
 
 
 def _logits(rank: int, world_size: int, ckpt: str, overrides: list[str]) -> torch.Tensor:
-    from specialize import checkpoint
+    from specialize.checkpoint import resolve_checkpoint
+    from specialize.checkpoint.state import load_weights
     from specialize.config import derive, load_config
     from specialize.infer.logits import full_logits
     from specialize.mcore.distributed import init_distributed, seed_all
@@ -94,7 +95,7 @@ def _logits(rank: int, world_size: int, ckpt: str, overrides: list[str]) -> torc
         topo = init_distributed(cfg.parallel)
         seed_all(7)
         engine = Engine.build(cfg, topo, derive(cfg, topo.world_size))
-        checkpoint.load_weights(engine, checkpoint.resolve_checkpoint(ckpt))
+        load_weights(engine, resolve_checkpoint(ckpt))
         results[layout[0]] = full_logits(engine.model[0], TOKENS)
     return results
 

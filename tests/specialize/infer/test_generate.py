@@ -17,7 +17,7 @@ PROMPTS = [[151644, 872, 198, 13048], [9707, 11, 1879], [9707, 11, 1879, 0, 1, 2
 
 
 def _save(rank: int, world_size: int, run_dir: str, overrides: tuple[str, ...] = ()) -> str:
-    from specialize import checkpoint
+    from specialize.checkpoint.state import save
     from specialize.config import derive, load_config
     from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.train.engine import Engine
@@ -29,7 +29,7 @@ def _save(rank: int, world_size: int, run_dir: str, overrides: tuple[str, ...] =
     topo = init_distributed(cfg.parallel)
     seed_all(cfg.train.seed)
     engine = Engine.build(cfg, topo, derive(cfg, topo.world_size))
-    return str(checkpoint.save(engine, iteration=1, consumed_samples=0))
+    return str(save(engine, iteration=1, consumed_samples=0))
 
 
 def _generate(rank: int, world_size: int, ckpt: str, tp: int, pp: int) -> dict:
