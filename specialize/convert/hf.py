@@ -22,6 +22,7 @@ from base.hf_checkpoint import (
     HFCheckpointError,
     HFModel,
     iter_file_tensors,
+    matching_preset,
     qwen2_tensors,
     qwen2_to_qwen_v1_names,
     qwen_v1_long_context_config,
@@ -38,13 +39,11 @@ from specialize.checkpoint.state import load_model_weights, save_weights
 from specialize.config import (
     ConfigError,
     ParallelConfig,
+    RecipeConfig,
+    architecture_overrides,
+    load_config,
 )
-from specialize.infer.model import (
-    DTYPE_NAMES,
-    inference_config,
-    recipe_model_fields,
-    stored_dtype,
-)
+from specialize.infer.model import DTYPE_NAMES, stored_dtype
 from specialize.mcore.distributed import init_distributed, seed_all
 
 log = logging.getLogger("specialize")
@@ -78,6 +77,26 @@ def qwen2_shapes(arch: QwenPreset) -> dict[str, tuple[int, ...]]:
             }
         )
     return shapes
+
+
+def recipe_model_fields(arch: QwenPreset) -> dict[str, object]:
+    """``model.*`` fields of a recipe that builds ``arch``: the preset of its shape and what differs
+    from it (so a qwen-nano checkpoint is built, and named, as qwen-nano), else every field."""
+    fields = architecture_overrides(arch)
+    preset = matching_preset(arch)
+    if preset is None:
+        return fields
+    preset_fields = architecture_overrides(preset)
+    return {"preset": preset.name, **{k: v for k, v in fields.items() if preset_fields[k] != v}}
+
+
+def recipe_for(arch: QwenPreset, tp: int, pp: int) -> RecipeConfig:
+    """A validated recipe that trains ``arch`` at TP x PP (raises ConfigError when it does not
+    fit): an import checks the layout it suggests with it and reports its ``model.*`` fields.
+    Its ``train.steps=1`` only satisfies validation."""
+    overrides = (f"model.{k}={v}" for k, v in recipe_model_fields(arch).items())
+    layout = [f"parallel.tensor={tp}", f"parallel.pipeline={pp}"]
+    return load_config(None, ["train.steps=1", *layout, *overrides])
 
 
 def _target_dtype(source: torch.dtype, requested: str | None) -> tuple[str, str]:
@@ -124,7 +143,7 @@ def import_hf(
     arch = model_info.arch
     built_dtype, dtype_note = _target_dtype(model_info.dtype, dtype)
     try:  # the layout this checkpoint is meant for must divide the model
-        recipe = inference_config(arch, tp, pp)
+        recipe = recipe_for(arch, tp, pp)
     except ConfigError as e:
         raise HFCheckpointError(f"--tp {tp} --pp {pp} do not fit {hf_dir}: {e}") from None
     _check_output(out)

@@ -1,5 +1,5 @@
-"""A checkpoint's model for inference: the recipe that builds its architecture at a TP x PP
-layout, the dtype it runs in, and the model itself with its weights loaded.
+"""A checkpoint's model for inference: built from its architecture record at a TP x PP layout in
+the dtype it runs in, with its weights loaded.
 
 Generation, the perplexity evaluation, ``convert export`` and ``convert verify`` all load models
 through here.
@@ -13,37 +13,60 @@ from typing import Any
 
 import torch
 import yaml
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
 
-from base.hf_checkpoint import matching_preset
 from base.long_context import LongContext, stored_options
+from base.model import ModelOptions, build_model, resolve_spec
 from base.presets import QwenPreset
 from specialize.checkpoint import read_architecture, resolve_checkpoint
 from specialize.checkpoint.state import damaged_is_an_error, load_model_weights
-from specialize.config import RecipeConfig, architecture_overrides, load_config
+from specialize.config import DataConfig, ModelConfig, ParallelConfig, check_layout
 from specialize.mcore.distributed import init_distributed, seed_all
-from specialize.train.engine import build_model_chunks
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def recipe_model_fields(arch: QwenPreset) -> dict[str, object]:
-    """``model.*`` fields of a recipe that builds ``arch``: the preset of its shape and what differs
-    from it (so a qwen-nano checkpoint is built, and named, as qwen-nano), else every field."""
-    fields = architecture_overrides(arch)
-    preset = matching_preset(arch)
-    if preset is None:
-        return fields
-    preset_fields = architecture_overrides(preset)
-    return {"preset": preset.name, **{k: v for k, v in fields.items() if preset_fields[k] != v}}
-
-
-def inference_config(arch: QwenPreset, tp: int, pp: int, dtype: str = "fp32") -> RecipeConfig:
-    """A validated config that builds ``arch`` at TP x PP in ``dtype`` (raises ConfigError when
-    it does not fit)."""
-    overrides = (f"model.{k}={v}" for k, v in recipe_model_fields(arch).items())
-    layout = [f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"precision.dtype={dtype}"]
-    return load_config(None, ["train.steps=1", *layout, *overrides])
+def inference_options(
+    arch: QwenPreset,
+    tp: int,
+    pp: int,
+    dtype: str = "fp32",
+    long_context: Mapping[str, Any] | None = None,
+    spec: str = "auto",
+) -> ModelOptions:
+    """How ``arch`` is built for inference at TP x PP in ``dtype`` with the ``long_context``
+    options (``ModelConfig`` field names): as a training run builds it, without dropout,
+    recomputation, sequence parallelism or any of the GPU path's overlaps and fusions. A layout
+    that does not fit, or an invalid option, is a ConfigError naming the field."""
+    check_layout(
+        arch,
+        tensor=tp,
+        pipeline=pp,
+        virtual_pipeline=None,
+        sequence_parallel=False,
+        # No batches at inference: values that pass the batch rules.
+        micro_batch_size=1,
+        global_batch_size=1,
+        seq_length=1,
+        spec=spec,
+        dtype=dtype,
+        data_format="pretrain",
+    )
+    options = dict(long_context or {})
+    context = LongContext.from_dict(options)  # unknown names are errors
+    ModelConfig(**options).check_long_context(arch.num_layers)  # errors name the model.* field
+    return ModelOptions(
+        spec=resolve_spec(spec),
+        dtype=dtype,
+        tensor_parallel=tp,
+        pipeline_parallel=pp,
+        rope_scaling=context.rope_scaling,
+        rope_alpha=context.rope_alpha,
+        logn_attention=context.logn_attention,
+        layer_windows=context.layer_windows,
+        # Unrecorded (an HF import without long-context options): a recipe's default length.
+        train_seq_length=context.train_seq_length or DataConfig.seq_length,
+    )
 
 
 def stored_dtype(ckpt: Path) -> torch.dtype:
@@ -95,18 +118,19 @@ def load_model(
             f"dtype {dtype!r}: models are evaluated in {' or '.join(INFERENCE_DTYPES)}"
         )
     arch = read_architecture(path)
-    cfg = inference_config(arch, tp, pp, dtype)
     options = {**stored_options(path), **(long_context or {})}
-    LongContext.from_dict(options)  # unknown names are errors
-    for key, value in options.items():
-        setattr(cfg.model, key, list(value) if key == "layer_windows" and value else value)
-    cfg.model.check_long_context(arch.num_layers)
-    topo = init_distributed(cfg.parallel)
+    model_options = inference_options(arch, tp, pp, dtype, options)
+    topo = init_distributed(ParallelConfig(tensor=tp, pipeline=pp))
     if topo.world_size != tp * pp:
         raise WorldSizeError(
             f"run on tp x pp = {tp * pp} processes (torchrun), not {topo.world_size}"
         )
     seed_all(0)
-    model = build_model_chunks(cfg, topo.device)[0]
-    load_model_weights(model, path, cfg.model.architecture())
+    model = build_model(
+        arch,
+        model_options,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    ).to(topo.device)
+    load_model_weights(model, path, arch)
     return model.eval(), arch

@@ -558,18 +558,18 @@ def test_layout_of_a_preset_shaped_checkpoint_is_named_after_the_preset():
     """A qwen-nano checkpoint was built (and named in messages) as qwen-tiny+custom."""
     import dataclasses
 
-    from specialize.infer.model import inference_config, recipe_model_fields
+    from specialize.convert.hf import recipe_for, recipe_model_fields
 
     nano = get_preset("qwen-nano")
-    assert inference_config(nano, 1, 1).model.architecture() == nano
+    assert recipe_for(nano, 1, 1).model.architecture() == nano
     assert recipe_model_fields(nano) == {"preset": "qwen-nano"}
 
     longer_rope = dataclasses.replace(nano, name="qwen-nano+custom", rotary_base=1e6)
-    assert inference_config(longer_rope, 1, 1).model.architecture() == longer_rope
+    assert recipe_for(longer_rope, 1, 1).model.architecture() == longer_rope
     assert recipe_model_fields(longer_rope) == {"preset": "qwen-nano", "rotary_base": 1e6}
 
     other = dataclasses.replace(nano, name="custom", hidden_size=64)
-    built = inference_config(other, 1, 1).model.architecture()
+    built = recipe_for(other, 1, 1).model.architecture()
     assert dataclasses.replace(built, name="custom") == dataclasses.replace(
         other, num_query_groups=4
     )

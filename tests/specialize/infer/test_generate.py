@@ -114,12 +114,11 @@ def test_a_checkpoint_runs_in_its_training_precision(tmp_path):
 def test_a_bf16_evaluation_builds_the_gpu_model_in_bf16():
     from base.model import transformer_config_kwargs
     from base.presets import get_preset
-    from specialize.infer.model import inference_config
-    from specialize.train.engine import model_options
+    from specialize.infer.model import inference_options
 
     arch = get_preset("qwen-14b")
     for dtype, params_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        options = dataclasses.replace(model_options(inference_config(arch, 2, 1, dtype)), spec="te")
+        options = dataclasses.replace(inference_options(arch, 2, 1, dtype), spec="te")
         kwargs = transformer_config_kwargs(arch, options)
         assert (kwargs["params_dtype"], kwargs["bf16"]) == (params_dtype, dtype == "bf16")
 
