@@ -38,7 +38,7 @@ def _prompts(count: int) -> list[list[int]]:
 
 
 def make_model(work: Path, preset: str) -> None:
-    from specialize import checkpoint
+    from specialize.checkpoint.state import save
     from specialize.config import derive, load_config
     from specialize.convert.hf import export_hf
     from specialize.mcore.distributed import init_distributed, seed_all
@@ -51,7 +51,7 @@ def make_model(work: Path, preset: str) -> None:
     topo = init_distributed(cfg.parallel)
     seed_all(0)
     engine = Engine.build(cfg, topo, derive(cfg, topo.world_size))
-    saved = checkpoint.save(engine, iteration=1, consumed_samples=0)
+    saved = save(engine, iteration=1, consumed_samples=0)
     export_hf(saved, work / "hf")
     (work / "ckpt").write_text(str(saved))
 

@@ -30,6 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 from base import spec as layer_specs
 from base.long_context_config import LongContextConfig, LongContextError
 from base.presets import PRESETS, QwenPreset, get_preset
+from specialize.checkpoint.layout import iteration_dir  # stages name their final checkpoint
 
 ARCHITECTURE_FIELDS = (
     "hidden_size",
@@ -54,18 +55,6 @@ def architecture_overrides(arch: QwenPreset) -> dict[str, object]:
 
 class ConfigError(ValueError):
     """A recipe or override that cannot describe a valid run. The message names the field."""
-
-
-# The checkpoint layout of a run directory (``specialize.checkpoint`` writes it; stages need it to
-# name their predecessor's final checkpoint before it exists, without importing megatron-core).
-def checkpoint_root(run_dir: str | Path) -> Path:
-    """Where a run directory keeps its checkpoints."""
-    return Path(run_dir) / "checkpoints"
-
-
-def iteration_dir(run_dir: str | Path, iteration: int) -> Path:
-    """The checkpoint of ``iteration`` in a run directory."""
-    return checkpoint_root(run_dir) / f"iter_{iteration:07d}"
 
 
 @dataclass

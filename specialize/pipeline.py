@@ -34,6 +34,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from specialize.checkpoint import CheckpointError, iteration_dir, resolve_checkpoint
 from specialize.config import ConfigError, derive, load_config, resolve_stages
 from specialize.eval.config import EvalConfig, to_yaml
 from specialize.lock import LockHeld, exclusive
@@ -398,9 +399,6 @@ class Pipeline:
 
     def _checkpoint_identity(self, source: str) -> str:
         """``PATH sha256:DIGEST`` of the checkpoint a train step's final one or a path names."""
-        # megatron-core on first use; a pipeline of data steps never needs it
-        from specialize.checkpoint import CheckpointError, resolve_checkpoint
-
         try:
             if source in {s.name for s in self.cfg.steps}:
                 path = self.checkpoint_of(source)
@@ -519,14 +517,12 @@ class Pipeline:
 
     def final_checkpoint(self, step: StepConfig) -> Path | None:
         """The train step's last checkpoint if it exists (its last stage's, for staged recipes)."""
-        from specialize import checkpoint  # megatron-core on first use, as above
-
         cfg = self._recipe(step)
         world = self.cfg.world_size or step.nproc or self.cfg.nproc
         if cfg.stages:
             expected = resolve_stages(cfg)[-1].final_checkpoint
         else:
-            expected = checkpoint.iteration_dir(cfg.checkpoint.dir, derive(cfg, world).steps)
+            expected = iteration_dir(cfg.checkpoint.dir, derive(cfg, world).steps)
         return expected if (expected / "metadata.json").is_file() else None
 
     def checkpoint_of(self, source: str, planned: bool = False) -> Path:
@@ -558,7 +554,8 @@ class Pipeline:
         return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
     def write_lineage(self) -> Path:
-        from specialize.checkpoint import git_commit  # megatron-core on first use, as above
+        # megatron-core on first use; a pipeline of data steps never needs it
+        from specialize.checkpoint.lineage import git_commit
 
         steps = []
         for step in self.cfg.steps:

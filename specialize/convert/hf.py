@@ -22,6 +22,7 @@ from base.hf_checkpoint import (
     HFCheckpointError,
     HFModel,
     iter_file_tensors,
+    matching_preset,
     qwen2_tensors,
     qwen2_to_qwen_v1_names,
     qwen_v1_long_context_config,
@@ -33,19 +34,16 @@ from base.long_context_config import write_long_context
 from base.model import ModelOptions, build_model
 from base.presets import QwenPreset
 from base.tokenizer import EOD_ID, IM_END_ID, QwenTokenizer
-from specialize import checkpoint
+from specialize.checkpoint import read_architecture, resolve_checkpoint
+from specialize.checkpoint.state import load_model_weights, save_weights
 from specialize.config import (
     ConfigError,
     ParallelConfig,
+    RecipeConfig,
+    architecture_overrides,
+    load_config,
 )
-from specialize.infer.model import (
-    DTYPE_NAMES,
-    inference_config,
-    read_architecture,
-    recipe_model_fields,
-    stored_dtype,
-    stored_long_context,
-)
+from specialize.infer.model import DTYPE_NAMES, stored_dtype, stored_long_context
 from specialize.mcore.distributed import init_distributed, seed_all
 
 log = logging.getLogger("specialize")
@@ -79,6 +77,26 @@ def qwen2_shapes(arch: QwenPreset) -> dict[str, tuple[int, ...]]:
             }
         )
     return shapes
+
+
+def recipe_model_fields(arch: QwenPreset) -> dict[str, object]:
+    """``model.*`` fields of a recipe that builds ``arch``: the preset of its shape and what differs
+    from it (so a qwen-nano checkpoint is built, and named, as qwen-nano), else every field."""
+    fields = architecture_overrides(arch)
+    preset = matching_preset(arch)
+    if preset is None:
+        return fields
+    preset_fields = architecture_overrides(preset)
+    return {"preset": preset.name, **{k: v for k, v in fields.items() if preset_fields[k] != v}}
+
+
+def recipe_for(arch: QwenPreset, tp: int, pp: int) -> RecipeConfig:
+    """A validated recipe that trains ``arch`` at TP x PP (raises ConfigError when it does not
+    fit): an import checks the layout it suggests with it and reports its ``model.*`` fields.
+    Its ``train.steps=1`` only satisfies validation."""
+    overrides = (f"model.{k}={v}" for k, v in recipe_model_fields(arch).items())
+    layout = [f"parallel.tensor={tp}", f"parallel.pipeline={pp}"]
+    return load_config(None, ["train.steps=1", *layout, *overrides])
 
 
 def _target_dtype(source: torch.dtype, requested: str | None) -> tuple[str, str]:
@@ -125,7 +143,7 @@ def import_hf(
     arch = model_info.arch
     built_dtype, dtype_note = _target_dtype(model_info.dtype, dtype)
     try:  # the layout this checkpoint is meant for must divide the model
-        recipe = inference_config(arch, tp, pp)
+        recipe = recipe_for(arch, tp, pp)
     except ConfigError as e:
         raise HFCheckpointError(f"--tp {tp} --pp {pp} do not fit {hf_dir}: {e}") from None
     _check_output(out)
@@ -158,7 +176,7 @@ def import_hf(
     if nonfinite:
         report["nonfinite_tensors"] = nonfinite
     long_context = model_info.long_context  # Qwen v1's use_dynamic_ntk / use_logn_attn / seq_length
-    checkpoint.save_weights(
+    save_weights(
         model,
         out,
         arch,
@@ -289,7 +307,7 @@ def export_hf(
     """Write a Hugging Face directory: safetensors shards (+ index), config, generation config, tokenizer."""
     if fmt not in ("qwen2", "qwen"):
         raise HFCheckpointError(f"--format {fmt}: must be qwen2 or qwen")
-    ckpt, out = checkpoint.resolve_checkpoint(ckpt), Path(out)
+    ckpt, out = resolve_checkpoint(ckpt), Path(out)
     _check_output(out)
     arch = read_architecture(ckpt)
     model, dtype = _load_for_export(ckpt, arch)
@@ -326,7 +344,7 @@ def _load_for_export(ckpt: Path, arch: QwenPreset) -> tuple[torch.nn.Module, tor
     dtype = stored_dtype(ckpt)
     name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     model = build_model(arch, ModelOptions(spec="local", dtype=name, initialize=False))
-    checkpoint.load_model_weights(model, ckpt, arch)
+    load_model_weights(model, ckpt, arch)
     return model, dtype
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from base.long_context_config import LongContextConfig
-from specialize.checkpoint import ARCH_FILE, resolve_checkpoint
+from specialize.checkpoint import read_architecture, resolve_checkpoint
 from specialize.eval.config import PERPLEXITY, EvalConfig
 from specialize.eval.tasks import LikelihoodTask, LoadedModel, TaskError, register
 from specialize.infer.likelihood import perplexity_by_length
@@ -187,7 +187,7 @@ def evaluate_variants(
     (default: the checkpoint's own). The window and the length past which NTK and LogN act are
     the checkpoint's training length."""
     path = resolve_checkpoint(checkpoint)
-    num_layers = json.loads((path / ARCH_FILE).read_text())["num_layers"]
+    num_layers = read_architecture(path).num_layers
     stored = stored_long_context(path)
     trained = stored.train_seq_length or min(lengths)
     entries: dict[str, dict[str, Any]] = {}

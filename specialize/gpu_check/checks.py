@@ -331,7 +331,7 @@ def check_parallel(ctx: Context) -> Outcome:
 
 def _checkpoint_to_evaluate(work: Path) -> Path | None:
     """Line 3's run (or, without 4 GPUs, line 2's init run) when it holds a checkpoint."""
-    from specialize.config import checkpoint_root
+    from specialize.checkpoint import checkpoint_root
 
     for run in (work / "3-parallel" / "run", work / "2-packed-sft" / "init"):
         if (checkpoint_root(run) / "latest").is_file() and (run / "config.yaml").is_file():

@@ -105,7 +105,8 @@ def _first_sample_end(item: dict[str, torch.Tensor]) -> int:
 
 def isolation_job(out: str, run_config: str, ckpt: str, packed: list[str]) -> None:
     from base.tokenizer import QwenTokenizer
-    from specialize import checkpoint
+    from specialize.checkpoint import resolve_checkpoint
+    from specialize.checkpoint.state import load_weights
     from specialize.config import derive, load_config
     from specialize.data.sft import SFTSequences, sft_attention
     from specialize.mcore.distributed import init_distributed, seed_all
@@ -117,7 +118,7 @@ def isolation_job(out: str, run_config: str, ckpt: str, packed: list[str]) -> No
     topo = init_distributed(cfg.parallel)
     seed_all(cfg.train.seed)
     engine = Engine.build(cfg, topo, derive(cfg, topo.world_size))
-    checkpoint.load_weights(engine, checkpoint.resolve_checkpoint(ckpt))
+    load_weights(engine, resolve_checkpoint(ckpt))
     model = engine.model[0].eval()
     attention = sft_attention(cfg)
     eod = QwenTokenizer.load(cfg.model.tokenizer).eod

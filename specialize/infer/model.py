@@ -1,5 +1,5 @@
-"""A checkpoint's model for inference: the recipe that builds its architecture at a TP x PP
-layout, the dtype it runs in, and the model itself with its weights loaded.
+"""A checkpoint's model for inference: built from its architecture record at a TP x PP layout in
+the dtype it runs in, with its weights loaded.
 
 Generation, the perplexity evaluation, ``convert export`` and ``convert verify`` all load models
 through here.
@@ -7,48 +7,66 @@ through here.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 import yaml
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
 
-from base.hf_checkpoint import matching_preset
 from base.long_context_config import LongContextConfig, read_long_context
+from base.model import ModelOptions, build_model, resolve_spec
 from base.presets import QwenPreset
-from specialize import checkpoint
-from specialize.checkpoint import ARCH_FILE, CheckpointError, damaged_is_an_error
+from specialize.checkpoint import read_architecture, resolve_checkpoint
+from specialize.checkpoint.state import damaged_is_an_error, load_model_weights
 from specialize.config import (
-    RecipeConfig,
-    architecture_overrides,
-    load_config,
+    DataConfig,
+    ModelConfig,
+    ParallelConfig,
+    check_layout,
     saved_long_context,
 )
 from specialize.mcore.distributed import init_distributed, seed_all
-from specialize.train.engine import build_model_chunks
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def recipe_model_fields(arch: QwenPreset) -> dict[str, object]:
-    """``model.*`` fields of a recipe that builds ``arch``: the preset of its shape and what differs
-    from it (so a qwen-nano checkpoint is built, and named, as qwen-nano), else every field."""
-    fields = architecture_overrides(arch)
-    preset = matching_preset(arch)
-    if preset is None:
-        return fields
-    preset_fields = architecture_overrides(preset)
-    return {"preset": preset.name, **{k: v for k, v in fields.items() if preset_fields[k] != v}}
-
-
-def inference_config(arch: QwenPreset, tp: int, pp: int, dtype: str = "fp32") -> RecipeConfig:
-    """A validated config that builds ``arch`` at TP x PP in ``dtype`` (raises ConfigError when
-    it does not fit)."""
-    overrides = (f"model.{k}={v}" for k, v in recipe_model_fields(arch).items())
-    layout = [f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"precision.dtype={dtype}"]
-    return load_config(None, ["train.steps=1", *layout, *overrides])
+def inference_options(
+    arch: QwenPreset,
+    tp: int,
+    pp: int,
+    dtype: str = "fp32",
+    long_context: LongContextConfig | None = None,
+    spec: str = "auto",
+) -> ModelOptions:
+    """How ``arch`` is built for inference at TP x PP in ``dtype`` with the ``long_context``
+    options: as a training run builds it, without dropout,
+    recomputation, sequence parallelism or any of the GPU path's overlaps and fusions. A layout
+    that does not fit, or an invalid option, is a ConfigError naming the field."""
+    check_layout(
+        arch,
+        tensor=tp,
+        pipeline=pp,
+        virtual_pipeline=None,
+        sequence_parallel=False,
+        # No batches at inference: values that pass the batch rules.
+        micro_batch_size=1,
+        global_batch_size=1,
+        seq_length=1,
+        spec=spec,
+        dtype=dtype,
+        data_format="pretrain",
+    )
+    context = long_context or LongContextConfig()
+    ModelConfig(long_context=context).check_long_context(arch.num_layers)  # names model.* fields
+    return ModelOptions(
+        spec=resolve_spec(spec),
+        dtype=dtype,
+        tensor_parallel=tp,
+        pipeline_parallel=pp,
+        # Unrecorded (an HF import without long-context options): a recipe's default length.
+        long_context=context.resolved(DataConfig.seq_length),
+    )
 
 
 def stored_dtype(ckpt: Path) -> torch.dtype:
@@ -57,20 +75,6 @@ def stored_dtype(ckpt: Path) -> torch.dtype:
     with damaged_is_an_error(ckpt):
         metadata = dist_checkpointing.load_tensors_metadata(str(ckpt))
     return metadata["embedding.word_embeddings.weight"].dtype
-
-
-def read_architecture(ckpt: Path) -> QwenPreset:
-    arch_file = ckpt / ARCH_FILE
-    if not arch_file.is_file():
-        raise CheckpointError(f"{ckpt}: no {ARCH_FILE}; cannot tell the architecture")
-    try:
-        record = json.loads(arch_file.read_text())
-        if not isinstance(record, dict):
-            raise ValueError("not a JSON object")
-        record.pop("query_groups", None)
-        return QwenPreset(**record)
-    except (ValueError, TypeError) as e:  # bad JSON; missing or unknown fields
-        raise CheckpointError(f"{arch_file}: not an architecture record ({e})") from None
 
 
 INFERENCE_DTYPES = ("fp32", "bf16")  # fp8 checkpoints hold bf16 weights; they run in bf16
@@ -85,7 +89,7 @@ def checkpoint_dtype(ckpt: str | Path) -> str:
     ``precision.dtype`` (``config.yaml``; fp8 runs keep bf16 weights, and inference runs them in
     bf16), else, for an HF import, the dtype of its stored weights (the HF ``torch_dtype``, or
     the import's ``--dtype``)."""
-    path = checkpoint.resolve_checkpoint(ckpt)
+    path = resolve_checkpoint(ckpt)
     config = path / "config.yaml"
     if config.is_file():
         dtype = (yaml.safe_load(config.read_text()).get("precision") or {}).get("dtype", "fp32")
@@ -120,25 +124,27 @@ def load_model(
 
     The long-context options are the checkpoint's (``stored_long_context``) unless
     ``long_context`` is given (e.g. ``dataclasses.replace`` of the stored ones); an unset training
-    length is the inference recipe's ``data.seq_length``."""
-    path = checkpoint.resolve_checkpoint(ckpt)
+    length is a recipe's default ``data.seq_length``."""
+    path = resolve_checkpoint(ckpt)
     dtype = dtype or checkpoint_dtype(path)
     if dtype not in INFERENCE_DTYPES:
         raise ValueError(
             f"dtype {dtype!r}: models are evaluated in {' or '.join(INFERENCE_DTYPES)}"
         )
-    record = json.loads((path / checkpoint.ARCH_FILE).read_text())
-    record.pop("query_groups", None)
-    arch = QwenPreset(**record)
-    cfg = inference_config(arch, tp, pp, dtype)
-    cfg.model.long_context = long_context if long_context is not None else stored_long_context(path)
-    cfg.model.check_long_context(arch.num_layers)
-    topo = init_distributed(cfg.parallel)
+    arch = read_architecture(path)
+    options = long_context if long_context is not None else stored_long_context(path)
+    model_options = inference_options(arch, tp, pp, dtype, options)
+    topo = init_distributed(ParallelConfig(tensor=tp, pipeline=pp))
     if topo.world_size != tp * pp:
         raise WorldSizeError(
             f"run on tp x pp = {tp * pp} processes (torchrun), not {topo.world_size}"
         )
     seed_all(0)
-    model = build_model_chunks(cfg, topo.device)[0]
-    checkpoint.load_model_weights(model, path, cfg.model.architecture())
+    model = build_model(
+        arch,
+        model_options,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    ).to(topo.device)
+    load_model_weights(model, path, arch)
     return model.eval(), arch

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from specialize import checkpoint
+from specialize.checkpoint.state import save
 from specialize.config import RecipeConfig
 from specialize.train.engine import StepResult
 
@@ -150,9 +150,7 @@ class Checkpointer(Callback):
         if trainer.diverged is not None:
             # The weights after a non-finite or spiking step are not a state to continue from.
             raise RuntimeError(f"refusing to save step {step}: {trainer.diverged}")
-        path = checkpoint.save(
-            trainer.engine, step, trainer.consumed_samples, parent=trainer.parent
-        )
+        path = save(trainer.engine, step, trainer.consumed_samples, parent=trainer.parent)
         self.last_saved = step
         trainer.last_checkpoint = path
         if trainer.is_rank0:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from base import spec as layer_specs
 from specialize import checkpoint
+from specialize.checkpoint.state import load_for_resume, load_weights, load_weights_and_optimizer
 from specialize.config import ConfigError, Derived, RecipeConfig, Stage
 from specialize.convert.parity import DEFAULT_TOLERANCE, compare
 from specialize.data.pretrain import data_manifest_records
@@ -235,7 +236,7 @@ class Trainer:
             # checkpoint (below) legitimately comes from other data.
             check_same_data(self.cfg, latest, warn=self.is_rank0)
             check_same_spec(self.cfg, latest, warn=self.is_rank0)
-            self.start_step, self.consumed_samples = checkpoint.load_for_resume(self.engine, latest)
+            self.start_step, self.consumed_samples = load_for_resume(self.engine, latest)
             self.resumed_from = latest
             self.parent = str(latest)
             if self.is_rank0:
@@ -259,13 +260,13 @@ class Trainer:
         """Load what this run keeps of its init checkpoint; returns what that was."""
         reset = self.stage.reset if self.stage is not None else None
         if reset is None or reset.optimizer:
-            checkpoint.load_weights(self.engine, path)
+            load_weights(self.engine, path)
             return "weights"
         if reset.iteration:
-            checkpoint.load_weights_and_optimizer(self.engine, path)
+            load_weights_and_optimizer(self.engine, path)
             return "weights and optimizer state"
         # Continuing the predecessor is resuming it under this stage's recipe.
-        self.start_step, self.consumed_samples = checkpoint.load_for_resume(self.engine, path)
+        self.start_step, self.consumed_samples = load_for_resume(self.engine, path)
         if self.start_step != self.stage.start_step:
             raise checkpoint.CheckpointError(
                 f"{path} is at iteration {self.start_step}, but {self.stage.label} continues "

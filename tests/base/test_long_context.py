@@ -322,7 +322,7 @@ def _model_checks(rank: int, world_size: int, run_dir: str) -> dict:
     out["ppl_16_manual"] = math.exp((first + second) / 32)
 
     # Per checkpoint: a saved run's config carries the options; load_model's argument overrides.
-    from specialize import checkpoint
+    from specialize.checkpoint.state import save
     from specialize.config import derive, load_config
     from specialize.infer.model import load_model, stored_long_context
     from specialize.train.engine import Engine
@@ -338,7 +338,7 @@ def _model_checks(rank: int, world_size: int, run_dir: str) -> dict:
         ],
     )
     engine = Engine.build(cfg, init_distributed(cfg.parallel), derive(cfg, 1))
-    ckpt = checkpoint.save(engine, iteration=1, consumed_samples=0)
+    ckpt = save(engine, iteration=1, consumed_samples=0)
     options = dataclasses.replace(stored_long_context(ckpt), rope_scaling="dynamic-ntk")
     loaded, _ = load_model(ckpt, long_context=options)
     core = loaded.decoder.layers[0].self_attention.core_attention

@@ -470,7 +470,7 @@ def test_model_spec_te_on_a_machine_without_it_says_why(monkeypatch):
 def test_auto_resolves_once_and_every_reader_sees_it(monkeypatch, tmp_path, why_not_te, spec):
     from types import SimpleNamespace
 
-    from specialize.checkpoint import lineage_record
+    from specialize.checkpoint.lineage import lineage_record
     from specialize.data.pretrain import document_attention
     from specialize.data.sft import sft_attention
     from specialize.plan import workload
@@ -484,7 +484,8 @@ def test_auto_resolves_once_and_every_reader_sees_it(monkeypatch, tmp_path, why_
     assert model_options(cfg).spec == spec
     attention = {"te": "thd", "local": "mask"}[spec]
     assert sft_attention(cfg) == document_attention(cfg) == attention
-    monkeypatch.setattr("specialize.checkpoint._layout", lambda: {})  # needs process groups
+    # The parallel layout a lineage records needs process groups.
+    monkeypatch.setattr("specialize.checkpoint.lineage.parallel_layout", lambda: {})
     engine = SimpleNamespace(cfg=cfg, preset=cfg.model.architecture())
     record = lineage_record(engine, iteration=1, consumed_samples=8, parent=None)
     assert record["model_spec"] == {"requested": "auto", "resolved": spec}

@@ -28,7 +28,7 @@ def _chats(path) -> None:
 def _init_matching(tmp: str, hf_dir: str) -> str:
     """A run checkpoint holding the HF reference's weights (so the parity gate passes)."""
     from base.hf_checkpoint import read_config
-    from specialize import checkpoint
+    from specialize.checkpoint.state import save
     from specialize.config import derive, load_config
     from specialize.convert.hf import _fill
     from specialize.mcore.distributed import init_distributed, seed_all
@@ -42,7 +42,7 @@ def _init_matching(tmp: str, hf_dir: str) -> str:
     seed_all(0)
     engine = Engine.build(cfg, topo, derive(cfg, topo.world_size))
     _fill(read_config(hf_dir), engine.preset, dict(engine.model[0].module.named_parameters()))
-    return str(checkpoint.save(engine, iteration=0, consumed_samples=0))
+    return str(save(engine, iteration=0, consumed_samples=0))
 
 
 def _sft_step(tmp: str, init: str, hf_dir: str, sft: str, layout: str) -> str:

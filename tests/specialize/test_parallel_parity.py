@@ -32,25 +32,25 @@ def _build(run_dir: str, overrides: list[str]):
 
 
 def _logits_per_layout(rank: int, world_size: int, run_dir: str) -> dict[str, torch.Tensor]:
-    from specialize import checkpoint
+    from specialize.checkpoint.state import load_weights, save
     from specialize.infer.logits import full_logits
 
     tokens = torch.randint(0, NUM_RANKS, (2, 24), generator=torch.Generator().manual_seed(0))
     engine = _build(run_dir, LAYOUTS["tp1"])
-    saved = checkpoint.save(engine, iteration=0, consumed_samples=0)
+    saved = save(engine, iteration=0, consumed_samples=0)
     results = {"tp1": full_logits(engine.model[0], tokens)}
     for name in ("tp2", "pp2"):
         # Another seed: only loading the checkpoint can make these weights equal.
         engine = _build(run_dir + "-" + name, [*LAYOUTS[name], "train.seed=999"])
         results[f"{name}-before-load"] = full_logits(engine.model[0], tokens)
-        checkpoint.load_weights(engine, saved)
+        load_weights(engine, saved)
         results[name] = full_logits(engine.model[0], tokens)
     # The other direction: weights saved at TP=2 load at TP=1.
     engine = _build(run_dir + "-tp2-own", [*LAYOUTS["tp2"], "train.seed=777"])
     results["tp2-own"] = full_logits(engine.model[0], tokens)
-    saved_tp2 = checkpoint.save(engine, iteration=0, consumed_samples=0)
+    saved_tp2 = save(engine, iteration=0, consumed_samples=0)
     engine = _build(run_dir + "-tp1-from-tp2", [*LAYOUTS["tp1"], "train.seed=555"])
-    checkpoint.load_weights(engine, saved_tp2)
+    load_weights(engine, saved_tp2)
     results["tp1-from-tp2"] = full_logits(engine.model[0], tokens)
     return results
 

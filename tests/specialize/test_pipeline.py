@@ -414,7 +414,8 @@ class FakeSteps:
         monkeypatch.setattr("specialize.pipeline.signal.signal", lambda *args: None)
 
     def train(self, pipeline, step) -> None:
-        from specialize.config import derive, iteration_dir
+        from specialize.checkpoint import iteration_dir
+        from specialize.config import derive
 
         cfg = pipeline._recipe(step)
         final = iteration_dir(cfg.checkpoint.dir, derive(cfg, 1).steps)

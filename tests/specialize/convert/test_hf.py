@@ -74,7 +74,8 @@ def _export(rank: int, world_size: int, ckpt: str, out: str, fmt: str) -> dict:
 
 
 def _logits(rank: int, world_size: int, ckpt: str, overrides: list[str]) -> torch.Tensor:
-    from specialize import checkpoint
+    from specialize.checkpoint import resolve_checkpoint
+    from specialize.checkpoint.state import load_weights
     from specialize.config import derive, load_config
     from specialize.infer.logits import full_logits
     from specialize.mcore.distributed import init_distributed, seed_all
@@ -95,7 +96,7 @@ def _logits(rank: int, world_size: int, ckpt: str, overrides: list[str]) -> torc
         topo = init_distributed(cfg.parallel)
         seed_all(7)
         engine = Engine.build(cfg, topo, derive(cfg, topo.world_size))
-        checkpoint.load_weights(engine, checkpoint.resolve_checkpoint(ckpt))
+        load_weights(engine, resolve_checkpoint(ckpt))
         results[layout[0]] = full_logits(engine.model[0], TOKENS)
     return results
 
@@ -558,18 +559,18 @@ def test_layout_of_a_preset_shaped_checkpoint_is_named_after_the_preset():
     """A qwen-nano checkpoint was built (and named in messages) as qwen-tiny+custom."""
     import dataclasses
 
-    from specialize.infer.model import inference_config, recipe_model_fields
+    from specialize.convert.hf import recipe_for, recipe_model_fields
 
     nano = get_preset("qwen-nano")
-    assert inference_config(nano, 1, 1).model.architecture() == nano
+    assert recipe_for(nano, 1, 1).model.architecture() == nano
     assert recipe_model_fields(nano) == {"preset": "qwen-nano"}
 
     longer_rope = dataclasses.replace(nano, name="qwen-nano+custom", rotary_base=1e6)
-    assert inference_config(longer_rope, 1, 1).model.architecture() == longer_rope
+    assert recipe_for(longer_rope, 1, 1).model.architecture() == longer_rope
     assert recipe_model_fields(longer_rope) == {"preset": "qwen-nano", "rotary_base": 1e6}
 
     other = dataclasses.replace(nano, name="custom", hidden_size=64)
-    built = inference_config(other, 1, 1).model.architecture()
+    built = recipe_for(other, 1, 1).model.architecture()
     assert dataclasses.replace(built, name="custom") == dataclasses.replace(
         other, num_query_groups=4
     )

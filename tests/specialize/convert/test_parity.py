@@ -69,18 +69,18 @@ def _allow_sequence_parallel_torch_norm() -> None:
 def _tp2_model(paths: dict[str, str], spec: str, sequence_parallel: bool) -> torch.nn.Module:
     """The imported checkpoint at TP=2, built as a training run builds it."""
     from base.hf_checkpoint import read_config
-    from specialize import checkpoint
-    from specialize.infer.model import inference_config
+    from specialize.checkpoint.state import load_model_weights
+    from specialize.convert.hf import recipe_for
     from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.train.engine import build_model_chunks
 
-    cfg = inference_config(read_config(paths["good"]).arch, tp=2, pp=1)
+    cfg = recipe_for(read_config(paths["good"]).arch, tp=2, pp=1)
     cfg.model.spec = spec
     cfg.parallel.sequence_parallel = sequence_parallel
     topo = init_distributed(cfg.parallel)
     seed_all(0)
     model = build_model_chunks(cfg, topo.device)[0]
-    checkpoint.load_model_weights(model, Path(paths["ckpt"]), cfg.model.architecture())
+    load_model_weights(model, Path(paths["ckpt"]), cfg.model.architecture())
     return model.eval()
 
 

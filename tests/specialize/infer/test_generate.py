@@ -18,7 +18,7 @@ PROMPTS = [[IM_START_ID, 872, 198, 13048], [9707, 11, 1879], [9707, 11, 1879, 0,
 
 
 def _save(rank: int, world_size: int, run_dir: str, overrides: tuple[str, ...] = ()) -> str:
-    from specialize import checkpoint
+    from specialize.checkpoint.state import save
     from specialize.config import derive, load_config
     from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.train.engine import Engine
@@ -30,7 +30,7 @@ def _save(rank: int, world_size: int, run_dir: str, overrides: tuple[str, ...] =
     topo = init_distributed(cfg.parallel)
     seed_all(cfg.train.seed)
     engine = Engine.build(cfg, topo, derive(cfg, topo.world_size))
-    return str(checkpoint.save(engine, iteration=1, consumed_samples=0))
+    return str(save(engine, iteration=1, consumed_samples=0))
 
 
 def _generate(rank: int, world_size: int, ckpt: str, tp: int, pp: int) -> dict:
@@ -117,12 +117,11 @@ def test_a_checkpoint_runs_in_its_training_precision(tmp_path):
 def test_a_bf16_evaluation_builds_the_gpu_model_in_bf16():
     from base.model import transformer_config_kwargs
     from base.presets import get_preset
-    from specialize.infer.model import inference_config
-    from specialize.train.engine import model_options
+    from specialize.infer.model import inference_options
 
     arch = get_preset("qwen-14b")
     for dtype, params_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        options = dataclasses.replace(model_options(inference_config(arch, 2, 1, dtype)), spec="te")
+        options = dataclasses.replace(inference_options(arch, 2, 1, dtype), spec="te")
         kwargs = transformer_config_kwargs(arch, options)
         assert (kwargs["params_dtype"], kwargs["bf16"]) == (params_dtype, dtype == "bf16")
 

@@ -220,11 +220,11 @@ def _max_abs_weight(path: Path) -> float:
     """The largest weight magnitude in a qwen-nano checkpoint (loaded in this process)."""
     from base.model import ModelOptions, build_model
     from base.presets import get_preset
-    from specialize import checkpoint
+    from specialize.checkpoint.state import load_model_weights
 
     arch = get_preset("qwen-nano")
     model = build_model(arch, ModelOptions(spec="local", initialize=False))
-    checkpoint.load_model_weights(model, path, arch)
+    load_model_weights(model, path, arch)
     return max(p.detach().abs().max().item() for p in model.parameters())
 
 
@@ -330,11 +330,12 @@ def test_spike_settings_are_checked(override, message):
 def test_checkpointer_refuses_to_save_after_a_diverged_step(monkeypatch):
     from types import SimpleNamespace
 
-    from specialize import checkpoint
     from specialize.train.callbacks import Checkpointer
 
     saved = []
-    monkeypatch.setattr(checkpoint, "save", lambda *args, **kwargs: saved.append(args))
+    monkeypatch.setattr(
+        "specialize.train.callbacks.save", lambda *args, **kwargs: saved.append(args)
+    )
     trainer = SimpleNamespace(diverged="step 3: loss is nan; stopping", consumed_samples=6)
     with pytest.raises(RuntimeError, match="refusing to save step 3: step 3: loss is nan"):
         Checkpointer()._save(trainer, 3)

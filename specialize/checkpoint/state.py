@@ -1,40 +1,24 @@
-"""Checkpoints with megatron-core ``dist_checkpointing``: atomic, resumable, reshardable.
+"""A checkpoint's tensors and training state with megatron-core ``dist_checkpointing``: save and
+load of an engine (model, optimizer, scheduler, RNG, progress) or of a single model.
 
-Layout of a run directory::
-
-    <dir>/checkpoints/iter_0000020/   megatron torch_dist shards + common.pt
-                      .../config.yaml  the resolved config of the run that wrote it
-                      .../lineage.json parent checkpoint, data manifests, git commit, layout
-    <dir>/checkpoints/latest           name of the newest complete checkpoint
-
-A checkpoint is written to ``.iter_NNNNNNN.partial`` and renamed when every rank has finished, so
-an interrupted save never looks complete. Model and optimizer tensors are saved as sharded tensors
-(any TP/PP/DP can load them); RNG states are per (PP, TP) rank and restored when the layout matches.
-
-Every checkpoint records the size and SHA-256 of each of its files in ``checksums.json``; every load
-verifies them first. ``latest`` is a hint: a run resumes from its newest complete checkpoint whose
-files verify, skipping (with a warning) a corrupt newer one, which a later save of that iteration
-moves aside to ``iter_NNNNNNN.corrupt-<time>``. A save never overwrites an existing checkpoint.
+Model and optimizer tensors are saved as sharded tensors (any TP/PP/DP can load them; the optimizer
+state in one of two formats, below); RNG states are per (PP, TP) rank and restored when the layout
+matches. Where the files go, and which checkpoints count, is ``specialize.checkpoint.layout``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
-import hashlib
 import json
 import logging
 import os
 import pickle
 import queue
 import random
-import re
 import shutil
 import signal
-import subprocess
 import sys
-import time
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,8 +33,25 @@ from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 from base.presets import QwenPreset
 from specialize import config as config_mod
-from specialize.config import checkpoint_root, iteration_dir  # layout shared with stages
-from specialize.data.pretrain import data_manifest_records
+from specialize.checkpoint.architecture import check_architecture, write_architecture
+from specialize.checkpoint.layout import (
+    REQUIRED_FILES,
+    CheckpointError,
+    iteration_dir,
+    make_way_for,
+    mark_latest,
+    partial_dir,
+    prune,
+    remove_partial_saves,
+    verify_checkpoint,
+    write_checksums,
+)
+from specialize.checkpoint.lineage import (
+    conversion_record,
+    lineage_record,
+    parallel_layout,
+    write_lineage,
+)
 from specialize.train.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -74,222 +75,6 @@ _OPTIMIZER_METADATA = {
         "distrib_optim_fully_reshardable_mem_efficient": True,
     },
 }
-LATEST = "latest"
-ARCH_FILE = "arch.json"
-CHECKSUMS = "checksums.json"
-# What dist_checkpointing's torch_dist format cannot load without (checked when no checksums exist).
-_REQUIRED_FILES = ("metadata.json", "common.pt", ".metadata")
-_ITERATION_NAME = re.compile(r"iter_(\d+)")  # not .iter_*.partial, not iter_*.corrupt-*
-# Written by a staged run into each stage's run directory; lineage records copy it.
-STAGE_FILE = "stage.json"
-# Fields that must agree between a checkpoint and the model loading it (the context length may not).
-_ARCH_MUST_MATCH = (
-    "hidden_size",
-    "num_attention_heads",
-    "num_layers",
-    "ffn_hidden_size",
-    "padded_vocab_size",
-    "query_groups",
-    "rotary_base",
-    "norm_epsilon",
-)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or incompatible."""
-
-
-def find_latest(run_dir: str | Path) -> Path | None:
-    """The checkpoint a run resumes from: its newest complete one whose files verify.
-
-    ``latest`` is only a hint (deleted, or stale after a kill between a save's rename and its
-    marker): every complete ``iter_*`` directory counts. A corrupt newer one is skipped with a
-    warning, since resuming from an older one re-trains the same steps; if none verifies, the
-    newest corrupt one is named in a CheckpointError."""
-    root = checkpoint_root(run_dir)
-    intact, corrupt = _newest_intact(root)
-    if corrupt:
-        if intact is None:
-            raise CheckpointError(
-                f"{corrupt[0][1]}; {root} holds no earlier intact checkpoint to resume from "
-                f"(move {corrupt[0][0].name} aside to train from the start)"
-            )
-        for _, reason in corrupt:
-            _warn(f"{reason}; resuming from {intact}, the newest intact checkpoint")
-    elif intact is not None:
-        _check_marker(root, intact)
-    elif (root / LATEST).is_file():
-        _warn(f"{root / LATEST} names {_marker(root)}, but {root} holds no complete checkpoint")
-    return intact
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory (its newest complete checkpoint, which must
-    verify: a run directory named for init, eval or export never silently means an older one)."""
-    path = Path(path)
-    if (path / "metadata.json").is_file():
-        return path
-    root = checkpoint_root(path)
-    intact, corrupt = _newest_intact(root) if path.is_dir() else (None, [])
-    if corrupt:
-        earlier = f"; the previous checkpoint {intact} verifies: name it instead" if intact else ""
-        raise CheckpointError(f"{corrupt[0][1]}{earlier}")
-    if intact is None:
-        raise CheckpointError(
-            f"{path}: not a checkpoint (no metadata.json) and no complete checkpoint in {root}"
-        )
-    _check_marker(root, intact)
-    return intact
-
-
-def complete_checkpoints(run_dir: str | Path) -> list[Path]:
-    """The run's finished checkpoints, newest first (not verified)."""
-    return _complete_checkpoints(checkpoint_root(run_dir))
-
-
-def _complete_checkpoints(root: Path) -> list[Path]:
-    """``iter_*`` directories that a save finished (renamed from ``.partial``), newest first."""
-    if not root.is_dir():
-        return []
-    found = [
-        (int(match.group(1)), path)
-        for path in root.iterdir()
-        if (match := _ITERATION_NAME.fullmatch(path.name)) and (path / "metadata.json").is_file()
-    ]
-    return [path for _, path in sorted(found, reverse=True)]
-
-
-def _newest_intact(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest complete checkpoint that verifies, and the (path, reason) of newer corrupt ones."""
-    corrupt = []
-    for path in _complete_checkpoints(root):
-        try:
-            verify_checkpoint(path)
-        except CheckpointError as e:
-            corrupt.append((path, str(e)))
-            continue
-        return path, corrupt
-    return None, corrupt
-
-
-def _marker(root: Path) -> str | None:
-    marker = root / LATEST
-    return marker.read_text().strip() if marker.is_file() else None
-
-
-def _check_marker(root: Path, found: Path) -> None:
-    named = _marker(root)
-    if named is None:
-        _warn(f"{root / LATEST} is missing; using {found}, the newest complete checkpoint")
-    elif named != found.name:
-        _warn(f"{root / LATEST} names {named}; using {found}, the newest intact checkpoint")
-
-
-_warned: set[str] = set()
-
-
-def _warn(message: str) -> None:
-    """Log once per process, on rank 0 (every rank finds the same)."""
-    if message in _warned or (dist.is_initialized() and dist.get_rank() != 0):
-        return
-    _warned.add(message)
-    log.warning(message)
-
-
-# ----------------------------------------------------------------------------- integrity
-
-
-def write_checksums(path: Path) -> None:
-    """Record the size and SHA-256 of every file of a checkpoint directory (written last)."""
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-    record = {
-        "algorithm": "sha256",
-        "files": {
-            str(p.relative_to(path)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-            for p in files
-        },
-    }
-    (path / CHECKSUMS).write_text(json.dumps(record, indent=2) + "\n")
-
-
-# Verified checkpoints and the (name, size, mtime, inode) of their files then: each is hashed once
-# per process although the resume path reaches it through find_latest and then a load.
-_verified: dict[Path, tuple] = {}
-
-
-def verify_checkpoint(path: str | Path) -> None:
-    """Raise CheckpointError naming the checkpoint and its first missing, truncated or altered
-    file. One written before checksums were recorded is only checked for its structure."""
-    path = Path(path)
-    record_file = path / CHECKSUMS
-    if not record_file.is_file():
-        for name in _REQUIRED_FILES:
-            if not (path / name).is_file():
-                raise CheckpointError(f"{path}: {name} is missing (not a complete checkpoint)")
-        _warn(f"{path}: no {CHECKSUMS} (written by an older version); its files are not verified")
-        return
-    key, signature = path.resolve(), _file_signature(path)
-    if _verified.get(key) == signature:
-        return
-    try:
-        files = json.loads(record_file.read_text())["files"]
-        recorded = {
-            name: (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()
-        }
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{record_file}: unreadable ({type(e).__name__}: {e})") from None
-    for name, (size, _) in recorded.items():  # sizes first: a truncation is found without hashing
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{path}: {name} is missing")
-        if file.stat().st_size != size:
-            raise CheckpointError(
-                f"{path}: {name} is {file.stat().st_size} bytes, {size} when saved"
-            )
-    for name, (_, digest) in recorded.items():
-        try:
-            actual = _sha256(path / name)
-        except OSError as e:
-            raise CheckpointError(f"{path}: {name} cannot be read ({e.strerror})") from None
-        if actual != digest:
-            raise CheckpointError(f"{path}: {name} differs from the checksum recorded at save")
-    _verified[key] = signature
-
-
-def _file_signature(path: Path) -> tuple:
-    stats = ((p, p.stat()) for p in sorted(path.rglob("*")) if p.is_file())
-    return tuple((str(p), s.st_size, s.st_mtime_ns, s.st_ino) for p, s in stats)
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _set_aside(path: Path) -> Path:
-    """Rename a corrupt checkpoint out of the way of a new save of its iteration (never delete)."""
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    target = path.with_name(f"{path.name}.corrupt-{stamp}")
-    n = 1
-    while target.exists():
-        n += 1
-        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
-    os.replace(path, target)
-    return target
-
-
-def _make_way_for(path: Path) -> str | None:
-    """Before a save of an existing iteration (rank 0): set a corrupt or incomplete checkpoint
-    there aside; an intact one is never overwritten, so return the refusal."""
-    try:
-        if not (path / "metadata.json").is_file():
-            raise CheckpointError(f"{path}: metadata.json is missing (an incomplete checkpoint)")
-        verify_checkpoint(path)
-    except CheckpointError as e:
-        target = _set_aside(path)
-        log.warning("%s; moved it to %s to save this iteration again", e, target)
-        return None
-    return f"{path} exists; a save never overwrites a checkpoint (resume from it, or move it away)"
 
 
 # ----------------------------------------------------------------------------- writer processes
@@ -351,14 +136,6 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _layout() -> dict:
-    return {
-        "tensor": parallel_state.get_tensor_model_parallel_world_size(),
-        "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
-        "data": parallel_state.get_data_parallel_world_size(),
-    }
-
-
 def _rng_sharded_object() -> ShardedObject:
     return ShardedObject(
         "rng_state",
@@ -412,7 +189,7 @@ def _optimizer_record(engine: Engine, fmt: str) -> dict:
     with the common state, which rank 0 writes: the buckets of every (PP, TP) rank are in it)."""
     buckets = [None] * dist.get_world_size()
     dist.all_gather_object(buckets, (_stage_key(), _buckets(engine)))
-    layout = _layout()
+    layout = parallel_layout()
     return {
         "format": fmt,
         "tensor": layout["tensor"],
@@ -429,7 +206,7 @@ def loadable_optimizer_format(path: Path, record: dict | None, engine: Engine) -
         return FULLY_RESHARDABLE  # a plain optimizer's state reshards anyway
     if record["format"] != DP_RESHARDABLE:
         return record["format"]
-    here = _layout()
+    here = parallel_layout()
     if (record["tensor"], record["pipeline"]) != (here["tensor"], here["pipeline"]):
         raise CheckpointError(
             f"{path}: its optimizer state is saved per data-parallel shard (dp_reshardable), "
@@ -460,65 +237,25 @@ def _sharded_state(
     state["scheduler"] = engine.scheduler.state_dict()
     state["rng_state"] = _rng_sharded_object()
     state["progress"] = {"iteration": iteration, "consumed_samples": consumed_samples}
-    state["layout"] = _layout()
+    state["layout"] = parallel_layout()
     return state
 
 
 # ----------------------------------------------------------------------------- save
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def lineage_record(
-    engine: Engine, iteration: int, consumed_samples: int, parent: str | None
-) -> dict:
-    manifests = data_manifest_records(engine.cfg.data.paths)
-    stage_file = Path(engine.cfg.checkpoint.dir) / STAGE_FILE
-    return {
-        "name": engine.cfg.name,
-        "iteration": iteration,
-        "consumed_samples": consumed_samples,
-        "parent": parent,
-        "init": engine.cfg.init.checkpoint,
-        "stage": json.loads(stage_file.read_text()) if stage_file.is_file() else None,
-        "data_manifests": manifests,
-        "git_commit": git_commit(),
-        "layout": _layout(),
-        "preset": engine.preset.name,  # the shape's preset, or NAME+custom
-        # What `auto` chose depends on the machine; a resume on another one is checked against it.
-        "model_spec": {
-            "requested": engine.cfg.model.spec,
-            "resolved": engine.cfg.model.resolved_spec(),
-        },
-    }
-
-
 def save(engine: Engine, iteration: int, consumed_samples: int, parent: str | None = None) -> Path:
     """Write a complete checkpoint of ``engine`` at ``iteration``; returns its directory."""
     run_dir = engine.cfg.checkpoint.dir
     final = iteration_dir(run_dir, iteration)
-    partial = final.parent / f".{final.name}.partial"
+    partial = partial_dir(final)
     rank0 = dist.get_rank() == 0
-    refusal = [_make_way_for(final) if rank0 and final.exists() else None]
+    refusal = [make_way_for(final) if rank0 and final.exists() else None]
     dist.broadcast_object_list(refusal, src=0)  # every rank stops, or none
     if refusal[0] is not None:
         raise CheckpointError(refusal[0])
     if rank0:
-        # Saves are sequential: any partial directory here is from an interrupted run.
-        for stale in final.parent.glob(".iter_*.partial"):
-            shutil.rmtree(stale)
+        remove_partial_saves(final.parent)
         partial.mkdir(parents=True)
     dist.barrier()
     engine.sync_params()  # the overlapped parameter all-gather of the last step
@@ -531,12 +268,11 @@ def save(engine: Engine, iteration: int, consumed_samples: int, parent: str | No
     if rank0:
         (partial / "config.yaml").write_text(config_mod.to_yaml(engine.cfg))
         write_architecture(partial, engine.preset)
-        record = lineage_record(engine, iteration, consumed_samples, parent)
-        (partial / "lineage.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_lineage(partial, lineage_record(engine, iteration, consumed_samples, parent))
         write_checksums(partial)
         os.replace(partial, final)
-        _write_atomic(final.parent / LATEST, final.name + "\n")
-        _prune(final.parent, engine.cfg.checkpoint.keep_last, iteration)
+        mark_latest(final)
+        prune(final.parent, engine.cfg.checkpoint.keep_last, iteration)
     dist.barrier()
     return final
 
@@ -554,7 +290,7 @@ def save_weights(
     ``write_extra(directory)`` may add files (e.g. ``long_context.json``) before the checksums,
     which cover every file, are recorded."""
     out = Path(out)
-    partial = out.parent / f".{out.name}.partial"
+    partial = partial_dir(out)
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
@@ -563,8 +299,7 @@ def save_weights(
         dist_checkpointing.save({"model": module.sharded_state_dict()}, str(partial))
     write_architecture(partial, arch)
     (partial / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
-    lineage = {"parent": report.get("source"), "git_commit": git_commit(), "conversion": report}
-    (partial / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
+    write_lineage(partial, conversion_record(report))
     for file in extra_files:
         shutil.copyfile(file, partial / Path(file).name)
     if write_extra is not None:
@@ -576,58 +311,14 @@ def save_weights(
     return out
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _prune(root: Path, keep_last: int, saved: int | None = None) -> None:
-    """Keep the newest ``keep_last`` complete checkpoints up to the one just ``saved``; newer ones
-    (corrupt, skipped by a resume) wait to be set aside when their iteration is saved again."""
-    if keep_last <= 0:
-        return
-    done = [
-        path
-        for path in _complete_checkpoints(root)
-        if saved is None or int(_ITERATION_NAME.fullmatch(path.name).group(1)) <= saved
-    ]
-    for old in done[keep_last:]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # ----------------------------------------------------------------------------- load
-
-
-def write_architecture(path: Path, arch: QwenPreset) -> None:
-    record = {**dataclasses.asdict(arch), "query_groups": arch.query_groups}
-    (path / ARCH_FILE).write_text(json.dumps(record, indent=2) + "\n")
-
-
-def check_architecture(path: Path, arch: QwenPreset) -> None:
-    """Refuse a checkpoint of another shape with a message saying what differs."""
-    record_file = path / ARCH_FILE
-    if not record_file.is_file():
-        return  # written elsewhere: dist_checkpointing's own shape checks still apply
-    saved = json.loads(record_file.read_text())
-    ours = {**dataclasses.asdict(arch), "query_groups": arch.query_groups}
-    diffs = [
-        f"{k}: {saved.get(k)} in the checkpoint, {ours[k]} here"
-        for k in _ARCH_MUST_MATCH
-        if saved.get(k) != ours[k]
-    ]
-    if diffs:
-        raise CheckpointError(
-            f"{path} holds a {saved.get('name')} model but this run builds {arch.name} ({'; '.join(diffs)}). "
-            "Set model.preset (or the model.* overrides) to the checkpoint's architecture."
-        )
 
 
 def load_for_resume(engine: Engine, path: Path) -> tuple[int, int]:
     """Restore model, optimizer, scheduler, RNG; returns (iteration, consumed_samples)."""
     _check_before_load(path, engine.preset)
     common = _load_common(path)
-    same_layout = common.get("layout") == _layout()
+    same_layout = common.get("layout") == parallel_layout()
     fmt = loadable_optimizer_format(path, common.get("optimizer_format"), engine)
     state = _sharded_state(engine, 0, 0, is_loading=True, fmt=fmt)
     if not same_layout:
@@ -637,7 +328,7 @@ def load_for_resume(engine: Engine, path: Path) -> tuple[int, int]:
             "resuming %s at another layout %s -> %s: RNG states start fresh",
             path,
             common.get("layout"),
-            _layout(),
+            parallel_layout(),
         )
     loaded = _load(state, path)
     _load_model(engine, loaded)
@@ -754,7 +445,7 @@ def damaged_is_an_error(path: Path) -> Iterator[None]:
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from torch.distributed.checkpoint import CheckpointException
 
-    for name in _REQUIRED_FILES:  # megatron fails on a missing common.pt with an AttributeError
+    for name in REQUIRED_FILES:  # megatron fails on a missing common.pt with an AttributeError
         if not (path / name).is_file():
             raise CheckpointError(f"{path}: {name} is missing (not a complete checkpoint)")
     if not zipfile.is_zipfile(path / "common.pt"):  # a torch.save archive; truncation breaks it

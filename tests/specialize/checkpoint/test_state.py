@@ -1,6 +1,6 @@
-"""Checkpoint directory rules: only complete checkpoints count, the newest N are kept, a save never
-overwrites one, every load verifies the files' checksums, a corrupt newest checkpoint is skipped
-on resume, and a killed save leaves no writer process behind."""
+"""Saving and loading with a real model: every load refuses an altered file, a save never
+overwrites a checkpoint and sets a corrupt one aside, a killed save leaves no writer process behind,
+the optimizer's formats and what they resume, and init weights that survive the first BF16 step."""
 
 from __future__ import annotations
 
@@ -16,185 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from specialize.checkpoint import (
-    CheckpointError,
-    _prune,
-    find_latest,
-    iteration_dir,
-    resolve_checkpoint,
-)
 from tests.distributed import run_distributed
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 NANO = str(ROOT / "configs/base/qwen-nano.yaml")
 LOGGER = "specialize.checkpoint"
-
-
-def _fake_checkpoint(run: Path, iteration: int, checksums: bool = True) -> Path:
-    """A directory shaped like a torch_dist checkpoint (what the directory rules look at)."""
-    from specialize.checkpoint import write_checksums
-
-    path = iteration_dir(run, iteration)
-    path.mkdir(parents=True)
-    (path / "metadata.json").write_text("{}")
-    (path / "common.pt").write_bytes(b"common")
-    (path / ".metadata").write_bytes(b"metadata")
-    (path / "__0_0.distcp").write_bytes(bytes(range(256)) * 64)
-    if checksums:
-        write_checksums(path)
-    return path
-
-
-def _warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == LOGGER]
-
-
-def test_latest_names_only_complete_checkpoints(tmp_path: Path, caplog):
-    assert find_latest(tmp_path) is None
-    done = _fake_checkpoint(tmp_path, 10)
-    (done.parent / ".iter_0000020.partial").mkdir()  # an interrupted save
-    (done.parent / "latest").write_text(done.name + "\n")
-    assert find_latest(tmp_path) == done
-    assert resolve_checkpoint(tmp_path) == done  # a run directory resolves to its newest checkpoint
-    assert resolve_checkpoint(done) == done
-    (done.parent / "latest").write_text("iter_0000020\n")  # a marker is a hint, not the truth
-    with caplog.at_level(logging.WARNING, logger=LOGGER):
-        assert find_latest(tmp_path) == done
-    assert any("names iter_0000020" in w and str(done) in w for w in _warnings(caplog))
-
-
-def test_resolve_rejects_a_directory_without_checkpoints(tmp_path: Path):
-    with pytest.raises(CheckpointError, match="not a checkpoint"):
-        resolve_checkpoint(tmp_path)
-
-
-def test_keep_last(tmp_path: Path):
-    for iteration in (5, 10, 15, 20):
-        _fake_checkpoint(tmp_path, iteration)
-    root = iteration_dir(tmp_path, 0).parent
-    _prune(root, keep_last=2)
-    assert sorted(p.name for p in root.iterdir()) == ["iter_0000015", "iter_0000020"]
-    _prune(root, keep_last=0)  # 0 keeps everything
-    assert len(list(root.iterdir())) == 2
-
-
-def test_a_checkpoint_of_another_architecture_is_refused(tmp_path: Path):
-    from base.presets import get_preset
-    from specialize.checkpoint import check_architecture, write_architecture
-
-    write_architecture(tmp_path, get_preset("qwen-nano"))
-    check_architecture(tmp_path, get_preset("qwen-nano"))
-    with pytest.raises(CheckpointError) as e:
-        check_architecture(tmp_path, get_preset("qwen-tiny"))
-    message = str(e.value)
-    assert "holds a qwen-nano model but this run builds qwen-tiny" in message
-    assert "hidden_size: 32 in the checkpoint, 128 here" in message and "model.preset" in message
-
-
-# ----------------------------------------------------------------------------- the latest marker
-
-
-def test_missing_latest_marker_finds_the_newest_complete_checkpoint(tmp_path: Path, caplog):
-    for iteration in (2, 5, 10):
-        newest = _fake_checkpoint(tmp_path, iteration)
-    root = newest.parent
-    (root / ".iter_0000011.partial").mkdir()  # an interrupted save does not count
-    (root / "iter_0000012.corrupt-20240101T000000").mkdir()  # nor one set aside
-    (root / "iter_0000012.corrupt-20240101T000000" / "metadata.json").write_text("{}")
-    with caplog.at_level(logging.WARNING, logger=LOGGER):
-        assert find_latest(tmp_path) == newest
-        assert resolve_checkpoint(tmp_path) == newest
-    assert any(f"{root / 'latest'} is missing" in w for w in _warnings(caplog))
-
-
-def test_stale_latest_marker_loses_to_a_newer_complete_checkpoint(tmp_path: Path, caplog):
-    """A kill between a save's rename and its marker leaves the marker one checkpoint behind; a
-    resume from it would reach the newer iteration and have to overwrite it."""
-    older = _fake_checkpoint(tmp_path, 5)
-    newer = _fake_checkpoint(tmp_path, 10)
-    (older.parent / "latest").write_text(older.name + "\n")
-    with caplog.at_level(logging.WARNING, logger=LOGGER):
-        assert find_latest(tmp_path) == newer
-    assert any("names iter_0000005" in w for w in _warnings(caplog))
-
-
-def test_keep_last_keeps_checkpoints_newer_than_the_one_saved(tmp_path: Path):
-    """Resumed from iter_8 past a corrupt iter_10, saving iter_9 must not prune iter_8 and keep
-    the corrupt one (it is set aside when iter_10 is saved again)."""
-    for iteration in (7, 8, 9, 10):
-        _fake_checkpoint(tmp_path, iteration)
-    root = iteration_dir(tmp_path, 0).parent
-    _prune(root, keep_last=2, saved=9)
-    assert sorted(p.name for p in root.iterdir()) == [
-        "iter_0000008",
-        "iter_0000009",
-        "iter_0000010",
-    ]
-
-
-# ----------------------------------------------------------------------------- checksums
-
-
-def test_checksums_name_the_altered_file(tmp_path: Path):
-    from specialize.checkpoint import verify_checkpoint
-
-    path = _fake_checkpoint(tmp_path, 1)
-    verify_checkpoint(path)
-    data = bytearray((path / "__0_0.distcp").read_bytes())
-    data[100:200] = bytes(100)  # same size: only the hash tells
-    (path / "__0_0.distcp").write_bytes(bytes(data))
-    with pytest.raises(CheckpointError) as e:
-        verify_checkpoint(path)
-    assert str(e.value) == f"{path}: __0_0.distcp differs from the checksum recorded at save"
-
-
-def test_checkpoint_without_checksums_is_used_with_a_warning(tmp_path: Path, caplog):
-    from specialize.checkpoint import verify_checkpoint
-
-    path = _fake_checkpoint(tmp_path, 1, checksums=False)
-    with caplog.at_level(logging.WARNING, logger=LOGGER):
-        verify_checkpoint(path)
-        assert find_latest(tmp_path) == path
-    assert any("no checksums.json" in w and str(path) in w for w in _warnings(caplog))
-    (path / ".metadata").unlink()  # still, what cannot load is found before torch's traceback
-    with pytest.raises(CheckpointError, match=r"\.metadata is missing"):
-        verify_checkpoint(path)
-
-
-# ----------------------------------------------------------------------------- corrupt newest
-
-
-@pytest.mark.parametrize("fault", ["truncated distcp", "missing .metadata"])
-def test_corrupt_newest_checkpoint_falls_back_on_resume_with_a_warning(
-    tmp_path: Path, caplog, fault: str
-):
-    previous = _fake_checkpoint(tmp_path, 5)
-    newest = _fake_checkpoint(tmp_path, 10)
-    (newest.parent / "latest").write_text(newest.name + "\n")
-    if fault == "truncated distcp":
-        os.truncate(newest / "__0_0.distcp", 1000)
-    else:
-        (newest / ".metadata").unlink()
-    with caplog.at_level(logging.WARNING, logger=LOGGER):
-        assert find_latest(tmp_path) == previous
-    (warning,) = [w for w in _warnings(caplog) if str(newest) in w]
-    assert ("__0_0.distcp" if fault == "truncated distcp" else ".metadata") in warning
-    assert f"resuming from {previous}" in warning
-    # Named explicitly (init=, eval, export), a run directory never silently means an older one.
-    with pytest.raises(CheckpointError) as e:
-        resolve_checkpoint(tmp_path)
-    assert str(newest) in str(e.value) and f"previous checkpoint {previous}" in str(e.value)
-    assert "\n" not in str(e.value)
-
-
-def test_corrupt_only_checkpoint_stops_with_one_line_naming_it(tmp_path: Path):
-    only = _fake_checkpoint(tmp_path, 10)
-    (only / ".metadata").unlink()
-    with pytest.raises(CheckpointError) as e:
-        find_latest(tmp_path)
-    message = str(e.value)
-    assert message.startswith(f"{only}: .metadata is missing") and "\n" not in message
-    assert "no earlier intact checkpoint" in message
 
 
 # ----------------------------------------------------------------------------- with a real model
@@ -221,12 +47,13 @@ class _Collect(logging.Handler):
 
 def _loads_of_altered_checkpoints(rank: int, world_size: int, tmp: str, shard: str) -> dict:
     from specialize import checkpoint
+    from specialize.checkpoint import state
 
     warnings = _Collect()
     logging.getLogger(LOGGER).addHandler(warnings)
     trainer = _train(_common(f"{tmp}/run", shard), "train.steps=1")
     engine, saved = trainer.engine, trainer.last_checkpoint
-    converted = checkpoint.save_weights(
+    converted = state.save_weights(
         engine.model[0],
         Path(tmp, "converted"),
         engine.preset,
@@ -235,13 +62,13 @@ def _loads_of_altered_checkpoints(rank: int, world_size: int, tmp: str, shard: s
         write_extra=lambda directory: (directory / "long_context.json").write_text("{}"),
     )
     loads = {
-        "load_for_resume": lambda: checkpoint.load_for_resume(engine, saved),
-        "load_weights": lambda: checkpoint.load_weights(engine, saved),
-        "load_weights_and_optimizer": lambda: checkpoint.load_weights_and_optimizer(engine, saved),
-        "load_model_weights": lambda: checkpoint.load_model_weights(
+        "load_for_resume": lambda: state.load_for_resume(engine, saved),
+        "load_weights": lambda: state.load_weights(engine, saved),
+        "load_weights_and_optimizer": lambda: state.load_weights_and_optimizer(engine, saved),
+        "load_model_weights": lambda: state.load_model_weights(
             engine.model[0], saved, engine.preset
         ),
-        "load_model_weights converted": lambda: checkpoint.load_model_weights(
+        "load_model_weights converted": lambda: state.load_model_weights(
             engine.model[0], converted, engine.preset
         ),
     }
@@ -266,9 +93,9 @@ def _loads_of_altered_checkpoints(rank: int, world_size: int, tmp: str, shard: s
         except checkpoint.CheckpointError as e:
             errors[name] = str(e)
     # One written before checksums existed still loads, with a warning.
-    older = checkpoint.save(engine, 2, trainer.consumed_samples)
+    older = state.save(engine, 2, trainer.consumed_samples)
     (older / "checksums.json").unlink()
-    checkpoint.load_weights(engine, older)
+    state.load_weights(engine, older)
     return {
         "saved": str(saved),
         "converted": str(converted),
@@ -329,6 +156,7 @@ def _files(root: Path) -> dict[str, tuple[int, int]]:
 
 def _runs_without_latest_marker(rank: int, world_size: int, tmp: str, shard: str) -> dict:
     from specialize import checkpoint
+    from specialize.checkpoint import state
 
     common = _common(f"{tmp}/run", shard) + ["checkpoint.keep_last=0"]
     _train(common, "train.steps=3")
@@ -338,7 +166,7 @@ def _runs_without_latest_marker(rank: int, world_size: int, tmp: str, shard: str
     second = _train(common, "train.steps=4")
     after = _files(root)
     try:
-        checkpoint.save(second.engine, 2, second.consumed_samples)
+        state.save(second.engine, 2, second.consumed_samples)
         refused = None
     except checkpoint.CheckpointError as e:
         refused = str(e)
@@ -418,7 +246,7 @@ def _save_held_in_its_writers(run_dir: str, pids_dir: str) -> None:
         FileSystemWriterAsync,
     )
 
-    from specialize import checkpoint
+    from specialize.checkpoint import state
 
     write = FileSystemWriterAsync.write_preloaded_data
 
@@ -428,7 +256,7 @@ def _save_held_in_its_writers(run_dir: str, pids_dir: str) -> None:
         return write(*args, **kwargs)
 
     FileSystemWriterAsync.write_preloaded_data = staticmethod(held)
-    checkpoint.save(_nano_engine(run_dir), 1, 0)
+    state.save(_nano_engine(run_dir), 1, 0)
 
 
 def _alive(pid: int) -> bool:
@@ -447,7 +275,7 @@ def test_killed_save_leaves_no_writer_process(tmp_path: Path):
     pids_dir = tmp_path / "writers"
     pids_dir.mkdir()
     code = (
-        "from tests.specialize.test_checkpoint import _save_held_in_its_writers as f; "
+        "from tests.specialize.checkpoint.test_state import _save_held_in_its_writers as f; "
         f"f({str(tmp_path / 'run')!r}, {str(pids_dir)!r})"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -480,7 +308,7 @@ def test_killed_save_leaves_no_writer_process(tmp_path: Path):
 
 
 def test_final_checkpoints_are_fully_reshardable_and_the_others_fast():
-    from specialize.checkpoint import DP_RESHARDABLE, FULLY_RESHARDABLE, optimizer_format
+    from specialize.checkpoint.state import DP_RESHARDABLE, FULLY_RESHARDABLE, optimizer_format
     from specialize.config import load_config
 
     cfg = load_config(NANO, ["train.steps=20"])
@@ -519,12 +347,13 @@ def _resumes_at_another_layout(rank: int, world_size: int, tmp: str) -> dict:
     from megatron.core import dist_checkpointing
 
     from specialize import checkpoint
+    from specialize.checkpoint import state
     from tests.specialize.train.test_engine import random_batches
 
     engine = _dist_opt_engine(f"{tmp}/dp2")  # DP=2
     engine.train_step([random_batches(32, 1)], 1)  # an optimizer state to save
-    between = checkpoint.save(engine, 10, 40)
-    final = checkpoint.save(engine, 20, 80)
+    between = state.save(engine, 10, 40)
+    final = state.save(engine, 20, 80)
     formats = {
         p.name: dist_checkpointing.load_common_state_dict(str(p))["optimizer_format"]["format"]
         for p in (between, final)
@@ -533,14 +362,14 @@ def _resumes_at_another_layout(rank: int, world_size: int, tmp: str) -> dict:
     errors = {}
     try:  # another bucket layout at the same TP/PP
         other = dict(record, buckets={key: [] for key in record["buckets"]})
-        checkpoint.loadable_optimizer_format(between, other, engine)
+        state.loadable_optimizer_format(between, other, engine)
     except checkpoint.CheckpointError as e:
         errors["buckets"] = str(e)
     weights = [p.detach().clone() for p in engine.model[0].parameters()]
     tp2 = _dist_opt_engine(f"{tmp}/tp2", "parallel.tensor=2")  # DP=1
     for path in (between, final):
         try:
-            checkpoint.load_for_resume(tp2, path)
+            state.load_for_resume(tp2, path)
             errors[path.name] = None
         except checkpoint.CheckpointError as e:
             errors[path.name] = str(e)
@@ -548,10 +377,10 @@ def _resumes_at_another_layout(rank: int, world_size: int, tmp: str) -> dict:
 
 
 def _resumes_with_one_data_parallel_rank(rank: int, world_size: int, tmp: str) -> dict:
-    from specialize import checkpoint
+    from specialize.checkpoint import state
 
     engine = _dist_opt_engine(f"{tmp}/dp1", "train.global_batch_size=1")
-    iteration, _ = checkpoint.load_for_resume(engine, Path(tmp, "dp2/checkpoints/iter_0000010"))
+    iteration, _ = state.load_for_resume(engine, Path(tmp, "dp2/checkpoints/iter_0000010"))
     inner = [o.optimizer for o in engine.optimizer.chained_optimizers]
     return {
         "iteration": iteration,
@@ -576,7 +405,7 @@ def test_fast_optimizer_checkpoints_change_only_the_data_parallel_size(tmp_path:
 
 
 def _bf16_init(rank: int, world_size: int, tmp: str) -> dict:
-    from specialize import checkpoint
+    from specialize.checkpoint import state
     from specialize.config import derive, load_config
     from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.train.engine import Engine
@@ -601,10 +430,10 @@ def _bf16_init(rank: int, world_size: int, tmp: str) -> dict:
         return Engine.build(cfg, topo, derive(cfg, topo.world_size))
 
     source = build(1)
-    saved = checkpoint.save_weights(source.model[0], Path(tmp, "init"), source.preset, {}, [])
+    saved = state.save_weights(source.model[0], Path(tmp, "init"), source.preset, {}, [])
     weights = [p.detach().clone() for p in source.model[0].parameters()]
     engine = build(2)
-    checkpoint.load_weights(engine, saved)
+    state.load_weights(engine, saved)
     engine.train_step([random_batches(32, 1)], 1)
     after = [p.detach() for p in engine.model[0].parameters()]
     return {"kept": all(torch.equal(a, b) for a, b in zip(weights, after, strict=True))}
