@@ -34,7 +34,12 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from specialize.checkpoint import CheckpointError, iteration_dir, resolve_checkpoint
+from specialize.checkpoint import (
+    CheckpointError,
+    iteration_dir,
+    read_lineage,
+    resolve_checkpoint,
+)
 from specialize.config import ConfigError, derive, load_config, resolve_stages
 from specialize.eval.config import EvalConfig, to_yaml
 from specialize.lock import LockHeld, exclusive
@@ -568,9 +573,8 @@ class Pipeline:
                 entry.update(recipe=step.recipe, overrides=step.overrides, parent=step.init)
                 final = self.final_checkpoint(step) if done else None
                 entry["checkpoint"] = None if final is None else str(final)
-                lineage = None if final is None else final / "lineage.json"
-                if lineage is not None and lineage.is_file():
-                    record = json.loads(lineage.read_text())
+                record = {} if final is None else read_lineage(final)
+                if record:
                     entry["parent_checkpoint"] = record.get("init")
                     entry["data_manifests"] = record.get("data_manifests")
                     entry["git_commit"] = record.get("git_commit")

@@ -41,6 +41,7 @@ REQUIRED_FILES = ("metadata.json", "common.pt", ".metadata")
 _ITERATION_NAME = re.compile(r"iter_(\d+)")  # not .iter_*.partial, not iter_*.corrupt-*
 # Written by a staged run into each stage's run directory; lineage records copy it.
 STAGE_FILE = "stage.json"
+LINEAGE_FILE = "lineage.json"  # written by ``checkpoint.lineage``; read here, without megatron-core
 
 
 class CheckpointError(RuntimeError):
@@ -55,6 +56,21 @@ def checkpoint_root(run_dir: str | Path) -> Path:
 def iteration_dir(run_dir: str | Path, iteration: int) -> Path:
     """The checkpoint of ``iteration`` in a run directory."""
     return checkpoint_root(run_dir) / f"iter_{iteration:07d}"
+
+
+def read_lineage(path: str | Path) -> dict:
+    """A checkpoint's lineage record (``{}`` for a checkpoint written without one, e.g. by an
+    older version); a damaged record is a one-line ``CheckpointError`` naming the file."""
+    file = Path(path) / LINEAGE_FILE
+    if not file.is_file():
+        return {}
+    try:
+        record = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{file}: unreadable lineage record ({e})") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{file}: not a lineage record (not a JSON object)")
+    return record
 
 
 def partial_dir(final: Path) -> Path:

@@ -9,11 +9,9 @@ from pathlib import Path
 
 from megatron.core import parallel_state
 
-from specialize.checkpoint.layout import STAGE_FILE
+from specialize.checkpoint.layout import LINEAGE_FILE, STAGE_FILE
 from specialize.data.pretrain import data_manifest_records
 from specialize.train.engine import Engine
-
-LINEAGE_FILE = "lineage.json"
 
 
 def git_commit() -> str:

@@ -306,8 +306,7 @@ def _checked_latest(stage: Stage) -> Path | None:
     latest = checkpoint.find_latest(stage.cfg.checkpoint.dir)
     if latest is None:
         return None
-    lineage_file = latest / "lineage.json"
-    recorded = json.loads(lineage_file.read_text()).get("init") if lineage_file.is_file() else None
+    recorded = checkpoint.read_lineage(latest).get("init")
     expected = stage.cfg.init.checkpoint
     if _resolved(recorded) != _resolved(expected):
         raise checkpoint.CheckpointError(

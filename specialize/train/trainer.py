@@ -7,7 +7,6 @@ optimizer state, or the optimizer, schedule position and step count.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections import deque
@@ -124,9 +123,7 @@ def _describe_change(old: dict | None, new: dict | None) -> str:
 def check_same_data(cfg: RecipeConfig, path: Path, warn: bool, what: str = "") -> None:
     """Refuse to continue checkpoint ``path`` on other data than its lineage records, unless
     ``data.allow_changed`` (then warn, if ``warn``). ``what`` prefixes the message (a stage)."""
-    lineage_file = path / "lineage.json"
-    lineage = json.loads(lineage_file.read_text()) if lineage_file.is_file() else {}
-    recorded = lineage.get("data_manifests")
+    recorded = checkpoint.read_lineage(path).get("data_manifests")
     if recorded is None:
         if warn:
             log.warning("%s records no data manifests; cannot check its data is unchanged", path)
@@ -156,9 +153,7 @@ def check_same_spec(cfg: RecipeConfig, path: Path, warn: bool) -> None:
     """Refuse to continue checkpoint ``path`` with other layers than its lineage records when
     ``model.spec=auto`` chose them (a resume on another kind of machine); an explicit spec is
     followed, with a warning (if ``warn``)."""
-    lineage_file = path / "lineage.json"
-    lineage = json.loads(lineage_file.read_text()) if lineage_file.is_file() else {}
-    recorded = (lineage.get("model_spec") or {}).get("resolved")
+    recorded = (checkpoint.read_lineage(path).get("model_spec") or {}).get("resolved")
     now = cfg.model.resolved_spec()
     if recorded is None or recorded == now:
         return

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from specialize.checkpoint.layout import (
+    LINEAGE_FILE,
     CheckpointError,
     find_latest,
     iteration_dir,
     prune,
+    read_lineage,
     resolve_checkpoint,
 )
 
@@ -173,3 +175,17 @@ def test_corrupt_only_checkpoint_stops_with_one_line_naming_it(tmp_path: Path):
     message = str(e.value)
     assert message.startswith(f"{only}: .metadata is missing") and "\n" not in message
     assert "no earlier intact checkpoint" in message
+
+
+def test_lineage_is_read_in_one_place_and_a_damaged_record_is_one_line(tmp_path: Path):
+    ckpt = tmp_path / "iter_0000001"
+    ckpt.mkdir()
+    assert read_lineage(ckpt) == {}  # written before lineage records existed
+    (ckpt / LINEAGE_FILE).write_text('{"init": "runs/base", "data_manifests": {}}')
+    assert read_lineage(ckpt) == {"init": "runs/base", "data_manifests": {}}
+    (ckpt / LINEAGE_FILE).write_text('{"init": "runs/ba')  # truncated by a full disk
+    with pytest.raises(CheckpointError, match=r"lineage\.json: unreadable lineage record \("):
+        read_lineage(ckpt)
+    (ckpt / LINEAGE_FILE).write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="not a lineage record"):
+        read_lineage(ckpt)
