@@ -13,7 +13,9 @@ import os
 import re
 import sys
 import warnings
+from pathlib import Path
 
+from specialize import gpu_check
 from specialize.config import (
     ConfigError,
     check_machine,
@@ -501,6 +503,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gpu_check(args: argparse.Namespace) -> int:
+    from specialize.gpu_check.checks import CHECKS
+
+    try:
+        selected = gpu_check.select(args.only, [c.name for c in CHECKS])
+    except ValueError as e:
+        print(f"gpu-check: {e}", file=sys.stderr)
+        return 2
+    work = Path(args.work_dir)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"gpu-check: --work-dir {work}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    return gpu_check.gpu_check(work, selected, args.timeout)
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.recipe:
         from specialize.config import to_yaml
@@ -852,9 +871,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.set_defaults(func=cmd_plan)
 
-    from specialize.gpu_check import add_parser as add_gpu_check_parser
-
-    add_gpu_check_parser(sub)
+    check = sub.add_parser(
+        "gpu-check",
+        help="check the GPU path on this machine's GPUs: TE, specs, TP/PP/SP, resume, eval, FP8, "
+        "throughput against the plan",
+        description=gpu_check.__doc__.split("\n\n", 1)[1].rsplit("\n\n", 1)[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit code: 0 all checks that ran passed, 1 a check failed, 3 no CUDA device",
+    )
+    check.add_argument(
+        "--work-dir",
+        default=gpu_check.DEFAULT_WORK_DIR,
+        help=f"data, runs, logs and gpu-check.json (default {gpu_check.DEFAULT_WORK_DIR})",
+    )
+    check.add_argument(
+        "--only", default=None, help="comma-separated check numbers or names, e.g. 1,fp8"
+    )
+    check.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        help="seconds any one command may take before its check fails (default 3600)",
+    )
+    check.set_defaults(func=cmd_gpu_check)
 
     config = sub.add_parser("config", help="show every config field, or a recipe resolved")
     config.add_argument("recipe", nargs="?")

@@ -23,39 +23,10 @@ passed, 1 when any failed, 3 without a CUDA device (nothing checked; every line 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 DEFAULT_WORK_DIR = "runs/gpu-check"
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``specialize gpu-check`` on a ``subparsers`` object."""
-    p = subparsers.add_parser(
-        "gpu-check",
-        help="check the GPU path on this machine's GPUs: TE, specs, TP/PP/SP, resume, eval, FP8, "
-        "throughput against the plan",
-        description=__doc__.split("\n\n", 1)[1].rsplit("\n\n", 1)[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="exit code: 0 all checks that ran passed, 1 a check failed, 3 no CUDA device",
-    )
-    p.add_argument(
-        "--work-dir",
-        default=DEFAULT_WORK_DIR,
-        help=f"data, runs, logs and gpu-check.json (default {DEFAULT_WORK_DIR})",
-    )
-    p.add_argument(
-        "--only", default=None, help="comma-separated check numbers or names, e.g. 1,fp8"
-    )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=3600.0,
-        help="seconds any one command may take before its check fails (default 3600)",
-    )
-    p.set_defaults(func=cmd_gpu_check)
-    return p
 
 
 def select(only: str | None, names: list[str]) -> list[int] | None:
@@ -103,20 +74,3 @@ def gpu_check(work: Path, selected: list[int] | None = None, timeout: float = 36
     path = write_report(work / "gpu-check.json", devices_record(devices), records)
     print(summary_line(records, path))
     return exit_code(records, devices.count > 0)
-
-
-def cmd_gpu_check(args: argparse.Namespace) -> int:
-    from specialize.gpu_check.checks import CHECKS
-
-    try:
-        selected = select(args.only, [c.name for c in CHECKS])
-    except ValueError as e:
-        print(f"gpu-check: {e}", file=sys.stderr)
-        return 2
-    work = Path(args.work_dir)
-    try:
-        work.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"gpu-check: --work-dir {work}: {e.strerror or e}", file=sys.stderr)
-        return 2
-    return gpu_check(work, selected, args.timeout)

@@ -4,6 +4,8 @@ flags, ``--config FILE`` and ``key=value`` overrides describe the same run."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -147,3 +149,14 @@ def test_a_config_file_run_writes_what_the_flag_run_writes(tmp_path):
     assert list(results["tasks"]) == ["perplexity", "gsm8k", "perplexity[none]", "perplexity[ntk]"]
     assert results["tasks"]["gsm8k"]["counts"]["total"] == 2
     assert out["flags"]["stdout"].endswith(f"results: {tmp_path / 'run' / 'results.json'}\n")
+
+
+def test_the_command_line_is_built_without_torch_or_megatron():
+    """`specialize --help`, `config` and `plan` start in a fraction of a second: building the parser
+    imports neither torch nor megatron-core (both load only inside the commands that run models)."""
+    code = (
+        "import sys; from specialize.cli import build_parser; build_parser(); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'megatron'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
