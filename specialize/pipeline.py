@@ -353,18 +353,16 @@ class Pipeline:
             for path in self._data_paths(step):
                 inputs[f"data {path}"] = _manifest_identity(Path(path))
         elif step.kind == "eval":
-            from specialize.eval import perplexity  # torch and megatron-core: eval steps only
+            # The task registry with the plugins' tasks and perplexity (torch and megatron-core):
+            # eval steps only, so other steps and `specialize --help` stay light.
+            import specialize.eval.perplexity  # noqa: F401  (registers the perplexity task)
+            from specialize.eval.tasks import get_task
 
             for label, source in step.models.items():
                 inputs[f"model {label}={source}"] = self._checkpoint_identity(source)
             for task, value in step.eval.data.items():
-                # perplexity reads the text files of comma-separated paths (not, e.g., the
-                # __pycache__ an import may add to a source tree); other tasks read one file
-                many = task == perplexity.NAME
-                parts = [p.strip() for p in value.split(",") if p.strip()] if many else [value]
-                suffixes = perplexity.TEXT_SUFFIXES if many else None
-                for part in parts:
-                    inputs[f"data {task}={part}"] = _path_identity(Path(part), suffixes)
+                for path, suffixes in get_task(task).data_inputs(value):
+                    inputs[f"data {task}={path}"] = _path_identity(Path(path), suffixes)
         elif step.kind == "compare":
             for path in self._compared(step):
                 inputs[f"results {path}"] = _path_identity(path)

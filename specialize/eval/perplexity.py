@@ -242,6 +242,11 @@ class Perplexity(LikelihoodTask):
     """The ``perplexity`` task: the results entry at ``cfg.lengths`` (default: the model's
     ``max_position_embeddings``), and one per ``cfg.long_context`` option set."""
 
+    def data_inputs(self, value: str) -> list[tuple[str, tuple[str, ...] | None]]:
+        # Comma-separated paths, and only the text files of a directory (not, e.g., the
+        # __pycache__ an import may add to a source tree).
+        return [(p.strip(), TEXT_SUFFIXES) for p in value.split(",") if p.strip()]
+
     def evaluate(self, loaded: LoadedModel, cfg: EvalConfig) -> dict[str, dict[str, Any]]:
         lengths = list(cfg.lengths or [loaded.max_position_embeddings])
         spec = data_spec(cfg.data)

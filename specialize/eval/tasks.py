@@ -171,6 +171,12 @@ class Task:
         """A local data file used when none is given (data shipped in a package), else None."""
         return None
 
+    def data_inputs(self, value: str) -> list[tuple[str, tuple[str, ...] | None]]:
+        """What a ``data`` value (``--data TASK=VALUE``) makes the task read, as (path as written,
+        the file suffixes read under it when it is a directory; None: every file): a pipeline
+        identifies an eval step's inputs by their content with it. Default: the one file named."""
+        return [(value, None)]
+
     def load(self, path: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
         """The evaluation records from ``path``, the packaged data, or the hub, in that order."""
         return load_records(self, path)

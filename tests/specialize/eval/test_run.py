@@ -79,3 +79,12 @@ def test_likelihood_tasks_evaluate_the_loaded_model_and_write_beside_the_results
     assert printed[0] == f"2 entries beside {out}"
     assert printed[1].startswith("toy: perplexity 64.0000 [10 tokens, 1 windows]")
     assert printed[-1] == f"results: {out}"
+
+
+def test_each_task_says_which_files_its_data_value_reads():
+    """A pipeline fingerprints an eval step's data through the task: one file for a records task,
+    the text files of each comma-separated path for perplexity."""
+    assert get_task("gsm8k").data_inputs("data/gsm8k.jsonl") == [("data/gsm8k.jsonl", None)]
+    read = get_task("perplexity").data_inputs("held-out/, notes.md")
+    assert [path for path, _ in read] == ["held-out/", "notes.md"]
+    assert all(".py" in suffixes and ".pyc" not in suffixes for _, suffixes in read)
