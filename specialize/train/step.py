@@ -28,7 +28,7 @@ def _batch_to(batch: dict, device: torch.device) -> dict:
 
 
 def next_batch(data_iterator: Iterator | None, device: torch.device) -> dict | None:
-    """The next micro-batch for this stage; middle pipeline stages need no data."""
+    """The next micro-batch for this pipeline stage; middle pipeline stages need no data."""
     if data_iterator is None:
         return None
     return _batch_to(next(data_iterator), device)
@@ -70,7 +70,7 @@ def make_forward_step(device: torch.device):
     def forward_step(data_iterator: Iterator, model: torch.nn.Module):
         first = parallel_state.is_pipeline_first_stage()
         last = parallel_state.is_pipeline_last_stage()
-        # Every stage reads the micro-batch: first needs tokens/positions, last needs labels and
+        # Every pipeline stage reads the micro-batch: first needs tokens/positions, last needs labels and
         # the loss mask, and all need per-document boundaries when sequences are packed.
         batch = next_batch(data_iterator, device)
         packed = packed_seq_params(batch["cu_seqlens"]) if "cu_seqlens" in batch else None
@@ -87,7 +87,7 @@ def make_forward_step(device: torch.device):
 
 
 def reduce_loss(reports: list[dict], device: torch.device) -> float:
-    """Mean token loss of one step, known on every rank (only the last stage computes it; the
+    """Mean token loss of one step, known on every rank (only the last pipeline stage computes it; the
     others add zeros, on ``device`` like the reports since NCCL reduces only device tensors)."""
     if reports:
         total = torch.stack([r["lm loss"] for r in reports]).sum(0)
