@@ -14,11 +14,22 @@ FIXTURES = Path(__file__).parent / "fixtures"
 GSM8K_TRAIN = FIXTURES / "gsm8k" / "train.jsonl.gz"  # MIT, see its README.md
 MATH401_SAMPLE = FIXTURES / "math401" / "sample.jsonl"  # Math401's schema, our own expressions
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def gsm8k_train_lines() -> list[str]:
     """The JSONL lines of the GSM8K training split (7,473 problems)."""
     return gzip.decompress(GSM8K_TRAIN.read_bytes()).decode("utf-8").splitlines()
+
+
+def shipped_recipes() -> list[Path]:
+    """Every training recipe under configs/: not pipelines (they list ``steps``) nor evaluation
+    configs (``configs/eval``)."""
+    return sorted(
+        path
+        for path in CONFIGS.rglob("*.yaml")
+        if "\nsteps:" not in "\n" + path.read_text() and path.parent.name != "eval"
+    )
 
 
 def pytest_collection_modifyitems(config, items):

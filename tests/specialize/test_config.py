@@ -24,15 +24,11 @@ from specialize.config import (
     load_config,
     resolve_stages,
 )
+from tests.conftest import shipped_recipes
 
 ROOT = Path(__file__).resolve().parents[2]
-# Pipeline files (a top-level ``steps:``) are tested in test_pipeline.py.
-# Recipes: every YAML under configs/ but pipelines (they have steps) and eval configs (configs/eval).
-RECIPES = sorted(
-    p
-    for p in (ROOT / "configs").rglob("*.yaml")
-    if "\nsteps:" not in "\n" + p.read_text() and p.parent.name != "eval"
-)
+# Pipeline files (a top-level ``steps:``) are tested in test_pipeline.py, eval configs in eval/.
+RECIPES = shipped_recipes()
 
 
 def load_shipped(recipe: Path, stand_in: Path, overrides: list[str] = ()) -> RecipeConfig:

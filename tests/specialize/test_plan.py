@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 from base.presets import get_preset
 from specialize.cli import build_parser
@@ -32,6 +31,7 @@ from specialize.plan import (
     time_of,
     workload,
 )
+from tests.conftest import shipped_recipes
 
 ROOT = Path(__file__).resolve().parents[2]
 CPT_7B = ROOT / "configs" / "code_qwen" / "7b-cpt.yaml"
@@ -316,15 +316,9 @@ def test_sequence_parallel_is_tried_off_when_the_spec_cannot_shard():
     assert rec.tp > 1 and not rec.sequence_parallel
 
 
-def _recipes() -> list[Path]:
-    """Every shipped recipe (pipeline files list ``steps``, recipes do not)."""
-    files = sorted((ROOT / "configs").glob("*/*.yaml"))
-    return [f for f in files if "steps" not in yaml.safe_load(f.read_text())]
-
-
 def test_recommended_layout_passes_the_trainers_validation_for_every_recipe():
     planned, loaded = 0, {}
-    for recipe in _recipes():
+    for recipe in shipped_recipes():
         for i, cfg in enumerate(load_recipe_for_plan(str(recipe))):
             for gpus in (1, 8, 64):
                 try:
