@@ -333,7 +333,10 @@ def test_cli_scores_completions_into_a_results_file(tmp_path, gsm8k_file, capsys
             "max_new_tokens",
             "grader",
             "timeout",
+            "name",
+            "reference",
         }
+        assert result["protocol"]["name"] == "robust"  # the default; the results say which
         assert set(result["data"]) == {"source", "sha256", "records"}
         assert re.fullmatch(r"[0-9a-f]{64}", result["data"]["sha256"])
         assert set(result["counts"]) == {
