@@ -248,6 +248,13 @@ def minerva_gold(solution: str) -> str:
     return minerva_normalize(_remove_boxed(boxed))
 
 
+def _as_parse_latex(text: str) -> str:
+    """What parse_latex's grammar reads alike, spelled as the translator reads it: its lexer
+    skips ``\\left``/``\\right`` and takes ``\\dfrac``, ``\\tfrac`` as ``\\frac``."""
+    text = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", text)
+    return re.sub(r"\\[dt](frac|binom)(?![A-Za-z])", r"\\\1", text)
+
+
 def minerva_is_equiv(x1: str, x2: str) -> bool:
     """The harness's ``is_equiv`` of two normalized answers (run in the sympy worker): true only
     when both parse and ``simplify(x1 - x2) == 0``; no string comparison comes first, so
@@ -267,7 +274,7 @@ def minerva_is_equiv(x1: str, x2: str) -> bool:
 
             x, y = parse_latex(x1), parse_latex(x2)
         else:
-            x, y = latex_to_sympy(x1), latex_to_sympy(x2)
+            x, y = latex_to_sympy(_as_parse_latex(x1)), latex_to_sympy(_as_parse_latex(x2))
     except _WordError:
         return x1 == x2
     except (LatexParseError, TypeError, ValueError, ZeroDivisionError):
