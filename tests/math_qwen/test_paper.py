@@ -194,3 +194,33 @@ def test_math401_and_math23k_paper_grade_as_robust(name):
     assert protocol.name == PAPER and protocol.grader == robust.protocol("chat").grader
     if name == "math401":
         assert protocol.reference.startswith("GanjinZero/math401-llm:README.md@")
+
+
+def test_scoring_under_paper_records_the_script_and_grades_by_it(tmp_path):
+    from specialize.eval.config import EvalConfig
+    from specialize.eval.harness import score_completions
+
+    data = tmp_path / "gsm8k.jsonl"
+    record = {"question": "How many?", "answer": "1,000 + 200 = 1,200\n#### 1,200"}
+    data.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    completions = tmp_path / "c.jsonl"
+    completions.write_text(
+        json.dumps({"task": "gsm8k", "id": 0, "completion": "The answer is 1,200"}) + "\n"
+    )
+    results = {}
+    for protocol in (ROBUST, PAPER):
+        cfg = EvalConfig(
+            tasks=["gsm8k"],
+            score=str(completions),
+            data={"gsm8k": str(data)},
+            output="unused.json",
+            protocol=protocol,
+        )
+        cfg.validate()
+        results[protocol] = score_completions(cfg)["tasks"]["gsm8k"]
+    assert results[PAPER]["protocol"]["name"] == PAPER
+    assert results[PAPER]["protocol"]["reference"] == paper.QWEN_GSM8K_BASE
+    assert results[PAPER]["samples"][0]["prompt"] == paper.qwen_gsm8k_base_prompt("How many?")
+    # Qwen's base script reads "200" from "1,200"; this project reads 1200.
+    assert results[PAPER]["metrics"]["accuracy"] == 0.0
+    assert results[ROBUST]["metrics"]["accuracy"] == 1.0
