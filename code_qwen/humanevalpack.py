@@ -100,6 +100,8 @@ HEAVY_MEMORY = 16 << 30
 HEAVY_PROCESSES = 256
 JVM_FLAGS = "-Xmx512m -Xss8m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:CICompilerCount=1"
 _EXPOSED = "/tmp/.toolchain"
+DEBIAN_GOPATH = "/usr/share/gocode"
+TESTIFY = "github.com/stretchr/testify"
 
 
 class ToolchainMissing(TaskError):
@@ -184,8 +186,11 @@ def find_toolchain(language: str, search_path: str | None = None) -> Toolchain:
             env["GOROOT"] = root
         tools[tool] = real
     if language == "go":
-        # Module downloads are impossible without a network: tests must find testify in GOPATH.
+        # Module downloads are impossible without a network: tests must find testify in GOPATH,
+        # e.g. Debian's golang-github-stretchr-testify-dev, which installs it in GOPATH mode.
         env.update(GOFLAGS="-mod=mod", GOPROXY="off", GOCACHE="/tmp/go-cache")
+        if os.path.isdir(os.path.join(DEBIAN_GOPATH, "src", TESTIFY)):
+            env.update(GO111MODULE="off", GOPATH=DEBIAN_GOPATH, GOFLAGS="")
     return Toolchain(tools, binds, env)
 
 
