@@ -115,6 +115,21 @@ MBPP_EXEMPLARS = (
         ],
     },
 )
+# lm-evaluation-harness's ``mbpp`` task (the harness the field uses for MBPP's 3-shot number).
+LM_EVAL_COMMIT = "4e7e0d47f33bc71070c1d38394bafbb52b117163"
+LM_EVAL_MBPP = f"EleutherAI/lm-evaluation-harness:lm_eval/tasks/mbpp/mbpp.yaml@{LM_EVAL_COMMIT}"
+# Its exemplars (utils.list_fewshot_samples) keep the dataset's CRLF line ends and trailing space.
+LM_EVAL_MBPP_CODE = (
+    "def similar_elements(test_tup1, test_tup2):\r\n  res = tuple(set(test_tup1) & "
+    "set(test_tup2))\r\n  return (res) ",
+    "import math\r\ndef is_not_prime(n):\r\n    result = False\r\n    for i in "
+    "range(2,int(math.sqrt(n)) + 1):\r\n        if n % i == 0:\r\n            result = True"
+    "\r\n    return result",
+    "import heapq as hq\r\ndef heap_queue_largest(nums,n):\r\n  largest_nums = "
+    "hq.nlargest(n, nums)\r\n  return largest_nums",
+)
+# generate_until's default max_gen_toks; it stops at ``until`` and the model's end of text.
+LM_EVAL_MAX_GEN_TOKS = 256
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)
 
 
@@ -309,21 +324,54 @@ class MBPPTask(_CodeTask):
 
     timeout: float = DEFAULT_TIMEOUT
     """Seconds per problem run."""
+    text_field: str = "text"
+    """The field holding the problem statement."""
 
     def protocol(self, mode: str) -> Protocol:
-        """3-shot base prompt ending in ``[BEGIN]``; 0-shot chat."""
-        if check_mode(mode) == "base":
+        """3-shot base prompt ending in ``[BEGIN]``; 0-shot chat. ``paper`` (base only):
+        lm-evaluation-harness's ``mbpp``, 256 new tokens."""
+        base = check_mode(mode) == "base"
+        if self.protocol_name == PAPER:
+            if not base:
+                raise TaskError(
+                    f"task {self.name!r} has no 'paper' protocol in chat mode (lm-evaluation-"
+                    "harness's mbpp is a 3-shot completion): use --mode base or --protocol robust"
+                )
+            return Protocol(
+                mode,
+                3,
+                MBPP_BASE_STOP,
+                LM_EVAL_MAX_GEN_TOKS,
+                "sandbox",
+                self.timeout,
+                PAPER,
+                LM_EVAL_MBPP,
+            )
+        if base:
             return Protocol(mode, len(MBPP_EXEMPLARS), MBPP_BASE_STOP, 512, "sandbox", self.timeout)
         return Protocol(mode, 0, CHAT_STOP, 512, "sandbox", self.timeout)
 
     def prompt(self, record: Mapping[str, Any], mode: str) -> str:
-        """Base: three solved problems, then this one up to ``[BEGIN]\\n``. Chat: the problem."""
-        if check_mode(mode) == "chat":
-            return _mbpp_problem(record)
+        """Base: three solved problems, then this one up to ``[BEGIN]\\n`` (``paper``: the
+        exemplars' bytes as lm-eval has them, and only the first three tests). Chat: the
+        problem."""
+        self.protocol(mode)
+        text = record[self.text_field]
+        if mode == "chat":
+            return _mbpp_problem(text, record["test_list"])
+        if self.protocol_name == PAPER:
+            # mbpp.yaml: doc_to_text, then target "{{code}}\\n[DONE]" after target_delimiter "",
+            # each few-shot turn ending in fewshot_delimiter "\\n\\n" (api/task.py build_qa_turn).
+            shots = "".join(
+                f"{_mbpp_problem(shot['text'], shot['test_list'][:3])}\n[BEGIN]\n{code}\n[DONE]\n\n"
+                for shot, code in zip(MBPP_EXEMPLARS, LM_EVAL_MBPP_CODE)
+            )
+            return f"{shots}{_mbpp_problem(text, record['test_list'][:3])}\n[BEGIN]\n"
         shots = "".join(
-            f"{_mbpp_problem(shot)}\n[BEGIN]\n{shot['code']}\n[DONE]\n\n" for shot in MBPP_EXEMPLARS
+            f"{_mbpp_problem(shot['text'], shot['test_list'])}\n[BEGIN]\n{shot['code']}\n[DONE]\n\n"
+            for shot in MBPP_EXEMPLARS
         )
-        return f"{shots}{_mbpp_problem(record)}\n[BEGIN]\n"
+        return f"{shots}{_mbpp_problem(text, record['test_list'])}\n[BEGIN]\n"
 
     def postprocess(self, record: Mapping[str, Any], completion: str, mode: str) -> str:
         """Base: the text before ``[DONE]``. Chat: the code of the reply, without the markers."""
@@ -333,6 +381,14 @@ class MBPPTask(_CodeTask):
             text = truncate(text.replace("[BEGIN]", "", 1), ("[DONE]",))
         return text
 
+    def test_program(self, record: Mapping[str, Any], code: str) -> str:
+        """The program graded for ``code``: ``robust`` ``code + test_setup_code + test_list``;
+        ``paper`` what lm-eval's ``code_eval`` runs, ``code + "\\n" + `` the first three
+        tests (its ``doc_to_target``), without the setup code."""
+        if self.protocol_name == PAPER:
+            return code + "\n" + "\n".join(record["test_list"][:3])
+        return "\n".join([code, record.get("test_setup_code") or "", *record["test_list"], ""])
+
     def grade(
         self,
         records: Sequence[Mapping[str, Any]],
@@ -340,14 +396,11 @@ class MBPPTask(_CodeTask):
         mode: str,
         workers: int = 2,
     ) -> list[Grade]:
-        """``completion + test_setup_code + test_list`` in the sandbox."""
+        """``test_program`` of each completion in the sandbox."""
         if len(records) != len(completions):
             raise ValueError(f"{len(records)} records but {len(completions)} completions")
         programs = [
-            Program(
-                "\n".join([c, r.get("test_setup_code") or "", *r["test_list"], ""]),
-                timeout=self.timeout,
-            )
+            Program(self.test_program(r, c), timeout=self.timeout)
             for r, c in zip(records, completions)
         ]
         with Sandbox() as sandbox:
@@ -355,11 +408,10 @@ class MBPPTask(_CodeTask):
         return [run_grade(run) for run in runs]
 
 
-def _mbpp_problem(record: Mapping[str, Any]) -> str:
-    tests = "\n".join(record["test_list"])
+def _mbpp_problem(text: str, tests: Sequence[str]) -> str:
     return (
-        f"You are an expert Python programmer, and here is your task: {record['text']} "
-        f"Your code should pass these tests:\n\n{tests}"
+        f"You are an expert Python programmer, and here is your task: {text} "
+        f"Your code should pass these tests:\n\n" + "\n".join(tests)
     )
 
 
@@ -371,6 +423,7 @@ HUMANEVAL = register(
         required_fields=("task_id", "prompt", "canonical_solution", "test", "entry_point"),
         reference_fields=("prompt", "canonical_solution"),
         id_field="task_id",
+        protocols=(ROBUST, PAPER),
     )
 )
 
@@ -383,5 +436,6 @@ MBPP = register(
         required_fields=("task_id", "text", "code", "test_list"),
         reference_fields=("text", "code"),
         id_field="task_id",
+        protocols=(ROBUST, PAPER),
     )
 )

@@ -220,3 +220,32 @@ def test_robust_extraction_takes_an_unfenced_def_and_its_imports():
         == "import math\ndef f(x):\n    y = 1\n\n    return math.floor(x)\n"
     )
     assert extract_code("no code here", "f") == "no code here"
+
+
+# ---- MBPP under ``paper``: lm-evaluation-harness's ``mbpp``
+
+
+def test_mbpp_paper_prompt_and_program_are_lm_evals():
+    """Prompt bytes (CRLF exemplars with their trailing space) and the program code_eval runs
+    (the first three tests, no setup code), from lm-eval's own templates."""
+    expected = json.loads((PAPER_FIXTURES / "mbpp_paper.json").read_text())
+    paper, robust = get_task("mbpp").under("paper"), get_task("mbpp")
+    records = paper.load(FIXTURES / "mbpp.jsonl")
+    for record in records:
+        fixture = expected[str(record["task_id"])]
+        assert paper.prompt(record, "base") == fixture["prompt"] != robust.prompt(record, "base")
+        assert paper.test_program(record, record["code"]) == fixture["program"]
+    protocol = paper.protocol("base")
+    assert (protocol.max_new_tokens, protocol.shots, protocol.stop[0]) == (256, 3, "[DONE]")
+    assert protocol.reference.startswith("EleutherAI/lm-evaluation-harness:lm_eval/tasks/mbpp/")
+    with pytest.raises(TaskError, match="no 'paper' protocol in chat mode"):
+        paper.protocol("chat")
+
+
+def test_mbpp_paper_grades_without_the_challenge_tests_and_setup():
+    paper, robust = get_task("mbpp").under("paper"), get_task("mbpp")
+    record = dict(paper.load(FIXTURES / "mbpp.jsonl")[0])
+    record["test_list"] = [*record["test_list"], "assert False  # a fourth test"]
+    code = paper.postprocess(record, record["code"] + "\n[DONE]\nmore", "base")
+    assert [g.status for g in paper.grade([record], [code], "base")] == ["passed"]
+    assert [g.status for g in robust.grade([record], [code], "base")] == ["failed"]
