@@ -31,7 +31,7 @@ import ast
 import re
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from code_qwen.execution import (
@@ -43,6 +43,8 @@ from code_qwen.execution import (
 )
 from code_sandbox import Program, RunResult, Sandbox
 from specialize.eval.tasks import (
+    ERROR,
+    FAILED,
     PAPER,
     ROBUST,
     Grade,
@@ -408,6 +410,62 @@ class MBPPTask(_CodeTask):
         return [run_grade(run) for run in runs]
 
 
+@dataclass(frozen=True, kw_only=True)
+class HumanEvalPlusTask(HumanEvalTask):
+    """HumanEval+ (EvalPlus): HumanEval's prompts, graded by its stricter ``test`` (a ``check``
+    over the original and EvalPlus's added inputs)."""
+
+    protocols: tuple[str, ...] = (ROBUST,)
+
+    def default_path(self) -> str | None:
+        """None: the records come from a local file or the hub."""
+        return None
+
+    def grade(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        completions: Sequence[str],
+        mode: str,
+        workers: int = 2,
+    ) -> list[Grade]:
+        """As HumanEval; a test that needs numpy, which the sandbox lacks, is an ``error``."""
+        return [_numpy_missing(g) for g in super().grade(records, completions, mode, workers)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MBPPPlusTask(MBPPTask):
+    """MBPP+ (EvalPlus): MBPP's prompts (``prompt`` holds the problem statement), graded by
+    ``test_imports`` and the stricter ``test`` instead of ``test_list``."""
+
+    text_field: str = "prompt"
+    protocols: tuple[str, ...] = (ROBUST,)
+
+    def test_program(self, record: Mapping[str, Any], code: str) -> str:
+        """``code``, ``test_imports`` and ``test``."""
+        return "\n".join([code, *(record.get("test_imports") or ()), record["test"], ""])
+
+    def grade(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        completions: Sequence[str],
+        mode: str,
+        workers: int = 2,
+    ) -> list[Grade]:
+        """As MBPP; a test that needs numpy, which the sandbox lacks, is an ``error``."""
+        return [_numpy_missing(g) for g in super().grade(records, completions, mode, workers)]
+
+
+def _numpy_missing(grade: Grade) -> Grade:
+    # EvalPlus's float comparisons import numpy; without it every sample would fail silently.
+    if grade.status == FAILED and "No module named 'numpy'" in (grade.reason or ""):
+        return replace(
+            grade,
+            status=ERROR,
+            reason="error: the test imports numpy, which the sandbox's Python cannot import",
+        )
+    return grade
+
+
 def _mbpp_problem(text: str, tests: Sequence[str]) -> str:
     return (
         f"You are an expert Python programmer, and here is your task: {text} "
@@ -437,5 +495,29 @@ MBPP = register(
         reference_fields=("text", "code"),
         id_field="task_id",
         protocols=(ROBUST, PAPER),
+    )
+)
+
+HUMANEVAL_PLUS = register(
+    HumanEvalPlusTask(
+        name="humaneval-plus",
+        domain="code",
+        description="HumanEval+ (EvalPlus): HumanEval's 164 problems with 80x more tests",
+        hub=HubSource("evalplus/humanevalplus", split="test"),
+        required_fields=HUMANEVAL.required_fields,
+        reference_fields=HUMANEVAL.reference_fields,
+        id_field="task_id",
+    )
+)
+
+MBPP_PLUS = register(
+    MBPPPlusTask(
+        name="mbpp-plus",
+        domain="code",
+        description="MBPP+ (EvalPlus): 378 MBPP problems with 35x more tests",
+        hub=HubSource("evalplus/mbppplus", split="test"),
+        required_fields=("task_id", "prompt", "code", "test_list", "test"),
+        reference_fields=("prompt", "code"),
+        id_field="task_id",
     )
 )

@@ -249,3 +249,53 @@ def test_mbpp_paper_grades_without_the_challenge_tests_and_setup():
     code = paper.postprocess(record, record["code"] + "\n[DONE]\nmore", "base")
     assert [g.status for g in paper.grade([record], [code], "base")] == ["passed"]
     assert [g.status for g in robust.grade([record], [code], "base")] == ["failed"]
+
+
+# ---- EvalPlus: HumanEval+ and MBPP+ from local files of the published schema
+
+
+def test_humaneval_plus_grades_with_its_stricter_test(offline):
+    task = get_task("humaneval-plus")
+    records = task.load(FIXTURES / "humanevalplus.jsonl")
+    # Passes HumanEval's own test for problem 0, not the added input ([1.0, 2.0], 1.0).
+    lax = records[0]["canonical_solution"].replace("< threshold", "<= threshold")
+    assert lax != records[0]["canonical_solution"]
+    completions = [r["canonical_solution"] for r in records] + [lax]
+    grades = task.grade([*records, records[0]], completions, "base")
+    assert [g.status for g in grades] == ["passed", "passed", "failed"]
+    (original,) = get_task("humaneval").grade(get_task("humaneval").load()[:1], [lax], "base")
+    assert original.status == "passed"
+    assert task.prompt(records[0], "base") == records[0]["prompt"]
+    assert task.protocols == ("robust",) and task.metrics([[True], [False]]) == {"pass@1": 0.5}
+
+
+def test_mbpp_plus_prompts_from_prompt_and_grades_with_test(offline):
+    task = get_task("mbpp-plus")
+    records = task.load(FIXTURES / "mbppplus.jsonl")
+    prompt = task.prompt(records[0], "base")
+    assert prompt.endswith(
+        "here is your task: Write a function to find the shared elements from the given two "
+        "lists. Your code should pass these tests:\n\n"
+        + "\n".join(records[0]["test_list"])
+        + "\n[BEGIN]\n"
+    )
+    # Right on test_list, wrong on the stricter test (1 is not prime).
+    lax = "def is_not_prime(n):\n    return any(n % i == 0 for i in range(2, n))\n"
+    completions = [r["code"] for r in records] + [lax]
+    grades = task.grade([*records, records[1]], completions, "base")
+    assert [g.status for g in grades] == ["passed", "passed", "failed"]
+    assert get_task("mbpp").under("robust").test_program(
+        dict(records[1], text=""), lax
+    ) != task.test_program(records[1], lax)
+
+
+def test_evalplus_test_needing_numpy_is_an_error_not_a_failure(offline):
+    task = get_task("mbpp-plus")
+    record = dict(task.load(FIXTURES / "mbppplus.jsonl")[1], test_imports=["import numpy"])
+    (grade,) = task.grade([record], [record["code"]], "base")
+    assert grade.status == "error" and "numpy" in grade.reason
+
+
+def test_evalplus_without_a_local_file_says_how_to_pass_one(offline):
+    with pytest.raises(TaskError, match="--data humaneval-plus=PATH"):
+        get_task("humaneval-plus").load()
