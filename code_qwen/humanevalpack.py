@@ -223,6 +223,38 @@ def find_toolchain(language: str, search_path: str | None = None) -> Toolchain:
     return Toolchain(tools, binds, env)
 
 
+# Debian packages providing each language's tools (and what the tests and ``paper`` need besides).
+DEBIAN_PACKAGES = {
+    "python": (),
+    "js": ("nodejs",),
+    "java": ("default-jdk-headless",),
+    "go": ("golang-go", "golang-github-stretchr-testify-dev"),
+    "cpp": ("g++", "libboost-dev"),
+    "rust": ("rustc",),
+}
+
+
+def toolchain_report(search_path: str | None = None) -> list[str]:
+    """One line per language: the tools found, or what is missing and the Debian packages that
+    provide it (``make test`` prints it first)."""
+    lines = []
+    for language in LANGUAGES:
+        try:
+            toolchain = find_toolchain(language, search_path)
+        except ToolchainMissing as e:
+            packages = " ".join(DEBIAN_PACKAGES[language])
+            lines.append(f"{language}: missing ({e}); apt-get install {packages}")
+            continue
+        extra = []
+        if language == "go" and toolchain.env.get("GO111MODULE") != "off":
+            extra.append("testify not in Debian's GOPATH: golang-github-stretchr-testify-dev")
+        if language == "cpp" and not os.path.exists("/usr/include/boost/any.hpp"):
+            extra.append("no boost/any.hpp, which the paper protocol includes: libboost-dev")
+        tools = ", ".join(toolchain.tools.values()) or "the sandbox's Python"
+        lines.append(f"{language}: {tools}" + "".join(f"; {x}" for x in extra))
+    return lines
+
+
 def available_languages(search_path: str | None = None) -> list[str]:
     """The languages whose toolchain is installed here, so callers can skip the others."""
     available = []

@@ -19,6 +19,7 @@ from code_qwen.humanevalpack import (
     available_languages,
     bigcode_program,
     find_toolchain,
+    toolchain_report,
 )
 from specialize.data.chat import generation_prompt
 from specialize.eval.tasks import get_task
@@ -198,3 +199,13 @@ def test_go_imports_crypto_md5_when_used() -> None:
     body = 'func F() [16]byte {\n    return md5.Sum([]byte("x"))\n}\n'
     program = assemble(rec, body, "go", "chat")
     assert '"crypto/md5"' in program and '"math"' not in program
+
+
+def test_toolchain_report_names_the_debian_packages_of_what_is_missing() -> None:
+    lines = toolchain_report(search_path="")
+    assert [line.split(":")[0] for line in lines] == list(LANGUAGES)
+    assert lines[0] == "python: the sandbox's Python"
+    go = next(line for line in lines if line.startswith("go:"))
+    assert "missing" in go and go.endswith(
+        "apt-get install golang-go golang-github-stretchr-testify-dev"
+    )
