@@ -209,3 +209,30 @@ def test_toolchain_report_names_the_debian_packages_of_what_is_missing() -> None
     assert "missing" in go and go.endswith(
         "apt-get install golang-go golang-github-stretchr-testify-dev"
     )
+
+
+def test_paper_chat_generation_prompt_is_bigcodes(monkeypatch, tmp_path) -> None:
+    """The harness renders a chat prompt with the task's system turn (none) and pre-fill."""
+    import specialize.infer.generate as generate
+    from specialize.eval.config import EvalConfig
+    from specialize.eval.harness import generate_completions
+
+    seen = []
+
+    def fake_generate_text(model, tokenizer, prompts, max_new_tokens, **kwargs):
+        seen.extend(tokenizer.decode(p) for p in prompts)
+        return ["\n    return False\n"] * len(prompts)
+
+    monkeypatch.setattr(generate, "generate_text", fake_generate_text)
+    data = {"humanevalpack-python": str(FIXTURES / "humanevalpack-python.jsonl")}
+    cfg = EvalConfig(
+        tasks=["humanevalpack-python"],
+        checkpoint="unused",
+        mode="chat",
+        protocol="paper",
+        data=data,
+        output=str(tmp_path / "r.json"),
+    )
+    out = generate_completions(cfg, cfg.tasks, tmp_path / "c.jsonl", model=object())
+    assert seen == [BIGCODE["python"]["chat_prompt"], *seen[1:]] and len(seen) == 2
+    assert json.loads(out.read_text().splitlines()[0])["completion"] == "\n    return False\n"
