@@ -357,7 +357,11 @@ def generate_completions(
         records = task.load(cfg.data.get(name))[: cfg.limit]
         protocol = _protocol(task, mode, cfg.max_new_tokens)
         if mode == "chat":
-            prompts = [generation_prompt(task.messages(r), tokenizer) for r in records]
+            prompts = [
+                generation_prompt(task.messages(r), tokenizer, task.chat_system())
+                + tokenizer.encode(task.prefill(r))
+                for r in records
+            ]
         else:
             prompts = [tokenizer.encode(p) for p in task.prompts(records, mode)]
         meter.start(name, len(prompts) * sampling.samples)

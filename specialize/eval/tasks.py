@@ -50,6 +50,8 @@ PROTOCOLS = (ROBUST, PAPER)
 # Verdicts on one completion; the same words as ``code_sandbox`` uses for program runs.
 PASSED, FAILED, TIMEOUT, ERROR = "passed", "failed", "timeout", "error"
 STATUSES = (PASSED, FAILED, TIMEOUT, ERROR)
+# ``specialize.data.chat.DEFAULT_SYSTEM``, not imported: looking up tasks must not load a tokenizer.
+DEFAULT_CHAT_SYSTEM = "You are a helpful assistant."
 
 
 class TaskError(ValueError):
@@ -247,6 +249,16 @@ class Task:
         """The chat-mode conversation of ``record`` (one user turn), for ChatML rendering with
         ``specialize.data.chat.generation_prompt`` (which adds the default system turn)."""
         return [{"role": "user", "content": self.prompt(record, "chat")}]
+
+    def chat_system(self) -> str | None:
+        """The chat-mode system turn (``specialize.data.chat.generation_prompt``'s ``system``):
+        the engine's default, or None for none (a reference template without one)."""
+        return DEFAULT_CHAT_SYSTEM
+
+    def prefill(self, record: Mapping[str, Any]) -> str:
+        """Text the chat-mode assistant turn starts with, which the model continues (bigcode's
+        HumanEvalPack pre-fills the function's prompt); the completion is what follows it."""
+        return ""
 
     def postprocess(self, record: Mapping[str, Any], completion: str, mode: str) -> str:
         """The part of a raw completion of ``record`` that is graded: here, the text before the
