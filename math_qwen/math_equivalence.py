@@ -710,15 +710,47 @@ def symbolic_equal(a: str, b: str) -> bool:
 ROBUST_COMPARISON = "robust"
 
 
-def _minerva_equal(a: str, b: str) -> bool:
-    from math_qwen.paper import minerva_is_equiv
+def _as_parse_latex(text: str) -> str:
+    """What parse_latex's grammar reads alike, spelled as the translator reads it: its lexer
+    skips ``\\left``/``\\right`` and takes ``\\dfrac``, ``\\tfrac`` as ``\\frac``."""
+    text = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", text)
+    return re.sub(r"\\[dt](frac|binom)(?![A-Za-z])", r"\\\1", text)
 
-    return minerva_is_equiv(a, b)
+
+def minerva_is_equiv(x1: str, x2: str) -> bool:
+    """lm-evaluation-harness's ``minerva_math`` ``is_equiv`` (``math_qwen.paper`` cites it) of two
+    answers it normalized, run in the sympy worker: true only when both parse and
+    ``simplify(x1 - x2) == 0``; no string comparison comes first, so identical intervals or
+    tuples, which do not parse, are unequal.
+
+    sympy's ``parse_latex`` (the harness's parser) needs antlr4; where it is missing, this
+    project's translator parses instead, except that a word, which parse_latex reads as a
+    product of letters, equals only itself.
+    """
+    import sympy  # the worker's, loaded there only
+
+    try:
+        if importlib.util.find_spec("antlr4") is not None:
+            from sympy.parsing.latex import parse_latex
+
+            x, y = parse_latex(x1), parse_latex(x2)
+        else:
+            x, y = latex_to_sympy(_as_parse_latex(x1)), latex_to_sympy(_as_parse_latex(x2))
+    except _WordError:
+        return x1 == x2
+    except (LatexParseError, TypeError, ValueError, ZeroDivisionError):
+        return False
+    except Exception:  # parse_latex's own errors; the harness counts them as "not equal"
+        return False
+    try:
+        return bool(sympy.simplify(x - y) == 0)
+    except Exception:
+        return False
 
 
 _COMPARISONS: dict[str, Callable[[str, str], bool]] = {
     ROBUST_COMPARISON: symbolic_equal,
-    "minerva": _minerva_equal,
+    "minerva": minerva_is_equiv,
 }
 
 

@@ -20,12 +20,13 @@ references' quirks on purpose, because those quirks produced the numbers the rep
 from __future__ import annotations
 
 import ast
-import importlib.util
 import math as _math
 import re
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from math_qwen.math_equivalence import minerva_is_equiv
 
 __all__ = [
     "LM_EVAL_MINERVA",
@@ -246,42 +247,3 @@ def minerva_gold(solution: str) -> str:
     if boxed is None:
         raise ValueError("MATH solution without a \\boxed answer")
     return minerva_normalize(_remove_boxed(boxed))
-
-
-def _as_parse_latex(text: str) -> str:
-    """What parse_latex's grammar reads alike, spelled as the translator reads it: its lexer
-    skips ``\\left``/``\\right`` and takes ``\\dfrac``, ``\\tfrac`` as ``\\frac``."""
-    text = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", text)
-    return re.sub(r"\\[dt](frac|binom)(?![A-Za-z])", r"\\\1", text)
-
-
-def minerva_is_equiv(x1: str, x2: str) -> bool:
-    """The harness's ``is_equiv`` of two normalized answers (run in the sympy worker): true only
-    when both parse and ``simplify(x1 - x2) == 0``; no string comparison comes first, so
-    identical intervals or tuples, which do not parse, are unequal.
-
-    sympy's ``parse_latex`` (the harness's parser) needs antlr4; where it is missing, this
-    project's translator parses instead, except that a word, which parse_latex reads as a
-    product of letters, equals only itself.
-    """
-    import sympy
-
-    from math_qwen.math_equivalence import LatexParseError, _WordError, latex_to_sympy
-
-    try:
-        if importlib.util.find_spec("antlr4") is not None:
-            from sympy.parsing.latex import parse_latex
-
-            x, y = parse_latex(x1), parse_latex(x2)
-        else:
-            x, y = latex_to_sympy(_as_parse_latex(x1)), latex_to_sympy(_as_parse_latex(x2))
-    except _WordError:
-        return x1 == x2
-    except (LatexParseError, TypeError, ValueError, ZeroDivisionError):
-        return False
-    except Exception:  # parse_latex's own errors; the harness counts them as "not equal"
-        return False
-    try:
-        return bool(sympy.simplify(x - y) == 0)
-    except Exception:
-        return False
