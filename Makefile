@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml requirements/lock.txt
 demo: $(STAMP)
 	$(PY) -m specialize pipeline configs/demo/factory.yaml
 
+# HumanEvalPack's tests run the languages whose toolchain is installed and skip the others; the
+# first lines say which (and the Debian packages for the rest).
 test: $(STAMP)
+	$(PY) -c 'from code_qwen.humanevalpack import toolchain_report as r; print(*r(), sep="\n")'
 	$(PY) -m pytest -q tests
 
 # The first command on a machine with GPUs (README "Running on GPUs"): Transformer Engine and the

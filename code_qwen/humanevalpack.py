@@ -1,25 +1,36 @@
 """HumanEvalPack "synthesize" (Muennighoff et al., OctoPack): HumanEval in six languages, one task
 per language (``humanevalpack-python``, ``-js``, ``-java``, ``-go``, ``-cpp``, ``-rust``).
 
-Records use the published ``bigcode/humanevalpack`` schema (hub config = language). Protocol
-(docs/paper.md §10), as in bigcode-evaluation-harness:
+Records use the published ``bigcode/humanevalpack`` schema (hub config = language). Two protocols
+(docs/paper.md §10):
 
-- ``base``: the record's ``prompt`` (docstring + signature) is completed verbatim; generation
-  stops at the harness's per-language stop words. The graded program is the prompt, the
-  completion and the ``test``, with the harness's per-language glue (import helpers for Python
-  and C++, ``fn main(){}`` + ``declaration`` for Rust, ``test_setup`` for Go).
-- ``chat``: the ``instruction`` is the user turn; the first fenced block of the reply (else the
-  whole reply) replaces the prompt, since the model writes the whole function.
+- ``paper``: bigcode-evaluation-harness's ``humanevalsynthesize-LANG`` (``BIGCODE_HUMANEVALPACK``),
+  prompt ``continue`` in ``base`` mode (the record's ``prompt``, stripped) and ``codeqwen`` in
+  ``chat`` mode (a ChatML user turn holding the ``instruction``, no system turn, and the assistant
+  turn pre-filled with the prompt, which the model continues). A completion is cut at the
+  harness's stop words and by ``remove_last_block`` (Python: the first unindented line; the
+  others: where the function's braces close), appended to the stripped prompt, and glued to the
+  test as the harness does per language (``bigcode_program``: imports, ``fn main`` and the
+  declaration's ``use`` line for Rust, ``package main``/imports for Go).
+- ``robust``: ``base`` completes the prompt verbatim, cut the same way; ``chat`` sends the
+  ``instruction`` after the default system turn and grades the first fenced block of the reply
+  (else the whole reply) in place of the prompt, since the model writes the whole function; a Go
+  reply's own ``package main`` and imports are kept out of the program's.
 
 Every program, compilation included (it handles untrusted code), runs in ``sandbox``;
 a completion passes when the program exits 0 within the language's timeout (py/js/java 10 s,
 go 20 s, cpp 60 s, rust 300 s). A missing toolchain makes every sample of that language an
 ``error`` with a message saying so; ``available_languages`` lets callers skip such tasks first.
+Known differences from the harness: Python programs run without ``import numpy`` (no
+site-packages in the sandbox; no test uses it); a JavaScript ``console.assert`` that fails
+throws (the harness fails a run that writes to stderr, which a failed assert does); bigcode bounds
+prompt and completion together (``--max_length_generation``), here the completion alone (512).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -31,6 +42,8 @@ from typing import Any
 from code_qwen.tasks import CHAT_STOP, _CodeTask, extract_code, run_grade
 from code_sandbox import ERROR, Program, RunResult, Sandbox, SandboxConfig
 from specialize.eval.tasks import (
+    PAPER,
+    ROBUST,
     Grade,
     HubSource,
     Protocol,
@@ -42,6 +55,8 @@ from specialize.eval.tasks import (
 
 LANGUAGES = ("python", "js", "java", "go", "cpp", "rust")
 TIMEOUTS = {"python": 10.0, "js": 10.0, "java": 10.0, "go": 20.0, "cpp": 60.0, "rust": 300.0}
+BIGCODE_COMMIT = "8fc5bae6479c4fbbb28c3f8b644f6a15b3f3b5bd"
+BIGCODE_HUMANEVALPACK = f"bigcode-project/bigcode-evaluation-harness:bigcode_eval/tasks/humanevalpack.py@{BIGCODE_COMMIT}"
 # The harness's stop words (from CodeGeeX/MultiPL-E); only Python and Go cut at a new top-level
 # definition, the others end where the function's closing brace does.
 BASE_STOP = {
@@ -89,7 +104,21 @@ CPP_IMPORTS = (
     "#include<sstream>",
     "#include<fstream>",
 )
-GO_PACKAGES = ("math", "strings", "fmt", "strconv", "time", "bytes", "regexp", "sort", "math/rand")
+# BIGCODE_HUMANEVALPACK's IMPORT_HELPER["go"]: added when used (Go/162 needs crypto/md5).
+# BIGCODE_HUMANEVALPACK's IMPORT_HELPER["cpp"] in its order (boost/any.hpp: Debian's libboost-dev).
+BIGCODE_CPP_IMPORTS = (*CPP_IMPORTS[:14], "#include<boost/any.hpp>", *CPP_IMPORTS[14:])
+GO_PACKAGES = (
+    "math",
+    "strings",
+    "fmt",
+    "strconv",
+    "time",
+    "bytes",
+    "regexp",
+    "sort",
+    "math/rand",
+    "crypto/md5",
+)
 # console.assert only prints; the pack's JS tests rely on it, so make a failed one exit non-zero.
 JS_PRELUDE = (
     "console.assert = (cond, ...msg) => { if (!cond) { "
@@ -100,6 +129,8 @@ HEAVY_MEMORY = 16 << 30
 HEAVY_PROCESSES = 256
 JVM_FLAGS = "-Xmx512m -Xss8m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:CICompilerCount=1"
 _EXPOSED = "/tmp/.toolchain"
+DEBIAN_GOPATH = "/usr/share/gocode"
+TESTIFY = "github.com/stretchr/testify"
 
 
 class ToolchainMissing(TaskError):
@@ -184,9 +215,44 @@ def find_toolchain(language: str, search_path: str | None = None) -> Toolchain:
             env["GOROOT"] = root
         tools[tool] = real
     if language == "go":
-        # Module downloads are impossible without a network: tests must find testify in GOPATH.
+        # Module downloads are impossible without a network: tests must find testify in GOPATH,
+        # e.g. Debian's golang-github-stretchr-testify-dev, which installs it in GOPATH mode.
         env.update(GOFLAGS="-mod=mod", GOPROXY="off", GOCACHE="/tmp/go-cache")
+        if os.path.isdir(os.path.join(DEBIAN_GOPATH, "src", TESTIFY)):
+            env.update(GO111MODULE="off", GOPATH=DEBIAN_GOPATH, GOFLAGS="")
     return Toolchain(tools, binds, env)
+
+
+# Debian packages providing each language's tools (and what the tests and ``paper`` need besides).
+DEBIAN_PACKAGES = {
+    "python": (),
+    "js": ("nodejs",),
+    "java": ("default-jdk-headless",),
+    "go": ("golang-go", "golang-github-stretchr-testify-dev"),
+    "cpp": ("g++", "libboost-dev"),
+    "rust": ("rustc",),
+}
+
+
+def toolchain_report(search_path: str | None = None) -> list[str]:
+    """One line per language: the tools found, or what is missing and the Debian packages that
+    provide it (``make test`` prints it first)."""
+    lines = []
+    for language in LANGUAGES:
+        try:
+            toolchain = find_toolchain(language, search_path)
+        except ToolchainMissing as e:
+            packages = " ".join(DEBIAN_PACKAGES[language])
+            lines.append(f"{language}: missing ({e}); apt-get install {packages}")
+            continue
+        extra = []
+        if language == "go" and toolchain.env.get("GO111MODULE") != "off":
+            extra.append("testify not in Debian's GOPATH: golang-github-stretchr-testify-dev")
+        if language == "cpp" and not os.path.exists("/usr/include/boost/any.hpp"):
+            extra.append("no boost/any.hpp, which the paper protocol includes: libboost-dev")
+        tools = ", ".join(toolchain.tools.values()) or "the sandbox's Python"
+        lines.append(f"{language}: {tools}" + "".join(f"; {x}" for x in extra))
+    return lines
 
 
 def available_languages(search_path: str | None = None) -> list[str]:
@@ -228,11 +294,14 @@ def assemble(record: Mapping[str, Any], code: str, language: str, mode: str) -> 
         return f"\nfn main(){{ \n }} \n{body}\n{test}\n"
     if language == "go":
         body = body.replace(record.get("import", ""), "")
+        # A whole-file reply brings its own package clause; the test setup has one.
+        body = re.sub(r"^\s*package\s+main\s*$", "", body, flags=re.MULTILINE)
         setup = record.get("test_setup", "")
         used = [
             f'"{pkg}"'
             for pkg in GO_PACKAGES
             if pkg not in setup
+            and f'"{pkg}"' not in body
             and any(
                 f"{pkg.split('/')[-1]}." in line and not line.lstrip().startswith("//")
                 for line in body.splitlines()
@@ -241,6 +310,102 @@ def assemble(record: Mapping[str, Any], code: str, language: str, mode: str) -> 
         imports = "import (\n" + "".join(f"    {p}\n" for p in used) + ")\n" if used else ""
         return f"{setup}\n{imports}{body}\n{test}\n"
     raise TaskError(f"humanevalpack language {language!r}: expected one of {LANGUAGES}")
+
+
+def remove_last_block(code: str, language: str) -> str:
+    """BIGCODE_HUMANEVALPACK's ``remove_last_block`` (``HumanEvalPackGenerative``): ``code`` cut at
+    the stop words, then Python at its first unindented line, the other languages where the
+    function's braces close (Java's class brace counts as open too)."""
+    for word in (*BASE_STOP[language], "<|endoftext|>"):
+        if word in code:
+            code = code[: code.find(word)]
+    if language == "python":
+        lines = code.split("\n")
+        for i, line in enumerate(lines):
+            if len(line.strip()) > 0 and line[0] != " " and line[0] != "\t":
+                return "\n".join(lines[:i])
+        return code
+    open_brackets = 2 if language == "java" else 1
+    for i, c in enumerate(code):
+        if c == "{":
+            open_brackets += 1
+        elif c == "}":
+            open_brackets -= 1
+        if open_brackets == 0:
+            return code[: i + 1]
+    if language == "java":
+        main_pos = code.find("public static void main")
+        if main_pos != -1:
+            code = code[:main_pos] + "}"
+        if "}" in code:
+            code = code[: code.rfind("}")] + "}"
+        if code.count("{") - 1 == code.count("}"):
+            code += "\n}"
+    elif "}" in code:
+        code = code[: code.rfind("}")] + "}"
+    return code
+
+
+def bigcode_program(record: Mapping[str, Any], completion: str, language: str) -> str:
+    """The program BIGCODE_HUMANEVALPACK runs for a post-processed completion: the stripped prompt
+    and the completion (``postprocess_generation``), the per-language changes of
+    ``process_results``, then the test as ``code_eval_octopack`` appends it (``"\\n" + "\\n" +
+    test``)."""
+    g = record["prompt"].rstrip() + completion
+    test = "\n" + record["test"]
+    if language == "python":
+        # IMPORT_HELPER["python"] without numpy (see the module docstring).
+        g = (PYTHON_IMPORTS + g).strip()
+    elif language == "js":
+        g = JS_PRELUDE + g
+    elif language == "cpp":
+        g = ("\n".join(BIGCODE_CPP_IMPORTS) + "\n" + g.split("int main")[0]).strip()
+    elif language == "java":
+        g = g.replace("public class Main {\n    }", "").strip()
+    elif language == "go":
+        g = _bigcode_go(record, g, test)
+    elif language == "rust":
+        g = _bigcode_rust(record, g)
+    else:
+        raise TaskError(f"humanevalpack language {language!r}: expected one of {LANGUAGES}")
+    return g + "\n" + test
+
+
+def _bigcode_go(record: Mapping[str, Any], gen: str, test: str) -> str:
+    setup = record["test_setup"] + "\n"
+    for line in setup.split("\n"):
+        line = line.replace("import", "").replace("(", "").replace(")", "").strip()
+        if line.startswith('"') and line in gen:
+            setup = setup.replace(line, "")
+    g = setup + gen + "\n" + test
+    other_pkgs = set()
+    for pkg in GO_PACKAGES:
+        if '"' + pkg + '"' not in g:
+            p = pkg.split("/")[-1]
+            # Used outside a comment (Go rejects an unused import).
+            if any(p + "." in line and not line.strip().startswith("//") for line in g.split("\n")):
+                other_pkgs.add('"' + p + '"')
+    # As the harness: the import is the package's last path element (``"rand"`` for
+    # math/rand), which compiles only when the prompt imports the full path itself.
+    imports = ""
+    if other_pkgs:
+        imports = "import (\n" + "\n".join("    " + p for p in sorted(other_pkgs)) + "\n)\n"
+    if "package main" in gen and "package main" in setup:
+        gen = gen.replace("package main", "")
+    return setup + imports + gen
+
+
+def _bigcode_rust(record: Mapping[str, Any], g: str) -> str:
+    new_gen = "" if "fn main()" in g else "fn main(){}\n"
+    for line in record["declaration"].split("\n"):
+        if line.strip() not in g:
+            # Skip if the function is already present.
+            if line.strip().startswith("fn") and line.strip().split("(")[0] in g:
+                continue
+            new_gen += line.strip() + "\n"
+    # If fn main() is present twice, cut off before the second one.
+    g = "fn main()".join(g.split("fn main()")[0:2])
+    return new_gen + g
 
 
 def program(source: str, language: str, toolchain: Toolchain, timeout: float) -> Program:
@@ -300,21 +465,44 @@ class HumanEvalPackTask(_CodeTask):
         return TIMEOUTS[self.language]
 
     def protocol(self, mode: str) -> Protocol:
-        """0-shot in both modes; pass@k from sandboxed runs."""
-        if check_mode(mode) == "base":
-            stop = ("<|endoftext|>", *BASE_STOP[self.language])
-        else:
-            stop = CHAT_STOP
-        return Protocol(mode, 0, stop, 512, "sandbox", self.timeout)
+        """0-shot in both modes; pass@k from sandboxed runs. ``paper`` stops at the harness's
+        words in both modes (a chat model's end of turn too)."""
+        base = check_mode(mode) == "base"
+        if self.protocol_name == PAPER:
+            stop = (*BASE_STOP[self.language], "<|endoftext|>")
+            stop = stop if base else (*stop, "<|im_end|>")
+            return Protocol(
+                mode, 0, stop, 512, "sandbox", self.timeout, PAPER, BIGCODE_HUMANEVALPACK
+            )
+        stop = ("<|endoftext|>", *BASE_STOP[self.language]) if base else CHAT_STOP
+        return Protocol(mode, 0, stop, 512, "sandbox", self.timeout, ROBUST)
 
     def prompt(self, record: Mapping[str, Any], mode: str) -> str:
-        """Base: the prompt verbatim (trailing newline kept). Chat: the instruction."""
-        return record["prompt"] if check_mode(mode) == "base" else record["instruction"]
+        """Base: the prompt (``robust``: verbatim, trailing newline kept; ``paper``: stripped, as
+        the harness's ``get_prompt``). Chat: the instruction (``paper``: stripped)."""
+        text = record["prompt"] if check_mode(mode) == "base" else record["instruction"]
+        return text.strip() if self.protocol_name == PAPER else text
+
+    def chat_system(self) -> str | None:
+        """``paper``: none (the harness's ``codeqwen`` template has no system turn)."""
+        return None if self.protocol_name == PAPER else super().chat_system()
+
+    def prefill(self, record: Mapping[str, Any]) -> str:
+        """``paper``: the prompt, right-stripped, which the model continues."""
+        return record["prompt"].rstrip() if self.protocol_name == PAPER else ""
 
     def postprocess(self, record: Mapping[str, Any], completion: str, mode: str) -> str:
-        """Base: cut at the stop words. Chat: the first fenced block, else the whole reply."""
+        """``remove_last_block`` of the completion (``paper``: right-stripped first, as the
+        harness, whose generations still hold the stop word: a completion already cut before it
+        can differ in the whitespace ending the function). ``robust`` chat: the first fenced
+        block, else the whole reply."""
+        if self.protocol_name == PAPER:
+            text = completion if mode == "base" else truncate(completion, ("<|im_end|>",))
+            return remove_last_block(text.rstrip(), self.language)
         text = truncate(completion, self.protocol(mode).stop)
-        return text if mode == "base" else extract_code(text)
+        if mode == "base":
+            return remove_last_block(text, self.language)
+        return extract_code(text)
 
     def grade(
         self,
@@ -342,10 +530,11 @@ class HumanEvalPackTask(_CodeTask):
             toolchain = find_toolchain(self.language, self.search_path)
         except ToolchainMissing as e:
             return [_missing(str(e)) for _ in records]
-        programs = [
-            program(assemble(r, c, self.language, mode), self.language, toolchain, self.timeout)
-            for r, c in zip(records, completions)
-        ]
+        if self.protocol_name == PAPER:  # a continuation of the prompt in both modes
+            sources = [bigcode_program(r, c, self.language) for r, c in zip(records, completions)]
+        else:
+            sources = [assemble(r, c, self.language, mode) for r, c in zip(records, completions)]
+        programs = [program(src, self.language, toolchain, self.timeout) for src in sources]
         heavy = self.language in ("java", "rust", "go")
         config = SandboxConfig(
             timeout=self.timeout,
@@ -389,6 +578,7 @@ HUMANEVALPACK = {
             ),
             reference_fields=("prompt", "canonical_solution"),
             id_field="task_id",
+            protocols=(ROBUST, PAPER),
             language=language,
         )
     )

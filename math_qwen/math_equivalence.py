@@ -53,6 +53,7 @@ __all__ = [
     "is_equiv",
     "last_boxed_only_string",
     "latex_to_sympy",
+    "minerva_equal",
     "normalize_final_answer",
     "remove_boxed",
     "symbolic_equal",
@@ -102,7 +103,10 @@ def remove_boxed(boxed: str | None) -> str | None:
 
 # "Final Answer: The final answer is $X$. I hope it is correct." -- the Minerva few-shot slot; the
 # answer ends with its line or at "I hope it is correct" (it may itself contain ".", as in 3.5).
-_FINAL_ANSWER = re.compile(r"The final answer is\s*:?\s*(?P<answer>[^\n]*)", re.IGNORECASE)
+_FINAL_ANSWER = re.compile(
+    r"The final answer is\s*:?\s*(?P<answer>[^\n]*?)(?=\s*I hope it is correct|\n|$)",
+    re.IGNORECASE,
+)
 _I_HOPE = re.compile(r"\s*I hope it is correct.*", re.IGNORECASE)
 _ANSWER_IS = re.compile(r"answer is\s*:?\s*(?P<answer>[^\n]*)", re.IGNORECASE)
 _DOLLAR_MATH = re.compile(r"(?<!\\)\$+(?P<answer>[^$]+?)(?<!\\)\$+")
@@ -111,15 +115,15 @@ _DOLLAR_MATH = re.compile(r"(?<!\\)\$+(?P<answer>[^$]+?)(?<!\\)\$+")
 def extract_math_answer(completion: str | None) -> str | None:
     """The final answer written in a MATH completion, un-normalized; None when there is none.
 
-    In order: the first Minerva slot "The final answer is X. I hope it is correct." (the first,
-    because a few-shot completion that is not cut at its stop sequence goes on with problems of
-    its own; "I hope ..." may be missing), the last ``\\boxed{X}``, the last "answer is X" line,
-    the last ``$X$``.
+    In order: the last Minerva slot "The final answer is X. I hope it is correct." ("I hope ..."
+    may be missing; the last, because a reply that corrects itself ends with the answer it
+    means), the last ``\\boxed{X}``, the last "answer is X" line, the last ``$X$``. A few-shot
+    completion is cut at its stop sequence (``Problem:``) before it gets here, so problems the
+    model goes on to invent are not read.
     """
     if not completion:
         return None
-    match = _FINAL_ANSWER.search(completion)
-    if match:
+    for match in reversed(list(_FINAL_ANSWER.finditer(completion))):
         answer = _strip_sentence_end(_I_HOPE.sub("", match["answer"]))
         if answer:
             return answer
@@ -149,6 +153,8 @@ _UNIT_WORDS = (
 )  # fmt: skip
 _UNITS = re.compile(
     r"(?<![A-Za-z\\])(?:" + "|".join(sorted(_UNIT_WORDS, key=len, reverse=True)) + r")(?![A-Za-z])"
+    # The unit's exponent goes with it: "6 cm^2" is 6, not 6^2.
+    r"(?:\s*\^\s*\{?\s*[23]\s*\}?)?"
 )
 _UNICODE = {
     "\u2212": "-", "\u00d7": "\\times ", "\u00f7": "\\div ", "\u00b7": "\\cdot ",
@@ -701,6 +707,52 @@ def symbolic_equal(a: str, b: str) -> bool:
 
 # --------------------------------------------------------------------------- worker process
 
+ROBUST_COMPARISON = "robust"
+
+
+def _as_parse_latex(text: str) -> str:
+    """What parse_latex's grammar reads alike, spelled as the translator reads it: its lexer
+    skips ``\\left``/``\\right`` and takes ``\\dfrac``, ``\\tfrac`` as ``\\frac``."""
+    text = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", text)
+    return re.sub(r"\\[dt](frac|binom)(?![A-Za-z])", r"\\\1", text)
+
+
+def minerva_is_equiv(x1: str, x2: str) -> bool:
+    """lm-evaluation-harness's ``minerva_math`` ``is_equiv`` (``math_qwen.paper`` cites it) of two
+    answers it normalized, run in the sympy worker: true only when both parse and
+    ``simplify(x1 - x2) == 0``; no string comparison comes first, so identical intervals or
+    tuples, which do not parse, are unequal.
+
+    sympy's ``parse_latex`` (the harness's parser) needs antlr4; where it is missing, this
+    project's translator parses instead, except that a word, which parse_latex reads as a
+    product of letters, equals only itself.
+    """
+    import sympy  # the worker's, loaded there only
+
+    try:
+        if importlib.util.find_spec("antlr4") is not None:
+            from sympy.parsing.latex import parse_latex
+
+            x, y = parse_latex(x1), parse_latex(x2)
+        else:
+            x, y = latex_to_sympy(_as_parse_latex(x1)), latex_to_sympy(_as_parse_latex(x2))
+    except _WordError:
+        return x1 == x2
+    except (LatexParseError, TypeError, ValueError, ZeroDivisionError):
+        return False
+    except Exception:  # parse_latex's own errors; the harness counts them as "not equal"
+        return False
+    try:
+        return bool(sympy.simplify(x - y) == 0)
+    except Exception:
+        return False
+
+
+_COMPARISONS: dict[str, Callable[[str, str], bool]] = {
+    ROBUST_COMPARISON: symbolic_equal,
+    "minerva": minerva_is_equiv,
+}
+
 
 def serve(memory_mb: int = 2048) -> None:
     """The worker loop (``python -c "...; serve()"``): one JSON ``[a, b]`` per stdin line, one
@@ -716,9 +768,9 @@ def serve(memory_mb: int = 2048) -> None:
     protocol.write('"ready"\n')
     for line in sys.stdin:
         try:
-            a, b = json.loads(line)
-            verdict = symbolic_equal(a, b)
-        except ValueError:
+            a, b, *kind = json.loads(line)
+            verdict = _COMPARISONS[kind[0] if kind else ROBUST_COMPARISON](a, b)
+        except (ValueError, KeyError, IndexError):
             verdict = False
         protocol.write(json.dumps(verdict) + "\n")
 
@@ -756,13 +808,17 @@ class SympyWorker:
         self._buffer = b""
         self._pid = os.getpid()
 
-    def equal(self, a: str, b: str, timeout_seconds: float) -> bool | None:
-        """Whether normalized answers ``a`` and ``b`` are equivalent; None on timeout."""
+    def equal(
+        self, a: str, b: str, timeout_seconds: float, comparison: str = "robust"
+    ) -> bool | None:
+        """Whether normalized answers ``a`` and ``b`` are equivalent by ``comparison``
+        (``robust``: ``symbolic_equal``; ``minerva``: the harness's ``is_equiv``, in
+        ``math_qwen.paper``); None on timeout."""
         with self._lock:
             process = self._start()
             assert process.stdin is not None
             try:
-                process.stdin.write((json.dumps([a, b]) + "\n").encode())
+                process.stdin.write((json.dumps([a, b, comparison]) + "\n").encode())
                 process.stdin.flush()
                 reply = self._read_line(timeout_seconds)
             except OSError:  # the worker died (e.g. killed by the OOM killer)
@@ -879,6 +935,23 @@ def is_equiv(
     x, y = normalize_final_answer(a), normalize_final_answer(b)
     if not x or not y:
         return False
+    percent_x, percent_y = _is_percent(a, x), _is_percent(b, y)
+    if percent_x != percent_y:
+        # "25\\%" answers "25" (MATH writes percent answers both ways) and "50\\%" is 1/2, but
+        # "0.5\\%" is not 1/2: the percentage counts as written or as its value, nothing else.
+        number, other = (x, y) if percent_x else (y, x)
+        if other == number:
+            return True
+        return _normalized_equiv(other, f"\\frac{{{number}}}{{100}}", timeout_seconds, worker)
+    return _normalized_equiv(x, y, timeout_seconds, worker)
+
+
+def _is_percent(raw: str, normalized: str) -> bool:
+    """A single value written with a percent sign (normalization drops the sign)."""
+    return "%" in raw and len(_split_top(normalized, ",")) == 1
+
+
+def _normalized_equiv(x: str, y: str, timeout_seconds: float, worker: SympyWorker | None) -> bool:
     undecided = False
 
     def fast(p: str, q: str) -> bool:
@@ -892,3 +965,15 @@ def is_equiv(
     if not undecided:  # every item was a plain number (or the shapes differ): that is final
         return False
     return (worker or _shared_worker()).equal(x, y, timeout_seconds) is True
+
+
+def minerva_equal(
+    x: str,
+    y: str,
+    timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+    *,
+    worker: SympyWorker | None = None,
+) -> bool:
+    """The harness's ``is_equiv`` of two answers it normalized (``math_qwen.paper``), in the
+    worker process; a timeout is "not equal", as the harness's 5 s alarm makes it."""
+    return (worker or _shared_worker()).equal(x, y, timeout_seconds, "minerva") is True

@@ -1,7 +1,14 @@
 """The math evaluation tasks: GSM8K, MATH (MATH500), Math401 and Math23K (data, decontamination
 texts, and the evaluation protocol: prompts per mode, stop sequences, grading).
 
-Protocols (docs/paper.md §10), per mode:
+Every task implements two protocols. ``robust`` (the default, below) uses this project's
+prompts and graders; ``paper`` reproduces the script behind the published number
+(``math_qwen.paper``): Qwen's own ``evaluate_gsm8k.py`` / ``evaluate_chat_gsm8k.py`` for GSM8K,
+lm-evaluation-harness's ``minerva_math500`` for MATH; Math401 and Math23K have no published
+script, so their ``paper`` protocol is the robust one, whose tolerances are the benchmarks' own
+(Math401's |pred - target| < 1e-3 of its README; Math23K's answer accuracy).
+
+Robust protocols (docs/paper.md §10), per mode:
 
 - GSM8K ``base``: 8-shot, the chain-of-thought exemplars of Wei et al. (2022), each written
   "Question: Q\\nLet's think step by step\\nREASONING\\nThe answer is N"; cut at ``\\n\\n`` or
@@ -15,15 +22,18 @@ Protocols (docs/paper.md §10), per mode:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from math_qwen.graders import GRADERS
+from math_qwen import paper
+from math_qwen.graders import GRADERS, PAPER_GRADERS
 from specialize.eval.tasks import (
     ERROR,
     FAILED,
+    PAPER,
     PASSED,
+    ROBUST,
     Grade,
     HubSource,
     Protocol,
@@ -33,6 +43,14 @@ from specialize.eval.tasks import (
 )
 
 CHAT_STOP = ("<|im_end|>", "<|endoftext|>")
+# Qwen's ``model.chat`` also stops at ``<|im_start|>`` (qwen_generation_utils' stop words).
+QWEN_CHAT_STOP = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
+# Qwen's scripts generate with the checkpoint's GenerationConfig (greedy; the chat script also
+# sets repetition_penalty=1.0); its budget, 512 new tokens, is Qwen-7B's published default.
+QWEN_MAX_NEW_TOKENS = 512
+# lm-evaluation-harness's default max_gen_toks (lm_eval/defaults.py@4e7e0d47).
+LM_EVAL_MAX_NEW_TOKENS = 256
+MATH401_REFERENCE = "GanjinZero/math401-llm:README.md@0d47eafbcebc73a8c547ad285e9e8ee0a2b1aca9"
 # Wei et al. 2022 (chain-of-thought prompting), the 8 GSM8K exemplars: (question, reasoning, answer).
 GSM8K_EXEMPLARS = (
     (
@@ -142,6 +160,9 @@ class MathTask(Task):
     """Stop sequences of the base (plain completion) prompt."""
     max_new_tokens: int = 512
     """Generation budget per completion."""
+    protocols: tuple[str, ...] = (ROBUST, PAPER)
+    paper_reference: str | None = None
+    """The reference of the ``paper`` protocol when it is the robust one (Math401, Math23K)."""
 
     def exemplars(self) -> tuple[tuple[str, str], ...]:
         """Few-shot (question, worked answer) pairs of the base prompt; none by default."""
@@ -152,12 +173,20 @@ class MathTask(Task):
         return question if answer is None else f"{question}\n{answer}\n\n"
 
     def protocol(self, mode: str) -> Protocol:
-        """Few-shot ``base``, 0-shot ``chat``; graded by the task's ``math_qwen`` grader."""
+        """Few-shot ``base``, 0-shot ``chat``; graded by the task's ``math_qwen`` grader. Under
+        ``paper`` the same, naming ``paper_reference`` (override where the paper differs)."""
         grader = f"math_qwen.graders.{self.name}"
+        named = {"name": self.protocol_name}
+        if self.protocol_name == PAPER:
+            named["reference"] = self.paper_reference
         if check_mode(mode) == "base":
             shots = len(self.exemplars())
-            return Protocol(mode, shots, self.base_stop, self.max_new_tokens, grader)
-        return Protocol(mode, 0, CHAT_STOP, self.max_new_tokens, grader)
+            return Protocol(mode, shots, self.base_stop, self.max_new_tokens, grader, **named)
+        return Protocol(mode, 0, CHAT_STOP, self.max_new_tokens, grader, **named)
+
+    def grader(self, mode: str) -> Callable[..., dict[str, Any]]:
+        """``grade(record, completion) -> {"answer", "predicted", "correct"}`` in ``mode``."""
+        return GRADERS[self.name]
 
     def prompt(self, record: Mapping[str, Any], mode: str) -> str:
         """Base: the solved exemplars, then this problem. Chat: the problem text alone."""
@@ -176,7 +205,7 @@ class MathTask(Task):
         """Each completion through the task's grader; a grader failure is an ``error``."""
         if len(records) != len(completions):
             raise ValueError(f"{len(records)} records but {len(completions)} completions")
-        grader = GRADERS[self.name]
+        grader = self.grader(check_mode(mode))
         grades = []
         for record, completion in zip(records, completions):
             try:
@@ -191,7 +220,41 @@ class MathTask(Task):
 
 @dataclass(frozen=True, kw_only=True)
 class GSM8KTask(MathTask):
-    """GSM8K with Wei et al.'s 8 chain-of-thought exemplars in the base prompt."""
+    """GSM8K with Wei et al.'s 8 chain-of-thought exemplars in the base prompt (``robust``), or
+    Qwen's own scripts (``paper``)."""
+
+    def protocol(self, mode: str) -> Protocol:
+        if self.protocol_name != PAPER:
+            return super().protocol(mode)
+        if check_mode(mode) == "base":
+            return Protocol(
+                mode,
+                8,
+                paper.QWEN_GSM8K_BASE_STOP,
+                QWEN_MAX_NEW_TOKENS,
+                "math_qwen.graders.gsm8k_qwen_base",
+                name=PAPER,
+                reference=paper.QWEN_GSM8K_BASE,
+            )
+        return Protocol(
+            mode,
+            0,
+            QWEN_CHAT_STOP,
+            QWEN_MAX_NEW_TOKENS,
+            "math_qwen.graders.gsm8k_qwen_chat",
+            name=PAPER,
+            reference=paper.QWEN_GSM8K_CHAT,
+        )
+
+    def prompt(self, record: Mapping[str, Any], mode: str) -> str:
+        if self.protocol_name == PAPER and check_mode(mode) == "base":
+            return paper.qwen_gsm8k_base_prompt(str(record[self.question_field]))
+        return super().prompt(record, mode)
+
+    def grader(self, mode: str) -> Callable[..., dict[str, Any]]:
+        if self.protocol_name == PAPER:
+            return PAPER_GRADERS[f"gsm8k_{mode}"]
+        return super().grader(mode)
 
     def exemplars(self) -> tuple[tuple[str, str], ...]:
         """The 8 exemplars as (question, "REASONING\\nThe answer is N")."""
@@ -205,7 +268,37 @@ class GSM8KTask(MathTask):
 
 @dataclass(frozen=True, kw_only=True)
 class MinervaMathTask(MathTask):
-    """MATH with Minerva's 4-shot prompt in base mode."""
+    """MATH with Minerva's 4-shot prompt in base mode (``robust``), or lm-evaluation-harness's
+    ``minerva_math500`` (``paper``): its prompt in both modes (in chat mode as the one user turn,
+    as ``--apply_chat_template`` renders it), 256 new tokens, its extraction and comparison."""
+
+    def protocol(self, mode: str) -> Protocol:
+        if self.protocol_name != PAPER:
+            return super().protocol(mode)
+        # The harness's HF model stops at its `until` and the tokenizer's end of text.
+        stop = ("Problem:", "<|endoftext|>")
+        if check_mode(mode) == "chat":
+            stop = ("Problem:", *QWEN_CHAT_STOP)
+        return Protocol(
+            mode,
+            len(paper.MINERVA_EXEMPLARS),
+            stop,
+            LM_EVAL_MAX_NEW_TOKENS,
+            "math_qwen.graders.math_minerva",
+            name=PAPER,
+            reference=paper.LM_EVAL_MINERVA,
+        )
+
+    def prompt(self, record: Mapping[str, Any], mode: str) -> str:
+        if self.protocol_name == PAPER:
+            check_mode(mode)
+            return paper.minerva_prompt(str(record[self.question_field]))
+        return super().prompt(record, mode)
+
+    def grader(self, mode: str) -> Callable[..., dict[str, Any]]:
+        if self.protocol_name == PAPER:
+            return PAPER_GRADERS["math"]
+        return super().grader(mode)
 
     def exemplars(self) -> tuple[tuple[str, str], ...]:
         """Minerva's 4 solved problems, each ending in its "Final Answer" sentence."""
@@ -256,6 +349,7 @@ MATH401 = register(
         question_field="query",
         base_stop=("\n",),
         max_new_tokens=256,
+        paper_reference=MATH401_REFERENCE,
     )
 )
 

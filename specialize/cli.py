@@ -25,7 +25,7 @@ from specialize.config import (
 )
 from specialize.eval.config import DTYPES as EVAL_DTYPES
 from specialize.eval.config import EvalConfig, SamplingConfig
-from specialize.eval.tasks import MODES
+from specialize.eval.tasks import MODES, PROTOCOLS
 from specialize.plan import DEFAULT_HEADROOM, DEFAULT_MFU, DTYPES, FP8_EFFICIENCY, GPUS
 
 # megatron-core announces every optional kernel it falls back from; on CPU these are expected. Its
@@ -792,6 +792,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         choices=MODES,
         help="base: few-shot completion prompts; chat: 0-shot ChatML user turn",
+    )
+    ev.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        help="robust (default): this project's prompts and graders; paper: the script behind the "
+        "paper's number, byte for byte (results record which)",
     )
     ev.add_argument("--label", help="model name in the results (default: file stem)")
     ev.add_argument("--workers", type=int, help="parallel sandboxed program runs")

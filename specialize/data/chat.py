@@ -88,15 +88,16 @@ def render(
     messages: Sequence[Mapping[str, str]],
     tokenizer: QwenTokenizer,
     policy: str = "assistant",
-    system: str = DEFAULT_SYSTEM,
+    system: str | None = DEFAULT_SYSTEM,
 ) -> tuple[list[int], list[int]]:
     """ChatML token ids and the loss mask (1 = learned) of a conversation.
 
-    ``system`` is used when the conversation has no system message of its own.
+    ``system`` is used when the conversation has no system message of its own; None: no system
+    turn at all (a reference template without one).
     """
     if policy not in MASK_POLICIES:
         raise ValueError(f"mask policy {policy!r}: expected one of {', '.join(MASK_POLICIES)}")
-    if not messages or messages[0]["role"] != "system":
+    if system is not None and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": system}, *messages]
     newline = tokenizer.encode("\n")
     frame = 1 if policy == "qwen-repo" else 0  # <|im_start|>, <|im_end|>, newline learned?
@@ -113,7 +114,9 @@ def render(
 
 
 def generation_prompt(
-    messages: Sequence[Mapping[str, str]], tokenizer: QwenTokenizer, system: str = DEFAULT_SYSTEM
+    messages: Sequence[Mapping[str, str]],
+    tokenizer: QwenTokenizer,
+    system: str | None = DEFAULT_SYSTEM,
 ) -> list[int]:
     """The ids of a conversation (ending in a user turn) followed by ``<|im_start|>assistant\\n``."""
     ids, _ = render([*messages, {"role": "assistant", "content": "-"}], tokenizer, system=system)

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from specialize.config import ConfigError, _merge, _parse_override
-from specialize.eval.tasks import check_mode
+from specialize.eval.tasks import PROTOCOLS, ROBUST, check_mode
 
 # The precisions a model is evaluated in (``infer.model.INFERENCE_DTYPES``, which imports torch).
 DTYPES = ("fp32", "bf16")
@@ -58,6 +58,9 @@ class EvalConfig:
     directories or JSONL); a task without one uses its packaged data or hub dataset."""
     mode: str = "base"
     """``base``: few-shot completion prompts; ``chat``: a 0-shot ChatML user turn."""
+    protocol: str = ROBUST
+    """``robust``: this project's prompts and graders; ``paper``: the script behind the paper's
+    number, byte for byte (each task's protocol names it; results record it)."""
     label: Optional[str] = None
     """Model name in the results; default: the checkpoint directory's name, else the results
     file's stem."""
@@ -107,6 +110,8 @@ class EvalConfig:
                 f"--limit {self.limit}: must be at least 1 (the first N problems of each task)"
             )
         check_mode(self.mode)
+        if self.protocol not in PROTOCOLS:
+            raise EvalError(f"--protocol {self.protocol!r}: must be one of {', '.join(PROTOCOLS)}")
         if self.dtype not in (None, *DTYPES):
             raise EvalError(f"--dtype {self.dtype!r}: must be {' or '.join(DTYPES)}")
         for name in ("tp", "pp", "workers"):

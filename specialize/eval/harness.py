@@ -58,7 +58,7 @@ def score_completions(
     if not task_names:
         raise EvalError("no tasks to score")
     data_paths, mode, limit = cfg.data, cfg.mode, cfg.limit
-    tasks_by_name = {name: get_task(name) for name in dict.fromkeys(task_names)}
+    tasks_by_name = {name: get_task(name).under(cfg.protocol) for name in dict.fromkeys(task_names)}
     protocols = {
         name: _protocol(task, mode, cfg.max_new_tokens) for name, task in tasks_by_name.items()
     }
@@ -347,7 +347,7 @@ def generate_completions(
     from specialize.infer.model import load_model
 
     mode, sampling = cfg.mode, cfg.sampling
-    tasks_by_name = {name: get_task(name) for name in dict.fromkeys(tasks)}
+    tasks_by_name = {name: get_task(name).under(cfg.protocol) for name in dict.fromkeys(tasks)}
     if model is None:
         model, _ = load_model(cfg.checkpoint, cfg.tp, cfg.pp, dtype=cfg.dtype)
     tokenizer = QwenTokenizer.load()
@@ -357,7 +357,11 @@ def generate_completions(
         records = task.load(cfg.data.get(name))[: cfg.limit]
         protocol = _protocol(task, mode, cfg.max_new_tokens)
         if mode == "chat":
-            prompts = [generation_prompt(task.messages(r), tokenizer) for r in records]
+            prompts = [
+                generation_prompt(task.messages(r), tokenizer, task.chat_system())
+                + tokenizer.encode(task.prefill(r))
+                for r in records
+            ]
         else:
             prompts = [tokenizer.encode(p) for p in task.prompts(records, mode)]
         meter.start(name, len(prompts) * sampling.samples)

@@ -91,17 +91,23 @@ PAPER_PROTOCOLS: dict[tuple[str, str | None], str] = {
         "500 test problems; 3-shot Austin et al. prompt ending in `[BEGIN]`, stop at `[DONE]`"
     ),
     ("gsm8k", "base"): (
-        '1,319 test problems; 8-shot "Question: … Let\'s think step by step … The answer is N", '
-        "cut at `\\n\\n` / `Question:`; gold is the number after `####`"
+        "1,319 test problems; Qwen's evaluate_gsm8k.py: its own 8 GSM8K-train exemplars "
+        '(gsm8k_prompt.txt), "Question: … Let\'s think step by step … The answer is N", cut at '
+        "`<|endoftext|>`, `\\n\\n\\n`, `\\n\\n`, `Question:`; the last run of digits `==` "
+        "the number after `####`"
     ),
     ("gsm8k", "chat"): (
-        "1,319 test problems; 0-shot, last number in the reply, compared numerically (abs tol 1e-4)"
+        "1,319 test problems; Qwen's evaluate_chat_gsm8k.py: 0-shot, greedy, repetition penalty "
+        "1.0; the last number of the reply against the gold's, abs tol 1e-4"
     ),
     ("math", None): (
-        'MATH500 subset; 4-shot Minerva prompt, answer after "Final Answer: The final answer is", '
-        "Minerva normalization, sympy equivalence"
+        "MATH500 subset; lm-evaluation-harness minerva_math: 4-shot Minerva prompt ending "
+        '`Solution:`, stop `Problem:`, 256 new tokens; the first "Final Answer: The final answer '
+        'is X. I hope it is correct.", Minerva normalization, sympy equality of the parsed answers'
     ),
-    ("math401", None): "401 arithmetic expressions; correct when |pred − target| < 1e-3",
+    ("math401", None): (
+        "401 arithmetic expressions; correct when |pred − target| < 1e-3 (the Math401 README)"
+    ),
     ("math23k", None): (
         "Chinese grade-school word problems (test split commonly 1,000); numeric answer"
     ),

@@ -12,7 +12,9 @@ better.
 ``--long-context none,ntk,logn,ntk+logn,...`` measures the same windows once per combination of the
 training-free context-extension options (``base.long_context``), as entries ``perplexity[VARIANT]``,
 and writes a table and a chart of perplexity against length, one line per variant (the paper's
-Table 3). ``ntk`` is dynamic NTK-aware RoPE, ``logn`` LogN attention scaling, ``window``
+Table 3). Its computation is the same under either protocol (``robust``, ``paper``), so it
+declares both (``--protocol paper --tasks gsm8k,perplexity`` works) and its results entry names
+none. ``ntk`` is dynamic NTK-aware RoPE, ``logn`` LogN attention scaling, ``window``
 layer-wise window attention: the lower half of the layers attend to at most the training length,
 the upper half to everything.
 """
@@ -32,7 +34,7 @@ import numpy as np
 from base.long_context_config import LongContextConfig
 from specialize.checkpoint import read_architecture, resolve_checkpoint
 from specialize.eval.config import PERPLEXITY, EvalConfig
-from specialize.eval.tasks import LikelihoodTask, LoadedModel, TaskError, register
+from specialize.eval.tasks import PROTOCOLS, LikelihoodTask, LoadedModel, TaskError, register
 from specialize.infer.likelihood import perplexity_by_length
 from specialize.infer.model import load_model, stored_long_context
 
@@ -282,5 +284,6 @@ TASK = register(
         name=NAME,
         domain="language",
         description=f"perplexity on --data {NAME}=PATH[,PATH]",
+        protocols=PROTOCOLS,
     )
 )

@@ -3,7 +3,10 @@ PNG charts.
 
 Input files are written by ``specialize eval`` (format ``specialize-eval-1``), one model each. The
 report never hides why two scores may not be comparable: tasks run with different protocols or on
-different data are flagged, and missing/timeout/error counts are listed next to the scores.
+different data are flagged, and missing/timeout/error counts are listed next to the scores. The
+paper's number for a task stands in the table only when a result measured that task under the
+``paper`` protocol (results.json's protocol ``name``: the script behind the number) in the same
+mode; otherwise the report says which protocol each result used instead.
 """
 
 from __future__ import annotations
@@ -16,10 +19,20 @@ from pathlib import Path
 from typing import Any
 
 from specialize.eval.paper_numbers import PAPER_MODELS, SOURCE, paper_protocol
+from specialize.eval.tasks import PAPER, ROBUST
 
 FORMAT = "specialize-eval-1"
 COUNT_FIELDS = ("total", "correct", "missing", "failed", "timeout", "error")
-PROTOCOL_FIELDS = ("mode", "shots", "stop", "max_new_tokens", "grader", "timeout")
+PROTOCOL_FIELDS = (
+    "name",
+    "mode",
+    "shots",
+    "stop",
+    "max_new_tokens",
+    "grader",
+    "timeout",
+    "reference",
+)
 DATA_FIELDS = ("source", "sha256", "records")
 LOSSES = {"missing": "missing", "timeout": "timed out", "error": "errors"}
 FAMILY_TITLES = {
@@ -137,13 +150,40 @@ def score(result: Results, column: Column) -> float | None:
     return 100.0 * float(value) if is_fraction(column.metric) else float(value)
 
 
+def protocol_name(entry: dict[str, Any]) -> str | None:
+    """The protocol a task entry was measured under; files from before protocols had names
+    were ``robust``. None for a task that has one computation only (perplexity)."""
+    protocol = entry.get("protocol") or {}
+    if protocol.get("name"):
+        return str(protocol["name"])
+    return None if protocol.get("grader") == "perplexity" else ROBUST
+
+
+def _value(entry: dict[str, Any], section: str, field: str) -> Any:
+    if (section, field) == ("protocol", "name"):
+        return protocol_name(entry)
+    return (entry.get(section) or {}).get(field)
+
+
+def paper_runs(results: list[Results], task: str, mode: str) -> list[Results]:
+    """The results that measured ``task`` under the ``paper`` protocol in ``mode``: the ones the
+    paper's numbers for it can stand beside."""
+    return [
+        r
+        for r in results
+        if task in r.tasks
+        and protocol_name(r.tasks[task]) == PAPER
+        and _value(r.tasks[task], "protocol", "mode") == mode
+    ]
+
+
 def differences(results: list[Results], task: str) -> list[str]:
     """Human-readable protocol/data differences between the results that ran ``task``."""
     runs = [r for r in results if task in r.tasks]
     found = []
     for section, fields in (("protocol", PROTOCOL_FIELDS), ("data", DATA_FIELDS)):
         for field in fields:
-            values = [r.tasks[task].get(section, {}).get(field) for r in runs]
+            values = [_value(r.tasks[task], section, field) for r in runs]
             if any(v != values[0] for v in values):
                 shown = ", ".join(f"{r.label}={_plain(v)}" for r, v in zip(runs, values))
                 found.append(f"{section} {field}: {shown}")
@@ -227,22 +267,43 @@ def render_markdown(
     if paper:
         intro += (
             " Rows marked *reported by the paper* are the Qwen technical report's numbers under "
-            "its own protocols (see *Paper protocols*): references, not runs of this project."
+            "its own protocols (see *Paper protocols*): references, not runs of this project. A "
+            "number is shown only for a task some result here measured under the `paper` "
+            "protocol (the script behind it) in the same mode."
         )
     out.append(intro)
     out.append("")
     rows = [[r.label, "this project", *(_pct(score(r, c)) for c in cols)] for r in results]
-    tasks = {c.task for c in cols}
+    shown: set[tuple[str, str]] = set()  # (task, mode) whose paper numbers are in the table
+    withheld: dict[tuple[str, str], list[str]] = {}  # the same, left out: paper models
     for model in PAPER_MODELS if paper else ():
-        if tasks & model.scores.keys():
-            rows.append(
-                [
-                    f"{model.name} *(reported by the paper)*",
-                    f"paper, {model.mode}",
-                    *(_pct(model.scores.get(c.task)) for c in cols),
-                ]
-            )
+        cells = []
+        for c in cols:
+            number = model.scores.get(c.task)
+            if number is not None and not paper_runs(results, c.task, model.mode):
+                withheld.setdefault((c.task, model.mode), []).append(model.name)
+                number = None
+            elif number is not None:
+                shown.add((c.task, model.mode))
+            cells.append(_pct(number))
+        if any(cell != "—" for cell in cells):
+            rows.append([f"{model.name} *(reported by the paper)*", f"paper, {model.mode}", *cells])
     out += _table(["model", "source", *(c.header for c in cols)], rows)
+    if withheld:
+        out += [
+            "",
+            "Paper numbers left out, because no result here measured the task under the `paper` "
+            "protocol in that mode (rerun with `specialize eval --protocol paper --mode MODE`):",
+            "",
+        ]
+        for (task, mode), models in withheld.items():
+            measured = "; ".join(
+                f"{r.label} under `{protocol_name(r.tasks[task])}` "
+                f"({_value(r.tasks[task], 'protocol', 'mode')})"
+                for r in results
+                if task in r.tasks
+            )
+            out.append(f"- **{task}**, {mode} ({', '.join(models)}): measured by {measured}.")
 
     out += ["", f"## Change vs {base.label}", ""]
     others = [r for r in results if r is not base]
@@ -314,18 +375,27 @@ def render_markdown(
     for c in cols:
         rows = []
         for r in (r for r in results if c.task in r.tasks):
-            protocol = r.tasks[c.task].get("protocol", {})
             data = r.tasks[c.task].get("data", {})
             rows.append(
                 [
                     r.label,
-                    *(_plain(protocol.get(f)) for f in PROTOCOL_FIELDS),
+                    *(_plain(_value(r.tasks[c.task], "protocol", f)) for f in PROTOCOL_FIELDS),
                     _plain(data.get("source")),
                     f"`{data.get('sha256', '—')}`",
                     _plain(data.get("records")),
                 ]
             )
-        header = ["model", "mode", "shots", "stop", "max new tokens", "grader", "timeout (s)"]
+        header = [
+            "model",
+            "protocol",
+            "mode",
+            "shots",
+            "stop",
+            "max new tokens",
+            "grader",
+            "timeout (s)",
+            "reference",
+        ]
         out += [f"### {c.task}", "", *_table([*header, "data", "sha256", "records"], rows), ""]
     out.pop()
 
@@ -336,7 +406,7 @@ def render_markdown(
     for c in cols:
         for mode in ("base", "chat"):
             text = paper_protocol(c.task, mode)
-            if text and any(m.mode == mode and c.task in m.scores for m in PAPER_MODELS):
+            if text and (c.task, mode) in shown:
                 rows.append([c.task, mode, text])
     out += _table(["task", "mode", "protocol"], rows) if rows else ["No paper numbers apply."]
     return "\n".join(out) + "\n"

@@ -31,7 +31,7 @@ def run(cfg: EvalConfig, *, progress: bool = False) -> dict[str, Any] | None:
     """Evaluate ``cfg.tasks`` and write ``cfg.output``; the results document on rank 0, None on
     the other ranks of a TP x PP world. ``progress``: a progress bar while generating."""
     cfg.validate()
-    tasks: dict[str, Task] = {name: get_task(name) for name in cfg.tasks}
+    tasks: dict[str, Task] = {name: get_task(name).under(cfg.protocol) for name in cfg.tasks}
     likelihood = [task for task in tasks.values() if isinstance(task, LikelihoodTask)]
     generated = [name for name, task in tasks.items() if not isinstance(task, LikelihoodTask)]
     if likelihood and cfg.checkpoint is None:

@@ -28,7 +28,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,9 +43,15 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 
 
 MODES = ("base", "chat")
+# ``robust``: this project's prompts and graders (the default); ``paper``: byte for byte the script
+# behind the published number (Qwen's own, else the harness the field uses for that benchmark).
+ROBUST, PAPER = "robust", "paper"
+PROTOCOLS = (ROBUST, PAPER)
 # Verdicts on one completion; the same words as ``code_sandbox`` uses for program runs.
 PASSED, FAILED, TIMEOUT, ERROR = "passed", "failed", "timeout", "error"
 STATUSES = (PASSED, FAILED, TIMEOUT, ERROR)
+# ``specialize.data.chat.DEFAULT_SYSTEM``, not imported: looking up tasks must not load a tokenizer.
+DEFAULT_CHAT_SYSTEM = "You are a helpful assistant."
 
 
 class TaskError(ValueError):
@@ -68,6 +74,11 @@ class Protocol:
     """How completions are judged, e.g. ``sandbox`` or ``math_qwen.graders.gsm8k``."""
     timeout: float | None = None
     """Seconds per program run (code tasks); None when nothing is executed."""
+    name: str = ROBUST
+    """The protocol's name (``PROTOCOLS``): ``robust``, this project's graders, or ``paper``, the
+    reference script behind the published number."""
+    reference: str | None = None
+    """The script this protocol reproduces, as ``owner/repo:path@commit``; None for ``robust``."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``stop`` as a list), as written into evaluation results."""
@@ -152,6 +163,11 @@ class Task:
     id_field: str | None = None
     """Field naming each record in completion files (``task_id``); None: the record's 0-based
     position in the data, as a string."""
+    protocols: tuple[str, ...] = (ROBUST,)
+    """The protocols (``PROTOCOLS``) this task implements."""
+    protocol_name: str = ROBUST
+    """The protocol this task object prompts and grades by: set with ``under``; the methods that
+    take a ``mode`` follow it."""
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -160,12 +176,31 @@ class Task:
             )
         if not self.domain:
             raise TaskError(f"task {self.name!r}: domain must not be empty")
+        unknown = [p for p in self.protocols if p not in PROTOCOLS] or (
+            [] if self.protocol_name in self.protocols else [self.protocol_name]
+        )
+        if unknown or not self.protocols:
+            raise TaskError(
+                f"task {self.name!r}: protocols {list(self.protocols)} (in use: "
+                f"{self.protocol_name!r}) must be among {', '.join(PROTOCOLS)}"
+            )
         extra = [f for f in self.reference_fields if f not in self.required_fields]
         if extra:
             # Otherwise reference_texts could fail on records that passed validation.
             raise TaskError(
                 f"task {self.name!r}: reference_fields {extra} must also be required_fields"
             )
+
+    def under(self, protocol: str) -> Task:
+        """This task evaluated by ``protocol``; one it does not implement is a ``TaskError``."""
+        if protocol not in PROTOCOLS:
+            raise TaskError(f"protocol {protocol!r}: must be one of {', '.join(PROTOCOLS)}")
+        if protocol not in self.protocols:
+            raise TaskError(
+                f"task {self.name!r} has no {protocol!r} protocol (it has: "
+                f"{', '.join(self.protocols)})"
+            )
+        return replace(self, protocol_name=protocol)
 
     def default_path(self) -> str | None:
         """A local data file used when none is given (data shipped in a package), else None."""
@@ -214,6 +249,16 @@ class Task:
         """The chat-mode conversation of ``record`` (one user turn), for ChatML rendering with
         ``specialize.data.chat.generation_prompt`` (which adds the default system turn)."""
         return [{"role": "user", "content": self.prompt(record, "chat")}]
+
+    def chat_system(self) -> str | None:
+        """The chat-mode system turn (``specialize.data.chat.generation_prompt``'s ``system``):
+        the engine's default, or None for none (a reference template without one)."""
+        return DEFAULT_CHAT_SYSTEM
+
+    def prefill(self, record: Mapping[str, Any]) -> str:
+        """Text the chat-mode assistant turn starts with, which the model continues (bigcode's
+        HumanEvalPack pre-fills the function's prompt); the completion is what follows it."""
+        return ""
 
     def postprocess(self, record: Mapping[str, Any], completion: str, mode: str) -> str:
         """The part of a raw completion of ``record`` that is graded: here, the text before the

@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 
+from base.tokenizer import QwenTokenizer
 from code_qwen.humanevalpack import (
     HUMANEVALPACK,
+    JS_PRELUDE,
     LANGUAGES,
+    TOOLS,
     ToolchainMissing,
     assemble,
     available_languages,
+    bigcode_program,
     find_toolchain,
+    toolchain_report,
 )
+from specialize.data.chat import generation_prompt
 from specialize.eval.tasks import get_task
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "tasks"
+# bigcode-evaluation-harness's own functions applied to the fixture records (code_paper/README.md).
+BIGCODE = json.loads(
+    (Path(__file__).parents[1] / "fixtures" / "code_paper" / "humanevalpack_paper.json").read_text()
+)
 AVAILABLE = available_languages()
 # A body that compiles in every language but returns the wrong answer for the first test.
 WRONG = {
@@ -43,8 +54,7 @@ def test_every_language_is_registered() -> None:
 
 @pytest.mark.parametrize("language", LANGUAGES)
 def test_canonical_solutions_pass_and_a_wrong_one_fails(language: str) -> None:
-    if language not in AVAILABLE:
-        pytest.skip(f"no {language} toolchain here")
+    skip_without(language)
     task = HUMANEVALPACK[language]
     recs = records(language)
     completions = [r["canonical_solution"] for r in recs] + [WRONG[language]]
@@ -54,8 +64,7 @@ def test_canonical_solutions_pass_and_a_wrong_one_fails(language: str) -> None:
 
 @pytest.mark.parametrize("language", ["python", "cpp"])
 def test_chat_mode_grades_the_whole_function(language: str) -> None:
-    if language not in AVAILABLE:
-        pytest.skip(f"no {language} toolchain here")
+    skip_without(language)
     task = HUMANEVALPACK[language]
     rec = records(language)[0]
     reply = f"Here it is:\n```\n{rec['prompt']}{rec['canonical_solution']}\n```\nDone."
@@ -86,7 +95,7 @@ def test_prompts_per_mode() -> None:
     assert task.prompt(rec, "base") == rec["prompt"]
     assert task.prompt(rec, "chat") == rec["instruction"]
     assert task.messages(rec) == [{"role": "user", "content": rec["instruction"]}]
-    assert task.protocol("chat").stop == ("<|im_end|>", "<|endoftext|>")
+    assert task.protocol("chat").stop == ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
     py = HUMANEVALPACK["python"]
     assert "\ndef" in py.protocol("base").stop
     assert py.postprocess(rec, "    return 1\ndef other():\n", "base") == "    return 1"
@@ -115,3 +124,115 @@ def test_failed_and_errored_samples_keep_their_reason() -> None:
     (errored,) = missing.grade(records("cpp")[:1], ["x"], "base")
     assert errored.status == "error"
     assert "not found" in errored.reason
+
+
+# ---- ``paper``: bigcode-evaluation-harness's humanevalsynthesize-LANG
+
+
+def skip_without(language: str) -> None:
+    if language not in AVAILABLE:
+        tools = ", ".join(TOOLS[language])
+        pytest.skip(f"toolchain for {language} not installed ({tools})")
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_paper_prompts_are_bigcodes_bytes(language: str) -> None:
+    """Base: the prompt stripped (``continue``); chat: ``codeqwen``'s ChatML without a system
+    turn, the assistant turn pre-filled with the right-stripped prompt."""
+    task, rec = HUMANEVALPACK[language].under("paper"), records(language)[0]
+    expected = BIGCODE[language]
+    assert task.prompt(rec, "base") == expected["base_prompt"] != rec["prompt"]
+    tok = QwenTokenizer.load()
+    ids = generation_prompt(task.messages(rec), tok, task.chat_system()) + tok.encode(
+        task.prefill(rec)
+    )
+    assert tok.decode(ids) == expected["chat_prompt"]
+    robust = HUMANEVALPACK[language]
+    assert robust.prefill(rec) == "" and robust.chat_system() is not None
+    assert task.protocol("base").reference.startswith(
+        "bigcode-project/bigcode-evaluation-harness:bigcode_eval/tasks/humanevalpack.py@8fc5bae"
+    )
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_paper_cut_and_program_are_bigcodes(language: str) -> None:
+    """``remove_last_block`` after the stop words, and the per-language glue of
+    ``process_results`` (Go's package and imports, Rust's main and declaration, C++ includes)."""
+    task, rec = HUMANEVALPACK[language].under("paper"), records(language)[0]
+    for case in BIGCODE[language]["cases"]:
+        for mode in ("base", "chat"):
+            assert task.postprocess(rec, case["completion"], mode) == case["cut"]
+        # The documented differences: no numpy in the sandbox, a failed console.assert throws.
+        expected = case["program"].replace("import numpy\nimport numpy as np\n", "")
+        expected = JS_PRELUDE + expected if language == "js" else expected
+        assert bigcode_program(rec, case["cut"], language) == expected
+    assert "\nfunc" in task.protocol("base").stop if language == "go" else True
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_paper_canonical_solutions_pass_with_text_after_the_function(language: str) -> None:
+    skip_without(language)
+    task, recs = HUMANEVALPACK[language].under("paper"), records(language)
+    completions = [c["completion"] for c in BIGCODE[language]["cases"]]
+    prompt = recs[1]["prompt"]
+    completions.append(prompt[len(prompt.rstrip()) :] + recs[1]["canonical_solution"])
+    batch = [recs[0]] * (len(completions) - 1) + [recs[1]]
+    graded = [task.postprocess(r, c, "base") for r, c in zip(batch, completions)]
+    grades = task.grade(batch, graded, "base")
+    assert [g.status for g in grades] == ["passed"] * len(batch), [g.reason for g in grades]
+
+
+def test_go_chat_reply_with_its_own_package_and_imports_compiles_once() -> None:
+    skip_without("go")
+    task, rec = HUMANEVALPACK["go"], records("go")[0]
+    reply = (
+        '```go\npackage main\n\nimport (\n    "math"\n)\n\n'
+        f"func HasCloseElements(numbers []float64, threshold float64) bool {{\n"
+        f"{rec['canonical_solution']}```"
+    )
+    code = task.postprocess(rec, reply, "chat")
+    assert [g.status for g in task.grade([rec], [code], "chat")] == ["passed"]
+
+
+def test_go_imports_crypto_md5_when_used() -> None:
+    rec = dict(records("go")[0], **{"import": ""})
+    body = 'func F() [16]byte {\n    return md5.Sum([]byte("x"))\n}\n'
+    program = assemble(rec, body, "go", "chat")
+    assert '"crypto/md5"' in program and '"math"' not in program
+
+
+def test_toolchain_report_names_the_debian_packages_of_what_is_missing() -> None:
+    lines = toolchain_report(search_path="")
+    assert [line.split(":")[0] for line in lines] == list(LANGUAGES)
+    assert lines[0] == "python: the sandbox's Python"
+    go = next(line for line in lines if line.startswith("go:"))
+    assert "missing" in go and go.endswith(
+        "apt-get install golang-go golang-github-stretchr-testify-dev"
+    )
+
+
+def test_paper_chat_generation_prompt_is_bigcodes(monkeypatch, tmp_path) -> None:
+    """The harness renders a chat prompt with the task's system turn (none) and pre-fill."""
+    import specialize.infer.generate as generate
+    from specialize.eval.config import EvalConfig
+    from specialize.eval.harness import generate_completions
+
+    seen = []
+
+    def fake_generate_text(model, tokenizer, prompts, max_new_tokens, **kwargs):
+        seen.extend(tokenizer.decode(p) for p in prompts)
+        return ["\n    return False\n"] * len(prompts)
+
+    monkeypatch.setattr(generate, "generate_text", fake_generate_text)
+    data = {"humanevalpack-python": str(FIXTURES / "humanevalpack-python.jsonl")}
+    cfg = EvalConfig(
+        tasks=["humanevalpack-python"],
+        checkpoint="unused",
+        mode="chat",
+        protocol="paper",
+        data=data,
+        output=str(tmp_path / "r.json"),
+    )
+    out = generate_completions(cfg, cfg.tasks, tmp_path / "c.jsonl", model=object())
+    assert seen == [BIGCODE["python"]["chat_prompt"], *seen[1:]] and len(seen) == 2
+    assert json.loads(out.read_text().splitlines()[0])["completion"] == "\n    return False\n"

@@ -1,4 +1,5 @@
-"""HumanEval and MBPP: data loading (offline) and decontamination texts."""
+"""HumanEval and MBPP: data loading (offline), decontamination texts, and the protocols (``robust``
+and ``paper``, the latter checked against fixtures made by the reference scripts' own code)."""
 
 import json
 import re
@@ -12,6 +13,8 @@ from code_qwen.tasks import extract_code, signature_and_docstring
 from specialize.eval.tasks import HubSource, TaskError, get_task
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "tasks"
+# Written by tests/fixtures/code_paper/generate.py with the reference scripts' code (see README).
+PAPER_FIXTURES = Path(__file__).parents[1] / "fixtures" / "code_paper"
 
 
 @pytest.fixture
@@ -139,3 +142,160 @@ def test_extract_code_and_signatures():
     )
     with pytest.raises(TaskError, match="does not define its entry point 'g'"):
         signature_and_docstring(prompt, "g")
+
+
+# ---- HumanEval under ``paper``: QwenLM/Qwen's evaluate_humaneval.py / evaluate_chat_humaneval.py
+
+
+@pytest.fixture(scope="module")
+def humaneval():
+    return {r["task_id"]: r for r in get_task("humaneval").load()}
+
+
+def test_humaneval_protocols_record_their_reference():
+    robust, paper = get_task("humaneval"), get_task("humaneval").under("paper")
+    assert robust.protocol("base").reference is None and robust.protocol("base").name == "robust"
+    assert "\n\n" not in robust.protocol("base").stop
+    base, chat = paper.protocol("base"), paper.protocol("chat")
+    assert base.name == chat.name == "paper" and base.max_new_tokens == 512
+    assert base.reference.startswith("QwenLM/Qwen:eval/evaluate_humaneval.py@2df8e8a")
+    assert chat.reference.startswith("QwenLM/Qwen:eval/evaluate_chat_humaneval.py@2df8e8a")
+    assert base.stop == ("<|endoftext|>", "\n\n\n", "\n\n", "def ")
+    # Qwen's model.chat stops at <|im_start|> as well as <|im_end|>.
+    assert {"<|im_end|>", "<|im_start|>"} <= set(chat.stop) == set(robust.protocol("chat").stop)
+
+
+def test_humaneval_paper_chat_prompts_are_qwens_bytes(humaneval):
+    """Qwen's regex takes the prompt's first docstring: a helper's for HumanEval/10, 32, 38, 50."""
+    expected = json.loads((PAPER_FIXTURES / "humaneval_chat_prompts.json").read_text())
+    paper, robust = get_task("humaneval").under("paper"), get_task("humaneval")
+    for task_id, prompt in expected.items():
+        assert paper.prompt(humaneval[task_id], "chat") == prompt
+        assert robust.prompt(humaneval[task_id], "chat") != prompt
+    assert "Test if given string is a palindrome\n" in expected["HumanEval/10"]
+    assert "Find the shortest palindrome" not in expected["HumanEval/10"].split("\ndef ")[0]
+
+
+def test_every_humaneval_problem_has_a_paper_chat_prompt(humaneval):
+    paper = get_task("humaneval").under("paper")
+    for record in humaneval.values():
+        prompt = paper.prompt(record, "chat")
+        assert prompt.startswith(f"Write a Python function `{record['entry_point']}(")
+        assert prompt.endswith(record["prompt"])
+
+
+# Each reply to HumanEval/0 with the verdict under Qwen's extraction and under ``robust``.
+CHAT_VERDICTS = {
+    "fenced function": ("passed", "passed"),
+    "unfenced def in prose": ("passed", "passed"),
+    "fenced body only": ("failed", "passed"),
+    "unfenced body only": ("failed", "failed"),
+    "fenced, other language tag": ("passed", "passed"),
+    "helper before the entry point": ("passed", "passed"),
+}
+
+
+def test_humaneval_chat_extraction_and_verdicts_follow_qwens_script(humaneval):
+    cases = json.loads((PAPER_FIXTURES / "humaneval_chat_extract.json").read_text())
+    assert set(cases) == set(CHAT_VERDICTS)
+    record = humaneval["HumanEval/0"]
+    paper, robust = get_task("humaneval").under("paper"), get_task("humaneval")
+    names = list(cases)
+    # The generator leaves the end-of-turn token; model.chat strips the reply.
+    replies = [f"\n{cases[n]['reply']}\n<|im_end|>" for n in names]
+    codes = [paper.postprocess(record, r, "chat") for r in replies]
+    assert codes == [cases[n]["code"] for n in names]
+    robust_codes = [robust.postprocess(record, r, "chat") for r in replies]
+    grades = paper.grade([record] * 2 * len(names), codes + robust_codes, "chat")
+    got = list(
+        zip([g.status for g in grades[: len(names)]], [g.status for g in grades[len(names) :]])
+    )
+    assert dict(zip(names, got)) == CHAT_VERDICTS
+
+
+def test_robust_extraction_takes_an_unfenced_def_and_its_imports():
+    reply = "Sure.\nimport math\ndef f(x):\n    y = 1\n\n    return math.floor(x)\nThat is all."
+    assert (
+        extract_code(reply, "f")
+        == "import math\ndef f(x):\n    y = 1\n\n    return math.floor(x)\n"
+    )
+    assert extract_code("no code here", "f") == "no code here"
+
+
+# ---- MBPP under ``paper``: lm-evaluation-harness's ``mbpp``
+
+
+def test_mbpp_paper_prompt_and_program_are_lm_evals():
+    """Prompt bytes (CRLF exemplars with their trailing space) and the program code_eval runs
+    (the first three tests, no setup code), from lm-eval's own templates."""
+    expected = json.loads((PAPER_FIXTURES / "mbpp_paper.json").read_text())
+    paper, robust = get_task("mbpp").under("paper"), get_task("mbpp")
+    records = paper.load(FIXTURES / "mbpp.jsonl")
+    for record in records:
+        fixture = expected[str(record["task_id"])]
+        assert paper.prompt(record, "base") == fixture["prompt"] != robust.prompt(record, "base")
+        assert paper.test_program(record, record["code"]) == fixture["program"]
+    protocol = paper.protocol("base")
+    assert (protocol.max_new_tokens, protocol.shots, protocol.stop[0]) == (256, 3, "[DONE]")
+    assert protocol.reference.startswith("EleutherAI/lm-evaluation-harness:lm_eval/tasks/mbpp/")
+    with pytest.raises(TaskError, match="no 'paper' protocol in chat mode"):
+        paper.protocol("chat")
+
+
+def test_mbpp_paper_grades_without_the_challenge_tests_and_setup():
+    paper, robust = get_task("mbpp").under("paper"), get_task("mbpp")
+    record = dict(paper.load(FIXTURES / "mbpp.jsonl")[0])
+    record["test_list"] = [*record["test_list"], "assert False  # a fourth test"]
+    code = paper.postprocess(record, record["code"] + "\n[DONE]\nmore", "base")
+    assert [g.status for g in paper.grade([record], [code], "base")] == ["passed"]
+    assert [g.status for g in robust.grade([record], [code], "base")] == ["failed"]
+
+
+# ---- EvalPlus: HumanEval+ and MBPP+ from local files of the published schema
+
+
+def test_humaneval_plus_grades_with_its_stricter_test(offline):
+    task = get_task("humaneval-plus")
+    records = task.load(FIXTURES / "humanevalplus.jsonl")
+    # Passes HumanEval's own test for problem 0, not the added input ([1.0, 2.0], 1.0).
+    lax = records[0]["canonical_solution"].replace("< threshold", "<= threshold")
+    assert lax != records[0]["canonical_solution"]
+    completions = [r["canonical_solution"] for r in records] + [lax]
+    grades = task.grade([*records, records[0]], completions, "base")
+    assert [g.status for g in grades] == ["passed", "passed", "failed"]
+    (original,) = get_task("humaneval").grade(get_task("humaneval").load()[:1], [lax], "base")
+    assert original.status == "passed"
+    assert task.prompt(records[0], "base") == records[0]["prompt"]
+    assert task.protocols == ("robust",) and task.metrics([[True], [False]]) == {"pass@1": 0.5}
+
+
+def test_mbpp_plus_prompts_from_prompt_and_grades_with_test(offline):
+    task = get_task("mbpp-plus")
+    records = task.load(FIXTURES / "mbppplus.jsonl")
+    prompt = task.prompt(records[0], "base")
+    assert prompt.endswith(
+        "here is your task: Write a function to find the shared elements from the given two "
+        "lists. Your code should pass these tests:\n\n"
+        + "\n".join(records[0]["test_list"])
+        + "\n[BEGIN]\n"
+    )
+    # Right on test_list, wrong on the stricter test (1 is not prime).
+    lax = "def is_not_prime(n):\n    return any(n % i == 0 for i in range(2, n))\n"
+    completions = [r["code"] for r in records] + [lax]
+    grades = task.grade([*records, records[1]], completions, "base")
+    assert [g.status for g in grades] == ["passed", "passed", "failed"]
+    assert get_task("mbpp").under("robust").test_program(
+        dict(records[1], text=""), lax
+    ) != task.test_program(records[1], lax)
+
+
+def test_evalplus_test_needing_numpy_is_an_error_not_a_failure(offline):
+    task = get_task("mbpp-plus")
+    record = dict(task.load(FIXTURES / "mbppplus.jsonl")[1], test_imports=["import numpy"])
+    (grade,) = task.grade([record], [record["code"]], "base")
+    assert grade.status == "error" and "numpy" in grade.reason
+
+
+def test_evalplus_without_a_local_file_says_how_to_pass_one(offline):
+    with pytest.raises(TaskError, match="--data humaneval-plus=PATH"):
+        get_task("humaneval-plus").load()

@@ -108,7 +108,11 @@ EQUIVALENT = [
     (r"\text{(C)}", "(C)"),
     (r"90^\circ", "90"),
     ("90", "90 degrees"),
-    (r"25\%", "25"),
+    (r"25\%", "25"),  # MATH writes percent answers with and without the sign
+    (r"50\%", r"\frac{1}{2}"),  # and a percentage is its value
+    (r"0.5\%", "0.005"),
+    ("6", "6 cm^2"),  # a unit goes with its exponent
+    ("6", r"6\text{ cm}^2"),
     ("-7", r"-7.0"),
     ("1,000", "1000"),
     ("x = 5", "5"),
@@ -138,6 +142,9 @@ SYMBOLIC = [
 ]
 NOT_EQUIVALENT = [
     ("5", "-5"),
+    ("36", "6 cm^2"),  # not 6^2: Minerva's normalization reads it so
+    (r"\frac{1}{2}", r"0.5\%"),  # 0.5% is 0.005, not 0.5
+    (r"\frac{1}{2}", r"5\%"),
     (r"\frac{1}{2}", r"\frac{1}{3}"),
     ("0.333", r"\frac{1}{3}"),  # a rounded decimal is not the fraction
     ("1,2", "12"),
@@ -232,11 +239,12 @@ def test_latex_to_sympy_rejects_what_it_cannot_read(latex):
     ("completion", "answer"),
     [
         ("So x = 3.5.\nFinal Answer: The final answer is $3.5$. I hope it is correct.", "$3.5$"),
-        (  # a completion that ran on into a problem of its own: the first slot counts
-            "Final Answer: The final answer is $7$. I hope it is correct.\n\nProblem:\n2+2?\n"
-            "Solution: 4.\nFinal Answer: The final answer is $4$. I hope it is correct.",
-            "$7$",
+        (  # a reply that corrects itself: the last slot counts
+            "Final Answer: The final answer is $7$. I hope it is correct.\nNo, 3+4 is not it.\n"
+            "Final Answer: The final answer is $4$. I hope it is correct.",
+            "$4$",
         ),
+        ("The final answer is 3. I hope it is correct. No: the final answer is 4.", "4"),
         ("Final Answer: The final answer is 12", "12"),
         (r"First \boxed{1}, then \boxed{\frac{1}{2}}.", r"\frac{1}{2}"),
         ("The answer is $5$.\nThe answer is 6.", "6"),

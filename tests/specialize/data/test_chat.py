@@ -56,6 +56,19 @@ def test_generation_prompt_ends_with_the_assistant_header(tok) -> None:
     assert prompt == HELLO_IDS[:20]
 
 
+def test_generation_prompt_without_a_system_turn(tok) -> None:
+    """A reference template without a system turn (bigcode's ChatML prompt) starts at the user."""
+    prompt = generation_prompt(HELLO[:1], tok, system=None)
+    assert tok.decode(prompt) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_the_tasks_default_system_turn_is_the_chat_default() -> None:
+    from specialize.data.chat import DEFAULT_SYSTEM
+    from specialize.eval.tasks import DEFAULT_CHAT_SYSTEM
+
+    assert DEFAULT_CHAT_SYSTEM == DEFAULT_SYSTEM
+
+
 def test_prompt_response_form(tok) -> None:
     record = {"prompt": "Hi", "response": "Hello"}
     assert render(conversation(record), tok) == render(HELLO, tok)

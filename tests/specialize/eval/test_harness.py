@@ -119,15 +119,15 @@ def test_math_base_prompt_is_minerva_four_shot():
 
 
 @pytest.mark.parametrize("stop", ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"])
-def test_humaneval_codex_completion_is_cut_at_stop_sequences(humaneval, stop):
-    task = get_task("humaneval-codex")
+def test_humaneval_robust_completion_is_cut_at_codex_stop_sequences(humaneval, stop):
+    task = get_task("humaneval")
     body = "    x = 1\n\n    # keep indented comments and blank lines\n    return x\n"
     assert task.postprocess(humaneval[0], body + stop + "tail()\n", "base") == body
 
 
-def test_humaneval_base_completion_is_cut_like_qwens_script(humaneval):
+def test_humaneval_paper_base_completion_is_cut_like_qwens_script(humaneval):
     """Qwen's evaluate_humaneval.py: split on <|endoftext|>, \\n\\n\\n, \\n\\n, 'def ' and keep the head."""
-    task = get_task("humaneval")
+    task = get_task("humaneval").under("paper")
 
     def qwen_script(text: str) -> str:
         for stop in ("<|endoftext|>", "\n\n\n", "\n\n", "def "):
@@ -159,9 +159,9 @@ def test_humaneval_chat_reply_yields_the_block_defining_the_entry_point(humaneva
 
 
 def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(tmp_path, humaneval):
-    right = [("humaneval-codex", r["task_id"], r["canonical_solution"]) for r in humaneval]
+    right = [("humaneval", r["task_id"], r["canonical_solution"]) for r in humaneval]
     path = write_completions(tmp_path / "right.jsonl", right)
-    result = score(["humaneval-codex"], path, {}, workers=2)["tasks"]["humaneval-codex"]
+    result = score(["humaneval"], path, {}, workers=2)["tasks"]["humaneval"]
     assert result["metrics"] == {"pass@1": 1.0}
     assert result["counts"] == {
         "total": 164,
@@ -172,17 +172,21 @@ def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(tmp_path, humane
         "error": 0,
     }
     # The paper's cut (Qwen's script) truncates the 40 solutions with a blank line or "def ";
-    # 37 of them then fail.
-    right = [("humaneval", r["task_id"], r["canonical_solution"]) for r in humaneval]
-    path = write_completions(tmp_path / "right-qwen.jsonl", right)
-    result = score(["humaneval"], path, {}, workers=2)["tasks"]["humaneval"]
-    cut = {
-        r["task_id"]
+    # 37 of them then fail. The other 124 are graded unchanged (they passed above).
+    cut = [
+        r
         for r in humaneval
         if "\n\n" in r["canonical_solution"] or "def " in r["canonical_solution"]
-    }
+    ]
+    subset = tmp_path / "he-cut.jsonl"
+    subset.write_text("".join(json.dumps(r) + "\n" for r in cut))
+    right = [("humaneval", r["task_id"], r["canonical_solution"]) for r in cut]
+    path = write_completions(tmp_path / "right-qwen.jsonl", right)
+    result = score(["humaneval"], path, {"humaneval": subset}, workers=2, protocol="paper")
+    result = result["tasks"]["humaneval"]
+    assert result["protocol"]["name"] == "paper" and result["protocol"]["reference"]
     failed = {s["id"] for s in result["samples"] if s["status"] != "passed"}
-    assert len(cut) == 40 and len(failed) == 37 and failed <= cut
+    assert len(cut) == 40 and len(failed) == 37
 
     subset = tmp_path / "he8.jsonl"
     subset.write_text("".join(json.dumps(r) + "\n" for r in humaneval[:8]))
@@ -199,15 +203,13 @@ def test_several_completions_per_problem_give_unbiased_pass_at_k(tmp_path, human
     subset.write_text("".join(json.dumps(r) + "\n" for r in humaneval[:3]))
     a, b = humaneval[0], humaneval[1]
     wrong = "    raise AssertionError\n"
-    items = [("humaneval-codex", a["task_id"], a["canonical_solution"])] * 3
-    items += [("humaneval-codex", a["task_id"], wrong)] * 9
-    items += [("humaneval-codex", b["task_id"], b["canonical_solution"])] + [
-        ("humaneval-codex", b["task_id"], wrong)
+    items = [("humaneval", a["task_id"], a["canonical_solution"])] * 3
+    items += [("humaneval", a["task_id"], wrong)] * 9
+    items += [("humaneval", b["task_id"], b["canonical_solution"])] + [
+        ("humaneval", b["task_id"], wrong)
     ] * 11
     path = write_completions(tmp_path / "samples.jsonl", items)  # problem 3 has none
-    result = score(["humaneval-codex"], path, {"humaneval-codex": subset})["tasks"][
-        "humaneval-codex"
-    ]
+    result = score(["humaneval"], path, {"humaneval": subset})["tasks"]["humaneval"]
     for k in (1, 10):
         expected = (pass_at_k(12, 3, k) + pass_at_k(12, 1, k) + 0.0) / 3
         assert result["metrics"][f"pass@{k}"] == pytest.approx(expected)
@@ -333,7 +335,10 @@ def test_cli_scores_completions_into_a_results_file(tmp_path, gsm8k_file, capsys
             "max_new_tokens",
             "grader",
             "timeout",
+            "name",
+            "reference",
         }
+        assert result["protocol"]["name"] == "robust"  # the default; the results say which
         assert set(result["data"]) == {"source", "sha256", "records"}
         assert re.fullmatch(r"[0-9a-f]{64}", result["data"]["sha256"])
         assert set(result["counts"]) == {
@@ -531,14 +536,14 @@ def test_failed_code_samples_keep_the_sandbox_reason_and_the_end_of_stderr(tmp_p
     )
     noisy += "    raise ValueError('after 100 lines')\n"
     items = [
-        ("humaneval-codex", humaneval[0]["task_id"], humaneval[0]["canonical_solution"]),
-        ("humaneval-codex", humaneval[1]["task_id"], "    return []\n"),
-        ("humaneval-codex", humaneval[2]["task_id"], "    return 1 / 0\n"),
-        ("humaneval-codex", humaneval[3]["task_id"], noisy),
+        ("humaneval", humaneval[0]["task_id"], humaneval[0]["canonical_solution"]),
+        ("humaneval", humaneval[1]["task_id"], "    return []\n"),
+        ("humaneval", humaneval[2]["task_id"], "    return 1 / 0\n"),
+        ("humaneval", humaneval[3]["task_id"], noisy),
     ]
     path = write_completions(tmp_path / "c.jsonl", items)
-    result = score(["humaneval-codex"], path, {"humaneval-codex": subset}, workers=2)
-    samples = result["tasks"]["humaneval-codex"]["samples"]
+    result = score(["humaneval"], path, {"humaneval": subset}, workers=2)
+    samples = result["tasks"]["humaneval"]["samples"]
     passed, wrong, crashed, loud = samples
     assert passed["status"] == "passed" and passed["reason"] is None and passed["stderr"] is None
     assert wrong["status"] == "failed" and wrong["reason"] == "failed: AssertionError"
@@ -555,10 +560,10 @@ def test_failed_code_samples_keep_the_sandbox_reason_and_the_end_of_stderr(tmp_p
 
 def test_timed_out_code_sample_says_so(tmp_path, humaneval):
     subset = humaneval_subset(tmp_path, humaneval, 1)
-    items = [("humaneval-codex", humaneval[0]["task_id"], "    while True:\n        pass\n")]
+    items = [("humaneval", humaneval[0]["task_id"], "    while True:\n        pass\n")]
     path = write_completions(tmp_path / "c.jsonl", items)
-    result = score(["humaneval-codex"], path, {"humaneval-codex": subset})
-    (sample,) = result["tasks"]["humaneval-codex"]["samples"]
+    result = score(["humaneval"], path, {"humaneval": subset})
+    (sample,) = result["tasks"]["humaneval"]["samples"]
     assert sample["status"] == "timeout" and sample["reason"] == "timed out"
 
 

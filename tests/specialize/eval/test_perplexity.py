@@ -103,3 +103,14 @@ def test_cli_perplexity_by_length_with_variants(tmp_path):
     table = out.with_suffix(".perplexity.md").read_text()
     assert "| variant | 64 | 256 |" in table and "| ntk+logn |" in table
     assert out.with_suffix(".perplexity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_perplexity_runs_under_either_protocol():
+    # Its computation has no protocol of its own, so `--protocol paper --tasks gsm8k,perplexity`
+    # must not stop at it.
+    from specialize.eval.perplexity import TASK
+    from specialize.eval.tasks import PAPER, PROTOCOLS, get_task
+
+    assert TASK.protocols == PROTOCOLS
+    assert get_task("perplexity").under(PAPER).protocol_name == PAPER
+    assert get_task("gsm8k").under(PAPER).protocol_name == PAPER

@@ -45,19 +45,51 @@ def test_deltas_against_first_file(report):
 
 def test_paper_reference_rows(report):
     _, text = report
-    assert "| Qwen-7B *(reported by the paper)* | paper, base | 29.9 | 31.6 | 51.7 | 11.6 |" in text
+    # qwen-7b measured gsm8k and math under `paper` in base mode, the code tasks under `robust`.
+    assert "| Qwen-7B *(reported by the paper)* | paper, base | — | — | 51.7 | 11.6 |" in text
+    assert "Code-Qwen-7B *(reported by the paper)*" not in text
+    # Only gsm8k was measured under `paper` in chat mode (math-qwen-chat-7b).
     assert (
-        "| Code-Qwen-Chat-7B *(reported by the paper)* | paper, chat | 43.3 | 44.2 | — | — |"
-        in text
+        "| Math-Qwen-Chat-14B *(reported by the paper)* | paper, chat | — | — | 69.8 | — |" in text
+    )
+    assert "Code-Qwen-Chat-7B *(reported by the paper)*" not in text  # no number left to show
+    paper_protocols = text.split("## Paper protocols")[1]
+    assert "| gsm8k | base | " + paper_protocol("gsm8k", "base").replace("|", "\\|") in text
+    assert "| math | chat |" not in paper_protocols and "| humaneval |" not in paper_protocols
+
+
+def test_paper_numbers_left_out_say_how_each_result_was_measured(report):
+    _, text = report
+    left_out = text.split("Paper numbers left out")[1].split("## ")[0]
+    assert (
+        "- **math**, chat (Qwen-Chat-7B, Qwen-Chat-14B, Math-Qwen-Chat-7B, Math-Qwen-Chat-14B): "
+        "measured by qwen-7b under `paper` (base); math-qwen-chat-7b under `robust` (base)."
+        in left_out
     )
     assert (
-        "| Math-Qwen-Chat-14B *(reported by the paper)* | paper, chat | — | — | 69.8 | 24.2 |"
-        in text
+        "- **humaneval**, base (Qwen-7B, Qwen-14B, Code-Qwen-7B, Code-Qwen-14B): measured by "
+        "qwen-7b under `robust` (base); code-qwen-7b under `robust` (base)." in left_out
     )
-    # Every paper model with a number on these tasks is listed, none without.
-    for model in PAPER_MODELS:
-        assert f"| {model.name} *(reported by the paper)* |" in text
-    assert "| humaneval | base | " + paper_protocol("humaneval", "base").replace("|", "\\|") in text
+    assert "**gsm8k**" not in left_out
+
+
+def test_paper_numbers_need_a_paper_run(tmp_path):
+    # The same results measured under `robust` (a file from before protocols had names, too).
+    robust = []
+    for path in FILES:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        for entry in doc["tasks"].values():
+            entry["protocol"].pop("name", None)
+            entry["protocol"].pop("reference", None)
+        robust.append(tmp_path / path.name)
+        robust[-1].write_text(json.dumps(doc), encoding="utf-8")
+    text = compare(robust, tmp_path / "out").read_text(encoding="utf-8")
+    assert "*(reported by the paper)*" not in text
+    assert (
+        "- **gsm8k**, base (Qwen-7B, Qwen-14B): measured by qwen-7b under `robust` (base)" in text
+    )
+    assert "No paper numbers apply." in text
+    assert "protocol name" not in text  # all robust: nothing to flag
 
 
 def test_paper_numbers_match_reference_table():
@@ -81,7 +113,11 @@ def test_protocol_and_data_warnings(report):
         "- **gsm8k**: scores are NOT comparable — protocol mode: qwen-7b=base, "
         "math-qwen-chat-7b=chat; protocol shots: qwen-7b=8, math-qwen-chat-7b=0;" in warnings
     )
-    assert "- **math**: scores are NOT comparable — data sha256: qwen-7b=" + "d" * 64 in warnings
+    assert (
+        "- **math**: scores are NOT comparable — protocol name: qwen-7b=paper, "
+        "math-qwen-chat-7b=robust;" in warnings
+    )
+    assert "data sha256: qwen-7b=" + "d" * 64 in warnings
     assert "humaneval**: scores" not in warnings  # same protocol and data
     assert "- **mbpp** / code-qwen-7b: 3 missing, 1 errors of 500 (scored as failures)." in warnings
     assert "- **humaneval** / code-qwen-7b: 2 timed out of 164" in warnings
@@ -91,9 +127,11 @@ def test_protocol_and_counts_sections(report):
     _, text = report
     protocols = text.split("## Protocols")[1]
     assert (
-        '| qwen-7b | base | 8 | `["\\n\\n", "Question:"]` | 512 | gsm8k-number | — | '
+        '| qwen-7b | paper | base | 8 | `["\\n\\n", "Question:"]` | 512 | gsm8k-number | — | '
+        "QwenLM/Qwen:eval/evaluate_gsm8k.py@2df8e8ac450fa185c421a08b0090ef81826caa6e | "
         "gsm8k:main@test | `" + "c" * 64 + "` | 1319 |" in protocols
     )
+    assert "| code-qwen-7b | robust | base | 3 |" in protocols  # a file without a protocol name
     assert "| code-qwen-7b | 500 | 205 | 3 | 295 | 0 | 1 |" in text
 
 

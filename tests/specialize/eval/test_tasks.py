@@ -291,7 +291,21 @@ def test_truncate_cuts_at_the_earliest_stop_and_modes_are_checked():
         "max_new_tokens": 512,
         "grader": "sandbox",
         "timeout": 3.0,
+        "name": "robust",
+        "reference": None,
     }
+
+
+def test_a_task_is_evaluated_under_the_protocols_it_implements_only():
+    task = get_task("gsm8k")
+    assert task.protocol_name == "robust" and task.under("robust") == task
+    with pytest.raises(TaskError, match=r"^protocol 'lenient': must be one of robust, paper$"):
+        task.under("lenient")
+    if "paper" not in task.protocols:
+        with pytest.raises(TaskError, match=r"^task 'gsm8k' has no 'paper' protocol \(it has: "):
+            task.under("paper")
+    else:
+        assert task.under("paper").protocol_name == "paper"
 
 
 def test_every_domain_task_has_a_protocol_in_both_modes():
