@@ -21,16 +21,25 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(_unwrap(model).parameters()).device
 
 
+def _forward_inputs(
+    model: torch.nn.Module, tokens: torch.Tensor
+) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """The bare ``GPTModel`` in eval mode, and ``tokens`` with their positions on its device."""
+    model = _unwrap(model)
+    model.eval()
+    tokens = tokens.to(model_device(model))
+    batch, seq = tokens.shape
+    positions = torch.arange(seq, device=tokens.device).unsqueeze(0).expand(batch, seq)
+    return model, tokens, positions
+
+
 @torch.no_grad()
 def full_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Logits ``[batch, seq, padded_vocab]`` (fp32) for ``tokens`` ``[batch, seq]``, on every rank,
     on the model's device (``tokens`` may come from anywhere)."""
-    model = _unwrap(model)
-    model.eval()
-    device = model_device(model)
-    tokens = tokens.to(device)
+    model, tokens, positions = _forward_inputs(model, tokens)
+    device = tokens.device
     batch, seq = tokens.shape
-    positions = torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq)
     # Between stages megatron sends [s, b, h], or [s/TP, b, h] when the sequence is sharded.
     sharded = model.config.sequence_parallel
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -72,12 +81,7 @@ def last_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         return full_logits(model, tokens)[:, -1]
-    model = _unwrap(model)
-    model.eval()
-    device = model_device(model)
-    tokens = tokens.to(device)
-    batch, seq = tokens.shape
-    positions = torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq)
+    model, tokens, positions = _forward_inputs(model, tokens)
     model.post_process = False
     try:
         hidden = model(tokens, positions, None)  # [seq, batch, hidden]
