@@ -410,8 +410,22 @@ class MBPPTask(_CodeTask):
         return [run_grade(run) for run in runs]
 
 
+class _EvalPlusGrading:
+    """EvalPlus's grading on top of its base task's: a test that needs numpy, which the sandbox
+    lacks, is an ``error``, not a failure."""
+
+    def grade(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        completions: Sequence[str],
+        mode: str,
+        workers: int = 2,
+    ) -> list[Grade]:
+        return [_numpy_missing(g) for g in super().grade(records, completions, mode, workers)]
+
+
 @dataclass(frozen=True, kw_only=True)
-class HumanEvalPlusTask(HumanEvalTask):
+class HumanEvalPlusTask(_EvalPlusGrading, HumanEvalTask):
     """HumanEval+ (EvalPlus): HumanEval's prompts, graded by its stricter ``test`` (a ``check``
     over the original and EvalPlus's added inputs)."""
 
@@ -421,19 +435,9 @@ class HumanEvalPlusTask(HumanEvalTask):
         """None: the records come from a local file or the hub."""
         return None
 
-    def grade(
-        self,
-        records: Sequence[Mapping[str, Any]],
-        completions: Sequence[str],
-        mode: str,
-        workers: int = 2,
-    ) -> list[Grade]:
-        """As HumanEval; a test that needs numpy, which the sandbox lacks, is an ``error``."""
-        return [_numpy_missing(g) for g in super().grade(records, completions, mode, workers)]
-
 
 @dataclass(frozen=True, kw_only=True)
-class MBPPPlusTask(MBPPTask):
+class MBPPPlusTask(_EvalPlusGrading, MBPPTask):
     """MBPP+ (EvalPlus): MBPP's prompts (``prompt`` holds the problem statement), graded by
     ``test_imports`` and the stricter ``test`` instead of ``test_list``."""
 
@@ -443,16 +447,6 @@ class MBPPPlusTask(MBPPTask):
     def test_program(self, record: Mapping[str, Any], code: str) -> str:
         """``code``, ``test_imports`` and ``test``."""
         return "\n".join([code, *(record.get("test_imports") or ()), record["test"], ""])
-
-    def grade(
-        self,
-        records: Sequence[Mapping[str, Any]],
-        completions: Sequence[str],
-        mode: str,
-        workers: int = 2,
-    ) -> list[Grade]:
-        """As MBPP; a test that needs numpy, which the sandbox lacks, is an ``error``."""
-        return [_numpy_missing(g) for g in super().grade(records, completions, mode, workers)]
 
 
 def _numpy_missing(grade: Grade) -> Grade:
