@@ -472,7 +472,15 @@ class HumanEvalPackTask(_CodeTask):
             stop = (*BASE_STOP[self.language], "<|endoftext|>")
             stop = stop if base else (*stop, "<|im_end|>")
             return Protocol(
-                mode, 0, stop, 512, "sandbox", self.timeout, PAPER, BIGCODE_HUMANEVALPACK
+                mode,
+                0,
+                stop,
+                512,
+                "sandbox",
+                self.timeout,
+                PAPER,
+                BIGCODE_HUMANEVALPACK,
+                repetition_penalty=None,  # the harness's HF model: the checkpoint's defaults
             )
         stop = ("<|endoftext|>", *BASE_STOP[self.language]) if base else CHAT_STOP
         return Protocol(mode, 0, stop, 512, "sandbox", self.timeout, ROBUST)

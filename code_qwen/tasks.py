@@ -261,7 +261,17 @@ class HumanEvalTask(_CodeTask):
             stop = HUMANEVAL_QWEN_STOP if base else CHAT_STOP
             reference = QWEN_HUMANEVAL if base else QWEN_CHAT_HUMANEVAL
             return Protocol(
-                mode, 0, stop, QWEN_MAX_NEW_TOKENS, "sandbox", self.timeout, PAPER, reference
+                mode,
+                0,
+                stop,
+                QWEN_MAX_NEW_TOKENS,
+                "sandbox",
+                self.timeout,
+                PAPER,
+                reference,
+                # evaluate_humaneval.py generates with the checkpoint's GenerationConfig;
+                # evaluate_chat_humaneval.py sets repetition_penalty = 1.0.
+                repetition_penalty=None if base else 1.0,
             )
         stop = HUMANEVAL_CODEX_STOP if base else CHAT_STOP
         return Protocol(mode, 0, stop, 512, "sandbox", self.timeout, ROBUST)
@@ -348,6 +358,7 @@ class MBPPTask(_CodeTask):
                 self.timeout,
                 PAPER,
                 LM_EVAL_MBPP,
+                repetition_penalty=None,  # the harness's HF model: the checkpoint's defaults
             )
         if base:
             return Protocol(mode, len(MBPP_EXEMPLARS), MBPP_BASE_STOP, 512, "sandbox", self.timeout)

@@ -176,9 +176,10 @@ class MathTask(Task):
         """Few-shot ``base``, 0-shot ``chat``; graded by the task's ``math_qwen`` grader. Under
         ``paper`` the same, naming ``paper_reference`` (override where the paper differs)."""
         grader = f"math_qwen.graders.{self.name}"
-        named = {"name": self.protocol_name}
+        named: dict[str, Any] = {"name": self.protocol_name}
         if self.protocol_name == PAPER:
-            named["reference"] = self.paper_reference
+            # The reference runs a transformers model: with the checkpoint's defaults.
+            named |= {"reference": self.paper_reference, "repetition_penalty": None}
         if check_mode(mode) == "base":
             shots = len(self.exemplars())
             return Protocol(mode, shots, self.base_stop, self.max_new_tokens, grader, **named)
@@ -235,6 +236,7 @@ class GSM8KTask(MathTask):
                 "math_qwen.graders.gsm8k_qwen_base",
                 name=PAPER,
                 reference=paper.QWEN_GSM8K_BASE,
+                repetition_penalty=None,  # evaluate_gsm8k.py: the checkpoint's GenerationConfig
             )
         return Protocol(
             mode,
@@ -244,6 +246,7 @@ class GSM8KTask(MathTask):
             "math_qwen.graders.gsm8k_qwen_chat",
             name=PAPER,
             reference=paper.QWEN_GSM8K_CHAT,
+            repetition_penalty=1.0,  # evaluate_chat_gsm8k.py sets it
         )
 
     def prompt(self, record: Mapping[str, Any], mode: str) -> str:
@@ -287,6 +290,7 @@ class MinervaMathTask(MathTask):
             "math_qwen.graders.math_minerva",
             name=PAPER,
             reference=paper.LM_EVAL_MINERVA,
+            repetition_penalty=None,  # the harness's HF model: the checkpoint's defaults
         )
 
     def prompt(self, record: Mapping[str, Any], mode: str) -> str:

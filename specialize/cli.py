@@ -752,7 +752,8 @@ def build_parser() -> argparse.ArgumentParser:
         description='Completions: JSONL lines {"task", "id", "completion"}; several lines per id '
         "give pass@k. Prompts, stop sequences and grading follow each task's protocol in --mode. "
         "Every option is also a field of an eval config (--max-new-tokens is max_new_tokens, "
-        "--samples/--temperature/--top-p/--seed are sampling.*): --config FILE reads one, "
+        "--samples/--temperature/--top-p/--seed/--repetition-penalty are sampling.*): --config "
+        "FILE reads one, "
         "key=value words override it (data.mbpp=PATH, sampling.temperature=0.8), and the flags "
         "given override both.",
         add_help=False,
@@ -812,6 +813,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--temperature", type=float, help="0: greedy")
     ev.add_argument("--top-p", type=float, help="nucleus sampling threshold")
     ev.add_argument("--seed", type=int, help="sampling seed")
+    ev.add_argument(
+        "--repetition-penalty",
+        type=float,
+        help="transformers' repetition penalty, 1: none (default: the protocol's; under paper, "
+        "the reference script's, usually the checkpoint's generation_config.json)",
+    )
     ev.add_argument("--tp", type=int, help="tensor parallel size (run under torchrun)")
     ev.add_argument("--pp", type=int, help="pipeline parallel size (torchrun)")
     ev.add_argument(

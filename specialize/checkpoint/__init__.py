@@ -17,6 +17,7 @@ from specialize.checkpoint.architecture import (
 )
 from specialize.checkpoint.layout import (
     CHECKSUMS,
+    GENERATION_CONFIG_FILE,
     LATEST,
     LINEAGE_FILE,
     STAGE_FILE,
@@ -25,6 +26,7 @@ from specialize.checkpoint.layout import (
     complete_checkpoints,
     find_latest,
     iteration_dir,
+    read_generation_config,
     read_lineage,
     resolve_checkpoint,
     verify_checkpoint,
@@ -34,6 +36,7 @@ from specialize.checkpoint.layout import (
 __all__ = [
     "ARCH_FILE",
     "CHECKSUMS",
+    "GENERATION_CONFIG_FILE",
     "LATEST",
     "LINEAGE_FILE",
     "STAGE_FILE",
@@ -44,6 +47,7 @@ __all__ = [
     "find_latest",
     "iteration_dir",
     "read_architecture",
+    "read_generation_config",
     "read_lineage",
     "resolve_checkpoint",
     "verify_checkpoint",

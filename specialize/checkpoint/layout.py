@@ -42,6 +42,8 @@ _ITERATION_NAME = re.compile(r"iter_(\d+)")  # not .iter_*.partial, not iter_*.c
 # Written by a staged run into each stage's run directory; lineage records copy it.
 STAGE_FILE = "stage.json"
 LINEAGE_FILE = "lineage.json"  # written by ``checkpoint.lineage``; read here, without megatron-core
+# An imported checkpoint's ``transformers`` generation defaults, copied verbatim from the source.
+GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 class CheckpointError(RuntimeError):
@@ -71,6 +73,22 @@ def read_lineage(path: str | Path) -> dict:
     if not isinstance(record, dict):
         raise CheckpointError(f"{file}: not a lineage record (not a JSON object)")
     return record
+
+
+def read_generation_config(path: str | Path) -> dict:
+    """The ``generation_config.json`` an HF import copied into checkpoint ``path`` (``{}``
+    without one: a checkpoint trained here has no generation defaults); a damaged file is a
+    one-line ``CheckpointError`` naming it."""
+    file = Path(path) / GENERATION_CONFIG_FILE
+    if not file.is_file():
+        return {}
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{file}: unreadable generation config ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: not a generation config (not a JSON object)")
+    return config
 
 
 def partial_dir(final: Path) -> Path:

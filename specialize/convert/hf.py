@@ -34,7 +34,13 @@ from base.long_context_config import write_long_context
 from base.model import ModelOptions, build_model
 from base.presets import QwenPreset
 from base.tokenizer import EOD_ID, IM_END_ID, QwenTokenizer
-from specialize.checkpoint import read_architecture, resolve_checkpoint
+from specialize.checkpoint import (
+    GENERATION_CONFIG_FILE,
+    CheckpointError,
+    read_architecture,
+    read_generation_config,
+    resolve_checkpoint,
+)
 from specialize.checkpoint.state import load_model_weights, save_weights
 from specialize.config import (
     ConfigError,
@@ -163,6 +169,13 @@ def import_hf(
 
     tokenizer_file = hf_dir / QwenTokenizer.VOCAB_FILE
     tokenizer = QwenTokenizer.load(tokenizer_file if tokenizer_file.is_file() else None)
+    try:  # a damaged one is an error now, not at evaluation
+        read_generation_config(hf_dir)
+    except CheckpointError as e:
+        raise HFCheckpointError(str(e)) from None
+    generation_config = [hf_dir / GENERATION_CONFIG_FILE]
+    if not generation_config[0].is_file():
+        generation_config = []
     report = {
         "source": str(hf_dir.resolve()),
         "layout": model_info.naming,  # the naming scheme, under the printed report's key
@@ -181,7 +194,9 @@ def import_hf(
         out,
         arch,
         report,
-        extra_files=[tokenizer.vocab_file],
+        # The source's generation defaults: what `transformers` generates with from it, and so
+        # what the `paper` protocols' reference scripts did (eval.harness reads it back).
+        extra_files=[tokenizer.vocab_file, *generation_config],
         # Written before the checksums are, so they cover it.
         write_extra=None if long_context is None else lambda d: write_long_context(d, long_context),
     )

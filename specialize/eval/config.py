@@ -4,7 +4,8 @@
 these dataclasses, unknown keys and wrong types are errors naming the field) with ``key=value``
 overrides, or both; a pipeline's eval step writes one per model. Each flag is the field of the
 same name (``--max-new-tokens`` is ``max_new_tokens``; ``--samples``, ``--temperature``,
-``--top-p`` and ``--seed`` are under ``sampling``), so errors name the flag.
+``--top-p``, ``--seed`` and ``--repetition-penalty`` are under ``sampling``), so errors name the
+flag.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class SamplingConfig:
     """Nucleus sampling threshold."""
     seed: int = 0
     """Sampling seed; each sample and chunk of prompts derives its own from it."""
+    repetition_penalty: Optional[float] = None
+    """``transformers``' repetition penalty (1: none); None: the task protocol's (1 under
+    ``robust``; under ``paper`` the reference script's, usually the checkpoint's own)."""
 
 
 @dataclass
@@ -119,6 +123,9 @@ class EvalConfig:
                 raise EvalError(f"--{name} {getattr(self, name)}: must be at least 1")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise EvalError(f"--max-new-tokens {self.max_new_tokens}: must be at least 1")
+        penalty = self.sampling.repetition_penalty
+        if penalty is not None and penalty <= 0.0:
+            raise EvalError(f"--repetition-penalty {penalty}: must be > 0 (1 is no penalty)")
         if self.sampling.samples < 1:
             raise EvalError(f"--samples {self.sampling.samples}: must be at least 1")
         generating = self.score is None  # sampling settings are moot for a completions file

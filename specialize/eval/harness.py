@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from specialize import machine
+from specialize.checkpoint import read_generation_config, resolve_checkpoint
 from specialize.eval.config import EvalConfig, EvalError
-from specialize.eval.tasks import STATUSES, Task, TaskError, get_task
+from specialize.eval.tasks import STATUSES, Protocol, Task, TaskError, get_task
 
 FORMAT = "specialize-eval-1"
 # Distributions whose versions can change a score: the harness, the HumanEval data, the MATH
@@ -59,9 +60,7 @@ def score_completions(
         raise EvalError("no tasks to score")
     data_paths, mode, limit = cfg.data, cfg.mode, cfg.limit
     tasks_by_name = {name: get_task(name).under(cfg.protocol) for name in dict.fromkeys(task_names)}
-    protocols = {
-        name: _protocol(task, mode, cfg.max_new_tokens) for name, task in tasks_by_name.items()
-    }
+    protocols = {name: _protocol(task, cfg) for name, task in tasks_by_name.items()}
     data = {name: task.load(data_paths.get(name))[:limit] for name, task in tasks_by_name.items()}
     index = {
         name: _index(task, data[name], data_paths.get(name)) for name, task in tasks_by_name.items()
@@ -355,7 +354,7 @@ def generate_completions(
     meter = _Progress(progress)
     for name, task in tasks_by_name.items():
         records = task.load(cfg.data.get(name))[: cfg.limit]
-        protocol = _protocol(task, mode, cfg.max_new_tokens)
+        protocol = _protocol(task, cfg)
         if mode == "chat":
             prompts = [
                 generation_prompt(task.messages(r), tokenizer, task.chat_system())
@@ -377,6 +376,7 @@ def generate_completions(
                     temperature=sampling.temperature,
                     top_p=sampling.top_p,
                     seed=sampling.seed + sample * 1_000_003 + start,
+                    repetition_penalty=protocol.repetition_penalty,
                 )
                 for offset, text in enumerate(texts):
                     record_id = task.record_id(records[start + offset], start + offset)
@@ -392,11 +392,21 @@ def generate_completions(
     return out_path
 
 
-def _protocol(task: Task, mode: str, max_new_tokens: int | None) -> Any:
-    protocol = task.protocol(mode)
-    if max_new_tokens is None:
-        return protocol
-    return dataclasses.replace(protocol, max_new_tokens=max_new_tokens)
+def _protocol(task: Task, cfg: EvalConfig) -> Protocol:
+    """``task``'s protocol in ``cfg.mode`` as run: ``cfg.max_new_tokens`` and
+    ``cfg.sampling.repetition_penalty`` replace its own, and a penalty it leaves to the
+    checkpoint is read from the checkpoint (unknown, None, when only scoring completions)."""
+    protocol = task.protocol(cfg.mode)
+    changes: dict[str, Any] = {}
+    if cfg.max_new_tokens is not None:
+        changes["max_new_tokens"] = cfg.max_new_tokens
+    penalty = cfg.sampling.repetition_penalty
+    if penalty is None and protocol.repetition_penalty is None and cfg.checkpoint is not None:
+        generation = read_generation_config(resolve_checkpoint(cfg.checkpoint))
+        penalty = float(generation.get("repetition_penalty", 1.0))
+    if penalty is not None:
+        changes["repetition_penalty"] = penalty
+    return dataclasses.replace(protocol, **changes)
 
 
 class _Progress:

@@ -79,6 +79,10 @@ class Protocol:
     reference script behind the published number."""
     reference: str | None = None
     """The script this protocol reproduces, as ``owner/repo:path@commit``; None for ``robust``."""
+    repetition_penalty: float | None = 1.0
+    """``transformers``' repetition penalty while generating (1: none). None: the checkpoint's
+    (its ``generation_config.json``, which an HF import keeps; 1 without one), as the reference
+    scripts, which load a model's generation defaults, get it; Qwen's chat scripts force 1."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``stop`` as a list), as written into evaluation results."""

@@ -19,6 +19,14 @@ from specialize.infer.logits import last_logits, model_device
 STOP_IDS = (EOD_ID, IM_END_ID)  # a document ends with <|endoftext|>, a chat turn with <|im_end|>
 
 
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """``transformers``' repetition penalty (``RepetitionPenaltyLogitsProcessor``, Keskar et al.
+    2019): the logit of every token already in the row (prompt included) is divided by
+    ``penalty`` when positive and multiplied by it when negative. ``seen``: bool, like ``logits``."""
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
 def _next_tokens(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
 ) -> torch.Tensor:
@@ -77,6 +85,7 @@ def generate_ids(
     stop_when: Callable[[list[int]], bool] | None = None,
     batch_size: int = 16,
     kv_cache: bool = True,
+    repetition_penalty: float = 1.0,
 ) -> list[list[int]]:
     """The continuation of every prompt, up to and excluding the first stop id.
 
@@ -84,7 +93,8 @@ def generate_ids(
     device seeded with ``seed``, so every tensor-parallel rank draws the same tokens.
     ``vocab_size`` restricts the choice to real tokens (the embedding is padded past them).
     ``stop_when(ids)`` ends a row early (stop strings). With pipeline parallelism (or
-    ``kv_cache=False``) each step recomputes the sequence.
+    ``kv_cache=False``) each step recomputes the sequence. ``repetition_penalty`` other than 1
+    applies ``transformers``' penalty to every token of the row so far, prompt included.
 
     Prompts of different lengths share a batch the way megatron-core's static inference engine
     does it: the batch runs the shortest prompt at once, then advances one position per step, and
@@ -103,6 +113,9 @@ def generate_ids(
         return out
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate_ids: every prompt needs at least one token")
+    if repetition_penalty <= 0.0:
+        raise ValueError(f"generate_ids: repetition_penalty {repetition_penalty} must be > 0")
+    penalize = repetition_penalty != 1.0
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for first in range(0, len(order), batch_size):
         batch = order[first : first + batch_size]
@@ -115,8 +128,13 @@ def generate_ids(
         prompt_lengths = torch.tensor(lengths, device=device)
         decode = _CachedDecoder(model, len(batch), total) if cached else _RecomputingDecoder(model)
         logits = decode(tokens[:, :shortest], 0)
+        if penalize:  # the tokens of each row so far; a row inside its prompt adds prompt tokens
+            seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
+            seen.scatter_(1, tokens[:, :shortest], True)
         done = [False] * len(batch)
         for position in range(shortest, total):
+            if penalize:
+                logits = penalize_repeats(logits, seen, repetition_penalty)
             if vocab_size is not None:
                 logits = logits[:, :vocab_size]
             sampled = _next_tokens(logits, temperature, top_p, generator)
@@ -135,6 +153,8 @@ def generate_ids(
                     done[row] = True
             if all(done):
                 break
+            if penalize:
+                seen.scatter_(1, next_ids[:, None], True)
             logits = decode(next_ids[:, None], position)
     return out
 
@@ -153,6 +173,7 @@ def generate_text(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    repetition_penalty: float = 1.0,
 ) -> list[str]:
     """Completions of text (or token-id) prompts, cut before the first of the ``stop`` strings."""
     stop = tuple(stop)
@@ -171,6 +192,7 @@ def generate_text(
         top_p=top_p,
         seed=seed,
         stop_when=stopped if stop else None,
+        repetition_penalty=repetition_penalty,
     )
     texts = []
     for row in rows:

@@ -225,9 +225,12 @@ def test_paper_chat_generation_prompt_is_bigcodes(monkeypatch, tmp_path) -> None
 
     monkeypatch.setattr(generate, "generate_text", fake_generate_text)
     data = {"humanevalpack-python": str(FIXTURES / "humanevalpack-python.jsonl")}
+    checkpoint = tmp_path / "ckpt"  # read for its generation defaults only (it has none)
+    checkpoint.mkdir()
+    (checkpoint / "metadata.json").write_text("{}")
     cfg = EvalConfig(
         tasks=["humanevalpack-python"],
-        checkpoint="unused",
+        checkpoint=str(checkpoint),
         mode="chat",
         protocol="paper",
         data=data,

@@ -57,6 +57,10 @@ def write_qwen_v1(model, arch: QwenPreset, path: Path) -> None:
         "use_logn_attn": True,
     }
     (path / "config.json").write_text(json.dumps(config))
+    # Qwen v1's generation defaults, as its checkpoints publish them.
+    generation = {"chat_format": "raw", "eos_token_id": 151643, "max_new_tokens": 512}
+    generation |= {"do_sample": True, "top_p": 0.8, "top_k": 0, "repetition_penalty": 1.1}
+    (path / "generation_config.json").write_text(json.dumps(generation))
 
 
 def _import(rank: int, world_size: int, hf_dir: str, out: str) -> dict:
@@ -180,6 +184,12 @@ def test_import_matches_transformers_at_tp1_tp2_pp2(tmp_path, naming, arch, over
         assert options.rope_scaling == "dynamic-ntk" and options.logn_attention is True
         checksums = json.loads((tmp_path / "ckpt" / "checksums.json").read_text())["files"]
         assert "long_context.json" in checksums  # the options are verified like the weights
+        # The source's generation defaults come along, verified too (the `paper` protocols use
+        # its repetition_penalty, as transformers' generate does).
+        from specialize.checkpoint import read_generation_config
+
+        assert read_generation_config(tmp_path / "ckpt")["repetition_penalty"] == 1.1
+        assert "generation_config.json" in checksums
         config = json.loads((v1 / "config.json").read_text())
         assert (config["use_dynamic_ntk"], config["use_logn_attn"]) == (True, True)
         assert config["seq_length"] == arch.max_position_embeddings
@@ -416,11 +426,14 @@ def test_import_refuses_truncated_or_nonfinite_weights_and_bad_config_writing_no
     bin_file = v1_bin / "pytorch_model.bin"
     os.truncate(bin_file, bin_file.stat().st_size // 2)
 
+    bad_generation = variant("bad-generation")
+    (bad_generation / "generation_config.json").write_text('{"repetition_penalty": 1.1,')
+
     def imported(source: Path, *flags: str) -> list[str]:
         out = tmp_path / f"out-{source.name}{''.join(flags)}"
         return ["convert", "import", "--hf", str(source), "-o", str(out), *flags]
 
-    cases = [truncated, nonfinite, bad_config, v1_bin]
+    cases = [truncated, nonfinite, bad_config, v1_bin, bad_generation]
     results = run_distributed(
         _cli,
         [imported(c) for c in cases] + [imported(nonfinite, "--allow-nonfinite")],
@@ -444,6 +457,9 @@ def test_import_refuses_truncated_or_nonfinite_weights_and_bad_config_writing_no
     assert (
         lines["v1-bin"].startswith(f"conversion error: {bin_file}: ")
         and "truncated" in lines["v1-bin"]
+    )
+    assert lines["bad-generation"].startswith(
+        f"conversion error: {bad_generation / 'generation_config.json'}: unreadable generation"
     )
 
     code, stderr = results[-1]  # --allow-nonfinite: imported, counted, recorded

@@ -333,6 +333,7 @@ def test_cli_scores_completions_into_a_results_file(tmp_path, gsm8k_file, capsys
             "shots",
             "stop",
             "max_new_tokens",
+            "repetition_penalty",
             "grader",
             "timeout",
             "name",
@@ -408,6 +409,8 @@ def test_cli_generates_from_a_checkpoint_then_scores(tmp_path):
             "2",
             "--max-new-tokens",
             "3",
+            "--repetition-penalty",
+            "1.5",
             "-o",
             str(out),
         ],
@@ -427,11 +430,46 @@ def test_cli_generates_from_a_checkpoint_then_scores(tmp_path):
     task = results["tasks"]["gsm8k"]
     assert task["counts"]["total"] == 2 and task["counts"]["missing"] == 0
     assert task["protocol"]["max_new_tokens"] == 3  # the budget used, not the protocol's 512
+    assert task["protocol"]["repetition_penalty"] == 1.5  # likewise the penalty
     tokenizer = QwenTokenizer.load()
     assert all(len(tokenizer.encode(s["completion"])) <= 3 for s in task["samples"])
     lines = [json.loads(x) for x in out.with_suffix(".completions.jsonl").read_text().splitlines()]
     assert [x["id"] for x in lines] == ["0", "1"]
     assert [s["completion"] for s in task["samples"]] == [x["completion"] for x in lines]
+
+
+@pytest.mark.parametrize(
+    "task, mode, protocol, flag, expected",
+    [
+        ("gsm8k", "base", "paper", None, 1.1),  # evaluate_gsm8k.py: the checkpoint's config
+        ("gsm8k", "chat", "paper", None, 1.0),  # evaluate_chat_gsm8k.py forces 1.0
+        ("humaneval", "base", "paper", None, 1.1),
+        ("humaneval", "chat", "paper", None, 1.0),
+        ("mbpp", "base", "paper", None, 1.1),  # lm-eval's HF model: the checkpoint's config
+        ("math", "base", "paper", None, 1.1),
+        ("humaneval", "base", "robust", None, 1.0),  # this project: never a penalty
+        ("humaneval", "base", "paper", 1.3, 1.3),  # the flag wins
+    ],
+)
+def test_repetition_penalty_follows_the_reference_script(
+    tmp_path, task, mode, protocol, flag, expected
+):
+    """Qwen's base scripts (and the harnesses) generate with the checkpoint's GenerationConfig;
+    Qwen's chat scripts set repetition_penalty = 1.0. An imported checkpoint keeps its source's
+    generation_config.json, and `paper` reads the penalty from it."""
+    from specialize.eval.harness import _protocol
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "metadata.json").write_text("{}")
+    (ckpt / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.1}))
+    cfg = EvalConfig(
+        checkpoint=str(ckpt), tasks=[task], mode=mode, protocol=protocol, output="r.json"
+    )
+    cfg.sampling.repetition_penalty = flag
+    assert _protocol(get_task(task).under(protocol), cfg).repetition_penalty == expected
+    (ckpt / "generation_config.json").unlink()  # a checkpoint trained here: transformers' 1.0
+    assert _protocol(get_task(task).under(protocol), cfg).repetition_penalty == (flag or 1.0)
 
 
 def test_cli_without_checkpoint_or_score_is_an_error(capsys):

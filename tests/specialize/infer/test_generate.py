@@ -14,6 +14,7 @@ import torch
 from base.tokenizer import IM_START_ID, VOCAB_SIZE
 from tests.distributed import run_distributed
 
+PENALTY = 3.0  # strong enough that the untrained model's greedy choices change
 PROMPTS = [[IM_START_ID, 872, 198, 13048], [9707, 11, 1879], [9707, 11, 1879, 0, 1, 2]]
 
 
@@ -50,6 +51,26 @@ def _generate(rank: int, world_size: int, ckpt: str, tp: int, pp: int) -> dict:
             tokens = torch.cat([tokens, logits.argmax().view(1, 1)], dim=1)
         naive.append(tokens[0, len(prompt) :].tolist())
     out["naive"] = naive
+    # transformers' own repetition penalty on the full logits, step by step. Each prompt starts
+    # with its own first greedy token, which the penalty then has to discourage.
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    repeating = [row[:1] + prompt for row, prompt in zip(out["greedy"], PROMPTS)]
+    out["repeating_greedy"] = greedy(model, repeating, 6, stop_ids=(), vocab_size=VOCAB_SIZE)
+
+    penalty = RepetitionPenaltyLogitsProcessor(PENALTY)
+    naive_penalized = []
+    for prompt in repeating:
+        tokens = torch.tensor([prompt])
+        for _ in range(6):
+            logits = full_logits(model, tokens)[:, -1, :VOCAB_SIZE]
+            tokens = torch.cat([tokens, penalty(tokens, logits).argmax(-1, keepdim=True)], dim=1)
+        naive_penalized.append(tokens[0, len(prompt) :].tolist())
+    out["naive_penalized"] = naive_penalized
+    penalized = dict(stop_ids=(), vocab_size=VOCAB_SIZE, repetition_penalty=PENALTY)
+    out["penalized"] = greedy(model, repeating, 6, **penalized)
+    out["penalized_one_by_one"] = greedy(model, repeating, 6, batch_size=1, **penalized)
+    out["penalized_recomputed"] = greedy(model, repeating, 6, kv_cache=False, **penalized)
     out["recomputed"] = greedy(
         model, PROMPTS, 6, stop_ids=(), vocab_size=VOCAB_SIZE, kv_cache=False
     )
@@ -97,10 +118,20 @@ def test_greedy_sampling_and_stops(single) -> None:
     assert out["cut"] == out["text"][: out["text"].index(out["stop"])]
 
 
+def test_repetition_penalty_is_transformers(single) -> None:
+    """The penalty equals transformers' ``RepetitionPenaltyLogitsProcessor`` over prompt and
+    completion, batched or one prompt at a time, cached or recomputed; and it changes tokens."""
+    out = single
+    assert out["penalized"] == out["naive_penalized"]
+    assert out["penalized"] == out["penalized_one_by_one"] == out["penalized_recomputed"]
+    assert out["penalized"] != out["repeating_greedy"]
+
+
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
 def test_parallel_layouts_generate_the_same(ckpt, single, tp, pp) -> None:
     parallel = run_distributed(_generate, ckpt, tp, pp, world_size=2)
     assert parallel["greedy"] == single["greedy"] == parallel["naive"]
+    assert parallel["penalized"] == single["penalized"]
 
 
 def test_a_checkpoint_runs_in_its_training_precision(tmp_path):
