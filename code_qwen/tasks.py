@@ -274,11 +274,7 @@ class HumanEvalTask(_CodeTask):
             return record["prompt"]
         if self.protocol_name == PAPER:
             return qwen_chat_prompt(record)
-        signature, docstring = signature_and_docstring(record["prompt"], record["entry_point"])
-        return (
-            f"Write a Python function `{signature}` to solve the following problem:\n"
-            f"{docstring}\n{record['prompt']}"
-        )
+        return robust_chat_prompt(record)
 
     def postprocess(self, record: Mapping[str, Any], completion: str, mode: str) -> str:
         """Base: cut at the stop sequences. Chat: the code of the reply (``extract_code``;
@@ -302,6 +298,16 @@ class HumanEvalTask(_CodeTask):
         full function simply redefines the prompt's stub)."""
         results = check_humaneval(records, completions, workers=workers, timeout=self.timeout)
         return [run_grade(r.run) for r in results]
+
+
+def robust_chat_prompt(record: Mapping[str, Any]) -> str:
+    """The ``robust`` chat-mode user turn of a HumanEval-schema record: the instruction with the
+    entry point's signature and docstring, then the prompt."""
+    signature, docstring = signature_and_docstring(record["prompt"], record["entry_point"])
+    return (
+        f"Write a Python function `{signature}` to solve the following problem:\n"
+        f"{docstring}\n{record['prompt']}"
+    )
 
 
 def signature_and_docstring(prompt: str, entry_point: str) -> tuple[str, str]:
