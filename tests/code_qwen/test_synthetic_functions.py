@@ -106,6 +106,55 @@ def test_canonical_solutions_pass_in_the_sandbox_and_a_wrong_one_fails(split):
     assert {r.result for r in wrong} == {"failed: AssertionError"}
 
 
+# What each docstring says, written independently of the templates' bodies: c holds the constants.
+ORACLES = {
+    "add": lambda c, x: x + c["k"],
+    "sub": lambda c, x: x - c["k"],
+    "mul": lambda c, x: x * c["k"],
+    "mod": lambda c, x: x - (x // c["k"]) * c["k"],
+    "add_mul": lambda c, a, b: a * c["k"] + b * c["k"],
+    "mul_add": lambda c, a, b: b + a * c["k"],
+    "cap": lambda c, x: x if x <= c["k"] else c["k"],
+    "floor": lambda c, x: x if x >= c["k"] else c["k"],
+    "label": lambda c, x: c["hi"] if x > c["k"] else c["lo"],
+    "repeat": lambda c, s: "".join([s] * c["k"]),
+    "suffix": lambda c, s: f"{s}{c['w']}",
+    "prefix": lambda c, s: f"{c['w']}{s}",
+    "upper_suffix": lambda c, s: f"{s.upper()}{c['w']}",
+    "reverse_prefix": lambda c, s: c["w"] + "".join(reversed(s)),
+    "head": lambda c, s: s[0 : c["k"]],
+    "tail": lambda c, s: s[max(len(s) - c["k"], 0) :],
+    "count_char": lambda c, s: sum(ch == c["c"] for ch in s),
+    "join": lambda c, words: c["sep"].join(words),
+    "sum_plus": lambda c, xs: c["k"] + sum(xs),
+    "max_times": lambda c, xs: sorted(xs)[-1] * c["k"],
+    "keep_above": lambda c, xs: list(filter(lambda x: x > c["k"], xs)),
+    "map_add": lambda c, xs: list(map(lambda x: x + c["k"], xs)),
+    "map_mul": lambda c, xs: list(map(lambda x: x * c["k"], xs)),
+    "count_above": lambda c, xs: sum(x > c["k"] for x in xs),
+    "range_sum": lambda c, n: c["k"] * n * (n - 1) // 2,
+    "range_count": lambda c, n: (n + c["k"] - 1) // c["k"],
+    "range_list": lambda c, n: list(range(0, c["k"] * n, c["k"])),
+    "mul_add_const": lambda c, x: c["m"] + c["k"] * x,
+    "clip": lambda c, x: sorted([c["lo"], x, c["hi"]])[1],
+    "upper_repeat": lambda c, s: "".join([s.upper()] * c["k"]),
+    "sum_above": lambda c, xs: sum(filter(lambda x: x > c["k"], xs)),
+    "map_filter": lambda c, xs: [c["k"] * x for x in filter(lambda x: x > c["m"], xs)],
+    "range_sum_divisible": lambda c, n: sum(range(0, n, c["k"])),
+    "add_reworded": lambda c, x: c["k"] + x,
+}
+
+
+def test_every_template_does_what_its_docstring_says():
+    assert set(ORACLES) == {t.name for t in TEMPLATES}
+    for record in generate(600, seed=0) + generate(300, seed=0, split="test"):
+        constants, oracle = json.loads(record["constants"]), ORACLES[record["template"]]
+        for line in record["test"].splitlines()[1:]:
+            call = ast.parse(line.strip()).body[0].test
+            args = [ast.literal_eval(arg) for arg in call.left.args]
+            assert oracle(constants, *args) == ast.literal_eval(call.comparators[0]), line
+
+
 def test_docstring_examples_are_what_the_canonical_solution_returns():
     for record in one_per_template("train") + one_per_template("test"):
         namespace: dict = {}
