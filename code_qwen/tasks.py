@@ -1,6 +1,6 @@
-"""The code evaluation tasks: HumanEval, MBPP and their EvalPlus versions (data, decontamination
-texts, and the evaluation protocol: prompts per mode, stop sequences, completion post-processing,
-sandboxed grading, pass@k).
+"""The code evaluation tasks: HumanEval, MBPP, their EvalPlus versions and generated functions
+(data, decontamination texts, and the evaluation protocol: prompts per mode, stop sequences,
+completion post-processing, sandboxed grading, pass@k).
 
 Protocols (docs/paper.md §10) per mode, ``robust`` (the default) and ``paper``:
 
@@ -23,6 +23,8 @@ Protocols (docs/paper.md §10) per mode, ``robust`` (the default) and ``paper``:
   problem wording 0-shot as the user turn, code extracted as for HumanEval.
 - ``humaneval-plus``/``mbpp-plus``: EvalPlus's stricter tests over the same problems, from a local
   copy of the published jsonl; prompts and extraction as for HumanEval and MBPP.
+- ``synthetic-functions``: problems made by ``code_qwen.synthetic_functions`` (a local file in
+  HumanEval's schema), prompted and graded as HumanEval under ``robust``.
 """
 
 from __future__ import annotations
@@ -284,11 +286,7 @@ class HumanEvalTask(_CodeTask):
             return record["prompt"]
         if self.protocol_name == PAPER:
             return qwen_chat_prompt(record)
-        signature, docstring = signature_and_docstring(record["prompt"], record["entry_point"])
-        return (
-            f"Write a Python function `{signature}` to solve the following problem:\n"
-            f"{docstring}\n{record['prompt']}"
-        )
+        return robust_chat_prompt(record)
 
     def postprocess(self, record: Mapping[str, Any], completion: str, mode: str) -> str:
         """Base: cut at the stop sequences. Chat: the code of the reply (``extract_code``;
@@ -312,6 +310,16 @@ class HumanEvalTask(_CodeTask):
         full function simply redefines the prompt's stub)."""
         results = check_humaneval(records, completions, workers=workers, timeout=self.timeout)
         return [run_grade(r.run) for r in results]
+
+
+def robust_chat_prompt(record: Mapping[str, Any]) -> str:
+    """The ``robust`` chat-mode user turn of a HumanEval-schema record: the instruction with the
+    entry point's signature and docstring, then the prompt."""
+    signature, docstring = signature_and_docstring(record["prompt"], record["entry_point"])
+    return (
+        f"Write a Python function `{signature}` to solve the following problem:\n"
+        f"{docstring}\n{record['prompt']}"
+    )
 
 
 def signature_and_docstring(prompt: str, entry_point: str) -> tuple[str, str]:
@@ -448,6 +456,22 @@ class HumanEvalPlusTask(_EvalPlusGrading, HumanEvalTask):
 
 
 @dataclass(frozen=True, kw_only=True)
+class SyntheticFunctionsTask(HumanEvalTask):
+    """Small generated functions in HumanEval's schema (``code_qwen.synthetic_functions``), graded
+    as HumanEval; no published number, so no ``paper`` protocol."""
+
+    protocols: tuple[str, ...] = (ROBUST,)
+
+    def default_path(self) -> str | None:
+        """None exists: the problems are generated, and the error says how."""
+        raise TaskError(
+            f"task {self.name!r} has no default data: generate held-out problems with "
+            "`python -m code_qwen.synthetic_functions --split test -o FILE` and pass "
+            f"--data {self.name}=FILE"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class MBPPPlusTask(_EvalPlusGrading, MBPPTask):
     """MBPP+ (EvalPlus): MBPP's prompts (``prompt`` holds the problem statement), graded by
     ``test_imports`` and the stricter ``test`` instead of ``test_list``."""
@@ -523,6 +547,17 @@ MBPP_PLUS = register(
         hub=HubSource("evalplus/mbppplus", split="test"),
         required_fields=("task_id", "prompt", "code", "test_list", "test"),
         reference_fields=("prompt", "code"),
+        id_field="task_id",
+    )
+)
+
+SYNTHETIC_FUNCTIONS = register(
+    SyntheticFunctionsTask(
+        name="synthetic-functions",
+        domain="code",
+        description="Small Python functions made by code_qwen.synthetic_functions, from docstrings",
+        required_fields=HUMANEVAL.required_fields,
+        reference_fields=HUMANEVAL.reference_fields,
         id_field="task_id",
     )
 )

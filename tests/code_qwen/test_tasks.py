@@ -1,5 +1,6 @@
-"""HumanEval and MBPP: data loading (offline), decontamination texts, and the protocols (``robust``
-and ``paper``, the latter checked against fixtures made by the reference scripts' own code)."""
+"""HumanEval, MBPP and generated functions: data loading (offline), decontamination texts, and the
+protocols (``robust`` and ``paper``, the latter checked against fixtures made by the reference
+scripts' own code)."""
 
 import json
 import re
@@ -9,7 +10,11 @@ from pathlib import Path
 import datasets
 import pytest
 
+from code_qwen import synthetic_functions
 from code_qwen.tasks import extract_code, signature_and_docstring
+from specialize.eval.config import EvalConfig
+from specialize.eval.harness import score_completions, write_results
+from specialize.eval.report import load_results, render_markdown
 from specialize.eval.tasks import HubSource, TaskError, get_task
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "tasks"
@@ -299,3 +304,76 @@ def test_evalplus_test_needing_numpy_is_an_error_not_a_failure(offline):
 def test_evalplus_without_a_local_file_says_how_to_pass_one(offline):
     with pytest.raises(TaskError, match="--data humaneval-plus=PATH"):
         get_task("humaneval-plus").load()
+
+
+# ---- synthetic-functions ----
+
+
+@pytest.fixture
+def synthetic_file(tmp_path) -> Path:
+    """Held-out problems as the generator's command line writes them."""
+    path = tmp_path / "synthetic.jsonl"
+    assert synthetic_functions.main(["--n", "12", "--split", "test", "-o", str(path)]) == 0
+    return path
+
+
+def test_synthetic_functions_load_a_generated_file_and_prompt_as_humaneval(synthetic_file):
+    task, humaneval = get_task("synthetic-functions"), get_task("humaneval")
+    records = task.load(synthetic_file)
+    assert [r["task_id"] for r in records] == [f"synthetic/test-0/{i}" for i in range(12)]
+    for record in records:
+        assert task.prompt(record, "base") == record["prompt"]
+        assert task.prompt(record, "chat") == humaneval.prompt(record, "chat")
+        assert task.prompt(record, "chat").startswith(
+            f"Write a Python function `{record['entry_point']}("
+        )
+    assert task.protocol("base").stop == humaneval.protocol("base").stop
+    assert task.protocol("chat").grader == "sandbox" and task.protocols == ("robust",)
+    with pytest.raises(TaskError, match="has no 'paper' protocol"):
+        task.under("paper")
+    assert task.reference_texts(records[:1]) == [
+        records[0]["prompt"] + records[0]["canonical_solution"]
+    ]
+
+
+def test_synthetic_functions_without_a_file_name_the_generator():
+    with pytest.raises(TaskError) as error:
+        get_task("synthetic-functions").load()
+    message = str(error.value)
+    assert "\n" not in message and "--data synthetic-functions=FILE" in message
+    assert "python -m code_qwen.synthetic_functions --split test" in message
+
+
+def test_synthetic_functions_score_their_sft_replies_and_reference_bodies(tmp_path, synthetic_file):
+    """`specialize eval --score`: the SFT target as a chat reply and the canonical body as a base
+    completion pass, a wrong body fails; the report shows the task's pass@1."""
+    records = get_task("synthetic-functions").load(synthetic_file)
+    cases = {
+        "chat": [synthetic_functions.to_chat(r)["messages"][-1]["content"] for r in records],
+        "base": [r["canonical_solution"] for r in records],
+        "wrong": ["    return None\n"] * len(records),
+    }
+    scores = {}
+    for case, completions in cases.items():
+        path = tmp_path / f"{case}.jsonl"
+        lines = [
+            json.dumps({"task": "synthetic-functions", "id": r["task_id"], "completion": c})
+            for r, c in zip(records, completions)
+        ]
+        path.write_text("\n".join(lines) + "\n")
+        cfg = EvalConfig(
+            tasks=["synthetic-functions"],
+            score=str(path),
+            data={"synthetic-functions": str(synthetic_file)},
+            mode="base" if case == "wrong" else case,
+            label=case,
+            output="unused.json",
+        )
+        results = score_completions(cfg)
+        scores[case] = results["tasks"]["synthetic-functions"]["metrics"]
+        write_results(results, tmp_path / f"{case}.json")
+    assert scores == {"chat": {"pass@1": 1.0}, "base": {"pass@1": 1.0}, "wrong": {"pass@1": 0.0}}
+    compared = [load_results(tmp_path / f"{case}.json") for case in ("wrong", "chat")]
+    report = render_markdown(compared, compared[0])
+    assert "| model | source | synthetic-functions pass@1 |" in report
+    assert "| chat | this project | 100.0 |" in report
