@@ -22,9 +22,9 @@ Deviations from Minerva's reference code, each fixing a false verdict it gives:
   ("(1,2]" is not "(1,2)"), sets ``\\{..\\}`` and bare comma-separated solution lists ("Enter all
   solutions, separated by commas") in any order, matrices cell by cell. Minerva compares them as
   whole strings, which fails a correct list given in another order.
-- LaTeX is read by a small translator (``latex_to_sympy``): sympy's own ``parse_latex`` needs the
-  ``antlr4`` runtime, not installed here; it is tried only for what the translator cannot read.
-  Decimals become exact rationals, so "0.333" is never equal to 1/3, and a run of three or more
+- LaTeX is read by a small translator (``latex_to_sympy``) rather than sympy's ``parse_latex``
+  (tried only for what the translator cannot read), which reads a mixed number ``3\\frac{1}{2}``
+  as a product and a word as a product of letters. Decimals become exact rationals, so "0.333" is never equal to 1/3, and a run of three or more
   letters is a word, not a product, so "Monday" and "Mondya" differ.
 """
 
@@ -656,7 +656,7 @@ def latex_to_sympy(text: str) -> Any:
 
 
 def _antlr_parse(text: str) -> Any | None:
-    """sympy's own LaTeX parser when its antlr4 runtime is installed (it is not by default)."""
+    """sympy's own LaTeX parser, when its antlr4 runtime is installed."""
     if importlib.util.find_spec("antlr4") is None:
         return None
     from sympy.parsing.latex import parse_latex
@@ -710,37 +710,18 @@ def symbolic_equal(a: str, b: str) -> bool:
 ROBUST_COMPARISON = "robust"
 
 
-def _as_parse_latex(text: str) -> str:
-    """What parse_latex's grammar reads alike, spelled as the translator reads it: its lexer
-    skips ``\\left``/``\\right`` and takes ``\\dfrac``, ``\\tfrac`` as ``\\frac``."""
-    text = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", text)
-    return re.sub(r"\\[dt](frac|binom)(?![A-Za-z])", r"\\\1", text)
-
-
 def minerva_is_equiv(x1: str, x2: str) -> bool:
     """lm-evaluation-harness's ``minerva_math`` ``is_equiv`` (``math_qwen.paper`` cites it) of two
-    answers it normalized, run in the sympy worker: true only when both parse and
+    answers it normalized, run in the sympy worker: true only when sympy's ``parse_latex`` (the
+    harness's parser, on the antlr4 runtime this project pins) reads both and
     ``simplify(x1 - x2) == 0``; no string comparison comes first, so identical intervals or
-    tuples, which do not parse, are unequal.
-
-    sympy's ``parse_latex`` (the harness's parser) needs antlr4; where it is missing, this
-    project's translator parses instead, except that a word, which parse_latex reads as a
-    product of letters, equals only itself.
-    """
+    tuples, which do not parse, are unequal."""
     import sympy  # the worker's, loaded there only
+    from sympy.parsing.latex import parse_latex
 
     try:
-        if importlib.util.find_spec("antlr4") is not None:
-            from sympy.parsing.latex import parse_latex
-
-            x, y = parse_latex(x1), parse_latex(x2)
-        else:
-            x, y = latex_to_sympy(_as_parse_latex(x1)), latex_to_sympy(_as_parse_latex(x2))
-    except _WordError:
-        return x1 == x2
-    except (LatexParseError, TypeError, ValueError, ZeroDivisionError):
-        return False
-    except Exception:  # parse_latex's own errors; the harness counts them as "not equal"
+        x, y = parse_latex(x1), parse_latex(x2)
+    except Exception:  # LaTeXParsingError, SympifyError, TypeError: "not equal" in the harness
         return False
     try:
         return bool(sympy.simplify(x - y) == 0)

@@ -152,7 +152,9 @@ FINAL = "Final Answer: The final answer is ${}$. I hope it is correct."
         ("\\frac{1}{2}", FINAL.format("0.5\\%"), False, False),
         ("\\frac{7}{12}", FINAL.format("\\frac{14}{24}"), True, True),
         ("\\frac{7}{12}", FINAL.format("\\dfrac{7}{12}"), True, True),  # parse_latex reads \dfrac
-        ("1000.5", FINAL.format("1,000.5"), False, True),  # only a bare integer loses its commas
+        # The harness's normalization drops commas from integers only, but parse_latex's numbers
+        # take thousands separators.
+        ("1000.5", FINAL.format("1,000.5"), True, True),
         ("2a+b", FINAL.format("x = 2a + b"), False, True),  # "a " is removed: 2+b
     ],
 )
