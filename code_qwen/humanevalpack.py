@@ -21,8 +21,7 @@ Every program, compilation included (it handles untrusted code), runs in ``sandb
 a completion passes when the program exits 0 within the language's timeout (py/js/java 10 s,
 go 20 s, cpp 60 s, rust 300 s). A missing toolchain makes every sample of that language an
 ``error`` with a message saying so; ``available_languages`` lets callers skip such tasks first.
-Known differences from the harness: Python programs run without ``import numpy`` (no
-site-packages in the sandbox; no test uses it); a JavaScript ``console.assert`` that fails
+Known differences from the harness: a JavaScript ``console.assert`` that fails
 throws (the harness fails a run that writes to stderr, which a failed assert does); bigcode bounds
 prompt and completion together (``--max_length_generation``), here the completion alone (512).
 """
@@ -39,6 +38,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+from code_qwen.execution import with_numpy
 from code_qwen.tasks import CHAT_STOP, _CodeTask, extract_code, run_grade
 from code_sandbox import ERROR, Program, RunResult, Sandbox, SandboxConfig
 from specialize.eval.tasks import (
@@ -77,10 +77,14 @@ TOOLS = {
     "rust": ("rustc",),
 }
 PYTHON_IMPORTS = (
-    # The harness's helper minus numpy: programs run without site-packages.
+    # The harness's helper minus numpy (``robust``: the standard library only).
     "import math\nimport re\nimport sys\nimport copy\nimport datetime\nimport itertools\n"
     "import collections\nimport heapq\nimport statistics\nimport functools\nimport hashlib\n"
     "import string\nfrom typing import *\nfrom collections import *\n"
+)
+# The harness's IMPORT_HELPER["python"] itself; its sandbox provides numpy (``with_numpy``).
+BIGCODE_PYTHON_IMPORTS = PYTHON_IMPORTS.replace(
+    "import hashlib\n", "import hashlib\nimport numpy\nimport numpy as np\n"
 )
 CPP_IMPORTS = (
     "using namespace std;",
@@ -354,8 +358,7 @@ def bigcode_program(record: Mapping[str, Any], completion: str, language: str) -
     g = record["prompt"].rstrip() + completion
     test = "\n" + record["test"]
     if language == "python":
-        # IMPORT_HELPER["python"] without numpy (see the module docstring).
-        g = (PYTHON_IMPORTS + g).strip()
+        g = (BIGCODE_PYTHON_IMPORTS + g).strip()
     elif language == "js":
         g = JS_PRELUDE + g
     elif language == "cpp":
@@ -554,6 +557,8 @@ class HumanEvalPackTask(_CodeTask):
             env=dict(toolchain.env),
             bind_paths=dict(toolchain.bind_paths),
         )
+        if self.language == "python":  # the harness's import helper imports numpy
+            config = with_numpy(config)
         with Sandbox(config) as sandbox:
             return sandbox.run_many(programs, workers=workers)
 

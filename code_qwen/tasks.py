@@ -42,8 +42,9 @@ from code_qwen.execution import (
     describe_run,
     pass_at_k,
     stderr_tail,
+    with_numpy,
 )
-from code_sandbox import Program, RunResult, Sandbox
+from code_sandbox import Program, RunResult, Sandbox, SandboxConfig
 from specialize.eval.tasks import (
     ERROR,
     FAILED,
@@ -209,6 +210,10 @@ def qwen_extract_code(text: str, entry_point: str) -> str:
 class _CodeTask(Task):
     """pass@k over sandboxed runs; shared by the code tasks."""
 
+    def sandbox_config(self) -> SandboxConfig:
+        """The sandbox the programs run in: the default one (standard library only)."""
+        return SandboxConfig()
+
     def metrics(self, outcomes: Sequence[Sequence[bool]]) -> dict[str, float]:
         """Unbiased pass@k (k = 1, 10, 100 where every record with completions has at least k);
         a record without completions counts as 0."""
@@ -308,7 +313,10 @@ class HumanEvalTask(_CodeTask):
     ) -> list[Grade]:
         """``prompt + completion + test + check(entry_point)`` in the sandbox (a chat reply's
         full function simply redefines the prompt's stub)."""
-        results = check_humaneval(records, completions, workers=workers, timeout=self.timeout)
+        with Sandbox(self.sandbox_config()) as sandbox:
+            results = check_humaneval(
+                records, completions, workers=workers, timeout=self.timeout, sandbox=sandbox
+            )
         return [run_grade(r.run) for r in results]
 
 
@@ -424,14 +432,18 @@ class MBPPTask(_CodeTask):
             Program(self.test_program(r, c), timeout=self.timeout)
             for r, c in zip(records, completions)
         ]
-        with Sandbox() as sandbox:
+        with Sandbox(self.sandbox_config()) as sandbox:
             runs = sandbox.run_many(programs, workers=workers)
         return [run_grade(run) for run in runs]
 
 
 class _EvalPlusGrading:
-    """EvalPlus's grading on top of its base task's: a test that needs numpy, which the sandbox
-    lacks, is an ``error``, not a failure."""
+    """EvalPlus's grading on top of its base task's: its tests import numpy, which the sandbox
+    then provides (``with_numpy``); where it cannot (no mount namespace), such a test is an
+    ``error``, not a failure."""
+
+    def sandbox_config(self) -> SandboxConfig:
+        return with_numpy()
 
     def grade(
         self,
@@ -490,7 +502,8 @@ def _numpy_missing(grade: Grade) -> Grade:
         return replace(
             grade,
             status=ERROR,
-            reason="error: the test imports numpy, which the sandbox's Python cannot import",
+            reason="error: the test imports numpy, which this sandbox cannot provide (it needs a "
+            "mount namespace)",
         )
     return grade
 

@@ -157,6 +157,9 @@ class SandboxConfig:
     program using the target path fails with an ``error`` (exec) or ``failed`` status."""
     tmp_root: str | None = None
     """Where the per-run temporary directories are created; None: ``tempfile.gettempdir()``."""
+    python_path: tuple[str, ...] = ()
+    """Directories appended to a Python program's ``sys.path``, e.g. a ``bind_paths`` target
+    holding one third-party package (the program sees no site-packages otherwise)."""
     preload: tuple[str, ...] = ()
     """Standard-library modules the fork server imports once, so programs find them already
     loaded (a start-up saving only; each program still starts from a fresh fork)."""
@@ -183,6 +186,8 @@ class SandboxConfig:
             raise SandboxError(f"uid_range {self.uid_range} is not a non-empty range of uids > 0")
         if any("=" in k or "\0" in k + v for k, v in self.env.items()):
             raise SandboxError("env names must not contain '=' and values no NUL bytes")
+        if any(not p.startswith("/") for p in self.python_path):
+            raise SandboxError(f"python_path {self.python_path}: entries must be absolute")
         for source, target in self.bind_paths.items():
             parts = target.split("/")
             if not source.startswith("/") or not target.startswith("/tmp/") or ".." in parts:
@@ -556,6 +561,7 @@ def _server():  # one self-contained function: it runs alone in a fresh interpre
         sys.modules["__main__"] = main
         sys.argv[:] = [path]
         sys.path[:] = [moved_path(p, moved) for p in sys.path if p]  # like -I: no cwd entry
+        sys.path.extend(cfg["python_path"])
         if moved:  # packages imported at start-up (encodings, ...) look up submodules here
             for module in list(sys.modules.values()):
                 search = getattr(module, "__path__", None)
@@ -997,6 +1003,7 @@ class Sandbox:
                 "uid": uid,
                 "hidden_paths": tuple(cfg.hidden_paths),
                 "bind_paths": tuple(cfg.bind_paths.items()),
+                "python_path": tuple(cfg.python_path),
                 # An interpreter installed under /tmp must stay visible: then only the working
                 # directory gets a private tmpfs.
                 "hide_tmp": not (python_root + "/").startswith(real_tmp + "/"),

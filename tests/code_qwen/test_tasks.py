@@ -12,6 +12,7 @@ import pytest
 
 from code_qwen import synthetic_functions
 from code_qwen.tasks import extract_code, signature_and_docstring
+from code_sandbox import SandboxConfig
 from specialize.eval.config import EvalConfig
 from specialize.eval.harness import score_completions, write_results
 from specialize.eval.report import load_results, render_markdown
@@ -294,7 +295,32 @@ def test_mbpp_plus_prompts_from_prompt_and_grades_with_test(offline):
     ) != task.test_program(records[1], lax)
 
 
-def test_evalplus_test_needing_numpy_is_an_error_not_a_failure(offline):
+# EvalPlus compares floats with numpy (its float-returning problems' ``test``).
+NUMPY_TEST = "import numpy as np\nassert np.allclose(is_not_prime(1), True)\n"
+
+
+def test_evalplus_tests_import_numpy_and_nothing_else_of_site_packages(offline):
+    task = get_task("mbpp-plus")
+    record = task.load(FIXTURES / "mbppplus.jsonl")[1]
+    record = dict(record, test=record["test"] + NUMPY_TEST)
+    wrong = record["code"].replace("return True\n    for", "return False\n    for")
+    assert wrong != record["code"]
+    grades = task.grade([record, record], [record["code"], wrong], "base")
+    assert [g.status for g in grades] == ["passed", "failed"]
+    # Only numpy: the evaluation's other packages stay out of the programs' reach.
+    (grade,) = task.grade([dict(record, test="import torch\n")], [record["code"]], "base")
+    assert grade.status == "failed" and "No module named 'torch'" in grade.stderr
+    # MBPP's own sandbox has no numpy.
+    (grade,) = get_task("mbpp").grade([dict(record, test_list=[NUMPY_TEST])], [""], "base")
+    assert grade.status == "failed" and "numpy" in grade.stderr
+
+
+def test_evalplus_test_needing_numpy_where_it_cannot_be_mounted_is_an_error(offline, monkeypatch):
+    """Where numpy cannot be provided (no mount namespace: a sandbox as the default one), such a
+    test is an error, not a failure."""
+    from code_qwen import tasks
+
+    monkeypatch.setattr(tasks, "with_numpy", SandboxConfig)
     task = get_task("mbpp-plus")
     record = dict(task.load(FIXTURES / "mbppplus.jsonl")[1], test_imports=["import numpy"])
     (grade,) = task.grade([record], [record["code"]], "base")
