@@ -22,8 +22,7 @@ a completion passes when the program exits 0 within the language's timeout (py/j
 go 20 s, cpp 60 s, rust 300 s). A missing toolchain makes every sample of that language an
 ``error`` with a message saying so; ``available_languages`` lets callers skip such tasks first.
 Known differences from the harness: a JavaScript ``console.assert`` that fails
-throws (the harness fails a run that writes to stderr, which a failed assert does); bigcode bounds
-prompt and completion together (``--max_length_generation``), here the completion alone (512).
+throws (the harness fails a run that writes to stderr, which a failed assert does).
 """
 
 from __future__ import annotations
@@ -56,6 +55,8 @@ from specialize.eval.tasks import (
 LANGUAGES = ("python", "js", "java", "go", "cpp", "rust")
 TIMEOUTS = {"python": 10.0, "js": 10.0, "java": 10.0, "go": 20.0, "cpp": 60.0, "rust": 300.0}
 BIGCODE_COMMIT = "8fc5bae6479c4fbbb28c3f8b644f6a15b3f3b5bd"
+# bigcode's --max_length_generation default (bigcode_eval main.py): prompt and completion together.
+BIGCODE_MAX_LENGTH = 512
 BIGCODE_HUMANEVALPACK = f"bigcode-project/bigcode-evaluation-harness:bigcode_eval/tasks/humanevalpack.py@{BIGCODE_COMMIT}"
 # The harness's stop words (from CodeGeeX/MultiPL-E); only Python and Go cut at a new top-level
 # definition, the others end where the function's closing brace does.
@@ -478,11 +479,12 @@ class HumanEvalPackTask(_CodeTask):
                 mode,
                 0,
                 stop,
-                512,
+                BIGCODE_MAX_LENGTH,
                 "sandbox",
                 self.timeout,
                 PAPER,
                 BIGCODE_HUMANEVALPACK,
+                max_length=BIGCODE_MAX_LENGTH,  # the prompt counts against the budget
                 repetition_penalty=None,  # the harness's HF model: the checkpoint's defaults
             )
         stop = ("<|endoftext|>", *BASE_STOP[self.language]) if base else CHAT_STOP

@@ -377,6 +377,7 @@ def generate_completions(
                     top_p=sampling.top_p,
                     seed=sampling.seed + sample * 1_000_003 + start,
                     repetition_penalty=protocol.repetition_penalty,
+                    max_length=protocol.max_length,
                 )
                 for offset, text in enumerate(texts):
                     record_id = task.record_id(records[start + offset], start + offset)

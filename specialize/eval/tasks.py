@@ -79,6 +79,9 @@ class Protocol:
     reference script behind the published number."""
     reference: str | None = None
     """The script this protocol reproduces, as ``owner/repo:path@commit``; None for ``robust``."""
+    max_length: int | None = None
+    """Prompt and completion together, in tokens, on top of ``max_new_tokens`` (bigcode's
+    ``--max_length_generation``); None: ``max_new_tokens`` alone."""
     repetition_penalty: float | None = 1.0
     """``transformers``' repetition penalty while generating (1: none). None: the checkpoint's
     (its ``generation_config.json``, which an HF import keeps; 1 without one), as the reference

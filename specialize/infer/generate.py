@@ -86,6 +86,7 @@ def generate_ids(
     batch_size: int = 16,
     kv_cache: bool = True,
     repetition_penalty: float = 1.0,
+    max_length: int | None = None,
 ) -> list[list[int]]:
     """The continuation of every prompt, up to and excluding the first stop id.
 
@@ -95,6 +96,8 @@ def generate_ids(
     ``stop_when(ids)`` ends a row early (stop strings). With pipeline parallelism (or
     ``kv_cache=False``) each step recomputes the sequence. ``repetition_penalty`` other than 1
     applies ``transformers``' penalty to every token of the row so far, prompt included.
+    ``max_length`` bounds prompt and completion together, as ``transformers``' ``max_length``
+    does (a prompt that long gets no completion), on top of ``max_new_tokens``.
 
     Prompts of different lengths share a batch the way megatron-core's static inference engine
     does it: the batch runs the shortest prompt at once, then advances one position per step, and
@@ -116,12 +119,18 @@ def generate_ids(
     if repetition_penalty <= 0.0:
         raise ValueError(f"generate_ids: repetition_penalty {repetition_penalty} must be > 0")
     penalize = repetition_penalty != 1.0
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    budgets = [
+        max_new_tokens if max_length is None else min(max_new_tokens, max_length - len(p))
+        for p in prompts
+    ]
+    order = [
+        i for i in sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if budgets[i] > 0
+    ]
     for first in range(0, len(order), batch_size):
         batch = order[first : first + batch_size]
         lengths = [len(prompts[i]) for i in batch]
         shortest, longest = min(lengths), max(lengths)
-        total = longest + max_new_tokens
+        total = longest + max(budgets[i] for i in batch)
         # Right padding, never attended; one copy to the device.
         rows = [prompts[i] + [0] * (total - len(prompts[i])) for i in batch]
         tokens = torch.tensor(rows, dtype=torch.long, device=device)
@@ -147,7 +156,7 @@ def generate_ids(
                     done[row] = True
                     continue
                 produced.append(token)
-                if len(produced) == max_new_tokens or (
+                if len(produced) == budgets[batch[row]] or (
                     stop_when is not None and stop_when(produced)
                 ):
                     done[row] = True
@@ -174,6 +183,7 @@ def generate_text(
     top_p: float = 1.0,
     seed: int = 0,
     repetition_penalty: float = 1.0,
+    max_length: int | None = None,
 ) -> list[str]:
     """Completions of text (or token-id) prompts, cut before the first of the ``stop`` strings."""
     stop = tuple(stop)
@@ -193,6 +203,7 @@ def generate_text(
         seed=seed,
         stop_when=stopped if stop else None,
         repetition_penalty=repetition_penalty,
+        max_length=max_length,
     )
     texts = []
     for row in rows:

@@ -152,6 +152,9 @@ def test_paper_prompts_are_bigcodes_bytes(language: str) -> None:
     assert task.protocol("base").reference.startswith(
         "bigcode-project/bigcode-evaluation-harness:bigcode_eval/tasks/humanevalpack.py@8fc5bae"
     )
+    # --max_length_generation's default: the prompt's tokens count against the 512.
+    assert task.protocol("base").max_length == task.protocol("chat").max_length == 512
+    assert robust.protocol("base").max_length is None
 
 
 @pytest.mark.parametrize("language", LANGUAGES)

@@ -333,6 +333,7 @@ def test_cli_scores_completions_into_a_results_file(tmp_path, gsm8k_file, capsys
             "shots",
             "stop",
             "max_new_tokens",
+            "max_length",
             "repetition_penalty",
             "grader",
             "timeout",

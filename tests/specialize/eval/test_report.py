@@ -127,7 +127,7 @@ def test_protocol_and_counts_sections(report):
     _, text = report
     protocols = text.split("## Protocols")[1]
     assert (
-        '| qwen-7b | paper | base | 8 | `["\\n\\n", "Question:"]` | 512 | — | gsm8k-number | — | '
+        '| qwen-7b | paper | base | 8 | `["\\n\\n", "Question:"]` | 512 | — | — | gsm8k-number | — | '
         "QwenLM/Qwen:eval/evaluate_gsm8k.py@2df8e8ac450fa185c421a08b0090ef81826caa6e | "
         "gsm8k:main@test | `" + "c" * 64 + "` | 1319 |" in protocols
     )

@@ -293,6 +293,7 @@ def test_truncate_cuts_at_the_earliest_stop_and_modes_are_checked():
         "timeout": 3.0,
         "name": "robust",
         "reference": None,
+        "max_length": None,
         "repetition_penalty": 1.0,
     }
 

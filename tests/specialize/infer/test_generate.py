@@ -76,6 +76,14 @@ def _generate(rank: int, world_size: int, ckpt: str, tp: int, pp: int) -> dict:
     )
     out["one_by_one"] = greedy(model, PROMPTS, 6, stop_ids=(), vocab_size=VOCAB_SIZE, batch_size=1)
     out["short_budget"] = greedy(model, PROMPTS, 2, stop_ids=(), vocab_size=VOCAB_SIZE)
+    # Prompt and completion together: 7 positions leave 3, 4 and 1 new tokens; 5 leave none
+    # to the 6-token prompt.
+    out["max_length_7"] = greedy(
+        model, PROMPTS, 6, stop_ids=(), vocab_size=VOCAB_SIZE, max_length=7
+    )
+    out["max_length_5"] = greedy(
+        model, PROMPTS, 6, stop_ids=(), vocab_size=VOCAB_SIZE, max_length=5
+    )
     out["sampled"] = generate_ids(model, PROMPTS, 6, stop_ids=(), temperature=1.0, seed=3)
     out["sampled_recomputed"] = generate_ids(
         model, PROMPTS, 6, stop_ids=(), temperature=1.0, seed=3, kv_cache=False
@@ -111,6 +119,8 @@ def test_greedy_sampling_and_stops(single) -> None:
     # Prompts of lengths 3, 4 and 6 in one batch == each alone: padding is never attended.
     assert out["greedy"] == out["one_by_one"]
     assert out["short_budget"] == [row[:2] for row in out["greedy"]]
+    assert out["max_length_7"] == [row[: 7 - len(p)] for row, p in zip(out["greedy"], PROMPTS)]
+    assert out["max_length_5"] == [out["greedy"][0][:1], out["greedy"][1][:2], []]
     assert out["sampled"] == out["sampled_recomputed"]
     assert out["sampled"] == out["sampled_again"] and out["sampled"] != out["greedy"]
     assert out["nucleus_of_one"] == out["greedy"]
