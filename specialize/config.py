@@ -257,6 +257,11 @@ class TrainConfig:
     """Run validation every N steps (0: never)."""
     eval_steps: int = 2
     """Global batches per validation."""
+    supervised_logits_only: bool = True
+    """SFT data: the output layer and the loss run only at the positions the loss mask keeps, so
+    masked system and user turns cost no vocabulary-wide logits; the loss and the gradients are
+    those of every position (a masked one adds exact zeros). Not under
+    ``parallel.sequence_parallel``, where each rank holds other positions: then every position."""
     exit_after_steps: Optional[int] = None
     """Stop (after checkpointing) once this step is reached, without changing the schedule; for staged runs and tests."""
     spike_factor: float = 10.0

@@ -322,6 +322,17 @@ class Engine:
         return cls(cfg, topo, derived, cfg.model.architecture(), chunks, optimizer, scheduler, perf)
 
     @property
+    def _supervised_only(self) -> bool:
+        """The output layer at learned positions only (``train.supervised_logits_only``): SFT
+        data, without sequence parallelism."""
+        cfg = self.cfg
+        return (
+            cfg.train.supervised_logits_only
+            and cfg.data.format == "sft"
+            and not cfg.parallel.sequence_parallel
+        )
+
+    @property
     def transformer_config(self) -> TransformerConfig:
         return self.model[0].config
 
@@ -367,7 +378,7 @@ class Engine:
     def _forward_backward(self, data_iterators: list, num_microbatches: int, forward_only: bool):
         data = data_iterators[0] if len(self.model) == 1 else data_iterators
         return get_forward_backward_func()(
-            forward_step_func=make_forward_step(self.topo.device),
+            forward_step_func=make_forward_step(self.topo.device, self._supervised_only),
             data_iterator=data,
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=num_microbatches,

@@ -10,6 +10,7 @@ batch is cut into micro-batches.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import torch
@@ -64,8 +65,48 @@ def packed_seq_params(cu_seqlens: torch.Tensor) -> PackedSeqParams:
     )
 
 
-def make_forward_step(device: torch.device):
-    """A ``forward_step_func`` for ``get_forward_backward_func()``."""
+def supervised_rows(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the positions ``loss_mask`` ([b, s]) keeps, in the sequence-first order of the
+    hidden states the output layer reads ([s, b, h] flattened to [s * b, h]); at least one (a
+    micro-batch that learns nothing then computes one position, weighted 0)."""
+    rows = loss_mask.t().reshape(-1).nonzero().view(-1)
+    if rows.numel() == 0:
+        rows = torch.zeros(1, dtype=torch.long, device=loss_mask.device)
+    return rows
+
+
+def _gathered(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``tensor`` [b, s] at ``rows`` of its sequence-first flattening, as [1, len(rows)]."""
+    return tensor.t().reshape(-1).index_select(0, rows).unsqueeze(0)
+
+
+@contextmanager
+def output_layer_rows(model: torch.nn.Module, rows: torch.Tensor):
+    """While active, the output layer of ``model`` (a last pipeline stage, wrapped or not) reads
+    only the hidden states at ``rows`` (``supervised_rows``), as a sequence of that length and
+    batch 1. megatron-core's ``GPTModel`` applies its output layer to every position; a forward
+    pre-hook is the one place to select positions without changing the model or its state dict.
+    """
+    gpt = model
+    while hasattr(gpt, "module"):  # DDP, Float16Module
+        gpt = gpt.module
+
+    def select(module, args, kwargs):
+        hidden = args[0]
+        flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+        return (flat.unsqueeze(1), *args[1:]), kwargs
+
+    handle = gpt.output_layer.register_forward_pre_hook(select, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def make_forward_step(device: torch.device, supervised_only: bool = False):
+    """A ``forward_step_func`` for ``get_forward_backward_func()``. ``supervised_only``: the
+    output layer and the loss only where the loss mask is nonzero (``TrainConfig.
+    supervised_logits_only``); the same sums of token losses and token counts."""
 
     def forward_step(data_iterator: Iterator, model: torch.nn.Module):
         first = parallel_state.is_pipeline_first_stage()
@@ -74,14 +115,23 @@ def make_forward_step(device: torch.device):
         # the loss mask, and all need per-document boundaries when sequences are packed.
         batch = next_batch(data_iterator, device)
         packed = packed_seq_params(batch["cu_seqlens"]) if "cu_seqlens" in batch else None
-        output = model(
-            batch["tokens"] if first else None,
-            batch["position_ids"] if first else None,
-            batch.get("attention_mask"),
-            labels=batch["labels"] if last else None,
-            packed_seq_params=packed,
-        )
-        return output, partial(loss_func, batch["loss_mask"] if last else None)
+        labels = loss_mask = None
+        selecting = nullcontext()
+        if last:
+            labels, loss_mask = batch["labels"], batch["loss_mask"]
+            if supervised_only:
+                rows = supervised_rows(loss_mask)
+                labels, loss_mask = _gathered(labels, rows), _gathered(loss_mask, rows)
+                selecting = output_layer_rows(model, rows)
+        with selecting:
+            output = model(
+                batch["tokens"] if first else None,
+                batch["position_ids"] if first else None,
+                batch.get("attention_mask"),
+                labels=labels,
+                packed_seq_params=packed,
+            )
+        return output, partial(loss_func, loss_mask)
 
     return forward_step
 
