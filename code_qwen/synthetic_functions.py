@@ -45,7 +45,16 @@ from typing import Any
 
 from code_qwen.tasks import robust_chat_prompt
 
-__all__ = ["SPLITS", "TEMPLATES", "Template", "generate", "main", "split_keys", "to_chat"]
+__all__ = [
+    "REPLIES",
+    "SPLITS",
+    "TEMPLATES",
+    "Template",
+    "generate",
+    "main",
+    "split_keys",
+    "to_chat",
+]
 
 SPLITS = ("train", "test")
 WORDS = (
@@ -293,14 +302,25 @@ def _problem(template: Template, key: dict[str, Any], rng: random.Random) -> dic
     }
 
 
-def to_chat(record: dict[str, str], system: str | None = None) -> dict[str, list[dict[str, str]]]:
-    """The SFT form: the chat HumanEval instruction as the user turn, and the function (its
-    signature and body, without the docstring the prompt already shows) in a fenced block."""
+REPLIES = ("function", "body")
+
+
+def to_chat(
+    record: dict[str, str], system: str | None = None, reply: str = "function"
+) -> dict[str, list[dict[str, str]]]:
+    """The SFT form: the chat HumanEval instruction as the user turn, and in a fenced block the
+    function (``reply="function"``: its signature and body, without the docstring the prompt
+    already shows) or its body alone (``"body"``: what follows the prompt's stub, which the
+    chat grading appends to the prompt; a small model need not copy the name)."""
+    if reply not in REPLIES:
+        raise ValueError(f"reply {reply!r}: expected one of {', '.join(REPLIES)}")
     signature = record["prompt"].split("\n", 1)[0]
-    reply = f"```python\n{signature}\n{record['canonical_solution']}```"
+    code = record["canonical_solution"]
+    if reply == "function":
+        code = f"{signature}\n{code}"
     messages = [] if system is None else [{"role": "system", "content": system}]
     messages.append({"role": "user", "content": robust_chat_prompt(record)})
-    messages.append({"role": "assistant", "content": reply})
+    messages.append({"role": "assistant", "content": f"```python\n{code}```"})
     return {"messages": messages}
 
 
@@ -321,13 +341,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--test-percent", type=int, default=25, help="keys held out, in percent")
     parser.add_argument("--system", default=None, help="system message for --format chat")
+    parser.add_argument(
+        "--reply",
+        choices=REPLIES,
+        default="function",
+        help="--format chat: answer with the whole function or with its body alone",
+    )
     parser.add_argument("-o", "--output", default="-", help="JSONL file ('-' = stdout)")
     args = parser.parse_args(argv)
     try:
         records = generate(args.n, args.seed, args.split, args.test_percent)
     except ValueError as error:
         parser.error(str(error))
-    rows = records if args.format == "humaneval" else [to_chat(r, args.system) for r in records]
+    if args.format == "humaneval":
+        rows = records
+    else:
+        rows = [to_chat(r, args.system, args.reply) for r in records]
     lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     if args.output == "-":
         sys.stdout.write(lines)

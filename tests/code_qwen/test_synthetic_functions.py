@@ -174,6 +174,15 @@ def test_chat_form_asks_as_chat_humaneval_and_answers_with_the_fenced_function(t
     assert assistant["content"] == f"```python\n{signature}\n{record['canonical_solution']}```"
     roles = [m["role"] for m in to_chat(record, system="Be brief.")["messages"]]
     assert roles == ["system", "user", "assistant"]
+    body = to_chat(record, reply="body")["messages"][-1]["content"]
+    assert body == f"```python\n{record['canonical_solution']}```"
+    # Either reply passes the chat grading: the body continues the prompt's stub.
+    task = get_task("synthetic-functions")
+    replies = [to_chat(record, reply=r)["messages"][-1]["content"] for r in ("function", "body")]
+    codes = [task.postprocess(record, reply, "chat") for reply in replies]
+    assert [g.status for g in task.grade([record, record], codes, "chat")] == ["passed"] * 2
+    with pytest.raises(ValueError, match="reply 'prose'"):
+        to_chat(record, reply="prose")
 
     path = tmp_path / "train.jsonl"
     main(["--n", "40", "--seed", "0", "--format", "chat", "-o", str(path)])
