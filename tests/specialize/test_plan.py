@@ -324,7 +324,10 @@ def test_recommended_layout_passes_the_trainers_validation_for_every_recipe():
                 try:
                     result = plan(cfg, gpus, "h100")
                 except PlanError as e:
-                    assert "nothing fits" in str(e), (recipe, gpus, e)
+                    # Out of memory everywhere, or (a CPU demo's tiny global batch on 64 GPUs)
+                    # too few sequences per step for any layout of that many GPUs.
+                    too_few = cfg.train.global_batch_size < gpus and "no valid layout" in str(e)
+                    assert "nothing fits" in str(e) or too_few, (recipe, gpus, e)
                     continue
                 key = (recipe, tuple(result.overrides))
                 if key not in loaded:  # the recipe as the trainer loads it with the overrides

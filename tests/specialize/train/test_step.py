@@ -56,7 +56,7 @@ def _step(rank: int, world_size: int, run_dir: str, data: str) -> dict:
             rows = []
             if hasattr(gpt, "output_layer"):  # the last pipeline stage (rank 0 at TP=2 only)
                 gpt.output_layer.register_forward_hook(
-                    lambda module, args, output: rows.append(output[0].shape[:2].numel())
+                    lambda module, args, output, rows=rows: rows.append(output[0].shape[:2].numel())
                 )
             dataset = SFTSequences(data, SEQ, pad_id=EOD_ID, attention="mask")
             loader = build_dataloader(dataset, 1, 0, topo.data_rank, topo.data_parallel, 0)
