@@ -338,6 +338,12 @@ def _server():  # one self-contained function: it runs alone in a fresh interpre
         mount(None, "/", None, ms_rec | ms_private)
         # Resolved in the host's view, before any mount below changes what the names mean.
         hidden = [os.path.realpath(path) for path in cfg["hidden_paths"]]
+        # Opened now: a source below /tmp (a venv there) is out of reach once /tmp is replaced;
+        # a bind mount from /proc/self/fd/N still finds it.
+        binds = [
+            (os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), target)
+            for source, target in (cfg["bind_paths"] if cfg["hide_tmp"] else ())
+        ]
         fresh = []  # replaced by an empty tmpfs: nothing of the host's below them is visible
         with open("/proc/self/mountinfo") as f:
             entries = [line.split() for line in f]
@@ -375,9 +381,10 @@ def _server():  # one self-contained function: it runs alone in a fresh interpre
         moved = {}
         if uid is not None and cfg["command"] is None and cfg["hide_tmp"]:
             moved = moved_prefixes()  # before hidden_paths may cover the interpreter
-        for source, target in cfg["bind_paths"] if cfg["hide_tmp"] else ():
+        for fd, target in binds:
             os.makedirs(target, 0o755, exist_ok=True)
-            mount(source, target, None, ms_bind | ms_rec)
+            mount(f"/proc/self/fd/{fd}", target, None, ms_bind | ms_rec)
+            os.close(fd)
             mount(None, target, None, ms_remount | ms_bind | ms_rdonly | ms_nosuid | ms_nodev)
         for path in hidden:
             if any(path == top or path.startswith(top + "/") for top in fresh):

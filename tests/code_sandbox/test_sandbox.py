@@ -290,6 +290,37 @@ def test_hidden_paths_are_empty_inside():
 
 
 @pytest.mark.parametrize("mode", ("auto", "user-namespaces"))
+def test_bind_paths_from_below_the_private_tmp_are_mounted(mode):
+    """A bind source below /tmp (a package of a venv made there) is mounted although the sandbox
+    replaces /tmp before it mounts the binds; read-only and on the program's sys.path."""
+    probe = sandbox(mode)
+    if probe.describe()["isolation"] == "basic":
+        pytest.skip("bind_paths needs a mount namespace")
+    source = Path(tempfile.mkdtemp(prefix="sandbox-bind-", dir="/tmp"))
+    try:
+        source.chmod(0o755)
+        (source / "probe_module.py").write_text("VALUE = 42\n")
+        (source / "probe_module.py").chmod(0o644)
+        config = replace(
+            probe.config,
+            bind_paths={str(source): "/tmp/bound/pkg"},
+            python_path=("/tmp/bound/pkg",),
+        )
+        with Sandbox(config) as sb:
+            result = sb.run(
+                Program(
+                    "import probe_module\nprint(probe_module.VALUE)\n"
+                    "open('/tmp/bound/pkg/probe_module.py', 'a')\n",
+                    timeout=10,
+                )
+            )
+        assert result.stdout.strip() == "42", result.error or result.stderr
+        assert "Read-only file system" in result.stderr or "Permission denied" in result.stderr
+    finally:
+        shutil.rmtree(source)
+
+
+@pytest.mark.parametrize("mode", ("auto", "user-namespaces"))
 @pytest.mark.parametrize("parent", ("/tmp", "/dev/shm"))
 def test_hidden_paths_below_the_private_tmp_or_dev_shm_are_out_of_sight(mode, parent):
     """A hidden directory below a mount the sandbox replaces by a fresh tmpfs (a checkout cloned
