@@ -60,35 +60,31 @@ def iteration_dir(run_dir: str | Path, iteration: int) -> Path:
     return checkpoint_root(run_dir) / f"iter_{iteration:07d}"
 
 
-def read_lineage(path: str | Path) -> dict:
-    """A checkpoint's lineage record (``{}`` for a checkpoint written without one, e.g. by an
-    older version); a damaged record is a one-line ``CheckpointError`` naming the file."""
-    file = Path(path) / LINEAGE_FILE
+def _read_json_object(file: Path, what: str) -> dict:
+    """``file``'s JSON object (``{}`` when there is no file); a damaged one is a one-line
+    ``CheckpointError`` naming it."""
     if not file.is_file():
         return {}
     try:
         record = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{file}: unreadable lineage record ({e})") from None
+        raise CheckpointError(f"{file}: unreadable {what} ({e})") from None
     if not isinstance(record, dict):
-        raise CheckpointError(f"{file}: not a lineage record (not a JSON object)")
+        raise CheckpointError(f"{file}: not a {what} (not a JSON object)")
     return record
+
+
+def read_lineage(path: str | Path) -> dict:
+    """A checkpoint's lineage record (``{}`` for a checkpoint written without one, e.g. by an
+    older version); a damaged record is a one-line ``CheckpointError`` naming the file."""
+    return _read_json_object(Path(path) / LINEAGE_FILE, "lineage record")
 
 
 def read_generation_config(path: str | Path) -> dict:
     """The ``generation_config.json`` an HF import copied into checkpoint ``path`` (``{}``
     without one: a checkpoint trained here has no generation defaults); a damaged file is a
     one-line ``CheckpointError`` naming it."""
-    file = Path(path) / GENERATION_CONFIG_FILE
-    if not file.is_file():
-        return {}
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{file}: unreadable generation config ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{file}: not a generation config (not a JSON object)")
-    return config
+    return _read_json_object(Path(path) / GENERATION_CONFIG_FILE, "generation config")
 
 
 def partial_dir(final: Path) -> Path:

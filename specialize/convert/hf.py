@@ -173,9 +173,7 @@ def import_hf(
         read_generation_config(hf_dir)
     except CheckpointError as e:
         raise HFCheckpointError(str(e)) from None
-    generation_config = [hf_dir / GENERATION_CONFIG_FILE]
-    if not generation_config[0].is_file():
-        generation_config = []
+    generation_config = [f for f in [hf_dir / GENERATION_CONFIG_FILE] if f.is_file()]
     report = {
         "source": str(hf_dir.resolve()),
         "layout": model_info.naming,  # the naming scheme, under the printed report's key
