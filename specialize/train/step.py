@@ -16,6 +16,7 @@ from functools import partial
 import torch
 from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.utils import get_attr_wrapped_model
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -87,16 +88,14 @@ def output_layer_rows(model: torch.nn.Module, rows: torch.Tensor):
     batch 1. megatron-core's ``GPTModel`` applies its output layer to every position; a forward
     pre-hook is the one place to select positions without changing the model or its state dict.
     """
-    gpt = model
-    while hasattr(gpt, "module"):  # DDP, Float16Module
-        gpt = gpt.module
+    output_layer = get_attr_wrapped_model(model, "output_layer")  # under DDP, Float16Module
 
     def select(module, args, kwargs):
         hidden = args[0]
         flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
         return (flat.unsqueeze(1), *args[1:]), kwargs
 
-    handle = gpt.output_layer.register_forward_pre_hook(select, with_kwargs=True)
+    handle = output_layer.register_forward_pre_hook(select, with_kwargs=True)
     try:
         yield
     finally:
