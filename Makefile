@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SCALE_STAMP := $(VENV)/.installed-scale
 
 .PHONY: demo test gpu-check lint bench clean
 
@@ -11,6 +12,12 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	$(PY) -m pip install -q -r requirements/lock.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
+
+# The `scale` extra (Ray, for `data prepare --engine ray`): the suite tests that engine on a local
+# cluster, so `make test` installs it; the demo and every default path run without it.
+$(SCALE_STAMP): $(STAMP) requirements/scale.txt
+	$(PY) -m pip install -q -r requirements/scale.txt
+	touch $(SCALE_STAMP)
 
 # The whole factory on qwen-tiny, 2 CPU processes, offline (configs/demo/factory.yaml): a base
 # pretrained on the standard library's prose, Code-Qwen CPT on its code, two-stage Code-Qwen-Chat
@@ -21,7 +28,7 @@ demo: $(STAMP)
 
 # HumanEvalPack's tests run the languages whose toolchain is installed and skip the others; the
 # first lines say which (and the Debian packages for the rest).
-test: $(STAMP)
+test: $(SCALE_STAMP)
 	$(PY) -c 'from code_qwen.humanevalpack import toolchain_report as r; print(*r(), sep="\n")'
 	$(PY) -m pytest -q tests
 

@@ -137,8 +137,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
             task_data=task_data,
             decontamination_ngram=args.decontamination_ngram,
             shard_documents=args.shard_documents,
-            workers=args.workers,
+            workers=(0 if args.engine == "ray" else 2) if args.workers is None else args.workers,
             processes=args.processes,
+            engine=args.engine,
         )
         manifest = prepare(
             [parse_source(s) for s in args.sources],
@@ -564,12 +565,27 @@ def build_parser() -> argparse.ArgumentParser:
         "datasets. Re-running skips finished shards whose input documents are unchanged (changed "
         "ones are an error, or replaced with --rebuild); an interrupted run resumes.",
     )
-    prepare.add_argument("sources", nargs="+", help="directories, files or hf:NAME datasets")
+    prepare.add_argument(
+        "sources",
+        nargs="+",
+        help="directories, files (local paths or fsspec URLs such as s3://...) or hf:NAME datasets",
+    )
     prepare.add_argument(
         "-o", "--output", required=True, help="output directory (shards + manifest.json)"
     )
     prepare.add_argument(
-        "--workers", type=int, default=2, help="worker threads (0: none, all inline)"
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="where the per-document work runs: local (this machine) or ray (the Ray cluster at "
+        "RAY_ADDRESS, or a new local one; needs pip install '.[scale]'); the output is the same",
+    )
+    prepare.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="local: worker threads (default 2; 0: none, all inline); ray: actors of one CPU "
+        "each (default 0: one per CPU of the cluster)",
     )
     prepare.add_argument(
         "--processes",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import hashlib
 import importlib.metadata
 import itertools
@@ -33,7 +34,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -51,7 +52,13 @@ from specialize.data.filters import (
     build_filters,
 )
 from specialize.data.output import locked, writing
-from specialize.data.sources import DocumentRef, Source, SourceOptions, iter_documents
+from specialize.data.sources import (
+    DocumentRef,
+    Source,
+    SourceOptions,
+    iter_documents,
+    open_binary,
+)
 from specialize.plugins import load_plugins
 
 logger = logging.getLogger(__name__)
@@ -90,10 +97,14 @@ class PrepareOptions:
     shard_documents: int = 50_000
     """Input documents per shard: the unit of resumption."""
     workers: int = 2
-    """Worker threads, or processes with ``processes`` (0: all in the calling thread)."""
+    """Worker threads, or processes with ``processes`` (0: all in the calling thread); with the
+    ``ray`` engine, Ray actors of one CPU each (0: one per CPU of the cluster)."""
     processes: bool = False
     """Run the workers as processes (for many cores: the GIL-holding parts then scale too)."""
     batch_documents: int = 32
+    engine: str = "local"
+    """Where the per-document work runs: ``local`` (this machine's threads or processes) or
+    ``ray`` (the Ray cluster at ``RAY_ADDRESS``, or a new local one; ``ray_engine``)."""
 
 
 def shard_name(index: int) -> str:
@@ -156,7 +167,7 @@ def _read(ref: DocumentRef) -> tuple[Optional[bytes], str, str]:
     if ref.text is not None:
         return ref.text.encode("utf-8", "surrogatepass"), "", ""
     try:
-        with open(ref.path, "rb") as f:
+        with open_binary(ref.path) as f:
             return f.read(), "", ""
     except OSError as e:
         return None, "unreadable", e.strerror or str(e)
@@ -181,6 +192,23 @@ def _init_worker(processor: Callable) -> None:
 
 def _run_worker(batch: list[DocumentRef]) -> list[tuple]:
     return _worker(batch)
+
+
+ENGINES = ("local", "ray")
+
+
+@contextlib.contextmanager
+def _engine(
+    function: Callable[[list[DocumentRef]], list], options: PrepareOptions
+) -> Iterator[Callable[[Iterator[tuple[int, list[DocumentRef]]]], Iterator[tuple]]]:
+    """The ordered map of ``function`` over (shard, batch) items on the chosen engine."""
+    if options.engine == "ray":
+        from specialize.data import ray_engine
+
+        with ray_engine.pool(function, options.workers) as pool:
+            yield pool.map
+    else:
+        yield lambda items: _ordered_map(function, items, options.workers, options.processes)
 
 
 def _ordered_map(
@@ -351,7 +379,7 @@ def _decontamination_index(
 
 def _fingerprint(sources: list[Source], tokenizer: QwenTokenizer, options, decontamination) -> str:
     decides = asdict(options)
-    for how in ("workers", "processes", "batch_documents"):  # how, not what, is written
+    for how in ("workers", "processes", "batch_documents", "engine"):  # how, not what, is written
         decides.pop(how)
     blob = {
         "format": FORMAT,
@@ -469,9 +497,10 @@ def _check_inputs(
         documents = itertools.islice(documents, len(finished) * options.shard_documents)
     batches = _batches(documents, options.shard_documents, options.batch_documents, 0)
     check = _InputCheck(out_dir, finished)
-    for shard, batch, keys in _ordered_map(_input_keys, batches, options.workers, False):
-        for ref, key in zip(batch, keys):
-            check.add(shard, ref.name, key)
+    with _engine(_input_keys, replace(options, processes=False)) as ordered_map:
+        for shard, batch, keys in ordered_map(batches):
+            for ref, key in zip(batch, keys):
+                check.add(shard, ref.name, key)
     check.finish()
     logger.info(
         "%s: the %d input documents of its finished shards are unchanged (checked in %.1f s)",
@@ -519,6 +548,10 @@ def prepare(
         raise ValueError("no sources given")
     if options.shard_documents < 1 or options.batch_documents < 1 or options.workers < 0:
         raise ValueError("shard_documents and batch_documents must be >= 1, workers >= 0")
+    if options.engine not in ENGINES:
+        raise ValueError(f"engine {options.engine!r}: expected one of {', '.join(ENGINES)}")
+    if options.engine == "ray" and options.processes:
+        raise ValueError("--processes is for the local engine; Ray workers are processes already")
     out_dir = Path(out_dir).expanduser().resolve()
     with locked(out_dir, "data prepare"):
         return _prepare(sources, out_dir, tokenizer, options, progress, rebuild)
@@ -572,41 +605,40 @@ def _prepare(
     records = list(finished)
     writer: Optional[_ShardWriter] = None
     meter = _Meter(progress)
-    try:
-        for shard, batch, results in _ordered_map(
-            processor, batches, options.workers, options.processes
-        ):
-            with writing(out_dir):  # only the writes: a source's own errors are counted
-                if writer is None or writer.index != shard:
-                    if writer is not None:
-                        records.append(writer.publish())
-                    writer = _ShardWriter(out_dir, shard, fingerprint, minhasher.bands)
-                tokens = writer.tokens
-                for ref, (reason, detail, key, ids, bands) in zip(batch, results):
-                    writer.add_input(key)
-                    if reason is None and exact:
-                        if key in seen:
-                            reason = EXACT_DEDUP
+    with _engine(processor, options) as ordered_map:
+        try:
+            for shard, batch, results in ordered_map(batches):
+                with writing(out_dir):  # only the writes: a source's own errors are counted
+                    if writer is None or writer.index != shard:
+                        if writer is not None:
+                            records.append(writer.publish())
+                        writer = _ShardWriter(out_dir, shard, fingerprint, minhasher.bands)
+                    tokens = writer.tokens
+                    for ref, (reason, detail, key, ids, bands) in zip(batch, results):
+                        writer.add_input(key)
+                        if reason is None and exact:
+                            if key in seen:
+                                reason = EXACT_DEDUP
+                            else:
+                                seen.add(key)
+                        if reason is None and near:
+                            if lsh.seen(bands):
+                                reason = NEAR_DEDUP
+                            else:
+                                lsh.add(bands)
+                        if reason is None:
+                            writer.keep(ref.language, key, ids, bands)
                         else:
-                            seen.add(key)
-                    if reason is None and near:
-                        if lsh.seen(bands):
-                            reason = NEAR_DEDUP
-                        else:
-                            lsh.add(bands)
-                    if reason is None:
-                        writer.keep(ref.language, key, ids, bands)
-                    else:
-                        writer.remove(ref.name, reason, detail)
-            meter.update(len(batch), writer.tokens - tokens)
-        if writer is not None:
-            with writing(out_dir):
-                records.append(writer.publish())
-            writer = None
-    finally:
-        meter.close()
-        if writer is not None:
-            writer.abort()
+                            writer.remove(ref.name, reason, detail)
+                meter.update(len(batch), writer.tokens - tokens)
+            if writer is not None:
+                with writing(out_dir):
+                    records.append(writer.publish())
+                writer = None
+        finally:
+            meter.close()
+            if writer is not None:
+                writer.abort()
 
     manifest = _manifest(sources, tokenizer, options, fingerprint, decontamination_info, records)
     if manifest["documents"] == 0:

@@ -9,6 +9,10 @@ A source is one of
 - ``hf:NAME[:CONFIG][@SPLIT]``: a ``datasets`` dataset (a hub name, needs the network, or a local
   dataset directory), streamed.
 
+Directories and files may also be ``fsspec`` URLs (``s3://bucket/corpus/``, ``gs://...``,
+``file:///...``; the protocol's package, e.g. ``s3fs``, must be installed): they are listed and read
+through fsspec, in the same order and under the same names as a local path.
+
 Documents come out in a fixed order with a stable name (``<source index>/<where>``) that manifests
 and logs use. Input that cannot be used is yielded as a reference carrying the reason, so the
 pipeline counts it like any other removal.
@@ -16,14 +20,16 @@ pipeline counts it like any other removal.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
+import posixpath
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Optional
 
 UNKNOWN_LANGUAGE = "unknown"
 _LANGUAGES: dict[str, str] = {}  # file extension -> language; filled by domain plugins
@@ -81,7 +87,46 @@ class Source:
         return {"kind": self.kind, "location": self.location}
 
 
+def is_url(location: str) -> bool:
+    """Whether ``location`` is an fsspec URL rather than a local path."""
+    return "://" in location
+
+
+def open_binary(location: str) -> BinaryIO:
+    """A local path or an fsspec URL, opened for reading bytes."""
+    if is_url(location):
+        import fsspec
+
+        return fsspec.open(location, "rb").open()
+    return open(location, "rb")
+
+
+def _kind_of_file(name: str) -> str:
+    name = name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "file"
+
+
+def _parse_url(spec: str) -> Source:
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(spec)
+        if fs.isdir(path):
+            return Source("directory", spec.rstrip("/"))
+        if fs.isfile(path):
+            return Source(_kind_of_file(posixpath.basename(path)), spec)
+    except (ImportError, ValueError, OSError) as e:  # an unknown protocol names its package
+        raise SourceError(f"source {spec}: cannot read it through fsspec: {e}") from None
+    raise SourceError(f"source not found: {spec} (no such file or directory)")
+
+
 def parse_source(spec: str) -> Source:
+    if is_url(spec):
+        return _parse_url(spec)
     if spec.startswith("hf:"):
         if len(spec) == 3:
             raise SourceError(f"source {spec!r}: expected hf:NAME[:CONFIG][@SPLIT]")
@@ -90,14 +135,7 @@ def parse_source(spec: str) -> Source:
     if path.is_dir():
         return Source("directory", str(path.resolve()))
     if path.is_file():
-        name = path.name.lower()
-        if name.endswith((".jsonl", ".jsonl.gz")):
-            kind = "jsonl"
-        elif name.endswith(".parquet"):
-            kind = "parquet"
-        else:
-            kind = "file"
-        return Source(kind, str(path.resolve()))
+        return Source(_kind_of_file(path.name), str(path.resolve()))
     raise SourceError(
         f"source not found: {spec} (not a file or directory; datasets are named hf:NAME)"
     )
@@ -106,11 +144,13 @@ def parse_source(spec: str) -> Source:
 def iter_documents(sources: list[Source], options: SourceOptions) -> Iterator[DocumentRef]:
     """Every document of every source, in order."""
     for index, source in enumerate(sources):
-        if source.kind == "directory":
+        if source.kind == "directory" and is_url(source.location):
+            yield from _walk_url(index, source.location, options)
+        elif source.kind == "directory":
             yield from _walk(index, Path(source.location), options)
         elif source.kind == "file":
-            path = Path(source.location)
-            yield DocumentRef(f"{index}/{path.name}", language_of(path.name), path=str(path))
+            name = posixpath.basename(source.location.replace(os.sep, "/"))
+            yield DocumentRef(f"{index}/{name}", language_of(name), path=source.location)
         else:
             yield from _rows(index, source.location, iter_rows(source), options)
 
@@ -146,6 +186,45 @@ def _walk(index: int, root: Path, options: SourceOptions) -> Iterator[DocumentRe
     yield from unlistable()  # the source directory itself, or the last one listed
 
 
+def _walk_url(index: int, url: str, options: SourceOptions) -> Iterator[DocumentRef]:
+    """``_walk`` through fsspec: the same order (a directory's files sorted, then its
+    subdirectories sorted, depth first; symlinked directories not followed) and names."""
+    import fsspec
+
+    extensions = options.extensions if options.extensions is not None else known_extensions()
+    fs, root = fsspec.core.url_to_fs(url)
+
+    def visit(directory: str, rel: str) -> Iterator[DocumentRef]:
+        try:
+            entries = fs.ls(directory, detail=True)
+        except OSError as e:
+            yield DocumentRef(  # named as ``_walk`` names it: "0/" for the source, "0/sub"
+                f"{index}/{rel.rstrip('/')}",
+                UNKNOWN_LANGUAGE,
+                error=("unreadable", f"directory: {e}"),
+            )
+            return
+        files, subdirs = [], []
+        for entry in entries:
+            full = entry["name"].rstrip("/")
+            name = posixpath.basename(full)
+            if entry["type"] == "directory":
+                if not entry.get("islink"):  # as os.walk: listed, not descended into
+                    subdirs.append((name, full))
+            else:
+                files.append((name, full))
+        for name, full in sorted(files):
+            if name.endswith(extensions):
+                yield DocumentRef(
+                    f"{index}/{rel}{name}", language_of(name), path=fs.unstrip_protocol(full)
+                )
+        for name, full in sorted(subdirs):
+            if name not in options.exclude_dirs:
+                yield from visit(full, f"{rel}{name}/")
+
+    yield from visit(root.rstrip("/"), "")
+
+
 class RowError(ValueError):
     """A JSONL line that is not a record; ``reason`` is how it is counted."""
 
@@ -169,10 +248,9 @@ def _jsonl_rows(location: str) -> Iterator[tuple[str, Any]]:
     # line and does not say which, while a corpus tool must count the line and go on. Bytes are
     # split into lines before decoding: a text-mode reader loses its buffered lines (and the
     # line count) on the first bad byte.
-    opener = gzip.open if location.lower().endswith(".gz") else open
     line_number = 0
     try:
-        with opener(location, "rb") as f:
+        with _open_rows(location) as f:
             for line_number, raw in enumerate(f, 1):
                 if raw.isspace():
                     continue
@@ -191,6 +269,16 @@ def _jsonl_rows(location: str) -> Iterator[tuple[str, Any]]:
         stop = line_number + 1
         detail = f"reading {location} stopped at line {stop}: {e} (the lines before were read)"
         yield f"{stop}", RowError("unreadable", detail)
+
+
+@contextlib.contextmanager
+def _open_rows(location: str) -> Iterator[BinaryIO]:
+    with open_binary(location) as raw:
+        if location.lower().endswith(".gz"):
+            with gzip.open(raw, "rb") as f:  # closing a GzipFile leaves ``raw`` open
+                yield f
+        else:
+            yield raw
 
 
 def _datasets_rows(source: Source) -> Iterator[tuple[str, Any]]:

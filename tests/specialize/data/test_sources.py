@@ -114,3 +114,70 @@ def test_unlistable_directories_are_named_relative_to_their_source(
     denied.add(str(root))
     [ref] = list(iter_documents(source, SourceOptions()))
     assert ref.name == "0/" and ref.error[0] == "unreadable" and str(root) in ref.error[1]
+
+
+def _tree(root: Path) -> None:
+    for name in ("b.py", "a.py", "notes.txt", "z/c.py", "z/y/d.py", "m/e.py", ".git/f.py"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(f"# {name}\n")
+    os.symlink(root / "z", root / "link")  # a symlinked directory: listed, not descended into
+    lines = [json.dumps({"text": f"x = {i}\n"}).encode() for i in range(3)]
+    _write(root / "rows.jsonl.gz", lines[:1] + [b"{bad"] + lines[1:])
+
+
+def test_a_file_url_lists_and_reads_the_same_documents_as_its_path(tmp_path: Path) -> None:
+    from specialize.data.prepare import _read
+    from specialize.data.sources import parse_source
+
+    root = tmp_path / "src"
+    _tree(root)
+    url = f"file://{root}"
+    assert parse_source(url) == Source("directory", url)
+    assert parse_source(url + "/rows.jsonl.gz") == Source("jsonl", url + "/rows.jsonl.gz")
+    options = SourceOptions(extensions=(".py",))
+    by_path = list(iter_documents([Source("directory", str(root))], options))
+    by_url = list(iter_documents([Source("directory", url)], options))
+    names = ["0/a.py", "0/b.py", "0/m/e.py", "0/z/c.py", "0/z/y/d.py"]
+    assert [ref.name for ref in by_path] == [ref.name for ref in by_url] == names
+    assert [ref.path for ref in by_url] == [f"file://{root}/{n[2:]}" for n in names]
+    assert [_read(ref) for ref in by_url] == [_read(ref) for ref in by_path]
+
+    rows = [parse_source(str(root / "rows.jsonl.gz")), parse_source(url + "/rows.jsonl.gz")]
+    by_path, by_url = (
+        [(r.name[2:], r.text, r.error) for r in iter_documents([s], options)] for s in rows
+    )
+    assert by_path == by_url and len(by_url) == 4 and by_url[1][2][0] == "malformed"
+
+
+def test_url_sources_that_cannot_be_read_are_one_error(tmp_path: Path) -> None:
+    from specialize.data.sources import SourceError, parse_source
+
+    with pytest.raises(SourceError, match=r"source not found: file://.*/missing"):
+        parse_source(f"file://{tmp_path}/missing")
+    with pytest.raises(
+        SourceError, match=r"source nosuchprotocol://x: cannot read it through fsspec"
+    ):
+        parse_source("nosuchprotocol://x")
+
+
+def test_an_unlistable_url_directory_is_counted_under_the_name_a_path_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fsspec.implementations.local import LocalFileSystem
+
+    root = tmp_path / "src"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.py").write_text("a = 1\n")
+    listing = LocalFileSystem.ls
+
+    def ls(self, path, detail=True, **kwargs):
+        if str(path).rstrip("/") == str(root / "sub"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return listing(self, path, detail=detail, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "ls", ls)
+    refs = list(iter_documents([Source("directory", f"file://{root}")], SourceOptions()))
+    assert [(ref.name, ref.error and ref.error[0]) for ref in refs] == [
+        ("0/a.py", None),
+        ("0/sub", "unreadable"),
+    ]

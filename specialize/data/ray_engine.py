@@ -1,0 +1,202 @@
+"""``data prepare --engine ray``: the per-document work on the actors of a Ray cluster.
+
+Why Ray rather than datatrove: the distributed run must write what the local one writes, byte for
+byte, so it has to run this project's own per-document code (readers, filters, tokenizer,
+decontamination, MinHash band keys) and keep its dedup semantics (first occurrence in source order
+wins, against the documents *kept* so far). datatrove brings its own pipeline steps and its own
+MinHash (word shingles of normalized text, and duplicate clusters resolved by union-find over a
+separate signature/bucket/cluster/filter pass), which would remove different documents; using it
+would mean wrapping our steps in its executor and not using the part that is datatrove's. Ray is a
+general engine: a pool of actors, each holding the processor once, fed in order, restarted and
+retried by Ray when a worker or node dies, on a laptop (``ray.init()``) or a cluster
+(``RAY_ADDRESS``, KubeRay, ``ray start`` on Slurm nodes).
+
+What runs where. The driver (the ``specialize data prepare`` process) lists the documents in their
+global order exactly as the local engine does and sends batches of references to the actors;
+directory and file sources are sent as paths or fsspec URLs and read by the actor, rows of
+JSONL/Parquet/``datasets`` sources are read by the driver and travel with the batch. An actor
+reads, decodes, filters, tokenizes, checks decontamination and computes the MinHash band keys: the
+whole cost of a document. Results come back in submission order and the driver does what it does
+locally: exact and near dedup against everything kept before (a set lookup per document and band),
+the shards, the manifest, resumption. Both engines share that code (``prepare._prepare``), which is
+why their shards are the same bytes.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+logger = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
+INSTALL_HINT = "pip install '.[scale]' (requirements/scale.txt pins its version)"
+IN_FLIGHT_PER_WORKER = 4  # batches queued per actor: it never waits for the driver between two
+
+
+class EngineError(ValueError):
+    """The Ray engine cannot run; the message says why in one line."""
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise EngineError(
+            f"--engine ray needs Ray, which is not installed: {INSTALL_HINT}"
+        ) from None
+    return ray
+
+
+class _Worker:
+    """A Ray actor: holds one copy of the per-batch function and applies it."""
+
+    def __init__(self, shipped: list, tokenizer_sha256: str | None) -> None:
+        import ray
+
+        from specialize.plugins import load_plugins
+
+        load_plugins()  # the domain packages' languages and filters, as in the driver
+        # The function comes as a reference inside a list, which Ray does not resolve: fetched
+        # here, so a restarted actor fetches it again from the driver's copy.
+        function = ray.get(shipped[0])
+        self.function = function
+        self.error = ""
+        tokenizer = getattr(function, "tokenizer", None)
+        if tokenizer_sha256 and tokenizer is not None and tokenizer.sha256 != tokenizer_sha256:
+            self.error = (
+                f"the vocabulary {tokenizer.vocab_file} on node {self.node()} differs from the "
+                "driver's; install the same package on every node"
+            )
+
+    def ready(self) -> tuple[str, int, str]:
+        return self.node(), os.getpid(), self.error
+
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def apply(self, batch: list) -> list:
+        return self.function(batch)
+
+
+@contextlib.contextmanager
+def connected() -> Iterator[Any]:
+    """The ``ray`` module, connected to the cluster at ``RAY_ADDRESS`` (a new local one if unset);
+    a connection this process already has is used and left open."""
+    ray = _import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    address = os.environ.get("RAY_ADDRESS") or None
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+    except ConnectionError as e:
+        raise EngineError(
+            f"cannot connect to the Ray cluster at RAY_ADDRESS={address}: {e}"
+        ) from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+class RayPool:
+    """``workers`` actors (one CPU each; 0: one per CPU of the cluster) applying ``function``."""
+
+    def __init__(self, ray: Any, function: Callable[[list], list], workers: int) -> None:
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        if workers == 0:
+            workers = cpus
+        if not 1 <= workers <= cpus:
+            raise EngineError(
+                f"--workers {workers}: the Ray cluster has {cpus} CPUs (one per worker); "
+                "ask for fewer, or 0 for one per CPU"
+            )
+        self.ray = ray
+        sha256 = getattr(getattr(function, "tokenizer", None), "sha256", None)
+        actor = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=-1)(_Worker)
+        # One copy in the object store, not one per actor, kept alive for actor restarts.
+        self.shipped = ray.put(function)
+        self.actors = [actor.remote([self.shipped], sha256) for _ in range(workers)]
+        try:
+            ready = ray.get([a.ready.remote() for a in self.actors])
+        except ray.exceptions.RayError as e:
+            self.close()
+            raise EngineError(f"a Ray worker could not start: {_first_line(e)}") from None
+        errors = [error for _, _, error in ready if error]
+        if errors:
+            self.close()
+            raise EngineError(errors[0])
+        self.actor_nodes = [node for node, _, _ in ready]
+        self.nodes = collections.Counter(self.actor_nodes)
+        self.pids = [pid for _, pid, _ in ready]
+        self.batches = [0] * workers  # per actor: what the distribution looked like
+        logger.info("ray: %d workers on %d nodes", workers, len(self.nodes))
+
+    def map(self, items: Iterator[tuple[int, Item]]) -> Iterator[tuple[int, Item, list]]:
+        """(key, batch, results) in input order. Each batch goes to the actor with the fewest
+        outstanding; at most ``IN_FLIGHT_PER_WORKER`` per actor, so the input is read ahead by a
+        bounded amount (a corpus does not fit in memory)."""
+        ray = self.ray
+        outstanding = [0] * len(self.actors)
+        pending: collections.deque = collections.deque()  # (key, batch, actor, ref), input order
+        limit = IN_FLIGHT_PER_WORKER * len(self.actors)
+
+        def collect_head() -> tuple[int, Item, list]:
+            key, batch, index, ref = pending.popleft()
+            try:
+                results = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:  # the function's own error, as raised locally
+                raise e.cause if isinstance(e.cause, Exception) else e from None
+            except ray.exceptions.RayError as e:
+                raise EngineError(f"a Ray worker failed: {_first_line(e)}") from None
+            outstanding[index] -= 1
+            return key, batch, results
+
+        for key, batch in items:
+            index = min(range(len(self.actors)), key=outstanding.__getitem__)
+            ref = self.actors[index].apply.remote(batch)
+            outstanding[index] += 1
+            self.batches[index] += 1
+            pending.append((key, batch, index, ref))
+            while len(pending) >= limit:
+                yield collect_head()
+        while pending:
+            yield collect_head()
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self.actors = []
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def pool(function: Callable[[list], list], workers: int) -> Iterator[RayPool]:
+    """A ``RayPool`` on the cluster at ``RAY_ADDRESS``, its actors gone on exit."""
+    with connected() as ray:
+        workers_pool = RayPool(ray, function, workers)
+        try:
+            yield workers_pool
+        finally:
+            logger.info(
+                "ray: batches per worker %s, workers per node %s",
+                workers_pool.batches,
+                dict(workers_pool.nodes),
+            )
+            workers_pool.close()
