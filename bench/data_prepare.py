@@ -10,13 +10,21 @@ excluded for both. Both report tokens/s of what they produced; ours produces few
 filters remove documents, which counts against it. Rounds alternate (peer, ours) and the median
 is reported.
 
+With ``--engines local,ray`` each filter set also runs on the Ray engine (``--engine ray``, the
+``scale`` extra): a local Ray instance with ``--workers`` CPUs is started once before the rounds
+(its start-up is reported, not timed); each run is timed like the local one and includes starting
+its actors and shipping them the processor. Both engines' shards are compared byte for byte.
+
     .venv/bin/python bench/data_prepare.py [--workers 2] [--rounds 3] [--filters default,none]
+                                           [--engines local,ray]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import logging
 import os
 import platform
 import statistics
@@ -49,6 +57,22 @@ def read_texts(source: Source, options: SourceOptions) -> list[str]:
     return texts
 
 
+class _PoolStarts(logging.Handler):
+    """The seconds each Ray run spent starting its actors (the engine logs them)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seconds: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("ray: %d workers"):
+            self.seconds.append(record.args[2])
+
+
+def _shards(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.suffix in (".bin", ".idx")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--source", default=sysconfig.get_paths()["stdlib"])
@@ -57,8 +81,22 @@ def main() -> None:
     parser.add_argument("--filters", default="default,none", help="filter sets to measure")
     parser.add_argument("--batch-documents", type=int, default=PrepareOptions.batch_documents)
     parser.add_argument("--processes", action="store_true", help="workers as processes")
+    parser.add_argument("--engines", default="local", help="local, ray or local,ray")
     parser.add_argument("--json", default=None, help="write all numbers here")
     args = parser.parse_args()
+    engines = args.engines.split(",")
+    ray_start = None
+    if "ray" in engines:
+        import ray
+
+        start = time.perf_counter()
+        ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+        ray_start = time.perf_counter() - start
+    pool_starts = _PoolStarts()
+    engine_logger = logging.getLogger("specialize.data.ray_engine")
+    engine_logger.addHandler(pool_starts)
+    engine_logger.setLevel(logging.INFO)
+    steady: dict[str, list[float]] = {}  # Ray runs' tokens/s without starting the actors
 
     load_plugins()
     tokenizer = QwenTokenizer.load()
@@ -68,6 +106,7 @@ def main() -> None:
     encoding = tokenizer._enc
     results: dict[str, list[float]] = {"tiktoken": []}
     tokens: dict[str, int] = {}
+    same: dict[str, bool] = {}  # filter set: the Ray engine's shards equal the local ones
     filter_sets = args.filters.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.rounds):
@@ -77,35 +116,64 @@ def main() -> None:
             tokens["tiktoken"] = sum(map(len, ids))
             results["tiktoken"].append(tokens["tiktoken"] / elapsed)
             del ids
-            for spec in filter_sets:
+            for spec, engine in itertools.product(filter_sets, engines):
                 options = PrepareOptions(
                     source_options,
                     filters=tuple(resolve_filter_names(spec)),
                     workers=args.workers,
-                    processes=args.processes,
+                    processes=args.processes and engine == "local",
                     batch_documents=args.batch_documents,
+                    engine=engine,
                 )
-                out = Path(tmp) / f"{spec}-{round_index}"
+                name = spec if engine == "local" else f"{spec} ray"
+                out = Path(tmp) / f"{name}-{round_index}"
                 start = time.perf_counter()
                 manifest = prepare([source], out, tokenizer, options)
                 elapsed = time.perf_counter() - start
-                tokens[spec] = manifest["tokens"]
-                results.setdefault(spec, []).append(manifest["tokens"] / elapsed)
+                tokens[name] = manifest["tokens"]
+                results.setdefault(name, []).append(manifest["tokens"] / elapsed)
+                if engine == "ray":
+                    busy = elapsed - pool_starts.seconds[-1]
+                    steady.setdefault(name, []).append(manifest["tokens"] / busy)
+                if engine == "ray" and "local" in engines:
+                    same[spec] = same.get(spec, True) and _shards(out) == _shards(
+                        Path(tmp) / f"{spec}-{round_index}"
+                    )
 
     peer = statistics.median(results["tiktoken"])
     print(
         f"{len(texts):,} files, {sum(map(len, texts)) / 1e6:.1f} M characters, "
         f"workers {args.workers}, {args.rounds} rounds, load average {os.getloadavg()[0]:.2f}"
     )
-    print(f"{'':28} {'tokens':>12} {'tokens/s (median)':>18} {'range':>23} {'vs tiktoken':>12}")
+    if ray_start is not None:
+        print(f"ray: local instance of {args.workers} CPUs started in {ray_start:.1f} s (untimed)")
+    print(f"{'':40} {'tokens':>12} {'tokens/s (median)':>18} {'range':>23} {'vs tiktoken':>12}")
     for name, rates in results.items():
-        label = (
-            "tiktoken encode_ordinary_batch" if name == "tiktoken" else f"prepare --filters {name}"
-        )
+        if name == "tiktoken":
+            label = "tiktoken encode_ordinary_batch"
+        elif name.endswith(" ray"):
+            label = f"prepare --filters {name[:-4]} --engine ray"
+        else:
+            label = f"prepare --filters {name}"
         median = statistics.median(rates)
         print(
-            f"{label:28.28} {tokens[name]:>12,} {median:>18,.0f} "
+            f"{label:40.40} {tokens[name]:>12,} {median:>18,.0f} "
             f"{min(rates):>11,.0f}-{max(rates):<11,.0f} {median / peer:>11.2f}x"
+        )
+    for name, rates in steady.items():
+        median = statistics.median(rates)
+        print(
+            f"{name[:-4]} --engine ray, actors' start-up excluded (median "
+            f"{statistics.median(pool_starts.seconds):.2f} s): {median:,.0f} tokens/s, "
+            f"{median / peer:.2f}x tiktoken"
+        )
+    for spec, equal in same.items():
+        local = statistics.median(results[spec])
+        whole = statistics.median(results[f"{spec} ray"]) / local
+        busy = statistics.median(steady[f"{spec} ray"]) / local
+        print(
+            f"--filters {spec}: ray / local {whole:.2f}x ({busy:.2f}x without the actors' "
+            f"start-up), shards {'byte-identical' if equal else 'DIFFERENT'} in every round"
         )
     if args.json:
         record = {
@@ -114,6 +182,10 @@ def main() -> None:
             "workers": args.workers,
             "tokens": tokens,
             "tokens_per_second": results,
+            "ray_start_seconds": ray_start,
+            "ray_actor_start_seconds": pool_starts.seconds,
+            "ray_tokens_per_second_without_actor_start": steady,
+            "ray_shards_identical": same,
         }
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
 

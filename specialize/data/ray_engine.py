@@ -28,6 +28,7 @@ import collections
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -53,36 +54,44 @@ def _import_ray():
 
 
 class _Worker:
-    """A Ray actor: holds one copy of the per-batch function and applies it."""
+    """A Ray actor applying the pool's function, fetched once from the object store.
 
-    def __init__(self, shipped: list, tokenizer_sha256: str | None) -> None:
-        import ray
+    The function comes with every call as a reference inside a list (which Ray passes as is),
+    not as a constructor argument: a restarted actor fetches it again on its first call, and
+    nothing of the actor's state has to outlive it.
+    """
 
+    def __init__(self) -> None:
         from specialize.plugins import load_plugins
 
         load_plugins()  # the domain packages' languages and filters, as in the driver
-        # The function comes as a reference inside a list, which Ray does not resolve: fetched
-        # here, so a restarted actor fetches it again from the driver's copy.
-        function = ray.get(shipped[0])
-        self.function = function
-        self.error = ""
-        tokenizer = getattr(function, "tokenizer", None)
-        if tokenizer_sha256 and tokenizer is not None and tokenizer.sha256 != tokenizer_sha256:
-            self.error = (
-                f"the vocabulary {tokenizer.vocab_file} on node {self.node()} differs from the "
-                "driver's; install the same package on every node"
-            )
+        self.function: Callable[[list], list] | None = None
 
-    def ready(self) -> tuple[str, int, str]:
-        return self.node(), os.getpid(), self.error
+    def _load(self, shipped: list) -> Callable[[list], list]:
+        if self.function is None:
+            import ray
+
+            function, tokenizer_sha256 = ray.get(shipped[0]), shipped[1]
+            tokenizer = getattr(function, "tokenizer", None)
+            if tokenizer is not None and tokenizer.sha256 != tokenizer_sha256:
+                raise EngineError(
+                    f"the vocabulary {tokenizer.vocab_file} on node {self.node()} differs from "
+                    "the driver's; install the same package on every node"
+                )
+            self.function = function
+        return self.function
+
+    def ready(self, shipped: list) -> tuple[str, int]:
+        self._load(shipped)
+        return self.node(), os.getpid()
 
     def node(self) -> str:
         import ray
 
         return ray.get_runtime_context().get_node_id()
 
-    def apply(self, batch: list) -> list:
-        return self.function(batch)
+    def apply(self, shipped: list, batch: list) -> list:
+        return self._load(shipped)(batch)
 
 
 @contextlib.contextmanager
@@ -124,25 +133,32 @@ class RayPool:
                 "ask for fewer, or 0 for one per CPU"
             )
         self.ray = ray
+        start = time.perf_counter()
         sha256 = getattr(getattr(function, "tokenizer", None), "sha256", None)
         actor = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=-1)(_Worker)
         # One copy in the object store, not one per actor, kept alive for actor restarts.
-        self.shipped = ray.put(function)
-        self.actors = [actor.remote([self.shipped], sha256) for _ in range(workers)]
+        self.shipped = [ray.put(function), sha256]
+        self.actors = [actor.remote() for _ in range(workers)]
         try:
-            ready = ray.get([a.ready.remote() for a in self.actors])
+            ready = ray.get([a.ready.remote(self.shipped) for a in self.actors])
+        except ray.exceptions.RayTaskError as e:
+            self.close()
+            cause = e.cause if isinstance(e.cause, EngineError) else e
+            raise EngineError(f"a Ray worker could not start: {_first_line(cause)}") from None
         except ray.exceptions.RayError as e:
             self.close()
             raise EngineError(f"a Ray worker could not start: {_first_line(e)}") from None
-        errors = [error for _, _, error in ready if error]
-        if errors:
-            self.close()
-            raise EngineError(errors[0])
-        self.actor_nodes = [node for node, _, _ in ready]
+        self.actor_nodes = [node for node, _ in ready]
         self.nodes = collections.Counter(self.actor_nodes)
-        self.pids = [pid for _, pid, _ in ready]
+        self.pids = [pid for _, pid in ready]
+        self.start_seconds = time.perf_counter() - start
         self.batches = [0] * workers  # per actor: what the distribution looked like
-        logger.info("ray: %d workers on %d nodes", workers, len(self.nodes))
+        logger.info(
+            "ray: %d workers on %d nodes, started in %.1f s",
+            workers,
+            len(self.nodes),
+            self.start_seconds,
+        )
 
     def map(self, items: Iterator[tuple[int, Item]]) -> Iterator[tuple[int, Item, list]]:
         """(key, batch, results) in input order. Each batch goes to the actor with the fewest
@@ -166,7 +182,7 @@ class RayPool:
 
         for key, batch in items:
             index = min(range(len(self.actors)), key=outstanding.__getitem__)
-            ref = self.actors[index].apply.remote(batch)
+            ref = self.actors[index].apply.remote(self.shipped, batch)
             outstanding[index] += 1
             self.batches[index] += 1
             pending.append((key, batch, index, ref))
