@@ -22,6 +22,7 @@ its actors and shipping them the processor. Both engines' shards are compared by
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
@@ -69,6 +70,41 @@ class _PoolStarts(logging.Handler):
             self.seconds.append(record.args[2])
 
 
+def driver_rate(source: Source, options: PrepareOptions, tokenizer, out: Path) -> float:
+    """tokens/s of what the driver does alone (listing, dedup, writing shards and manifest): the
+    per-document results of one run are recorded, then replayed into a second run in place of
+    the workers. With the Ray engine this bounds the cluster's rate, whatever its size."""
+    import specialize.data.prepare as prepare_module
+
+    recorded: dict[tuple[int, str], list] = {}
+    engine = prepare_module._engine
+
+    @contextlib.contextmanager
+    def recording(function, options):
+        with engine(function, options) as ordered_map:
+
+            def record(items):
+                for shard, batch, results in ordered_map(items):
+                    recorded[shard, batch[0].name] = results
+                    yield shard, batch, results
+
+            yield record
+
+    @contextlib.contextmanager
+    def replaying(function, options):
+        yield lambda items: ((s, b, recorded[s, b[0].name]) for s, b in items)
+
+    try:
+        prepare_module._engine = recording
+        prepare([source], out / "recorded", tokenizer, options)
+        prepare_module._engine = replaying
+        start = time.perf_counter()
+        manifest = prepare([source], out / "replayed", tokenizer, options)
+        return manifest["tokens"] / (time.perf_counter() - start)
+    finally:
+        prepare_module._engine = engine
+
+
 def _shards(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.suffix in (".bin", ".idx")}
 
@@ -82,6 +118,9 @@ def main() -> None:
     parser.add_argument("--batch-documents", type=int, default=PrepareOptions.batch_documents)
     parser.add_argument("--processes", action="store_true", help="workers as processes")
     parser.add_argument("--engines", default="local", help="local, ray or local,ray")
+    parser.add_argument(
+        "--driver", action="store_true", help="also measure the driver alone (see driver_rate)"
+    )
     parser.add_argument("--json", default=None, help="write all numbers here")
     args = parser.parse_args()
     engines = args.engines.split(",")
@@ -140,6 +179,16 @@ def main() -> None:
                         Path(tmp) / f"{spec}-{round_index}"
                     )
 
+        drivers = {}
+        if args.driver:
+            for spec in filter_sets:
+                options = PrepareOptions(
+                    source_options, filters=tuple(resolve_filter_names(spec)), workers=args.workers
+                )
+                drivers[spec] = driver_rate(
+                    source, options, tokenizer, Path(tmp) / f"driver-{spec}"
+                )
+
     peer = statistics.median(results["tiktoken"])
     print(
         f"{len(texts):,} files, {sum(map(len, texts)) / 1e6:.1f} M characters, "
@@ -175,6 +224,12 @@ def main() -> None:
             f"--filters {spec}: ray / local {whole:.2f}x ({busy:.2f}x without the actors' "
             f"start-up), shards {'byte-identical' if equal else 'DIFFERENT'} in every round"
         )
+    for spec, rate in drivers.items():
+        per_worker = statistics.median(results[spec]) / args.workers
+        print(
+            f"--filters {spec}: the driver alone {rate:,.0f} tokens/s, the work of "
+            f"{rate / per_worker:.0f} workers at this machine's per-worker rate"
+        )
     if args.json:
         record = {
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
@@ -186,6 +241,7 @@ def main() -> None:
             "ray_actor_start_seconds": pool_starts.seconds,
             "ray_tokens_per_second_without_actor_start": steady,
             "ray_shards_identical": same,
+            "driver_tokens_per_second": drivers,
         }
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
 
