@@ -80,8 +80,8 @@ def driver_rate(source: Source, options: PrepareOptions, tokenizer, out: Path) -
     engine = prepare_module._engine
 
     @contextlib.contextmanager
-    def recording(function, options):
-        with engine(function, options) as ordered_map:
+    def recording(function, options, sources):
+        with engine(function, options, sources) as ordered_map:
 
             def record(items):
                 for shard, batch, results in ordered_map(items):
@@ -91,7 +91,7 @@ def driver_rate(source: Source, options: PrepareOptions, tokenizer, out: Path) -
             yield record
 
     @contextlib.contextmanager
-    def replaying(function, options):
+    def replaying(function, options, sources):
         yield lambda items: ((s, b, recorded[s, b[0].name]) for s, b in items)
 
     try:

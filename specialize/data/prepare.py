@@ -199,13 +199,15 @@ ENGINES = ("local", "ray")
 
 @contextlib.contextmanager
 def _engine(
-    function: Callable[[list[DocumentRef]], list], options: PrepareOptions
+    function: Callable[[list[DocumentRef]], list], options: PrepareOptions, sources: list[Source]
 ) -> Iterator[Callable[[Iterator[tuple[int, list[DocumentRef]]]], Iterator[tuple]]]:
     """The ordered map of ``function`` over (shard, batch) items on the chosen engine."""
     if options.engine == "ray":
         from specialize.data import ray_engine
 
-        with ray_engine.pool(function, options.workers) as pool:
+        # The workers read directory and file sources themselves; rows come with the batch.
+        read = [s.location for s in sources if s.kind in ("directory", "file")]
+        with ray_engine.pool(function, options.workers, read) as pool:
             yield pool.map
     else:
         yield lambda items: _ordered_map(function, items, options.workers, options.processes)
@@ -497,7 +499,7 @@ def _check_inputs(
         documents = itertools.islice(documents, len(finished) * options.shard_documents)
     batches = _batches(documents, options.shard_documents, options.batch_documents, 0)
     check = _InputCheck(out_dir, finished)
-    with _engine(_input_keys, replace(options, processes=False)) as ordered_map:
+    with _engine(_input_keys, replace(options, processes=False), sources) as ordered_map:
         for shard, batch, keys in ordered_map(batches):
             for ref, key in zip(batch, keys):
                 check.add(shard, ref.name, key)
@@ -605,7 +607,7 @@ def _prepare(
     records = list(finished)
     writer: Optional[_ShardWriter] = None
     meter = _Meter(progress)
-    with _engine(processor, options) as ordered_map:
+    with _engine(processor, options, sources) as ordered_map:
         try:
             for shard, batch, results in ordered_map(batches):
                 with writing(out_dir):  # only the writes: a source's own errors are counted

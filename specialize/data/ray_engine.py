@@ -28,8 +28,10 @@ import collections
 import contextlib
 import logging
 import os
+import re
+import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
@@ -81,8 +83,14 @@ class _Worker:
             self.function = function
         return self.function
 
-    def ready(self, shipped: list) -> tuple[str, int]:
+    def ready(self, shipped: list, locations: list[str]) -> tuple[str, int]:
         self._load(shipped)
+        for location in locations:  # a node without the shared mount would count every
+            if not _exists(location):  # document unreadable: say so once instead
+                raise EngineError(
+                    f"node {self.node()} cannot read the source {location}; sources must be on "
+                    "a filesystem every node mounts, or URLs every node can read"
+                )
         return self.node(), os.getpid()
 
     def node(self) -> str:
@@ -103,6 +111,7 @@ def connected() -> Iterator[Any]:
         yield ray
         return
     address = os.environ.get("RAY_ADDRESS") or None
+    _check_reachable(address)
     try:
         ray.init(
             address=address,
@@ -120,10 +129,33 @@ def connected() -> Iterator[Any]:
         ray.shutdown()
 
 
-class RayPool:
-    """``workers`` actors (one CPU each; 0: one per CPU of the cluster) applying ``function``."""
+def _check_reachable(address: str | None, timeout: float = 10.0) -> None:
+    """A ``host:port`` that does not answer is an error now: ``ray.init`` would retry it for
+    minutes, printing warnings."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\[\]/]+?)\]?:(\d+)", address or "")
+    if match is None:  # unset (a new local instance), "auto", "local"
+        return
+    host, port = match.group(1), int(match.group(2))
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise EngineError(
+            f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {e.strerror or e}; start it "
+            "(`ray start --head`) or unset RAY_ADDRESS for a new local one"
+        ) from None
 
-    def __init__(self, ray: Any, function: Callable[[list], list], workers: int) -> None:
+
+class RayPool:
+    """``workers`` actors (one CPU each; 0: one per CPU of the cluster) applying ``function``;
+    each checks at start that it can read ``locations`` (the sources its batches name)."""
+
+    def __init__(
+        self,
+        ray: Any,
+        function: Callable[[list], list],
+        workers: int,
+        locations: Sequence[str] = (),
+    ) -> None:
         cpus = int(ray.cluster_resources().get("CPU", 0))
         if workers == 0:
             workers = cpus
@@ -140,7 +172,7 @@ class RayPool:
         self.shipped = [ray.put(function), sha256]
         self.actors = [actor.remote() for _ in range(workers)]
         try:
-            ready = ray.get([a.ready.remote(self.shipped) for a in self.actors])
+            ready = ray.get([a.ready.remote(self.shipped, list(locations)) for a in self.actors])
         except ray.exceptions.RayTaskError as e:
             self.close()
             cause = e.cause if isinstance(e.cause, EngineError) else e
@@ -197,16 +229,29 @@ class RayPool:
         self.actors = []
 
 
+def _exists(location: str) -> bool:
+    from specialize.data.sources import is_url
+
+    if is_url(location):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(location)
+        return fs.exists(path)
+    return os.path.exists(location)
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
 
 @contextlib.contextmanager
-def pool(function: Callable[[list], list], workers: int) -> Iterator[RayPool]:
+def pool(
+    function: Callable[[list], list], workers: int, locations: Sequence[str] = ()
+) -> Iterator[RayPool]:
     """A ``RayPool`` on the cluster at ``RAY_ADDRESS``, its actors gone on exit."""
     with connected() as ray:
-        workers_pool = RayPool(ray, function, workers)
+        workers_pool = RayPool(ray, function, workers, locations)
         try:
             yield workers_pool
         finally:

@@ -258,6 +258,21 @@ def test_more_workers_than_the_cluster_has_cpus_is_one_error(cluster, tmp_path: 
         prepare([Source("directory", str(STDLIB / "json"))], tmp_path / "out", tok, options)
 
 
+def test_a_source_a_node_cannot_read_is_one_error_not_every_document_unreadable(
+    cluster, tmp_path: Path
+) -> None:
+    # What a node without the shared mount sees; every node checks before any batch is sent.
+    from specialize.data import ray_engine
+    from specialize.data.prepare import _input_keys
+
+    missing = str(tmp_path / "not-mounted")
+    with pytest.raises(EngineError, match=r"^a Ray worker could not start: node \w+ cannot read "):
+        with ray_engine.pool(_input_keys, 2, [str(STDLIB / "json"), missing]):
+            pass
+    with ray_engine.pool(_input_keys, 2, [str(STDLIB / "json"), f"file://{STDLIB}"]) as pool:
+        assert sorted(pool.nodes.values()) == [1, 1]
+
+
 def test_without_ray_the_engine_is_a_one_line_error(tmp_path: Path) -> None:
     # The default path never imports Ray; asking for the engine without it names the extra.
     code = (
@@ -278,3 +293,25 @@ def test_without_ray_the_engine_is_a_one_line_error(tmp_path: Path) -> None:
         text=True,
     )
     assert local.returncode == 0, local.stderr
+
+
+def test_an_unreachable_cluster_is_one_error_at_once(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "specialize", "data", "prepare", str(STDLIB / "json"), "-o",
+         str(tmp_path / "out"), "--engine", "ray"],
+        env={**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"},
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert time.monotonic() - start < 30  # not Ray's minutes of reconnecting
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"data prepare: cannot reach the Ray cluster at RAY_ADDRESS=127.0.0.1:{port}: Connection "
+        "refused; start it (`ray start --head`) or unset RAY_ADDRESS for a new local one"
+    ]
