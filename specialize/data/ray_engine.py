@@ -4,12 +4,15 @@ Why Ray rather than datatrove: the distributed run must write what the local one
 byte, so it has to run this project's own per-document code (readers, filters, tokenizer,
 decontamination, MinHash band keys) and keep its dedup semantics (first occurrence in source order
 wins, against the documents *kept* so far). datatrove brings its own pipeline steps and its own
-MinHash (word shingles of normalized text, and duplicate clusters resolved by union-find over a
-separate signature/bucket/cluster/filter pass), which would remove different documents; using it
-would mean wrapping our steps in its executor and not using the part that is datatrove's. Ray is a
-general engine: a pool of actors, each holding the processor once, fed in order, restarted and
-retried by Ray when a worker or node dies, on a laptop (``ray.init()``) or a cluster
-(``RAY_ADDRESS``, KubeRay, ``ray start`` on Slurm nodes).
+MinHash (huggingface/datatrove, src/datatrove/pipeline/dedup/minhash.py @03a9d9a: SHA-1 hashes of
+nltk word 5-grams of simplified text, 14 buckets of 8, then bucket, union-find cluster and filter
+passes), which would remove different documents; using it would mean wrapping our steps in its
+executor and not using the part that is datatrove's. Ray is a general engine: a pool of actors,
+each holding the processor once, fed in order, restarted and retried by Ray when a worker or node
+dies, on a laptop (``ray.init()``) or a cluster (``RAY_ADDRESS``, KubeRay, ``ray start`` on Slurm
+nodes). Its core API rather than Ray Data: Ray Data's readers would replace ours (its JSON reader
+fails a whole file on one bad line, where ours counts the line), it takes the input list up front
+where ours is streamed, and its ordered streaming adds nothing to an ordered pool of actors.
 
 What runs where. The driver (the ``specialize data prepare`` process) lists the documents in their
 global order exactly as the local engine does and sends batches of references to the actors;

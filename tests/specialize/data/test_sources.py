@@ -148,6 +148,14 @@ def test_a_file_url_lists_and_reads_the_same_documents_as_its_path(tmp_path: Pat
     )
     assert by_path == by_url and len(by_url) == 4 and by_url[1][2][0] == "malformed"
 
+    import pyarrow
+    import pyarrow.parquet
+
+    pyarrow.parquet.write_table(pyarrow.table({"text": ["a = 1\n", "b = 2\n"]}), root / "t.parquet")
+    rows = [parse_source(str(root / "t.parquet")), parse_source(url + "/t.parquet")]
+    by_path, by_url = ([(r.name, r.text) for r in iter_documents([s], options)] for s in rows)
+    assert by_path == by_url == [("0/t.parquet:row 0", "a = 1\n"), ("0/t.parquet:row 1", "b = 2\n")]
+
 
 def test_url_sources_that_cannot_be_read_are_one_error(tmp_path: Path) -> None:
     from specialize.data.sources import SourceError, parse_source
