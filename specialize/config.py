@@ -262,6 +262,15 @@ class TrainConfig:
     masked system and user turns cost no vocabulary-wide logits; the loss and the gradients are
     those of every position (a masked one adds exact zeros). Not under
     ``parallel.sequence_parallel``, where each rank holds other positions: then every position."""
+    chunked_cross_entropy: Optional[bool] = None
+    """Compute the output layer and the cross entropy together, ``cross_entropy_chunk_tokens``
+    tokens at a time, never holding a micro-batch's full-vocabulary logits
+    (``specialize/train/linear_cross_entropy.py``); the per-token losses and gradients are the
+    unfused path's. None: on where megatron-core's fused cross entropy is not used (the CPU path;
+    on GPUs ``cross_entropy_loss_fusion`` is on and takes this role)."""
+    cross_entropy_chunk_tokens: int = 256
+    """Tokens per chunk of ``chunked_cross_entropy``: the fp32 logits held at once are this times
+    the vocabulary slice of the rank (256 x 151,936 = 156 MB at TP=1)."""
     exit_after_steps: Optional[int] = None
     """Stop (after checkpointing) once this step is reached, without changing the schedule; for staged runs and tests."""
     spike_factor: float = 10.0
@@ -818,6 +827,10 @@ def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
         )
     if train.spike_window < 1:
         raise ConfigError(f"train.spike_window={train.spike_window}: must be >= 1")
+    if train.cross_entropy_chunk_tokens < 1:
+        raise ConfigError(
+            f"train.cross_entropy_chunk_tokens={train.cross_entropy_chunk_tokens}: must be >= 1"
+        )
     sched = cfg.schedule
     if sched.warmup_steps is not None and sched.warmup_fraction is not None:
         raise ConfigError("schedule: set at most one of warmup_steps and warmup_fraction")

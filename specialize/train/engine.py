@@ -303,6 +303,7 @@ class Engine:
     @classmethod
     def build(cls, cfg: RecipeConfig, topo: Topology, derived: Derived) -> Engine:
         megatron_fixes.install()
+        megatron_fixes.install_logits_max()
         perf = performance(cfg, topo.device.type == "cuda", resolve_spec(cfg.model.spec))
         if perf.tp_comm_overlap:
             initialize_tp_comm_overlap(cfg)
@@ -331,6 +332,15 @@ class Engine:
             and cfg.data.format == "sft"
             and not cfg.parallel.sequence_parallel
         )
+
+    @property
+    def _chunk_tokens(self) -> int | None:
+        """Tokens per chunk of the chunked output layer and loss, or None for megatron's path
+        (``train.chunked_cross_entropy``; auto: where its fused cross entropy is off)."""
+        chunked = self.cfg.train.chunked_cross_entropy
+        if chunked is None:
+            chunked = not self.transformer_config.cross_entropy_loss_fusion
+        return self.cfg.train.cross_entropy_chunk_tokens if chunked else None
 
     @property
     def transformer_config(self) -> TransformerConfig:
@@ -378,7 +388,9 @@ class Engine:
     def _forward_backward(self, data_iterators: list, num_microbatches: int, forward_only: bool):
         data = data_iterators[0] if len(self.model) == 1 else data_iterators
         return get_forward_backward_func()(
-            forward_step_func=make_forward_step(self.topo.device, self._supervised_only),
+            forward_step_func=make_forward_step(
+                self.topo.device, self._supervised_only, self._chunk_tokens
+            ),
             data_iterator=data,
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=num_microbatches,

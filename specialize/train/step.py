@@ -18,6 +18,8 @@ from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.utils import get_attr_wrapped_model
 
+from specialize.train.linear_cross_entropy import linear_cross_entropy
+
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite."""
@@ -102,10 +104,42 @@ def output_layer_rows(model: torch.nn.Module, rows: torch.Tensor):
         handle.remove()
 
 
-def make_forward_step(device: torch.device, supervised_only: bool = False):
+@contextmanager
+def chunked_output_loss(model: torch.nn.Module, chunk_tokens: int):
+    """While active, the output layer of ``model`` (a last pipeline stage, wrapped or not) and its
+    loss run as one chunked computation (``linear_cross_entropy``): the output layer hands its
+    input and weight to ``compute_language_model_loss`` instead of computing logits. Both are
+    replaced on the instance, so megatron-core's ``GPTModel`` forward, its hooks (the supervised
+    rows above) and its state dict stay as they are."""
+    gpt = get_attr_wrapped_model(model, "output_layer", return_model_obj=True)
+    output_layer = gpt.output_layer
+    weights: list[torch.Tensor] = []
+
+    def forward(input_, weight=None, runtime_gather_output=None):
+        weights.append(output_layer.weight if weight is None else weight)
+        return input_, None
+
+    def compute_language_model_loss(labels, hidden):
+        return linear_cross_entropy(
+            hidden, weights.pop(), labels, chunk_tokens, output_layer.sequence_parallel
+        )
+
+    output_layer.forward = forward
+    gpt.compute_language_model_loss = compute_language_model_loss
+    try:
+        yield
+    finally:
+        del output_layer.forward
+        del gpt.compute_language_model_loss
+
+
+def make_forward_step(
+    device: torch.device, supervised_only: bool = False, chunk_tokens: int | None = None
+):
     """A ``forward_step_func`` for ``get_forward_backward_func()``. ``supervised_only``: the
     output layer and the loss only where the loss mask is nonzero (``TrainConfig.
-    supervised_logits_only``); the same sums of token losses and token counts."""
+    supervised_logits_only``); the same sums of token losses and token counts. ``chunk_tokens``:
+    the output layer and the loss in chunks of that many tokens (``chunked_output_loss``)."""
 
     def forward_step(data_iterator: Iterator, model: torch.nn.Module):
         first = parallel_state.is_pipeline_first_stage()
@@ -115,14 +149,16 @@ def make_forward_step(device: torch.device, supervised_only: bool = False):
         batch = next_batch(data_iterator, device)
         packed = packed_seq_params(batch["cu_seqlens"]) if "cu_seqlens" in batch else None
         labels = loss_mask = None
-        selecting = nullcontext()
+        selecting, chunking = nullcontext(), nullcontext()
         if last:
             labels, loss_mask = batch["labels"], batch["loss_mask"]
             if supervised_only:
                 rows = supervised_rows(loss_mask)
                 labels, loss_mask = _gathered(labels, rows), _gathered(loss_mask, rows)
                 selecting = output_layer_rows(model, rows)
-        with selecting:
+            if chunk_tokens:
+                chunking = chunked_output_loss(model, chunk_tokens)
+        with selecting, chunking:
             output = model(
                 batch["tokens"] if first else None,
                 batch["position_ids"] if first else None,

@@ -1,5 +1,6 @@
-"""The forward step: the output layer at learned positions only gives the loss and gradients of
-every position, at TP=2 and PP=2, while computing fewer logits."""
+"""The forward step: the output layer at learned positions only, and the chunked output layer +
+loss, give the loss and gradients of megatron-core's unfused path at every position, at TP=2 and
+PP=2 on packed SFT data, while computing fewer logits."""
 
 from __future__ import annotations
 
@@ -31,9 +32,15 @@ def _step(rank: int, world_size: int, run_dir: str, data: str) -> dict:
     from specialize.mcore.distributed import init_distributed, seed_all
     from specialize.train.engine import Engine
 
-    out = {}
+    out, grads = {}, {}
+    variants = {  # name: (supervised_logits_only, chunked_cross_entropy, chunk tokens)
+        "only": (True, True, 256),  # the CPU default
+        "only-unfused": (True, False, 256),
+        "every-unfused": (False, False, 256),  # megatron-core's own path at every position
+        "every-chunk7": (False, True, 7),
+    }
     for layout, overrides in (("tp2", ["parallel.tensor=2"]), ("pp2", ["parallel.pipeline=2"])):
-        for only in (True, False):
+        for name, (only, chunked, chunk) in variants.items():
             cfg = load_config(
                 "configs/base/qwen-nano.yaml",
                 [
@@ -45,7 +52,9 @@ def _step(rank: int, world_size: int, run_dir: str, data: str) -> dict:
                     "train.global_batch_size=2",
                     "train.micro_batch_size=1",
                     f"train.supervised_logits_only={only}",
-                    f"checkpoint.dir={run_dir}-{layout}-{only}",
+                    f"train.chunked_cross_entropy={chunked}",
+                    f"train.cross_entropy_chunk_tokens={chunk}",
+                    f"checkpoint.dir={run_dir}-{layout}-{name}",
                     *overrides,
                 ],
             )
@@ -62,13 +71,23 @@ def _step(rank: int, world_size: int, run_dir: str, data: str) -> dict:
             loader = build_dataloader(dataset, 1, 0, topo.data_rank, topo.data_parallel, 0)
             result = engine.train_step([loader], 1)
             weights = sum(p.detach().double().sum().item() for p in gpt.parameters())
-            out[f"{layout}-{only}"] = {
+            # This rank's gradients of the step (DDP's buffers keep them until the next step).
+            grads[layout, name] = torch.cat(
+                [p.main_grad.detach().double().flatten() for p in gpt.parameters()]
+            )
+            out[f"{layout}-{name}"] = {
                 "loss": result.loss,
                 "grad_norm": result.grad_norm,
                 "rows": rows,
                 "weights": weights,
             }
             engine.close()
+    # Largest gradient difference relative to the largest gradient, over both ranks.
+    for (layout, name), ours in grads.items():
+        reference = grads[layout, f"{name.split('-')[0]}-unfused"]
+        error = torch.tensor((ours - reference).abs().max() / reference.abs().max())
+        torch.distributed.all_reduce(error, op=torch.distributed.ReduceOp.MAX)
+        out[f"{layout}-{name}"]["grad_error"] = error.item()
     return out
 
 
@@ -81,12 +100,30 @@ def steps(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_logits_at_learned_positions_only_give_the_same_step(steps, layout) -> None:
-    only, every = steps[f"{layout}-True"], steps[f"{layout}-False"]
+    only, every = steps[f"{layout}-only-unfused"], steps[f"{layout}-every-unfused"]
     assert only["loss"] == pytest.approx(every["loss"], rel=1e-6)
     assert only["grad_norm"] == pytest.approx(every["grad_norm"], rel=1e-6)
     assert only["weights"] == pytest.approx(every["weights"], rel=1e-9)
     assert 5.0 < every["loss"] < 20.0  # a real loss of a random model
-    if layout == "tp2":  # rank 0 holds the output layer: logits of both micro-batches at every
-        # position, against the learned ones only (GSM8K answers, not questions or system turn)
-        assert every["rows"] == [SEQ, SEQ]
-        assert len(only["rows"]) == 2 and all(0 < n < SEQ for n in only["rows"])
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+@pytest.mark.parametrize("variant", ["only", "every-chunk7"])
+def test_chunked_output_loss_gives_megatrons_step(steps, layout, variant) -> None:
+    ours = steps[f"{layout}-{variant}"]
+    unfused = steps[f"{layout}-{variant.split('-')[0]}-unfused"]
+    assert ours["loss"] == pytest.approx(unfused["loss"], rel=1e-6)
+    assert ours["grad_norm"] == pytest.approx(unfused["grad_norm"], rel=1e-6)
+    assert ours["grad_error"] < 1e-6 and unfused["grad_error"] == 0.0  # every gradient
+    # The sums are rounded differently, so gradients agree to ~1e-7, not bit for bit; Adam's first
+    # step divides each gradient by its own magnitude, so a near-zero one can move its weight by
+    # up to the learning rate: weights agree to 1e-6, not to the 1e-9 of identical gradients.
+    assert ours["weights"] == pytest.approx(unfused["weights"], rel=1e-6)
+
+
+def test_logits_at_learned_positions_only(steps) -> None:
+    # At TP=2, rank 0 holds the output layer: both micro-batches at every position, against the
+    # learned ones only (GSM8K answers, not questions or system turn).
+    only, every = steps["tp2-only"], steps["tp2-every-unfused"]
+    assert every["rows"] == steps["tp2-every-chunk7"]["rows"] == [SEQ, SEQ]
+    assert len(only["rows"]) == 2 and all(0 < n < SEQ for n in only["rows"])
