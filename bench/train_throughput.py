@@ -331,6 +331,12 @@ def build_engine(preset_name: str, args: argparse.Namespace):
             "checkpoint.interval=0",
             "logging.tensorboard=false",
             "logging.progress=false",
+            f"train.chunked_cross_entropy={args.chunked_cross_entropy}",
+            *(
+                [f"train.cross_entropy_chunk_tokens={args.chunk_tokens}"]
+                if args.chunk_tokens
+                else []
+            ),
         ],
     )
     topo = init_distributed(cfg.parallel)
@@ -565,6 +571,15 @@ def main(argv: list[str] | None = None) -> None:
         "--hf-subprocess",
         action="store_true",
         help="measure transformers in a child process instead of before the bridge is installed",
+    )
+    p.add_argument(
+        "--chunked-cross-entropy",
+        choices=("null", "true", "false"),
+        default="null",
+        help="ours: train.chunked_cross_entropy (null: the default, on for this CPU path)",
+    )
+    p.add_argument(
+        "--chunk-tokens", type=int, default=0, help="ours: train.cross_entropy_chunk_tokens"
     )
     p.add_argument("--json", type=Path, help="write the numbers here")
     p.add_argument("--only-hf", type=Path, help=argparse.SUPPRESS)  # the child's entry point

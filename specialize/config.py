@@ -268,9 +268,11 @@ class TrainConfig:
     (``specialize/train/linear_cross_entropy.py``); the per-token losses and gradients are the
     unfused path's. None: on where megatron-core's fused cross entropy is not used (the CPU path;
     on GPUs ``cross_entropy_loss_fusion`` is on and takes this role)."""
-    cross_entropy_chunk_tokens: int = 256
+    cross_entropy_chunk_tokens: int = 64
     """Tokens per chunk of ``chunked_cross_entropy``: the fp32 logits held at once are this times
-    the vocabulary slice of the rank (256 x 151,936 = 156 MB at TP=1)."""
+    the vocabulary slice of the rank (64 x 151,936 x 4 bytes = 39 MB at TP=1). Smaller chunks
+    stay in cache between the passes over them; larger ones make fewer, larger matmuls
+    (BENCHMARKS.md: 32 to 64 fastest on a 2-core CPU, 512 and over slower than unfused)."""
     exit_after_steps: Optional[int] = None
     """Stop (after checkpointing) once this step is reached, without changing the schedule; for staged runs and tests."""
     spike_factor: float = 10.0

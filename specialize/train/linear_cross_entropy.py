@@ -31,66 +31,141 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 
+class _Chunks:
+    """The row chunks of one pass and a logits buffer they share: a fresh block of this size per
+    chunk would be mapped from the kernel and page-faulted every time (glibc maps blocks over
+    32 MB straight from the kernel)."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, chunk_tokens: int) -> None:
+        self.hidden, self.weight, self.chunk_tokens = hidden, weight, chunk_tokens
+        rows = min(chunk_tokens, hidden.shape[0])
+        self.buffer = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=weight.device)
+        self.buffer32 = (
+            self.buffer
+            if weight.dtype == torch.float32
+            else torch.empty(self.buffer.shape, dtype=torch.float32, device=weight.device)
+        )
+
+    def __iter__(self):
+        rows = self.hidden.shape[0]
+        for start in range(0, rows, self.chunk_tokens):
+            end = min(start + self.chunk_tokens, rows)
+            yield start, end
+
+    def logits(self, start: int, end: int) -> torch.Tensor:
+        """fp32 logits of rows ``start:end``: computed in the weights' dtype, then fp32, as
+        megatron-core's output layer and loss do."""
+        out = self.buffer[: end - start]
+        torch.matmul(self.hidden[start:end], self.weight.t(), out=out)
+        if self.buffer32 is self.buffer:
+            return out
+        return self.buffer32[: end - start].copy_(out)
+
+
+def _accumulator(weight: torch.Tensor) -> torch.Tensor:
+    # The weight gradient is summed over chunks in fp32: low-precision weights would round every
+    # chunk's partial sum.
+    dtype = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
+    return torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+
+
+def _add_gradients(chunks, start, end, grad_logits, grad_hidden, grad_weight) -> None:
+    part = chunks.hidden[start:end]
+    grad_logits = grad_logits.to(part.dtype)
+    torch.matmul(grad_logits, chunks.weight, out=grad_hidden[start:end])
+    if grad_weight.dtype == part.dtype:
+        grad_weight.addmm_(grad_logits.t(), part)
+    else:
+        grad_weight += torch.matmul(grad_logits.t(), part).float()
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Per-token ``-log softmax(hidden @ weight.T)[label]`` over a vocabulary split across
     ``group``: ``hidden`` [n, h] (every rank's copy), ``weight`` [V/tp, h] (this rank's rows,
-    vocabulary ids from ``vocab_start``), ``labels`` [n] global ids; returns [n] fp32."""
+    vocabulary ids from ``vocab_start``), ``labels`` [n] global ids; returns [n] fp32.
+
+    With ``loss_mask`` ([n], the weights the caller will sum the losses with) the gradients are
+    computed in the forward pass, for an upstream gradient of ``loss_mask``, while each chunk's
+    logits are at hand; backward then only scales them, so the logits are computed once instead
+    of twice. megatron-core's loss (``loss_func``: sum of losses x mask, times the schedule's
+    scale) sends exactly ``c * loss_mask``; any other upstream gradient is detected and handled by
+    recomputing the logits chunk by chunk. Without ``loss_mask`` (or without gradients) the
+    forward keeps only the log normalizer and backward recomputes.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_tokens, group, vocab_start):
+    def forward(ctx, hidden, weight, labels, loss_mask, chunk_tokens, group, vocab_start):
         rows, vocab = hidden.shape[0], weight.shape[0]
         local = labels - vocab_start
         in_slice = (local >= 0) & (local < vocab)
         local = torch.where(in_slice, local, torch.zeros_like(local))
-        local_max = torch.empty(rows, dtype=torch.float32, device=hidden.device)
-        sum_exp = torch.empty_like(local_max)
-        target = torch.empty_like(local_max)
-        for start in range(0, rows, chunk_tokens):
-            end = min(start + chunk_tokens, rows)
-            # Logits in the weights' dtype, then fp32, as megatron's output layer and loss do.
-            logits = torch.matmul(hidden[start:end], weight.t()).float()
-            chunk_max = torch.amax(logits, dim=1)
-            local_max[start:end] = chunk_max
-            target[start:end] = logits.gather(1, local[start:end, None]).squeeze(1)
-            logits -= chunk_max[:, None]
-            sum_exp[start:end] = logits.exp_().sum(dim=1)
-        target = torch.where(in_slice, target, torch.zeros_like(target))
-        if group is not None:
-            global_max = local_max.clone()
-            torch.distributed.all_reduce(global_max, op=torch.distributed.ReduceOp.MAX, group=group)
-            sums = torch.stack([sum_exp * torch.exp(local_max - global_max), target])
-            torch.distributed.all_reduce(sums, group=group)
-            sum_exp, target = sums[0], sums[1]
+        losses = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+        log_normalizer = torch.empty_like(losses)
+        chunks = _Chunks(hidden, weight, chunk_tokens)
+        eager = loss_mask is not None and any(ctx.needs_input_grad[:2])
+        if eager:
+            mask = loss_mask.float()
+            grad_hidden, grad_weight = torch.empty_like(hidden), _accumulator(weight)
+        for start, end in chunks:
+            logits = chunks.logits(start, end)
+            # megatron-core's vocab_parallel_cross_entropy, on one chunk: the global max, the
+            # target's shifted logit and the sum of exponentials (each all-reduced across TP).
+            row_max = torch.amax(logits, dim=1)
+            if group is not None:
+                torch.distributed.all_reduce(
+                    row_max, op=torch.distributed.ReduceOp.MAX, group=group
+                )
+            logits -= row_max[:, None]
+            target = logits.gather(1, local[start:end, None]).squeeze(1)
+            target = torch.where(in_slice[start:end], target, torch.zeros_like(target))
+            sums = torch.stack([logits.exp_().sum(dim=1), target])
+            if group is not None:
+                torch.distributed.all_reduce(sums, group=group)
+            losses[start:end] = torch.log(sums[0]) - sums[1]
+            log_normalizer[start:end] = row_max + torch.log(sums[0])
+            if eager:  # (softmax - one-hot) x mask, while the exponentials are here
+                softmax = logits.div_(sums[0][:, None])
+                hit = in_slice[start:end].nonzero().squeeze(1)
+                softmax[hit, local[start:end][hit]] -= 1.0
+                softmax.mul_(mask[start:end, None])
+                _add_gradients(chunks, start, end, softmax, grad_hidden, grad_weight)
+        if eager:
+            ctx.eager = (mask, grad_hidden, grad_weight.to(weight.dtype))
         else:
-            global_max = local_max
-        log_normalizer = global_max + torch.log(sum_exp)
+            ctx.eager = None
         ctx.save_for_backward(hidden, weight, log_normalizer, local, in_slice)
         ctx.chunk_tokens = chunk_tokens
-        return log_normalizer - target
+        return losses
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, log_normalizer, local, in_slice = ctx.saved_tensors
-        chunk_tokens = ctx.chunk_tokens
         grad_loss = grad_loss.float()
-        grad_hidden = torch.empty_like(hidden)
-        # Accumulated over chunks in fp32 (low-precision weights would round every chunk's sum).
-        accumulate = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else None
-        grad_weight = torch.zeros_like(weight, dtype=accumulate)
-        for start in range(0, hidden.shape[0], chunk_tokens):
-            end = min(start + chunk_tokens, hidden.shape[0])
-            part = hidden[start:end]
-            logits = torch.matmul(part, weight.t()).float()
-            softmax = logits.sub_(log_normalizer[start:end, None]).exp_()
+        if ctx.eager is not None:
+            mask, grad_hidden, grad_weight = ctx.eager
+            ctx.eager = None
+            scale = _scale_of(grad_loss, mask)
+            if scale is not None:
+                return grad_hidden.mul_(scale), grad_weight.mul_(scale), *[None] * 5
+        hidden, weight, log_normalizer, local, in_slice = ctx.saved_tensors
+        chunks = _Chunks(hidden, weight, ctx.chunk_tokens)
+        grad_hidden, grad_weight = torch.empty_like(hidden), _accumulator(weight)
+        for start, end in chunks:
+            softmax = chunks.logits(start, end).sub_(log_normalizer[start:end, None]).exp_()
             hit = in_slice[start:end].nonzero().squeeze(1)
             softmax[hit, local[start:end][hit]] -= 1.0
-            grad_logits = softmax.mul_(grad_loss[start:end, None]).to(hidden.dtype)
-            torch.matmul(grad_logits, weight, out=grad_hidden[start:end])
-            if accumulate is None:
-                grad_weight.addmm_(grad_logits.t(), part)
-            else:
-                grad_weight += torch.matmul(grad_logits.t(), part).float()
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
+            softmax.mul_(grad_loss[start:end, None])
+            _add_gradients(chunks, start, end, softmax, grad_hidden, grad_weight)
+        return grad_hidden, grad_weight.to(weight.dtype), *[None] * 5
+
+
+def _scale_of(grad_loss: torch.Tensor, mask: torch.Tensor) -> float | None:
+    """``c`` if ``grad_loss`` is exactly ``c * mask``, else None."""
+    nonzero = mask.nonzero()
+    if nonzero.numel() == 0:
+        return 0.0 if not grad_loss.any() else None
+    first = nonzero[0, 0]
+    scale = (grad_loss[first] / mask[first]).item()
+    return scale if torch.equal(grad_loss, mask * scale) else None
 
 
 def linear_cross_entropy(
@@ -99,10 +174,13 @@ def linear_cross_entropy(
     labels: torch.Tensor,
     chunk_tokens: int,
     sequence_parallel: bool = False,
+    loss_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """megatron-core's output layer followed by ``compute_language_model_loss``, in chunks:
     ``hidden`` [s, b, h] (the output layer's input, [s/tp, b, h] under sequence parallelism),
-    ``weight`` this rank's [V/tp, h] output weight, ``labels`` [b, s]; the per-token losses [b, s]."""
+    ``weight`` this rank's [V/tp, h] output weight, ``labels`` and ``loss_mask`` [b, s] (the mask
+    the losses will be summed with: the gradients are then computed in the same pass, see
+    ``_LinearCrossEntropy``); the per-token losses [b, s]."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
@@ -117,6 +195,7 @@ def linear_cross_entropy(
         hidden.reshape(seq * batch, -1),
         weight,
         labels.transpose(0, 1).reshape(-1),
+        None if loss_mask is None else loss_mask.transpose(0, 1).reshape(-1),
         chunk_tokens,
         group,
         vocab_start,

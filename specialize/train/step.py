@@ -105,12 +105,15 @@ def output_layer_rows(model: torch.nn.Module, rows: torch.Tensor):
 
 
 @contextmanager
-def chunked_output_loss(model: torch.nn.Module, chunk_tokens: int):
+def chunked_output_loss(
+    model: torch.nn.Module, chunk_tokens: int, loss_mask: torch.Tensor | None = None
+):
     """While active, the output layer of ``model`` (a last pipeline stage, wrapped or not) and its
     loss run as one chunked computation (``linear_cross_entropy``): the output layer hands its
     input and weight to ``compute_language_model_loss`` instead of computing logits. Both are
     replaced on the instance, so megatron-core's ``GPTModel`` forward, its hooks (the supervised
-    rows above) and its state dict stay as they are."""
+    rows above) and its state dict stay as they are. ``loss_mask``: what ``loss_func`` weighs the
+    losses with, so the gradients are computed in the same pass as the loss."""
     gpt = get_attr_wrapped_model(model, "output_layer", return_model_obj=True)
     output_layer = gpt.output_layer
     weights: list[torch.Tensor] = []
@@ -121,7 +124,7 @@ def chunked_output_loss(model: torch.nn.Module, chunk_tokens: int):
 
     def compute_language_model_loss(labels, hidden):
         return linear_cross_entropy(
-            hidden, weights.pop(), labels, chunk_tokens, output_layer.sequence_parallel
+            hidden, weights.pop(), labels, chunk_tokens, output_layer.sequence_parallel, loss_mask
         )
 
     output_layer.forward = forward
@@ -157,7 +160,7 @@ def make_forward_step(
                 labels, loss_mask = _gathered(labels, rows), _gathered(loss_mask, rows)
                 selecting = output_layer_rows(model, rows)
             if chunk_tokens:
-                chunking = chunked_output_loss(model, chunk_tokens)
+                chunking = chunked_output_loss(model, chunk_tokens, loss_mask)
         with selecting, chunking:
             output = model(
                 batch["tokens"] if first else None,
