@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from base.presets import get_preset  # noqa: E402
+from specialize.config import TrainConfig  # noqa: E402
 from specialize.plan import MemoryEstimate, estimate_memory  # noqa: E402
 
 MiB = 1024**2
@@ -72,11 +73,11 @@ CASES = [
 # The final checkpoint save is where the run ends: the peak is read there and the process leaves.
 TRAIN_CHILD = """
 import os, resource, runpy, sys
-import specialize.checkpoint as ck
+import specialize.train.callbacks as callbacks  # the trainer's checkpoint callback saves through it
 def save(*args, **kwargs):
     print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
     os._exit(0)
-ck.save = save
+callbacks.save = save
 sys.argv = ["specialize", *sys.argv[1:]]
 runpy.run_module("specialize", run_name="__main__")
 """
@@ -130,7 +131,9 @@ def predict(recipe: str, seq: int, micro_batch: int, layers: int | None) -> Memo
     preset = get_preset(recipe)
     if layers:
         preset = dataclasses.replace(preset, num_layers=layers)
-    return estimate_memory(preset, seq, micro_batch, dtype="fp32")
+    # CPU training runs the chunked output layer + loss by default (train.chunked_cross_entropy).
+    chunk = TrainConfig().cross_entropy_chunk_tokens
+    return estimate_memory(preset, seq, micro_batch, dtype="fp32", chunk_tokens=chunk)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,7 +44,11 @@ Memory per rank, for the pipeline stage that needs the most (all terms in bytes)
 - **logits** (last stage): megatron-core's vocab-parallel cross entropy turns an fp32 copy of the
   logits into the softmax it saves for the backward, in place: ``s·b·V/t × 4`` in fp32,
   ``× (2 + 4)`` in bf16 (the bf16 logits and their fp32 copy coexist during the forward), plus the
-  final norm and output-layer inputs ``2·e·s·b·h``.
+  final norm and output-layer inputs ``2·e·s·b·h``. With the chunked output layer + loss
+  (``train.chunked_cross_entropy``, ``c`` tokens per chunk) only one chunk's logits exist:
+  ``c·V/t × 4`` (``× (2 + 4)`` in bf16), plus the hidden-state gradient it computes in the forward
+  ``e·s·b·h`` and, for bf16/fp8 weights, the fp32 accumulator of the output weight's gradient
+  ``V·h/t × 4`` (its copy in the weights' dtype is the temporary below).
 - **temporaries**: ``base/model.py`` turns gradient-accumulation fusion off, so each weight
   gradient is materialized in the parameter dtype before DDP's hook adds it to ``main_grad``; the
   largest, alive at the activation peak (start of the backward), is the output layer's (or the
@@ -293,10 +297,13 @@ def estimate_memory(
     hidden_dropout: bool = False,
     attention_dropout: bool = False,
     runtime_bytes: int = 0,
+    chunk_tokens: Optional[int] = None,
 ) -> MemoryEstimate:
     """Per-rank memory of the pipeline stage that needs the most (see the module docstring).
 
-    ``micro_batches`` per step bounds the 1F1B in-flight count (default: ``pp``, the worst case).
+    ``micro_batches`` per step bounds the 1F1B in-flight count (default: ``pp``, the worst case);
+    ``chunk_tokens``: the chunked output layer + loss with chunks of that many tokens (None:
+    megatron-core's, which holds every logit).
     """
     e = _act_bytes(dtype)
     if micro_batches is None:
@@ -329,10 +336,16 @@ def estimate_memory(
         logits = 0
         vocab_rows = preset.padded_vocab_size if stage in (0, pp - 1) else 0
         if stage == pp - 1:
-            sbv = seq_len * micro_batch * preset.padded_vocab_size // tp
-            logits = sbv * (4 + (e if e != 4 else 0)) + 2 * e * sbh // (
-                tp if sequence_parallel else 1
-            )
+            inputs = 2 * e * sbh // (tp if sequence_parallel else 1)
+            per_token = preset.padded_vocab_size // tp * (4 + (e if e != 4 else 0))
+            if chunk_tokens is None:
+                logits = seq_len * micro_batch * per_token + inputs
+            else:
+                accumulator = (
+                    preset.padded_vocab_size * preset.hidden_size // tp * 4 if e != 4 else 0
+                )
+                rows = min(chunk_tokens, seq_len * micro_batch)
+                logits = rows * per_token + inputs + e * sbh + accumulator
         # The embedding's (dense) or output layer's weight gradient before DDP adds it to main_grad.
         temporaries = vocab_rows * preset.hidden_size // tp * (4 if dtype == "fp32" else 2)
         est = MemoryEstimate(
@@ -582,6 +595,9 @@ class Workload:
     """The recipe's ``parallel.overlap_grad_reduce`` (unset: on)."""
     overlap_param_gather: bool = True
     """The recipe's ``parallel.overlap_param_gather`` (unset: on with the distributed optimizer)."""
+    chunk_tokens: Optional[int] = None
+    """Tokens per chunk of the chunked output layer + loss, or None for megatron-core's fused
+    cross entropy, which GPU runs use unless ``train.chunked_cross_entropy`` is true."""
 
 
 def memory_of(
@@ -603,6 +619,7 @@ def memory_of(
         hidden_dropout=work.hidden_dropout,
         attention_dropout=work.attention_dropout,
         runtime_bytes=runtime_bytes,
+        chunk_tokens=work.chunk_tokens,
     )
 
 
@@ -826,6 +843,7 @@ def workload(cfg) -> Workload:
         data_format=cfg.data.format,
         overlap_grad_reduce=par.overlap_grad_reduce is not False,
         overlap_param_gather=par.overlap_param_gather is not False,
+        chunk_tokens=train.cross_entropy_chunk_tokens if train.chunked_cross_entropy else None,
     )
 
 

@@ -320,7 +320,12 @@ class Engine:
             config.grad_sync_func = _one_or_list([c.start_grad_sync for c in chunks])
         if perf.align_param_gather:
             config.param_sync_func = _one_or_list([c.start_param_sync for c in chunks])
-        return cls(cfg, topo, derived, cfg.model.architecture(), chunks, optimizer, scheduler, perf)
+        engine = cls(
+            cfg, topo, derived, cfg.model.architecture(), chunks, optimizer, scheduler, perf
+        )
+        if topo.rank == 0:
+            log.info("output layer + loss: %s", engine.output_loss_note)
+        return engine
 
     @property
     def _supervised_only(self) -> bool:
@@ -341,6 +346,19 @@ class Engine:
         if chunked is None:
             chunked = not self.transformer_config.cross_entropy_loss_fusion
         return self.cfg.train.cross_entropy_chunk_tokens if chunked else None
+
+    @property
+    def output_loss_note(self) -> str:
+        """Which output layer and loss the training steps run (README, "Running on GPUs")."""
+        if self._chunk_tokens:
+            return (
+                f"chunked, {self._chunk_tokens} tokens per chunk (train.chunked_cross_entropy, "
+                "specialize/train/linear_cross_entropy.py)"
+            )
+        if self.transformer_config.cross_entropy_loss_fusion:
+            impl = self.transformer_config.cross_entropy_fusion_impl
+            return f"megatron-core's fused vocab-parallel cross entropy ({impl})"
+        return "megatron-core's unfused vocab-parallel cross entropy (train.chunked_cross_entropy=false)"
 
     @property
     def transformer_config(self) -> TransformerConfig:
