@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+import numpy
+
 from specialize.data.filters import Document, Filter, FilterSettings, register_filter
 from specialize.data.sources import register_languages
 
@@ -45,6 +47,9 @@ _HEAD_LINES = 5
 # Bytes counted as "alphanumeric": ASCII letters and digits, and every non-ASCII byte (letters of
 # other scripts; counting them per byte avoids a per-character Python loop).
 _NOT_ALPHANUMERIC = bytes(b for b in range(128) if not chr(b).isalnum())
+# The same, as a byte -> 0/1 table: one gather and count over the bytes, which (unlike
+# bytes.translate) releases the GIL for the other workers and takes half the time.
+_IS_ALPHANUMERIC = numpy.array([b not in _NOT_ALPHANUMERIC for b in range(256)], dtype=numpy.uint8)
 
 
 def _generated(settings: FilterSettings) -> Filter:
@@ -66,7 +71,8 @@ def _minified(settings: FilterSettings) -> Filter:
 
 def _alphanumeric(settings: FilterSettings) -> Filter:
     def check(doc: Document) -> bool:
-        alphanumeric = len(doc.data.translate(None, _NOT_ALPHANUMERIC))
+        data = numpy.frombuffer(doc.data, dtype=numpy.uint8)
+        alphanumeric = numpy.count_nonzero(numpy.take(_IS_ALPHANUMERIC, data))
         return alphanumeric < settings.min_alphanumeric_fraction * len(doc.data)
 
     return check

@@ -78,12 +78,27 @@ class NgramIndex:
         return len(self.hashes)
 
     def contaminated(self, ids: numpy.ndarray) -> bool:
-        if not len(self.hashes):
-            return False
-        windows = ngram_hashes(self._canonical(self.table, ids), self.n)
-        windows = windows[self._bitmap[(windows & self._mask).astype(numpy.intp)]]
-        if not len(windows):
-            return False
-        where = numpy.searchsorted(self.hashes, windows)
-        where[where == len(self.hashes)] = 0
-        return bool((self.hashes[where] == windows).any())
+        return self.contaminated_many([ids])[0]
+
+    def contaminated_many(self, documents: list[numpy.ndarray]) -> list[bool]:
+        """``contaminated`` of each document (token ids), in one set of numpy passes over their
+        concatenation: per document, a dozen small array operations would cost more than the
+        arithmetic. Only windows within one document count, so the answers are the same."""
+        if not len(self.hashes) or not documents:
+            return [False] * len(documents)
+        lengths = numpy.fromiter(map(len, documents), dtype=numpy.intp, count=len(documents))
+        canonical = self.table[numpy.concatenate(documents)]
+        keep = canonical >= 0
+        owner = numpy.repeat(numpy.arange(len(documents)), lengths)[keep]
+        windows = ngram_hashes(canonical[keep], self.n)
+        starts = numpy.flatnonzero(owner[: len(windows)] == owner[self.n - 1 :])
+        windows = windows[starts]  # each document's canonical tokens are contiguous
+        hit = self._bitmap[(windows & self._mask).astype(numpy.intp)]
+        windows, starts = windows[hit], starts[hit]
+        contaminated = [False] * len(documents)
+        if len(windows):
+            where = numpy.searchsorted(self.hashes, windows)
+            where[where == len(self.hashes)] = 0
+            for document in numpy.unique(owner[starts[self.hashes[where] == windows]]):
+                contaminated[int(document)] = True
+        return contaminated

@@ -134,10 +134,27 @@ class _Processor:
         self.minhasher = minhasher
 
     def __call__(self, batch: list[DocumentRef]) -> list[tuple]:
-        return [self.process(ref) for ref in batch]
+        """(reason or None, detail, digest, tokens, band keys) of each document: read, filtered and
+        tokenized one by one, then decontaminated together (``NgramIndex.contaminated_many``),
+        then the MinHash band keys of those left."""
+        results = [self.process(ref) for ref in batch]
+        tokenized = [i for i, result in enumerate(results) if result[0] is None]
+        if self.decontamination is not None and tokenized:
+            texts = [results[i][3][:-1] for i in tokenized]  # without the EOD
+            flags = self.decontamination.contaminated_many(texts)
+            for i, contaminated in zip(tokenized, flags):
+                if contaminated:
+                    results[i] = (DECONTAMINATE, "", results[i][2], None, None)
+        if self.minhasher is not None:
+            for i in tokenized:
+                reason, detail, key, ids, _ = results[i]
+                if reason is None:
+                    results[i] = (None, "", key, ids, self.minhasher.band_keys(ids[:-1]))
+        return results
 
     def process(self, ref: DocumentRef) -> tuple:
-        """(reason or None, detail, digest, tokens, band keys)."""
+        """(reason or None, detail, digest, tokens, None): read, decode, the document filters
+        and tokenization; decontamination and band keys follow per batch (``__call__``)."""
         data, reason, detail = _read(ref)
         if data is None:
             return reason, detail, b"", None, None
@@ -152,12 +169,7 @@ class _Processor:
         for name, rejects in self.filters:
             if rejects(document):
                 return name, "", key, None, None
-        ids = self.tokenizer.encode_document(text)
-        text_ids = ids[:-1]
-        if self.decontamination is not None and self.decontamination.contaminated(text_ids):
-            return DECONTAMINATE, "", key, None, None
-        bands = self.minhasher.band_keys(text_ids) if self.minhasher is not None else None
-        return None, "", key, ids, bands
+        return None, "", key, self.tokenizer.encode_document(text), None
 
 
 def _read(ref: DocumentRef) -> tuple[Optional[bytes], str, str]:

@@ -56,3 +56,25 @@ def test_empty_index_and_bad_n(tok) -> None:
     assert not NgramIndex.build(tok, []).contaminated(_ids(tok, "def f(): pass"))
     with pytest.raises(ValueError):
         NgramIndex.build(tok, ["x"], n=0)
+
+
+def test_a_batch_gives_each_documents_own_answer_and_no_window_spans_two(
+    tok, problems, index
+) -> None:
+    solution = problems[3]["prompt"] + problems[3]["canonical_solution"]
+    words = solution.split()
+    head, tail = " ".join(words[:8]), " ".join(words[8:20])  # each under 13 words, together over
+    documents = [
+        _ids(tok, "x = 1\n"),
+        _ids(tok, solution),
+        _ids(tok, ""),
+        _ids(tok, "print('hello')\n" + head),
+        _ids(tok, tail + "\nprint('bye')\n"),
+        _ids(tok, (STDLIB / "json" / "decoder.py").read_text()),
+        _ids(tok, "# ok\n" + solution.upper()),
+    ]
+    alone = [index.contaminated(ids) for ids in documents]
+    assert alone == [False, True, False, False, False, False, True]
+    assert index.contaminated(numpy.concatenate(documents[3:5]))  # the span across the two
+    assert index.contaminated_many(documents) == alone
+    assert index.contaminated_many([]) == []

@@ -13,6 +13,27 @@ def test_ngram_hashes_depend_on_window_content_only() -> None:
     assert len(ngram_hashes(ids, 8)) == 0
 
 
+def _polynomial_hash(window: list[int]) -> int:
+    """The definition, in Python integers: sum(id * base^(n-1-j)) mod 2^64, high bits mixed down."""
+    value = 0
+    for token in window:
+        value = (value * 0x9E3779B97F4A7C15 + token) % (1 << 64)
+    return value ^ (value >> 29)
+
+
+@pytest.mark.parametrize("dtype", [numpy.int32, numpy.int64, numpy.uint64])
+def test_ngram_hashes_are_the_polynomial_hash_of_each_window(dtype) -> None:
+    rng = numpy.random.default_rng(0)
+    for size in (0, 1, 12, 13, 200, 70_000):  # the last grows the table of powers
+        ids = rng.integers(0, 151_936, size=size).astype(dtype)
+        for n in (1, 5, 13):
+            hashes = ngram_hashes(ids, n)
+            assert hashes.dtype == numpy.uint64 and len(hashes) == max(size - n + 1, 0)
+            checked = range(len(hashes)) if size < 1000 else rng.integers(0, len(hashes), 50)
+            for i in checked:
+                assert int(hashes[i]) == _polynomial_hash(ids[i : i + n].tolist()), (size, n, i)
+
+
 def test_lsh_bands_follow_the_threshold() -> None:
     low, high = lsh_bands(0.5, 128), lsh_bands(0.9, 128)
     assert low[0] * low[1] <= 128 and high[0] * high[1] <= 128
