@@ -190,12 +190,15 @@ def linear_cross_entropy(
     elif tp_size > 1:
         hidden = copy_to_tensor_model_parallel_region(hidden)
     seq, batch = hidden.shape[0], hidden.shape[1]
+    backward = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     vocab_start = parallel_state.get_tensor_model_parallel_rank() * weight.shape[0]
     losses = _LinearCrossEntropy.apply(
         hidden.reshape(seq * batch, -1),
         weight,
         labels.transpose(0, 1).reshape(-1),
-        None if loss_mask is None else loss_mask.transpose(0, 1).reshape(-1),
+        # Gradients in the forward pass only when a backward follows (not in validation's
+        # no-grad forward, where autograd still reports the inputs as needing gradients).
+        None if loss_mask is None or not backward else loss_mask.transpose(0, 1).reshape(-1),
         chunk_tokens,
         group,
         vocab_start,

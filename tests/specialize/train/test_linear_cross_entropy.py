@@ -156,3 +156,22 @@ def test_logits_are_computed_once_when_the_upstream_gradient_is_the_mask(
     assert len(calls) == 4  # 30 rows in chunks of 8
     loss.backward(grad.t().reshape(-1))
     assert len(calls) == 4 * passes
+
+
+def test_no_gradients_are_computed_without_a_backward(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Validation's forward runs under no_grad, where autograd still says the inputs need them.
+    from megatron.core import parallel_state
+
+    from specialize.train import linear_cross_entropy as module
+
+    monkeypatch.setattr(parallel_state, "get_tensor_model_parallel_world_size", lambda: 1)
+    monkeypatch.setattr(parallel_state, "get_tensor_model_parallel_rank", lambda: 0)
+    added = []
+    monkeypatch.setattr(module, "_add_gradients", lambda *args: added.append(args))
+    hidden, weight, labels, loss_mask = _inputs()
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    with torch.no_grad():
+        module.linear_cross_entropy(h, w, labels, 8, loss_mask=loss_mask)
+    assert added == []
+    module.linear_cross_entropy(h, w, labels, 8, loss_mask=loss_mask)
+    assert len(added) == 4  # 30 rows in chunks of 8, in the forward pass
