@@ -89,16 +89,22 @@ class NgramIndex:
         lengths = numpy.fromiter(map(len, documents), dtype=numpy.intp, count=len(documents))
         canonical = self.table[numpy.concatenate(documents)]
         keep = canonical >= 0
-        owner = numpy.repeat(numpy.arange(len(documents)), lengths)[keep]
+        # Where each document's canonical tokens end in their concatenation.
+        token_ends = numpy.cumsum(lengths)
+        kept_before = numpy.concatenate(([0], numpy.cumsum(keep)))
+        ends = kept_before[token_ends]
         windows = ngram_hashes(canonical[keep], self.n)
-        starts = numpy.flatnonzero(owner[: len(windows)] == owner[self.n - 1 :])
-        windows = windows[starts]  # each document's canonical tokens are contiguous
-        hit = self._bitmap[(windows & self._mask).astype(numpy.intp)]
-        windows, starts = windows[hit], starts[hit]
+        hits = numpy.flatnonzero(self._bitmap[(windows & self._mask).astype(numpy.intp)])
         contaminated = [False] * len(documents)
-        if len(windows):
-            where = numpy.searchsorted(self.hashes, windows)
-            where[where == len(self.hashes)] = 0
-            for document in numpy.unique(owner[starts[self.hashes[where] == windows]]):
-                contaminated[int(document)] = True
+        if not len(hits):
+            return contaminated
+        # Only the rare bitmap hits are checked: in the index, and within one document (a window
+        # across two documents' tokens is no window of either).
+        where = numpy.searchsorted(self.hashes, windows[hits])
+        where[where == len(self.hashes)] = 0
+        hits = hits[self.hashes[where] == windows[hits]]
+        first = numpy.searchsorted(ends, hits, side="right")
+        last = numpy.searchsorted(ends, hits + self.n - 1, side="right")
+        for document in numpy.unique(first[first == last]):
+            contaminated[int(document)] = True
         return contaminated

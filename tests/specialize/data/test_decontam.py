@@ -72,9 +72,12 @@ def test_a_batch_gives_each_documents_own_answer_and_no_window_spans_two(
         _ids(tok, tail + "\nprint('bye')\n"),
         _ids(tok, (STDLIB / "json" / "decoder.py").read_text()),
         _ids(tok, "# ok\n" + solution.upper()),
+        _ids(tok, ""),
     ]
     alone = [index.contaminated(ids) for ids in documents]
-    assert alone == [False, True, False, False, False, False, True]
+    assert alone == [False, True, False, False, False, False, True, False]
     assert index.contaminated(numpy.concatenate(documents[3:5]))  # the span across the two
     assert index.contaminated_many(documents) == alone
+    assert index.contaminated_many(documents[::-1]) == alone[::-1]
     assert index.contaminated_many([]) == []
+    assert index.contaminated_many([documents[2]]) == [False]
