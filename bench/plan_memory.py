@@ -13,7 +13,9 @@ term. "static" is weights + gradients + optimizer.
 
     .venv/bin/python bench/plan_memory.py          # needs runs/demo/factory/data/code (`make demo` step code-data)
 
-Measured here (2 shared CPU cores, torch CPU, megatron-core 0.16.1; MiB; 2 min 53 s):
+Measured here with megatron-core's unfused cross entropy, before the chunked output layer + loss
+became the CPU default (BENCHMARKS.md has the table with it: -13% to -24%; 2 shared CPU cores,
+torch CPU, megatron-core 0.16.1; MiB; 2 min 53 s):
 
     baseline (imports, tokenizer, process group): 425 MiB
 
