@@ -229,10 +229,10 @@ def _cli(out: Path, *sources: str) -> list[str]:
     ]
 
 
-def test_killed_run_resumes_to_identical_shards(tmp_path: Path) -> None:
-    # 100 standard-library files; file 65 (shard 3 of 20-document shards) is first a FIFO, so the
-    # interrupted run blocks reading it after shards 0 and 1 are published and shard 2 is in
-    # progress: the kill lands at the same point on any machine, however fast.
+def fifo_corpus(tmp_path: Path) -> tuple[Path, Path, bytes]:
+    """(source, blocked file, its content): 100 standard-library files, of which file 65 (shard 3
+    of 20-document shards) is a FIFO, so a run blocks reading it after shards 0 and 1 are
+    published and shard 2 is in progress: a kill lands at the same point on any machine."""
     packages = ("email", "asyncio", "json", "logging", "xml", "http", "urllib", "concurrent")
     files = [p for package in packages for p in sorted((STDLIB / package).rglob("*.py"))][:100]
     assert len(files) == 100
@@ -244,6 +244,11 @@ def test_killed_run_resumes_to_identical_shards(tmp_path: Path) -> None:
     content = blocked.read_bytes()
     blocked.unlink()
     os.mkfifo(blocked)
+    return source, blocked, content
+
+
+def test_killed_run_resumes_to_identical_shards(tmp_path: Path) -> None:
+    source, blocked, content = fifo_corpus(tmp_path)
 
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO)}

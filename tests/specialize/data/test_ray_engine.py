@@ -23,6 +23,7 @@ from specialize.data.ray_engine import EngineError
 from specialize.data.sources import Source, parse_source
 from specialize.plugins import load_plugins
 from tests.conftest import STDLIB
+from tests.specialize.data.test_prepare import fifo_corpus as blocking_corpus
 
 ray = pytest.importorskip("ray", reason="the scale extra (make test installs it)")
 psutil = pytest.importorskip("psutil")
@@ -158,19 +159,8 @@ def _cli(out: Path, source: Path, *extra: str) -> list[str]:
 
 @pytest.fixture
 def fifo_corpus(tmp_path: Path) -> tuple[Path, Path, bytes]:
-    """100 standard-library files; the 66th (shard 3) is a FIFO, so a run blocks reading it
-    after shards 0 and 1 are published: a kill lands at the same point on any machine."""
-    packages = ("email", "asyncio", "json", "logging", "xml", "http", "urllib", "concurrent")
-    files = [p for package in packages for p in sorted((STDLIB / package).rglob("*.py"))][:100]
-    source = tmp_path / "src"
-    source.mkdir()
-    for i, path in enumerate(files):
-        (source / f"f{i:03d}.py").write_bytes(path.read_bytes())
-    blocked = source / "f065.py"
-    content = blocked.read_bytes()
-    blocked.unlink()
-    os.mkfifo(blocked)
-    return source, blocked, content
+    """test_prepare's corpus whose 66th file is a FIFO: a run blocks on it after 2 shards."""
+    return blocking_corpus(tmp_path)
 
 
 def _wait_for(path: Path, process: subprocess.Popen) -> None:
