@@ -86,15 +86,18 @@ class _Worker:
             self.function = function
         return self.function
 
-    def ready(self, shipped: list, locations: list[str]) -> tuple[str, int]:
+    def ready(self, shipped: list, locations: list[str]) -> str:
+        """This actor's node, once it holds the function and can read ``locations``."""
+        from specialize.data.sources import exists
+
         self._load(shipped)
         for location in locations:  # a node without the shared mount would count every
-            if not _exists(location):  # document unreadable: say so once instead
+            if not exists(location):  # document unreadable: say so once instead
                 raise EngineError(
                     f"node {self.node()} cannot read the source {location}; sources must be on "
                     "a filesystem every node mounts, or URLs every node can read"
                 )
-        return self.node(), os.getpid()
+        return self.node()
 
     def node(self) -> str:
         import ray
@@ -183,9 +186,7 @@ class RayPool:
         except ray.exceptions.RayError as e:
             self.close()
             raise EngineError(f"a Ray worker could not start: {_first_line(e)}") from None
-        self.actor_nodes = [node for node, _ in ready]
-        self.nodes = collections.Counter(self.actor_nodes)
-        self.pids = [pid for _, pid in ready]
+        self.nodes = collections.Counter(ready)  # node id: workers on it
         self.start_seconds = time.perf_counter() - start
         self.batches = [0] * workers  # per actor: what the distribution looked like
         logger.info(
@@ -230,17 +231,6 @@ class RayPool:
         for actor in self.actors:
             self.ray.kill(actor)
         self.actors = []
-
-
-def _exists(location: str) -> bool:
-    from specialize.data.sources import is_url
-
-    if is_url(location):
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(location)
-        return fs.exists(path)
-    return os.path.exists(location)
 
 
 def _first_line(error: BaseException) -> str:

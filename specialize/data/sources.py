@@ -101,6 +101,16 @@ def open_binary(location: str) -> BinaryIO:
     return open(location, "rb")
 
 
+def exists(location: str) -> bool:
+    """Whether a local path or an fsspec URL exists (as this machine sees it)."""
+    if is_url(location):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(location)
+        return fs.exists(path)
+    return os.path.exists(location)
+
+
 def _kind_of_file(name: str) -> str:
     name = name.lower()
     if name.endswith((".jsonl", ".jsonl.gz")):

@@ -29,6 +29,7 @@ from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
 )
+from megatron.core.tensor_parallel.utils import VocabUtility
 
 
 class _Chunks:
@@ -67,6 +68,14 @@ def _accumulator(weight: torch.Tensor) -> torch.Tensor:
     # chunk's partial sum.
     dtype = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
     return torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+
+
+def _minus_one_hot(softmax, local, in_slice, weights) -> torch.Tensor:
+    """``(softmax - one_hot(target)) * weights[:, None]`` in place: the logits' gradient (rows of
+    one chunk; ``local``/``in_slice`` its targets in this rank's vocabulary slice)."""
+    hit = in_slice.nonzero().squeeze(1)
+    softmax[hit, local[hit]] -= 1.0
+    return softmax.mul_(weights[:, None])
 
 
 def _add_gradients(chunks, start, end, grad_logits, grad_hidden, grad_weight) -> None:
@@ -125,10 +134,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             log_normalizer[start:end] = row_max + torch.log(sums[0])
             if eager:  # (softmax - one-hot) x mask, while the exponentials are here
                 softmax = logits.div_(sums[0][:, None])
-                hit = in_slice[start:end].nonzero().squeeze(1)
-                softmax[hit, local[start:end][hit]] -= 1.0
-                softmax.mul_(mask[start:end, None])
-                _add_gradients(chunks, start, end, softmax, grad_hidden, grad_weight)
+                grad_logits = _minus_one_hot(
+                    softmax, local[start:end], in_slice[start:end], mask[start:end]
+                )
+                _add_gradients(chunks, start, end, grad_logits, grad_hidden, grad_weight)
         if eager:
             ctx.eager = (mask, grad_hidden, grad_weight.to(weight.dtype))
         else:
@@ -151,10 +160,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = torch.empty_like(hidden), _accumulator(weight)
         for start, end in chunks:
             softmax = chunks.logits(start, end).sub_(log_normalizer[start:end, None]).exp_()
-            hit = in_slice[start:end].nonzero().squeeze(1)
-            softmax[hit, local[start:end][hit]] -= 1.0
-            softmax.mul_(grad_loss[start:end, None])
-            _add_gradients(chunks, start, end, softmax, grad_hidden, grad_weight)
+            grad_logits = _minus_one_hot(
+                softmax, local[start:end], in_slice[start:end], grad_loss[start:end]
+            )
+            _add_gradients(chunks, start, end, grad_logits, grad_hidden, grad_weight)
         return grad_hidden, grad_weight.to(weight.dtype), *[None] * 5
 
 
@@ -191,7 +200,9 @@ def linear_cross_entropy(
         hidden = copy_to_tensor_model_parallel_region(hidden)
     seq, batch = hidden.shape[0], hidden.shape[1]
     backward = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    vocab_start = parallel_state.get_tensor_model_parallel_rank() * weight.shape[0]
+    vocab_start, _ = VocabUtility.vocab_range_from_per_partition_vocab_size(
+        weight.shape[0], parallel_state.get_tensor_model_parallel_rank(), tp_size
+    )
     losses = _LinearCrossEntropy.apply(
         hidden.reshape(seq * batch, -1),
         weight,
