@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil  # a core dependency (megatron-core's checkpoint saver needs it)
 import pytest
 
 from base.tokenizer import QwenTokenizer
@@ -26,7 +27,6 @@ from tests.conftest import STDLIB
 from tests.specialize.data.test_prepare import fifo_corpus as blocking_corpus
 
 ray = pytest.importorskip("ray", reason="the scale extra (make test installs it)")
-psutil = pytest.importorskip("psutil")
 
 load_plugins()
 REPO = Path(__file__).resolve().parents[3]
