@@ -13,6 +13,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -93,12 +94,12 @@ class QwenTokenizer:
         self.vocab_file = vocab_file
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.special_tokens = _special_tokens()
-        self._enc = tiktoken.Encoding(
-            name="qwen",
-            pat_str=PAT_STR,
-            mergeable_ranks=_read_ranks(data, vocab_file),
-            special_tokens=self.special_tokens,
-        )
+        self._enc = self._new_encoding(_read_ranks(data, vocab_file))
+        # The constructing thread tokenizes with ``_enc`` and becomes the owner of its regex
+        # caches; every other thread gets an encoding of its own (``_encoding``).
+        self._thread = threading.local()
+        self._thread.encoding = self._enc
+        self._enc.encode_ordinary("warm-up")
         self.vocab_size = VOCAB_SIZE
         self.eod = self.special_tokens[ENDOFTEXT]
         self.im_start = self.special_tokens[IM_START]
@@ -106,6 +107,25 @@ class QwenTokenizer:
         self.pad = self.eod  # Qwen v1 has no pad token
         # Identifies the vocabulary, not where it lives: dataset caches stay valid across machines.
         self.unique_identifiers = {"class": type(self).__name__, "vocab_sha256": self.sha256}
+
+    def _new_encoding(self, ranks: dict[bytes, int]) -> tiktoken.Encoding:
+        return tiktoken.Encoding(
+            name="qwen", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=self.special_tokens
+        )
+
+    def _encoding(self) -> tiktoken.Encoding:
+        """The calling thread's own tiktoken encoding (built on its first use: 0.08 s, 36 MB).
+
+        Why not one for all threads: tiktoken keeps a clone of its compiled pattern per thread,
+        but fancy-regex shares the sub-regexes the clones delegate to, and regex-automata's cache
+        pool has a lock-free path only for the first thread that ever used it. Every other
+        thread takes a mutex on each delegated search: tokenizing the standard library took 27%
+        longer in any thread but the first (BENCHMARKS.md, corpus preparation).
+        """
+        encoding = getattr(self._thread, "encoding", None)
+        if encoding is None:
+            encoding = self._thread.encoding = self._new_encoding(self._enc._mergeable_ranks)
+        return encoding
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> QwenTokenizer:
@@ -120,11 +140,13 @@ class QwenTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ordinary text; special-token strings in it are encoded as plain text."""
-        return self._enc.encode(text, allowed_special=set(), disallowed_special=())
+        return self._encoding().encode(text, allowed_special=set(), disallowed_special=())
 
     def encode_document(self, text: str) -> numpy.ndarray:
         """``encode(text) + [eod]`` as int32, filled from tiktoken's buffer without a list."""
-        ids = self._enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        ids = self._encoding().encode_to_numpy(
+            text, allowed_special=set(), disallowed_special=()
+        )
         out = numpy.empty(len(ids) + 1, dtype=numpy.int32)
         out[:-1] = ids
         out[-1] = self.eod

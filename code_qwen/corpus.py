@@ -47,9 +47,9 @@ _HEAD_LINES = 5
 # Bytes counted as "alphanumeric": ASCII letters and digits, and every non-ASCII byte (letters of
 # other scripts; counting them per byte avoids a per-character Python loop).
 _NOT_ALPHANUMERIC = bytes(b for b in range(128) if not chr(b).isalnum())
-# The same, as a byte -> 0/1 table: one gather and count over the bytes, which (unlike
+# The same, as a byte -> bool table: one gather and count over the bytes, which (unlike
 # bytes.translate) releases the GIL for the other workers and takes half the time.
-_IS_ALPHANUMERIC = numpy.array([b not in _NOT_ALPHANUMERIC for b in range(256)], dtype=numpy.uint8)
+_IS_ALPHANUMERIC = numpy.array([b not in _NOT_ALPHANUMERIC for b in range(256)], dtype=bool)
 
 
 def _generated(settings: FilterSettings) -> Filter:

@@ -11,6 +11,7 @@ interrupted run rebuilds the index from its shards instead of pickling it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -71,6 +72,7 @@ def _powers(size: int) -> tuple[numpy.ndarray, numpy.ndarray]:
     return powers, inverse
 
 
+@functools.lru_cache(maxsize=16)  # 1,290 integrals: 16 ms, on every run's setup
 def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows) with bands * rows <= num_perm minimizing the false positive + negative mass.
 

