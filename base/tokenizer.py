@@ -144,9 +144,7 @@ class QwenTokenizer:
 
     def encode_document(self, text: str) -> numpy.ndarray:
         """``encode(text) + [eod]`` as int32, filled from tiktoken's buffer without a list."""
-        ids = self._encoding().encode_to_numpy(
-            text, allowed_special=set(), disallowed_special=()
-        )
+        ids = self._encoding().encode_to_numpy(text, allowed_special=set(), disallowed_special=())
         out = numpy.empty(len(ids) + 1, dtype=numpy.int32)
         out[:-1] = ids
         out[-1] = self.eod
