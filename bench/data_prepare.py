@@ -7,8 +7,10 @@ reading, the filters (``--filters`` choice, default: size, long lines, generated
 alphanumeric heuristics, HumanEval decontamination including building its n-gram index, exact
 dedup), tokenization, EOD, writing the shards and the manifest. Interpreter start-up and imports are
 excluded for both. Both report tokens/s of what they produced; ours produces fewer tokens when
-filters remove documents, which counts against it. Rounds alternate (peer, ours) and the median
-is reported.
+filters remove documents, which counts against it. A third row is tokenization alone as ``prepare``
+does it (``encode_to_numpy`` in long-lived threads with an encoding each): the floor under ours.
+Each round runs every contestant once, starting one further along the list than the round before
+(whoever runs right after the peer pays for freeing its token lists); the median is reported.
 
 With ``--engines local,ray`` each filter set also runs on the Ray engine (``--engine ray``, the
 ``scale`` extra): a local Ray instance with ``--workers`` CPUs is started once before the rounds
