@@ -4,9 +4,9 @@ The n-grams are over *canonical* token ids, in the spirit of the word-level 13-g
 study: every Qwen token with a letter in it is mapped to its lower-cased text without surrounding
 whitespace, and tokens without letters (spaces, digits, punctuation) are dropped, so re-indenting or
 re-wrapping a benchmark solution does not hide it, and a run of numbers like ``1, 2, 3, 4, ...``
-that half the test files of any code base contain does not count as a match. A document is contaminated when any window of ``n`` canonical
-tokens also occurs in a prompt or reference solution of one of the evaluation tasks (from the task
-registry).
+that half the test files of any code base contain does not count as a match. A document is
+contaminated when any window of ``n`` canonical tokens also occurs in a prompt or reference solution
+of one of the evaluation tasks (from the task registry).
 
 Lookups: a window can match only if all its ``n`` canonical tokens occur in the evaluation texts
 (HumanEval uses 1.5% of the canonical vocabulary; 2% of the standard library's canonical tokens lie
@@ -113,8 +113,8 @@ class NgramIndex:
         nonempty = lengths > 0
         kept = numpy.zeros(len(documents), dtype=numpy.intp)
         if nonempty.any():
-            starts = (numpy.cumsum(lengths) - lengths)[nonempty]
-            kept[nonempty] = numpy.add.reduceat(keep, starts, dtype=numpy.intp)
+            document_starts = (numpy.cumsum(lengths) - lengths)[nonempty]
+            kept[nonempty] = numpy.add.reduceat(keep, document_starts, dtype=numpy.intp)
         ends = numpy.cumsum(kept)
         contaminated = [False] * len(documents)
         # The runs of at least n tokens of the evaluation texts' vocabulary, packed together.
@@ -134,7 +134,7 @@ class NgramIndex:
         packed_ends = packed_starts + run_lengths
         run = numpy.searchsorted(packed_starts, numpy.arange(len(windows)), side="right") - 1
         within = numpy.flatnonzero(numpy.arange(len(windows)) + self.n <= packed_ends[run])
-        windows, starts = windows[within], positions[within]  # starts: in canonical's positions
+        windows, window_starts = windows[within], positions[within]  # positions in `canonical`
         slots = numpy.bitwise_and(windows, self._mask).view(numpy.intp)
         hits = numpy.flatnonzero(self._bitmap.take(slots))
         if not len(hits):
@@ -143,7 +143,7 @@ class NgramIndex:
         # across two documents' tokens is no window of either).
         where = numpy.searchsorted(self.hashes, windows[hits])
         where[where == len(self.hashes)] = 0
-        hits = starts[hits[self.hashes[where] == windows[hits]]]
+        hits = window_starts[hits[self.hashes[where] == windows[hits]]]
         first = numpy.searchsorted(ends, hits, side="right")
         last = numpy.searchsorted(ends, hits + self.n - 1, side="right")
         for document in numpy.unique(first[first == last]):
