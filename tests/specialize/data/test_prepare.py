@@ -556,6 +556,9 @@ def _many_files(root: Path, count: int) -> Path:
 def test_worker_threads_outlive_a_run_so_each_builds_its_encoding_once(
     tmp_path: Path, tok: QwenTokenizer, monkeypatch
 ) -> None:
+    import specialize.data.prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "_thread_pools", {})  # new threads, whatever ran before
     built = []
     new_encoding = QwenTokenizer._new_encoding
     monkeypatch.setattr(
@@ -565,9 +568,14 @@ def test_worker_threads_outlive_a_run_so_each_builds_its_encoding_once(
     )
     sources = [Source("directory", str(_many_files(tmp_path / "src", 40)))]
     options = PrepareOptions(workers=2, batch_documents=2, filters=())
-    for run in range(3):
-        prepare(sources, tmp_path / f"out{run}", tok, options)
-    assert 1 <= len(built) <= 2  # one per worker thread, in the first run only
+    try:
+        counts = []
+        for run in range(3):
+            prepare(sources, tmp_path / f"out{run}", tok, options)
+            counts.append(len(built))
+    finally:
+        prepare_module._thread_pools[2].shutdown()
+    assert 1 <= counts[0] <= 2 and counts[0] == counts[1] == counts[2]  # in the first run only
     assert _files(tmp_path / "out0") == _files(tmp_path / "out2")
 
 
