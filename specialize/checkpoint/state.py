@@ -35,6 +35,7 @@ from base.presets import QwenPreset
 from specialize import config as config_mod
 from specialize.checkpoint.architecture import check_architecture, write_architecture
 from specialize.checkpoint.layout import (
+    GENERATION_CONFIG_FILE,
     REQUIRED_FILES,
     CheckpointError,
     iteration_dir,
@@ -244,8 +245,18 @@ def _sharded_state(
 # ----------------------------------------------------------------------------- save
 
 
-def save(engine: Engine, iteration: int, consumed_samples: int, parent: str | None = None) -> Path:
-    """Write a complete checkpoint of ``engine`` at ``iteration``; returns its directory."""
+def save(
+    engine: Engine,
+    iteration: int,
+    consumed_samples: int,
+    parent: str | None = None,
+    generation: dict | None = None,
+) -> Path:
+    """Write a complete checkpoint of ``engine`` at ``iteration``; returns its directory.
+
+    ``generation``: the generation defaults the run inherited (``generation_config.json`` of its
+    init checkpoint, e.g. an HF import's), written along so that evaluation decodes the trained
+    model as it decoded the one it came from."""
     run_dir = engine.cfg.checkpoint.dir
     final = iteration_dir(run_dir, iteration)
     partial = partial_dir(final)
@@ -267,6 +278,9 @@ def save(engine: Engine, iteration: int, consumed_samples: int, parent: str | No
     dist.barrier()
     if rank0:
         (partial / "config.yaml").write_text(config_mod.to_yaml(engine.cfg))
+        if generation:
+            text = json.dumps(generation, indent=2) + "\n"
+            (partial / GENERATION_CONFIG_FILE).write_text(text)
         write_architecture(partial, engine.preset)
         write_lineage(partial, lineage_record(engine, iteration, consumed_samples, parent))
         write_checksums(partial)

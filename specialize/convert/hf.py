@@ -55,6 +55,17 @@ from specialize.mcore.distributed import init_distributed, seed_all
 log = logging.getLogger("specialize")
 
 
+DECODING_DEFAULTS = (
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "max_new_tokens",
+)
+"""The ``generation_config.json`` fields an export carries over from the checkpoint."""
+
+
 def qwen2_shapes(arch: QwenPreset) -> dict[str, tuple[int, ...]]:
     """The shape every Qwen2-named tensor of this architecture must have."""
     h, f, v, d = arch.hidden_size, arch.ffn_hidden_size, arch.padded_vocab_size, arch.kv_channels
@@ -419,8 +430,13 @@ def _write_hf_directory(
     if fmt == "qwen":  # Qwen v1 carries its long-context switches in config.json
         config.update(qwen_v1_long_context_config(stored_long_context(ckpt), arch))
     (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    # A chat turn ends with <|im_end|>: generation must stop on both (docs/paper.md §3).
-    generation = {
+    # The decoding defaults the checkpoint carries (an HF import's, inherited by training), and
+    # the stop ids: a chat turn ends with <|im_end|>, so generation stops on both (docs/paper.md
+    # §3). Qwen v1's chat_format and stop_words_ids are not carried: a base model's "raw" would
+    # be wrong for the chat model trained from it.
+    carried = read_generation_config(ckpt)
+    generation = {key: carried[key] for key in DECODING_DEFAULTS if key in carried}
+    generation |= {
         "bos_token_id": EOD_ID,
         "eos_token_id": [EOD_ID, IM_END_ID],
         "pad_token_id": EOD_ID,

@@ -150,7 +150,13 @@ class Checkpointer(Callback):
         if trainer.diverged is not None:
             # The weights after a non-finite or spiking step are not a state to continue from.
             raise RuntimeError(f"refusing to save step {step}: {trainer.diverged}")
-        path = save(trainer.engine, step, trainer.consumed_samples, parent=trainer.parent)
+        path = save(
+            trainer.engine,
+            step,
+            trainer.consumed_samples,
+            parent=trainer.parent,
+            generation=trainer.generation,
+        )
         self.last_saved = step
         trainer.last_checkpoint = path
         if trainer.is_rank0:

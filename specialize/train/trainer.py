@@ -194,6 +194,10 @@ class Trainer:
         self.resumed_from: Path | None = None
         self.parent: str | None = cfg.init.checkpoint
         self.last_checkpoint: Path | None = None
+        self.generation: dict = {}
+        """The generation defaults of the checkpoint this run continues or starts from (an HF
+        import's ``generation_config.json``; empty for one trained from scratch here); every
+        checkpoint it saves carries them on."""
         self.metrics: dict[str, float] = {}
         """The latest logged step's throughput (``train.metrics``), for every logger."""
         self.throughput: Throughput | None = None
@@ -234,12 +238,14 @@ class Trainer:
             self.start_step, self.consumed_samples = load_for_resume(self.engine, latest)
             self.resumed_from = latest
             self.parent = str(latest)
+            self.generation = checkpoint.read_generation_config(latest)
             if self.is_rank0:
                 log.info("resumed from %s at step %d", latest, self.start_step)
         elif self.cfg.init.checkpoint is not None:
             path = checkpoint.resolve_checkpoint(self.cfg.init.checkpoint)
             what = self._start_from(path)
             self.parent = str(path)
+            self.generation = checkpoint.read_generation_config(path)
             if self.is_rank0:
                 log.info("initialized %s from %s", what, path)
             if self.cfg.init.verify_against is not None:

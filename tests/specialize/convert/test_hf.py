@@ -190,6 +190,18 @@ def test_import_matches_transformers_at_tp1_tp2_pp2(tmp_path, naming, arch, over
 
         assert read_generation_config(tmp_path / "ckpt")["repetition_penalty"] == 1.1
         assert "generation_config.json" in checksums
+        # ... and go out again: the decoding defaults, with both stop ids, without "raw".
+        exported_generation = json.loads((v1 / "generation_config.json").read_text())
+        assert exported_generation == {
+            "do_sample": True,
+            "top_k": 0,
+            "top_p": 0.8,
+            "repetition_penalty": 1.1,
+            "max_new_tokens": 512,
+            "bos_token_id": 151643,
+            "eos_token_id": [151643, 151645],
+            "pad_token_id": 151643,
+        }
         config = json.loads((v1 / "config.json").read_text())
         assert (config["use_dynamic_ntk"], config["use_logn_attn"]) == (True, True)
         assert config["seq_length"] == arch.max_position_embeddings

@@ -173,18 +173,25 @@ def _init_runs(rank: int, world_size: int, tmp: str, shard: str) -> dict:
             [*common, "train.steps=15", f"checkpoint.dir={tmp}/parent"],
         )
     )
-    child = train(
-        load_config(
-            "configs/base/qwen-nano.yaml",
-            [*common, "train.steps=1", f"checkpoint.dir={tmp}/child", f"init={tmp}/parent"],
-        )
-    )
+    # As an HF import leaves it: generation defaults in the checkpoint, under its checksums.
+    from specialize.checkpoint.layout import write_checksums
+
+    (parent.last_checkpoint / "generation_config.json").write_text(json.dumps(GENERATION))
+    write_checksums(parent.last_checkpoint)
+    child_overrides = [*common, f"checkpoint.dir={tmp}/child", f"init={tmp}/parent"]
+    child = train(load_config("configs/base/qwen-nano.yaml", [*child_overrides, "train.steps=1"]))
+    first_child_ckpt = child.last_checkpoint
+    resumed = train(load_config("configs/base/qwen-nano.yaml", [*child_overrides, "train.steps=2"]))
     return {
         "parent": parent.history,
         "child": child.history,
         "parent_ckpt": str(parent.last_checkpoint),
-        "child_ckpt": str(child.last_checkpoint),
+        "child_ckpt": str(first_child_ckpt),
+        "resumed_ckpt": str(resumed.last_checkpoint),
     }
+
+
+GENERATION = {"do_sample": True, "top_p": 0.8, "repetition_penalty": 1.1}
 
 
 def test_init_loads_weights_and_records_lineage(tmp_path, stdlib_shard):
@@ -202,8 +209,16 @@ def test_init_loads_weights_and_records_lineage(tmp_path, stdlib_shard):
     assert manifest["tokenizer_sha256"] == QwenTokenizer.load().sha256 and manifest["tokens"] > 0
     assert len(lineage["git_commit"]) in (7, 40) or lineage["git_commit"] == "unknown"
     assert (Path(out["child_ckpt"]) / "config.yaml").is_file()
-    latest = (Path(out["child_ckpt"]).parent / "latest").read_text().strip()
-    assert latest == Path(out["child_ckpt"]).name
+    # The init's generation defaults go on into every checkpoint trained from it, resumed or not,
+    # so evaluation decodes the child as it decoded its parent.
+    from specialize.checkpoint import read_generation_config, verify_checkpoint
+
+    for name in ("child_ckpt", "resumed_ckpt"):
+        verify_checkpoint(out[name])  # the file is under the checksums
+        assert read_generation_config(out[name]) == GENERATION, name
+    assert out["resumed_ckpt"] != out["child_ckpt"]
+    latest = (Path(out["resumed_ckpt"]).parent / "latest").read_text().strip()
+    assert latest == Path(out["resumed_ckpt"]).name
 
 
 # ----------------------------------------------------------------------------- spikes
