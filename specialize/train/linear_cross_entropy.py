@@ -168,13 +168,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def _scale_of(grad_loss: torch.Tensor, mask: torch.Tensor) -> float | None:
-    """``c`` if ``grad_loss`` is exactly ``c * mask``, else None."""
-    nonzero = mask.nonzero()
-    if nonzero.numel() == 0:
-        return 0.0 if not grad_loss.any() else None
-    first = nonzero[0, 0]
-    scale = (grad_loss[first] / mask[first]).item()
-    return scale if torch.equal(grad_loss, mask * scale) else None
+    """``c`` if ``grad_loss`` is exactly ``c * mask``, else None.
+
+    Computed on the tensors' device and read back in one transfer (on CUDA, one sync per
+    micro-batch: choosing between the kept and the recomputed gradients needs the host)."""
+    grad_loss, mask = grad_loss.reshape(-1), mask.reshape(-1)
+    masked = mask != 0
+    first = masked.to(torch.uint8).argmax()  # the first nonzero; 0 when there is none
+    zero = torch.zeros((), dtype=grad_loss.dtype, device=grad_loss.device)
+    scale = torch.where(masked[first], grad_loss[first] / mask[first], zero)
+    uniform = torch.eq(grad_loss, mask * scale).all()
+    uniform_value, scale_value = torch.stack([uniform.to(scale.dtype), scale]).tolist()
+    return scale_value if uniform_value else None
 
 
 def linear_cross_entropy(
