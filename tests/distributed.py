@@ -4,7 +4,7 @@ The body is a module-level function ``fn(rank, world_size, *args)``; what rank 0
 to the test. A failure on any rank fails the test with that rank's traceback.
 
 The processes come from a fork server that has imported torch, megatron-core and the trainer once
-(5 s of imports a process, against ~0.1 s to fork): the suite starts a few hundred of them. They
+(5 s of imports a process, against a fraction of a second to fork; the suite starts many). They
 get the test's environment, working directory and ``sys.path`` as spawned ones would.
 """
 
