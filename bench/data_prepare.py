@@ -36,7 +36,6 @@ import statistics
 import sys
 import sysconfig
 import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -72,18 +71,12 @@ class _EncodingPerThread:
     filters or writing: the floor under ``prepare``'s time, to show what the rest costs."""
 
     def __init__(self, tokenizer, workers: int) -> None:
-        self.local = threading.local()
         self.tokenizer = tokenizer
         self.pool = concurrent.futures.ThreadPoolExecutor(workers)
-        self.workers = workers
         list(self.pool.map(self._count, [[] for _ in range(4 * workers)]))  # build the encodings
 
     def _count(self, texts: list[str]) -> int:
-        encoding = getattr(self.local, "encoding", None)
-        if encoding is None:
-            encoding = self.local.encoding = self.tokenizer._new_encoding(
-                self.tokenizer._enc._mergeable_ranks
-            )
+        encoding = self.tokenizer._encoding()
         return sum(len(encoding.encode_to_numpy(text, disallowed_special=())) for text in texts)
 
     def count_tokens(self, texts: list[str]) -> int:
@@ -226,11 +219,10 @@ def main() -> None:
             shift = round_index % len(runs)
             for run in runs[shift:] + runs[:shift]:
                 run(round_index)
-            for spec in filter_sets:
-                if "ray" in engines and "local" in engines:
-                    same[spec] = same.get(spec, True) and _shards(
-                        Path(tmp) / f"{spec} ray-{round_index}"
-                    ) == _shards(Path(tmp) / f"{spec}-{round_index}")
+            for spec in filter_sets if {"local", "ray"} <= set(engines) else []:
+                same[spec] = same.get(spec, True) and _shards(
+                    Path(tmp) / f"{spec} ray-{round_index}"
+                ) == _shards(Path(tmp) / f"{spec}-{round_index}")
 
         drivers = {}
         if args.driver:

@@ -74,13 +74,12 @@ class NgramIndex:
             raise ValueError(f"decontamination n-gram length {n} must be >= 1")
         table = canonical_table(tokenizer)
         canonical = [cls._canonical(table, tokenizer.encode_document(text)[:-1]) for text in texts]
-        empty = numpy.empty(0, numpy.int32)
         hashes = numpy.unique(
             numpy.concatenate(
-                [ngram_hashes(ids, n) for ids in canonical] or [empty.astype(numpy.uint64)]
+                [numpy.empty(0, numpy.uint64), *(ngram_hashes(c, n) for c in canonical)]
             )
         )
-        vocabulary = numpy.unique(numpy.concatenate(canonical or [empty]))
+        vocabulary = numpy.unique(numpy.concatenate([numpy.empty(0, numpy.int32), *canonical]))
         return cls(table, n, hashes, vocabulary)
 
     @staticmethod
@@ -131,9 +130,9 @@ class NgramIndex:
         )
         windows = ngram_hashes(canonical[positions], self.n)
         # A window of the packed runs is one of the document's if it lies within one run.
-        packed_ends = packed_starts + run_lengths
-        run = numpy.searchsorted(packed_starts, numpy.arange(len(windows)), side="right") - 1
-        within = numpy.flatnonzero(numpy.arange(len(windows)) + self.n <= packed_ends[run])
+        window_at = numpy.arange(len(windows))
+        run = numpy.searchsorted(packed_starts, window_at, side="right") - 1
+        within = numpy.flatnonzero(window_at + self.n <= packed_starts[run] + run_lengths[run])
         windows, window_starts = windows[within], positions[within]  # positions in `canonical`
         slots = numpy.bitwise_and(windows, self._mask).view(numpy.intp)
         hits = numpy.flatnonzero(self._bitmap.take(slots))
